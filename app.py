@@ -1,0 +1,117 @@
+"""Quadra: serve a PyTorch model and govern it.
+
+`create_app(settings)` builds the Flask app. The module-level `app` and `socketio` (for
+`gunicorn app:app` and `flask --app app`) are built on first use, not on import, so tests and
+tools can import this module without touching the default state folder.
+`python app.py` runs the development server.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import torch
+from flask import Flask
+from flask_socketio import SocketIO
+
+from routes import health, predict, registry
+from routes.common import Services, register_error_handlers
+from utils.cli import register_cli
+from utils.config import ConfigError, Settings
+from utils.events import detect_async_mode
+from utils.model_versioning import ModelVersionManager
+from utils.serving import ModelServer, import_architecture_modules
+from utils.store import get_store
+from utils.training import ensure_initial_version
+
+BLUEPRINTS = (health.bp, registry.bp, predict.bp)
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the app for `settings` (default: the environment and `.env`)."""
+    settings = settings or Settings.from_env()
+    _configure_logging(settings)
+    torch.set_num_threads(settings.torch_threads)
+    import_architecture_modules(settings.architecture_modules)
+
+    app = Flask(__name__)
+    app.url_map.merge_slashes = False  # "//etc/passwd" is refused as a bad version, not redirected
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        DEBUG=settings.debug,
+        JSON_SORT_KEYS=False,
+    )
+    store = get_store(settings.database_url, wait_seconds=settings.store_wait_seconds)
+    model_registry = ModelVersionManager(settings.models_dir, store, settings.verify_integrity)
+    model_server = ModelServer(model_registry, settings.model_poll_seconds)
+    app.extensions["quadra"] = Services(settings, store, model_registry, model_server)
+
+    register_error_handlers(app)
+    for blueprint in BLUEPRINTS:
+        app.register_blueprint(blueprint)
+    app.before_request(lambda: start_serving(app))
+    register_cli(app)
+
+    app.extensions["socketio"] = SocketIO(
+        app,
+        async_mode=detect_async_mode(),
+        cors_allowed_origins=list(settings.cors_origins) or None,
+        transports=["websocket"],
+    )
+    return app
+
+
+def start_serving(app: Flask) -> None:
+    """Load (or on an empty registry, create) the serving model and start watching the store.
+
+    Idempotent; called by `python app.py`, by gunicorn's post_worker_init and, as a fallback
+    for other servers, before the first request."""
+    services: Services = app.extensions["quadra"]
+    bootstrap = ensure_initial_version if services.settings.bootstrap_model else None
+    services.model_server.start(bootstrap)
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+    )
+
+
+def _create_or_exit() -> Flask:
+    try:
+        return create_app()
+    except ConfigError as exc:
+        print(f"quadra: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def __getattr__(name: str) -> Any:
+    """PEP 562: build the module-level `app` / `socketio` the first time they are asked for."""
+    if name == "app":
+        globals()["app"] = application = _create_or_exit()
+        return application
+    if name == "socketio":
+        return __getattr__("app").extensions["socketio"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def main() -> None:
+    application = _create_or_exit()
+    settings: Settings = application.extensions["quadra"].settings
+    start_serving(application)
+    application.logger.info("serving on http://%s:%s", settings.host, settings.port)
+    application.extensions["socketio"].run(
+        application,
+        host=settings.host,
+        port=settings.port,
+        debug=settings.debug,
+        use_reloader=False,
+        allow_unsafe_werkzeug=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""HTTP blueprints, one per area; handlers parse and validate, call `utils`, return JSON."""

@@ -1,0 +1,109 @@
+"""What every blueprint shares: the service bundle, JSON bodies and the one error shape."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from utils.config import Settings
+from utils.model_versioning import IntegrityCheckFailed, InvalidVersion, ModelVersionManager, VersionConflict, VersionNotFound
+from utils.serving import InvalidInput, ModelNotReady, ModelServer
+from utils.store import Store
+
+RETRY_AFTER_NOT_READY = "2"
+
+
+@dataclass
+class Services:
+    """The per-process objects the routes use, kept in `app.extensions["quadra"]`."""
+
+    settings: Settings
+    store: Store
+    registry: ModelVersionManager
+    model_server: ModelServer
+
+
+def services() -> Services:
+    return current_app.extensions["quadra"]
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"code", "message"}}` with `status`."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Any:
+    response = jsonify({"error": {"code": code, "message": message}})
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+def json_body(required: bool = True) -> dict[str, Any]:
+    """The request's JSON object; 415 for another content type, 400 for malformed JSON."""
+    raw = request.get_data(cache=True)
+    if not raw and not required:
+        return {}
+    if not request.is_json:
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_body", "the body must be a JSON object")
+    return body
+
+
+def actor() -> str:
+    """Who is acting, for history rows; authentication will name the key here."""
+    return "anonymous"
+
+
+_DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
+    InvalidVersion: (400, "invalid_version"),
+    InvalidInput: (400, "invalid_input"),
+    VersionNotFound: (404, "version_not_found"),
+    VersionConflict: (409, "conflict"),
+    IntegrityCheckFailed: (422, "integrity_check_failed"),
+}
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Every error leaves as JSON in one shape; a stack trace never reaches a client."""
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> Any:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.errorhandler(ModelNotReady)
+    def _not_ready(exc: ModelNotReady) -> Any:
+        return error_response(503, "model_not_ready", str(exc), {"Retry-After": RETRY_AFTER_NOT_READY})
+
+    for exc_type, (status, code) in _DOMAIN_ERRORS.items():
+        app.register_error_handler(exc_type, _domain_handler(status, code))
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Any:
+        code = (exc.name or "error").lower().replace(" ", "_")
+        headers = {k: v for k, v in exc.get_headers() if k in ("Allow", "Retry-After")}
+        return error_response(exc.code or 500, code, exc.description or exc.name, headers)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Any:
+        app.logger.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "internal server error")
+
+
+def _domain_handler(status: int, code: str) -> Any:
+    def handle(exc: Exception) -> Any:
+        return error_response(status, code, str(exc))
+
+    return handle

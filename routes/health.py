@@ -1,0 +1,28 @@
+"""Liveness."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Blueprint, jsonify
+
+from routes.common import services
+
+bp = Blueprint("health", __name__)
+_STARTED = time.time()
+
+
+@bp.get("/api/health")
+def health() -> Any:
+    """Liveness: cheap, no store access, 200 while the process runs."""
+    served = services().model_server.current
+    return jsonify(
+        {
+            "status": "healthy",
+            "model_loaded": served is not None,
+            "model_version": served.version if served else None,
+            "uptime_seconds": round(time.time() - _STARTED, 3),
+            "timestamp": time.time(),
+        }
+    )

@@ -1,0 +1,196 @@
+"""Shared fixtures: settings on a temporary state folder, both store backends, the app, and
+real server processes. PostgreSQL tests get a schema of their own and drop it afterwards; on a
+machine without PostgreSQL they skip with the reason, and in CI (CI=true) they fail instead."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import quote
+
+import pytest
+import requests
+from sqlalchemy import create_engine, text
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from utils.config import Settings  # noqa: E402
+from utils.model_versioning import ModelVersionManager  # noqa: E402
+from utils.store import Store  # noqa: E402
+from utils.training import ensure_initial_version  # noqa: E402
+
+POSTGRES_URL = os.environ.get("QUADRA_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _postgres_available() -> str | None:
+    try:
+        engine = create_engine(POSTGRES_URL)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+        return None
+    except Exception as exc:  # any failure means "not here"
+        return f"PostgreSQL not reachable at {POSTGRES_URL}: {exc.__class__.__name__}"
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> str:
+    reason = _postgres_available()
+    if reason:
+        if IN_CI:
+            pytest.fail(reason + " (CI=true: store tests must run against PostgreSQL)")
+        pytest.skip(reason)
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def postgres_url(postgres_admin_url: str) -> Iterator[str]:
+    """A database URL whose search_path is a fresh schema, dropped after the test."""
+    schema = f"quadra_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    yield f"{postgres_admin_url}?options={quote(f'-csearch_path={schema}')}"
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    store = Store(store_url)
+    yield store
+    store.dispose()
+
+
+@pytest.fixture
+def registry(store: Store, tmp_path: Path) -> ModelVersionManager:
+    """An empty registry on each backend."""
+    return ModelVersionManager(tmp_path / "models", store, verify_integrity=True)
+
+
+@pytest.fixture(scope="session")
+def seeded_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state folder holding the bootstrapped 1.0.0 production version, trained once."""
+    state = tmp_path_factory.mktemp("seeded-state")
+    store = Store(f"sqlite:///{state / 'quadra.db'}")
+    ensure_initial_version(ModelVersionManager(state / "models", store, verify_integrity=True))
+    store.dispose()
+    return state
+
+
+@pytest.fixture
+def state_dir(seeded_state: Path, tmp_path: Path) -> Path:
+    """A private copy of the seeded state folder."""
+    target = tmp_path / "state"
+    shutil.copytree(seeded_state, target)
+    return target
+
+
+def make_settings(state_dir: Path, **overrides: object) -> Settings:
+    base = Settings.from_env({"QUADRA_STATE_DIR": str(state_dir)})
+    return replace(base, **overrides)
+
+
+@pytest.fixture
+def settings(state_dir: Path) -> Settings:
+    return make_settings(state_dir)
+
+
+@pytest.fixture
+def app(settings: Settings):
+    from app import create_app, start_serving
+
+    application = create_app(settings)
+    application.config["TESTING"] = True
+    start_serving(application)
+    yield application
+    application.extensions["quadra"].store.dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """A real `python app.py` (or gunicorn) process on a free port, with its log captured."""
+
+    def __init__(self, command: list[str], env: dict[str, str], port: int, log_path: Path) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if requests.get(f"{self.url}/api/health", timeout=1).json().get("model_loaded"):
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator:
+    """Start `python app.py` (default) or another command as a real process on a free port."""
+    servers: list[ServerProcess] = []
+
+    def start(state: Path, extra_env: dict[str, str] | None = None, command: list[str] | None = None) -> ServerProcess:
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QUADRA_")}
+        env.update({"QUADRA_STATE_DIR": str(state), "QUADRA_PORT": str(port), "PYTHONUNBUFFERED": "1"})
+        env.update(extra_env or {})
+        cmd = command or [sys.executable, "app.py"]
+        cmd = [part.replace("{port}", str(port)) for part in cmd]
+        server = ServerProcess(cmd, env, port, tmp_path / f"server-{port}.log")
+        servers.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -1,0 +1,293 @@
+"""The registry on SQLite and PostgreSQL: the seed's API and the governance around it."""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import re
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils.model_versioning import (
+    IntegrityCheckFailed,
+    InvalidVersion,
+    ModelVersionManager,
+    VersionConflict,
+    VersionNotFound,
+    compare_model_versions,
+    generate_version_string,
+    validate_version,
+)
+from utils.serving import build_model
+from utils.store import Store
+
+CONFIG = {"architecture": "mlp", "input_dim": 4, "num_classes": 3, "hidden_dims": [8]}
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(CONFIG)
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def artifact(registry: ModelVersionManager, version: str) -> Path:
+    return registry.models_dir / version / "model.safetensors"
+
+
+@pytest.mark.parametrize("version", ["1.2.0", "0.0.1", "2.1.3-beta", "1.0.0-rc.1", "20241221-143022", "train-20241221-143022"])
+def test_valid_versions(version: str) -> None:
+    assert validate_version(version) == version
+
+
+@pytest.mark.parametrize(
+    "version",
+    ["", "1.2", "v1.2.0", "../x", "..", "%2e%2e", "/etc/passwd", "1.0.0/../../x", "1.0.0\x00", "a" * 65,
+     "1.0.0 ", "01.0.0", "1.0.0-", "TRAIN-20241221-143022", None, 120],
+)
+def test_invalid_versions_are_refused(version: object) -> None:
+    with pytest.raises(InvalidVersion):
+        validate_version(version)
+
+
+def test_generate_version_string() -> None:
+    assert re.fullmatch(r"\d{8}-\d{6}", generate_version_string())
+    assert re.fullmatch(r"train-\d{8}-\d{6}", generate_version_string("train"))
+    validate_version(generate_version_string("train"))
+    with pytest.raises(InvalidVersion):
+        generate_version_string("../x")
+
+
+def test_save_load_round_trip(registry: ModelVersionManager) -> None:
+    model = make_model(1)
+    info = registry.save_model(model, "1.0.0", metrics={"accuracy": 0.9}, config=CONFIG, description="first", tags=["a", "b"])
+    assert info["version"] == "1.0.0" and len(info["sha256"]) == 64 and info["size_bytes"] > 0
+    assert info["metrics"] == {"accuracy": 0.9} and info["tags"] == ["a", "b"] and not info["is_production"]
+    loaded = registry.load_model(make_model(2), "1.0.0")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name])
+    stored_config = json.loads((registry.models_dir / "1.0.0" / "config.json").read_text())
+    assert stored_config == CONFIG
+
+
+def test_artifacts_hold_no_pickle(registry: ModelVersionManager) -> None:
+    registry.save_model(make_model(), "1.0.0", config=CONFIG)
+    data = artifact(registry, "1.0.0").read_bytes()
+    header_length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_length])
+    assert header["__metadata__"]["format"] == "pt"
+    assert b"\x80\x04" not in data[:16] and not data.startswith(b"PK")
+
+
+def test_saving_an_existing_version_is_a_conflict(registry: ModelVersionManager) -> None:
+    registry.save_model(make_model(1), "1.0.0", config=CONFIG)
+    sha = registry.get_version_info("1.0.0")["sha256"]
+    with pytest.raises(VersionConflict):
+        registry.save_model(make_model(2), "1.0.0", config=CONFIG)
+    assert registry.get_version_info("1.0.0")["sha256"] == sha
+    assert registry.verify_version("1.0.0")["ok"]
+    assert not list((registry.models_dir / ".staging").iterdir())
+
+
+def test_integrity_failure_refuses_load_and_promote(registry: ModelVersionManager) -> None:
+    registry.save_model(make_model(), "1.0.0", config=CONFIG)
+    registry.promote_to_production("1.0.0")
+    registry.save_model(make_model(1), "1.1.0", config=CONFIG)
+    flip_byte(artifact(registry, "1.1.0"))
+    with pytest.raises(ValueError, match="integrity check failed"):
+        registry.load_model(make_model(), "1.1.0")
+    with pytest.raises(IntegrityCheckFailed):
+        registry.promote_to_production("1.1.0")
+    assert registry.get_production_version() == "1.0.0"
+    assert registry.verify_version("1.1.0")["ok"] is False
+
+
+def test_unreadable_artifact_without_verification_is_still_refused(registry: ModelVersionManager) -> None:
+    registry.save_model(make_model(), "1.0.0", config=CONFIG)
+    artifact(registry, "1.0.0").write_bytes(b"not a safetensors file")
+    with pytest.raises(IntegrityCheckFailed, match="unreadable"):
+        registry.load_model(make_model(), "1.0.0", verify_integrity=False)
+
+
+def test_missing_artifact_is_an_integrity_failure(registry: ModelVersionManager) -> None:
+    registry.save_model(make_model(), "1.0.0", config=CONFIG)
+    artifact(registry, "1.0.0").unlink()
+    with pytest.raises(IntegrityCheckFailed, match="missing"):
+        registry.load_model(make_model(), "1.0.0")
+
+
+def test_list_filter_latest_and_registry_mirror(registry: ModelVersionManager) -> None:
+    assert registry.get_latest_version() is None and registry.list_versions() == []
+    registry.save_model(make_model(), "1.0.0", config=CONFIG, tags=["stable"])
+    registry.save_model(make_model(), "1.1.0", config=CONFIG, tags=["stable", "canary"])
+    registry.save_model(make_model(), "train-20241221-143022", config=CONFIG)
+    assert [v["version"] for v in registry.list_versions()] == ["1.0.0", "1.1.0", "train-20241221-143022"]
+    assert [v["version"] for v in registry.list_versions(tags="canary")] == ["1.1.0"]
+    assert [v["version"] for v in registry.list_versions(tags=["stable"])] == ["1.0.0", "1.1.0"]
+    assert registry.get_latest_version() == "train-20241221-143022"
+    registry.promote_to_production("1.1.0")
+    mirror = json.loads((registry.models_dir / "model_registry.json").read_text())
+    assert mirror["production_version"] == "1.1.0" and set(mirror["versions"]) == {"1.0.0", "1.1.0", "train-20241221-143022"}
+    assert registry.registry["production_version"] == "1.1.0"
+
+
+def test_promote_rollback_and_history(registry: ModelVersionManager) -> None:
+    for version in ("1.0.0", "1.1.0", "1.2.0"):
+        registry.save_model(make_model(), version, config=CONFIG)
+    with pytest.raises(VersionConflict):
+        registry.rollback()
+    registry.promote_to_production("1.0.0", actor="alice")
+    registry.promote_to_production("1.1.0", actor="bob")
+    assert registry.promote_to_production("1.2.0") == {"production_version": "1.2.0", "previous_version": "1.1.0"}
+    assert registry.rollback(actor="carol") == {"production_version": "1.1.0", "previous_version": "1.2.0"}
+    assert registry.rollback() == {"production_version": "1.0.0", "previous_version": "1.1.0"}
+    with pytest.raises(VersionConflict):
+        registry.rollback()
+    assert registry.get_production_version() == registry.get_serving_version() == "1.0.0"
+    history = registry.promotion_history()
+    assert [(h["action"], h["to_version"]) for h in history][:3] == [("rollback", "1.0.0"), ("rollback", "1.1.0"), ("promote", "1.2.0")]
+    assert history[-1]["actor"] == "alice" and history[-1]["at"].endswith("Z")
+
+
+def test_load_changes_serving_not_production(registry: ModelVersionManager) -> None:
+    registry.save_model(make_model(), "1.0.0", config=CONFIG)
+    registry.save_model(make_model(), "1.1.0", config=CONFIG)
+    registry.promote_to_production("1.0.0")
+    registry.set_serving_version("1.1.0")
+    assert registry.get_production_version() == "1.0.0" and registry.get_serving_version() == "1.1.0"
+    flags = {v["version"]: (v["is_production"], v["is_serving"]) for v in registry.list_versions()}
+    assert flags == {"1.0.0": (True, False), "1.1.0": (False, True)}
+
+
+def test_delete_refused_for_production_and_serving(registry: ModelVersionManager) -> None:
+    for version in ("1.0.0", "1.1.0", "1.2.0"):
+        registry.save_model(make_model(), version, config=CONFIG)
+    registry.promote_to_production("1.0.0")
+    registry.set_serving_version("1.1.0")
+    for version in ("1.0.0", "1.1.0"):
+        with pytest.raises(VersionConflict):
+            registry.delete_version(version)
+    registry.delete_version("1.2.0")
+    assert not (registry.models_dir / "1.2.0").exists()
+    with pytest.raises(VersionNotFound):
+        registry.delete_version("1.2.0")
+    with pytest.raises(VersionNotFound):
+        registry.get_version_info("9.9.9")
+
+
+def test_rollback_skips_deleted_versions(registry: ModelVersionManager) -> None:
+    for version in ("1.0.0", "1.1.0", "1.2.0"):
+        registry.save_model(make_model(), version, config=CONFIG)
+        registry.promote_to_production(version)
+    registry.delete_version("1.1.0")
+    assert registry.rollback()["production_version"] == "1.0.0"
+
+
+def test_archive_and_restore_keep_the_hash(registry: ModelVersionManager) -> None:
+    registry.save_model(make_model(), "1.0.0", config=CONFIG)
+    registry.save_model(make_model(3), "1.1.0", config=CONFIG)
+    registry.promote_to_production("1.0.0")
+    with pytest.raises(VersionConflict):
+        registry.archive_version("1.0.0")
+    sha = registry.get_version_info("1.1.0")["sha256"]
+    archived = registry.archive_version("1.1.0")
+    assert archived["archived"] and archived["sha256"] == sha
+    assert not artifact(registry, "1.1.0").exists() and registry.verify_version("1.1.0")["ok"]
+    with pytest.raises(VersionConflict, match="archived"):
+        registry.load_model(make_model(), "1.1.0")
+    with pytest.raises(VersionConflict, match="archived"):
+        registry.promote_to_production("1.1.0")
+    restored = registry.restore_archived_version("1.1.0")
+    assert not restored["archived"] and restored["sha256"] == sha
+    registry.load_model(make_model(), "1.1.0")
+
+
+def test_backup_and_restore_to_an_empty_registry(registry: ModelVersionManager, tmp_path: Path) -> None:
+    registry.save_model(make_model(), "1.0.0", config=CONFIG, metrics={"accuracy": 0.8})
+    registry.save_model(make_model(5), "1.1.0", config=CONFIG)
+    registry.promote_to_production("1.0.0")
+    registry.archive_version("1.1.0")
+    backup = tmp_path / "registry.tar.gz"
+    assert registry.backup(backup)["versions"] == 2
+
+    fresh = ModelVersionManager(tmp_path / "fresh-models", Store(f"sqlite:///{tmp_path / 'fresh.db'}"), True)
+    result = fresh.restore(backup)
+    assert result == {"restored": ["1.0.0", "1.1.0"], "skipped": 0}
+    assert fresh.get_production_version() == "1.0.0"
+    assert all(fresh.verify_version(v)["ok"] for v in ("1.0.0", "1.1.0"))
+    assert fresh.get_version_info("1.0.0")["metrics"] == {"accuracy": 0.8}
+    assert fresh.restore(backup) == {"restored": [], "skipped": 2}
+
+
+def test_restore_refuses_a_tampered_backup(registry: ModelVersionManager, tmp_path: Path) -> None:
+    registry.save_model(make_model(), "1.0.0", config=CONFIG)
+    backup = tmp_path / "registry.tar.gz"
+    registry.backup(backup)
+    tampered = tmp_path / "tampered.tar.gz"
+    with tarfile.open(backup) as src, tarfile.open(tampered, "w:gz") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            if member.name.endswith("model.safetensors"):
+                data = data[:-1] + bytes([data[-1] ^ 1])
+            member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    fresh = ModelVersionManager(tmp_path / "fresh-models", Store(f"sqlite:///{tmp_path / 'fresh.db'}"), True)
+    with pytest.raises(IntegrityCheckFailed):
+        fresh.restore(tampered)
+    assert fresh.list_versions() == []
+
+
+def test_compare_model_versions(registry: ModelVersionManager) -> None:
+    registry.save_model(make_model(), "1.0.0", config=CONFIG, metrics={"accuracy": 0.8, "val_loss": 0.5})
+    registry.save_model(make_model(), "1.1.0", config=CONFIG, metrics={"accuracy": 0.9, "val_loss": 0.3, "f1": 0.7})
+    result = compare_model_versions(registry, "1.0.0", "1.1.0")
+    assert result["version1"] == "1.0.0" and result["version2"] == "1.1.0"
+    comparison = result["metrics_comparison"]
+    assert comparison["accuracy"]["improvement"] == pytest.approx(0.1)
+    assert comparison["val_loss"]["improvement"] == pytest.approx(0.2)
+    assert comparison["f1"] == {"version1": None, "version2": 0.7, "improvement": None}
+
+
+def test_leftover_folder_of_a_crashed_save_does_not_block(registry: ModelVersionManager) -> None:
+    leftover = registry.models_dir / "1.0.0"
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"half written")
+    registry.save_model(make_model(), "1.0.0", config=CONFIG)
+    assert registry.verify_version("1.0.0")["ok"]
+
+
+def _save_in_process(url: str, models_dir: str, versions: list[str], results: "multiprocessing.Queue") -> None:
+    registry = ModelVersionManager(models_dir, Store(url), True)
+    for version in versions:
+        try:
+            registry.save_model(make_model(), version, config=CONFIG)
+            results.put((version, "saved"))
+        except VersionConflict:
+            results.put((version, "conflict"))
+
+
+def test_concurrent_saves_from_several_processes(store_url: str, tmp_path: Path) -> None:
+    models_dir = str(tmp_path / "shared-models")
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    plans = [[f"{p}.{i}.0" for i in range(4)] + ["9.9.9"] for p in (1, 2, 3)]
+    workers = [context.Process(target=_save_in_process, args=(store_url, models_dir, plan, results)) for plan in plans]
+    for worker in workers:
+        worker.start()
+    outcomes = [results.get(timeout=120) for _ in range(15)]
+    for worker in workers:
+        worker.join(timeout=60)
+    assert sorted(o for v, o in outcomes if v == "9.9.9") == ["conflict", "conflict", "saved"]
+    assert all(o == "saved" for v, o in outcomes if v != "9.9.9")
+    registry = ModelVersionManager(models_dir, Store(store_url), True)
+    versions = registry.list_versions()
+    assert len(versions) == 13
+    assert all(registry.verify_version(v["version"])["ok"] for v in versions)

@@ -1,0 +1,264 @@
+"""Settings: every QUADRA_* variable, typed and validated, from the environment and `.env`.
+
+A bad value raises `ConfigError` with one line naming the variable and what it accepts;
+`app.py` turns that into a clean exit so start-up fails loudly instead of half-working.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, TypeVar
+
+from dotenv import dotenv_values
+
+T = TypeVar("T")
+
+ENVIRONMENTS = ("development", "production")
+MIN_SECRET_KEY_LENGTH = 32
+WEAK_SECRET_KEYS = frozenset(
+    {"secret", "changeme", "change-me", "dev", "development", "password", "your-secret-key-here"}
+)
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or unsafe; the message names the variable."""
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+
+
+def _int_parser(low: int, high: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer from {low} to {high}, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name}: expected an integer from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_parser(low: float, high: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name}: expected a number from {low} to {high}, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name}: expected a number from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _choice_parser(choices: tuple[str, ...]) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _parse_text(name: str, raw: str) -> str:
+    return raw.strip()
+
+
+def _parse_origins(name: str, raw: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{name}: expected a comma-separated list of http(s):// origins, got {origin!r}"
+            )
+    return origins
+
+
+def _parse_modules(name: str, raw: str) -> tuple[str, ...]:
+    modules = tuple(m.strip() for m in raw.split(",") if m.strip())
+    for module in modules:
+        if not all(part.isidentifier() for part in module.split(".")):
+            raise ConfigError(f"{name}: expected comma-separated Python module names, got {module!r}")
+    return modules
+
+
+def _parse_database_url(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not value.startswith(("sqlite:///", "postgresql")):
+        raise ConfigError(f"{name}: expected a sqlite:/// or postgresql+psycopg:// URL, got {value!r}")
+    return value
+
+
+def _parse_redis_url(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{name}: expected a redis://, rediss:// or unix:// URL, got {value!r}")
+    return value
+
+
+def _parse_artifact_uri(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not value.startswith(("s3://", "file://", "/")):
+        raise ConfigError(f"{name}: expected s3://bucket/prefix, file:///path or an absolute path, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The service's configuration. Build it with `Settings.from_env()`; tests may pass values."""
+
+    env: str = "development"
+    debug: bool = False
+    state_dir: Path = Path("dashboard_state")
+    secret_key: str = ""
+    auth_enabled: bool = True
+    rate_limit_enabled: bool = True
+    max_requests: int = 100
+    rate_window: int = 60
+    models_dir: Path = Path("dashboard_state/models")
+    monitoring_dir: Path = Path("dashboard_state/monitoring")
+    drift_threshold: float = 2.0
+    monitoring_window: int = 1000
+    verify_integrity: bool = True
+    database_url: str = ""
+    redis_url: str | None = None
+    artifact_uri: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 5000
+    max_batch_size: int = 1024
+    max_body_bytes: int = 2 * 1024 * 1024
+    torch_threads: int = 1
+    model_poll_seconds: float = 0.5
+    bootstrap_model: bool = True
+    log_level: str = "info"
+    architecture_modules: tuple[str, ...] = ()
+    store_wait_seconds: float = 30.0
+
+    @property
+    def is_production(self) -> bool:
+        return self.env == "production"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: str | Path = ".env") -> "Settings":
+        """Read settings from `environ` (default: os.environ over the values in `.env`)."""
+        if environ is None:
+            values = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}
+            values.update(os.environ)
+        else:
+            values = dict(environ)
+        return _build(values)
+
+
+def _read(values: Mapping[str, str], name: str, parse: Callable[[str, str], T], default: T) -> T:
+    raw = values.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    return parse(name, raw)
+
+
+def _build(values: Mapping[str, str]) -> Settings:
+    env = _read(values, "QUADRA_ENV", _choice_parser(ENVIRONMENTS), "development")
+    state_dir = Path(_read(values, "QUADRA_STATE_DIR", _parse_text, "dashboard_state"))
+    settings = Settings(
+        env=env,
+        debug=_read(values, "QUADRA_DEBUG", _parse_bool, False),
+        state_dir=state_dir,
+        secret_key=_read(values, "QUADRA_SECRET_KEY", _parse_text, ""),
+        auth_enabled=_read(values, "QUADRA_AUTH_ENABLED", _parse_bool, True),
+        rate_limit_enabled=_read(values, "QUADRA_RATE_LIMIT_ENABLED", _parse_bool, True),
+        max_requests=_read(values, "QUADRA_MAX_REQUESTS", _int_parser(1, 10_000_000), 100),
+        rate_window=_read(values, "QUADRA_RATE_WINDOW", _int_parser(1, 86_400), 60),
+        models_dir=Path(_read(values, "QUADRA_MODELS_DIR", _parse_text, str(state_dir / "models"))),
+        monitoring_dir=Path(_read(values, "QUADRA_MONITORING_DIR", _parse_text, str(state_dir / "monitoring"))),
+        drift_threshold=_read(values, "QUADRA_DRIFT_THRESHOLD", _float_parser(0.01, 1000.0), 2.0),
+        monitoring_window=_read(values, "QUADRA_MONITORING_WINDOW", _int_parser(10, 10_000_000), 1000),
+        verify_integrity=_read(values, "QUADRA_VERIFY_INTEGRITY", _parse_bool, True),
+        database_url=_read(
+            values, "QUADRA_DATABASE_URL", _parse_database_url, f"sqlite:///{state_dir / 'quadra.db'}"
+        ),
+        redis_url=_read(values, "QUADRA_REDIS_URL", _parse_redis_url, None),
+        artifact_uri=_read(values, "QUADRA_ARTIFACT_URI", _parse_artifact_uri, None),
+        cors_origins=_read(values, "QUADRA_CORS_ORIGINS", _parse_origins, ()),
+        host=_read(values, "QUADRA_HOST", _parse_text, "127.0.0.1"),
+        port=_read(values, "QUADRA_PORT", _int_parser(1, 65535), 5000),
+        max_batch_size=_read(values, "QUADRA_MAX_BATCH_SIZE", _int_parser(1, 100_000), 1024),
+        max_body_bytes=_read(values, "QUADRA_MAX_BODY_BYTES", _int_parser(1024, 1024**3), 2 * 1024 * 1024),
+        torch_threads=_read(values, "QUADRA_TORCH_THREADS", _int_parser(1, 256), 1),
+        model_poll_seconds=_read(values, "QUADRA_MODEL_POLL_SECONDS", _float_parser(0.05, 60.0), 0.5),
+        bootstrap_model=_read(values, "QUADRA_BOOTSTRAP_MODEL", _parse_bool, True),
+        architecture_modules=_read(values, "QUADRA_ARCHITECTURE_MODULES", _parse_modules, ()),
+        store_wait_seconds=_read(values, "QUADRA_STORE_WAIT_SECONDS", _float_parser(0.0, 600.0), 30.0),
+        log_level=_read(values, "QUADRA_LOG_LEVEL", _choice_parser(("debug", "info", "warning", "error")), "info"),
+    )
+    check_production_safety(settings)
+    return settings
+
+
+def check_production_safety(settings: Settings) -> None:
+    """Refuse configurations that are unsafe in production."""
+    if not settings.is_production:
+        return
+    if settings.debug:
+        raise ConfigError("QUADRA_DEBUG: must be false when QUADRA_ENV=production")
+    key = settings.secret_key
+    if len(key) < MIN_SECRET_KEY_LENGTH or key.lower() in WEAK_SECRET_KEYS or len(set(key)) < 8:
+        raise ConfigError(
+            f"QUADRA_SECRET_KEY: production needs a random secret of at least {MIN_SECRET_KEY_LENGTH} "
+            "characters (python -c 'import secrets; print(secrets.token_urlsafe(48))')"
+        )
+    if not settings.auth_enabled:
+        raise ConfigError("QUADRA_AUTH_ENABLED: must be true when QUADRA_ENV=production")
+    if "*" in settings.cors_origins:
+        raise ConfigError("QUADRA_CORS_ORIGINS: '*' is not allowed when QUADRA_ENV=production")
+
+
+def resolve_secret_key(settings: Settings) -> str:
+    """The configured secret, or in development one generated once and kept in the state folder.
+
+    Every process of one deployment must share the secret (it keys API-key hashes and JWTs),
+    so a development secret is persisted with owner-only permissions rather than made per process.
+    """
+    if settings.secret_key:
+        return settings.secret_key
+    path = settings.state_dir / "secret_key"
+    if not path.exists():
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        candidate = path.with_name(f".secret_key.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(48))
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(candidate, path)  # atomic and never overwrites: the first process wins
+        except FileExistsError:
+            pass
+        finally:
+            candidate.unlink()
+    return path.read_text().strip()
+
+
+_current: Settings | None = None
+
+
+def current_settings() -> Settings:
+    """The settings of this process, read once from the environment (for the Python API)."""
+    global _current
+    if _current is None:
+        _current = Settings.from_env()
+    return _current

@@ -1,0 +1,542 @@
+"""The model registry: versions, integrity, promotion, rollback, archive, backup and restore.
+
+Metadata lives in the store (shared by every process); artifacts are safetensors files (no
+pickle) in an artifact store. Every artifact's SHA-256 is recorded at save and checked before
+it is loaded or promoted, so a corrupted or tampered file is never served.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+
+from utils.config import current_settings
+from utils.store import PRODUCTION, SERVING, Store, StoreConflict, get_store
+
+ARTIFACT_NAME = "model.safetensors"
+ARCHIVE_NAME = "model.safetensors.gz"
+CONFIG_NAME = "config.json"
+REGISTRY_MIRROR = "model_registry.json"
+MAX_VERSION_LENGTH = 64
+_SEMVER = re.compile(
+    r"^(0|[1-9]\d{0,5})\.(0|[1-9]\d{0,5})\.(0|[1-9]\d{0,5})(-[0-9A-Za-z]+(\.[0-9A-Za-z]+)*)?$"
+)
+_TIMESTAMP = re.compile(r"^([a-z][a-z0-9_]{0,31}-)?\d{8}-\d{6}(-[1-9]\d{0,3})?$")
+_PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_CHUNK = 1024 * 1024
+
+
+class InvalidVersion(ValueError):
+    """The version string is not semantic (1.2.0, 2.1.3-beta) or a timestamp version."""
+
+
+class VersionNotFound(LookupError):
+    """No such version in the registry."""
+
+
+class VersionConflict(RuntimeError):
+    """The request conflicts with the registry's state (exists, in use, nothing to roll back to)."""
+
+
+class IntegrityCheckFailed(ValueError):
+    """An artifact's SHA-256 does not match the one recorded when it was saved."""
+
+
+def validate_version(version: Any) -> str:
+    """Return `version` if it is a valid version string, else raise InvalidVersion.
+
+    Runs before any file is touched: only [0-9A-Za-z._-] can pass, so no path trick can.
+    """
+    if not isinstance(version, str) or not version:
+        raise InvalidVersion("version must be a non-empty string")
+    if len(version) > MAX_VERSION_LENGTH:
+        raise InvalidVersion(f"version must be at most {MAX_VERSION_LENGTH} characters")
+    if not (_SEMVER.match(version) or _TIMESTAMP.match(version)):
+        raise InvalidVersion(
+            "version must be semantic (1.2.0, 2.1.3-beta) or a timestamp (20241221-143022, "
+            "train-20241221-143022)"
+        )
+    return version
+
+
+def generate_version_string(prefix: str | None = None) -> str:
+    """A timestamp version such as "20241221-143022", or "train-20241221-143022" with a prefix."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    if prefix is None:
+        return stamp
+    if not _PREFIX.match(prefix):
+        raise InvalidVersion("prefix must be lowercase letters, digits or _ and start with a letter")
+    return f"{prefix}-{stamp}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a whole file or nothing: temp file, fsync, rename."""
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    _fsync_write(temp, text.encode())
+    os.replace(temp, path)
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class LocalArtifactStore:
+    """Artifacts as files under one folder: `<version>/model.safetensors` and `config.json`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def new_staging_dir(self) -> Path:
+        staging = self.root / ".staging" / uuid.uuid4().hex
+        staging.mkdir(parents=True)
+        return staging
+
+    def publish(self, staging: Path, version: str) -> str:
+        """Move a staged version folder into place with one rename.
+
+        Called while the version's row is locked in the store, so a folder already there
+        without a committed row is the leftover of a crashed save and may be replaced."""
+        target = self.root / version
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(staging, target)
+        _fsync_dir(self.root)
+        return f"{version}/{ARTIFACT_NAME}"
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def remove_version(self, version: str) -> None:
+        shutil.rmtree(self.root / version, ignore_errors=True)
+
+    def discard(self, staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+class ModelVersionManager:
+    """The registry. Every process built on the same configuration sees the same versions.
+
+    Arguments left out come from the QUADRA_* configuration, so `ModelVersionManager()` in a
+    console sees exactly what the running service sees."""
+
+    def __init__(
+        self,
+        models_dir: str | Path | None = None,
+        store: Store | None = None,
+        verify_integrity: bool | None = None,
+    ) -> None:
+        if models_dir is None or store is None or verify_integrity is None:
+            settings = current_settings()
+            models_dir = settings.models_dir if models_dir is None else models_dir
+            store = store or get_store(settings.database_url, settings.store_wait_seconds)
+            verify_integrity = settings.verify_integrity if verify_integrity is None else verify_integrity
+        self.models_dir = Path(models_dir)
+        self.store = store
+        self.verify_integrity = verify_integrity
+        self.artifacts = LocalArtifactStore(self.models_dir)
+        if not (self.models_dir / REGISTRY_MIRROR).exists():
+            self.write_registry_mirror()
+
+    # -- saving -------------------------------------------------------------------------
+
+    def save_model(
+        self,
+        model: torch.nn.Module,
+        version: str | None = None,
+        metrics: dict[str, float] | None = None,
+        config: dict[str, Any] | None = None,
+        training_info: dict[str, Any] | None = None,
+        description: str = "",
+        tags: Iterable[str] | None = None,
+        created_by: str = "system",
+    ) -> dict[str, Any]:
+        """Save a new version; an existing version is a VersionConflict, never an overwrite."""
+        if version is not None:
+            validate_version(version)
+        else:
+            version = generate_version_string()
+        config = dict(config if config is not None else getattr(model, "quadra_config", {}) or {})
+        staging = self.artifacts.new_staging_dir()
+        try:
+            sha256, size = self._stage_artifact(staging, model, version, config)
+            row = {
+                "version": version,
+                "created_at": time.time(),
+                "created_by": created_by,
+                "description": description or "",
+                "tags": sorted(set(tags or ())),
+                "metrics": dict(metrics or {}),
+                "config": config,
+                "training_info": dict(training_info or {}),
+                "artifact_key": f"{version}/{ARTIFACT_NAME}",
+                "sha256": sha256,
+                "size_bytes": size,
+                "archived": False,
+            }
+            try:
+                with self.store.adding_version(row):
+                    self.artifacts.publish(staging, version)
+            except StoreConflict as exc:
+                raise VersionConflict(str(exc)) from None
+        finally:
+            self.artifacts.discard(staging)
+        self.write_registry_mirror()
+        return self.get_version_info(version)
+
+    def _stage_artifact(
+        self, staging: Path, model: torch.nn.Module, version: str, config: dict[str, Any]
+    ) -> tuple[str, int]:
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+        artifact = staging / ARTIFACT_NAME
+        save_file(tensors, artifact, metadata={"format": "pt", "quadra_version": version})
+        with open(artifact, "rb+") as handle:
+            os.fsync(handle.fileno())
+        _fsync_write(staging / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
+        return sha256_file(artifact), artifact.stat().st_size
+
+    # -- reading ------------------------------------------------------------------------
+
+    def _row(self, version: str) -> dict[str, Any]:
+        validate_version(version)
+        row = self.store.get_version(version)
+        if row is None:
+            raise VersionNotFound(f"version {version} not found")
+        return row
+
+    def read_state_dict(self, version: str, verify_integrity: bool | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The tensors of `version` and its metadata row, hash-checked unless told otherwise."""
+        row = self._row(version)
+        if row["archived"]:
+            raise VersionConflict(f"version {version} is archived; restore it first")
+        data = self._read_artifact(row)
+        check = self.verify_integrity if verify_integrity is None else verify_integrity
+        if check:
+            _check_digest(version, row["sha256"], hashlib.sha256(data).hexdigest())
+        try:
+            return load_safetensors(data), row
+        except SafetensorError as exc:
+            raise IntegrityCheckFailed(f"integrity check failed for version {version}: unreadable artifact ({exc})") from None
+
+    def _read_artifact(self, row: dict[str, Any]) -> bytes:
+        path = self.artifacts.path(row["artifact_key"])
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise IntegrityCheckFailed(
+                f"integrity check failed for version {row['version']}: artifact is missing"
+            ) from None
+
+    def load_model(self, model: torch.nn.Module, version: str | None = None, verify_integrity: bool = True) -> torch.nn.Module:
+        """Load `version` (default: production, else latest) into `model` and return it.
+
+        Raises ValueError ("integrity check failed ...") when the artifact does not match."""
+        version = version or self.get_production_version() or self.get_latest_version()
+        if version is None:
+            raise VersionNotFound("the registry has no versions")
+        state, _ = self.read_state_dict(version, verify_integrity and self.verify_integrity)
+        model.load_state_dict(state, strict=True)
+        return model
+
+    def verify_version(self, version: str) -> dict[str, Any]:
+        """Recompute an artifact's hash; report instead of raising."""
+        row = self._row(version)
+        try:
+            data = self._read_artifact(row)
+            actual = hashlib.sha256(gzip.decompress(data) if row["archived"] else data).hexdigest()
+        except (IntegrityCheckFailed, OSError, EOFError):
+            actual = None
+        return {"version": version, "ok": actual == row["sha256"], "expected": row["sha256"], "actual": actual}
+
+    def list_versions(self, tags: str | Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """All versions, oldest first; with `tags`, only those carrying every tag given."""
+        wanted = {tags} if isinstance(tags, str) else set(tags or ())
+        state = self.store.get_states((PRODUCTION, SERVING))
+        rows = [r for r in self.store.list_versions() if wanted <= set(r["tags"])]
+        return [_public(r, state) for r in rows]
+
+    def get_version_info(self, version: str) -> dict[str, Any]:
+        return _public(self._row(version), self.store.get_states((PRODUCTION, SERVING)))
+
+    def get_latest_version(self) -> str | None:
+        rows = self.store.list_versions()
+        return rows[-1]["version"] if rows else None
+
+    def get_production_version(self) -> str | None:
+        return self.store.get_state(PRODUCTION)
+
+    def get_serving_version(self) -> str | None:
+        """What the service serves: the last loaded version, else production."""
+        state = self.store.get_states((PRODUCTION, SERVING))
+        return state.get(SERVING) or state.get(PRODUCTION)
+
+    @property
+    def registry(self) -> dict[str, Any]:
+        """The whole registry in the seed's shape (also mirrored to model_registry.json)."""
+        state = self.store.get_states((PRODUCTION, SERVING))
+        return {
+            "versions": {r["version"]: _public(r, state) for r in self.store.list_versions()},
+            "production_version": state.get(PRODUCTION),
+            "serving_version": state.get(SERVING) or state.get(PRODUCTION),
+            "updated_at": _iso(time.time()),
+        }
+
+    def promotion_history(self, limit: int = 100) -> list[dict[str, Any]]:
+        return [
+            {**h, "at": _iso(h["at"])} for h in self.store.promotion_history(limit)
+        ]
+
+    # -- deploying ----------------------------------------------------------------------
+
+    def promote_to_production(self, version: str, actor: str = "system") -> dict[str, Any]:
+        """Verify `version` and make it production and serving; returns what it replaced."""
+        self._check_deployable(version)
+        previous = self.store.record_deployment("promote", version, actor, set_production=True)
+        self.write_registry_mirror()
+        return {"production_version": version, "previous_version": previous}
+
+    def set_serving_version(self, version: str, actor: str = "system") -> dict[str, Any]:
+        """Serve `version` on every process without changing production (the "load" action)."""
+        self._check_deployable(version)
+        previous = self.store.record_deployment("load", version, actor, set_production=False)
+        self.write_registry_mirror()
+        return {"serving_version": version, "previous_version": previous}
+
+    def rollback(self, actor: str = "system") -> dict[str, Any]:
+        """Return production to the version before the current one."""
+        stack = self.store.production_stack()
+        for candidate in reversed(stack[:-1]):
+            row = self.store.get_version(candidate)
+            if row is not None and not row["archived"]:
+                self._check_deployable(candidate)
+                previous = self.store.record_deployment("rollback", candidate, actor, set_production=True)
+                self.write_registry_mirror()
+                return {"production_version": candidate, "previous_version": previous}
+        raise VersionConflict("there is no previous production version to roll back to")
+
+    def _check_deployable(self, version: str) -> None:
+        if self.verify_integrity:
+            self.read_state_dict(version, verify_integrity=True)
+        elif self._row(version)["archived"]:
+            raise VersionConflict(f"version {version} is archived; restore it first")
+
+    def delete_version(self, version: str) -> None:
+        """Delete a version and its artifact; refused for the production and serving versions."""
+        validate_version(version)
+        try:
+            row = self.store.delete_version(version)
+        except StoreConflict as exc:
+            raise VersionConflict(str(exc)) from None
+        if row is None:
+            raise VersionNotFound(f"version {version} not found")
+        self.artifacts.remove_version(version)
+        self.write_registry_mirror()
+
+    # -- archive ------------------------------------------------------------------------
+
+    def archive_version(self, version: str) -> dict[str, Any]:
+        """Compress an unused version's artifact; its metadata and recorded hash stay."""
+        row = self._row(version)
+        if row["archived"]:
+            return self.get_version_info(version)
+        if version in self.store.get_states((PRODUCTION, SERVING)).values():
+            raise VersionConflict(f"version {version} is in use and cannot be archived")
+        data = self._read_artifact(row)
+        _check_digest(version, row["sha256"], hashlib.sha256(data).hexdigest())
+        key = f"{version}/{ARCHIVE_NAME}"
+        archive = self.artifacts.path(key)
+        temp = archive.with_name(f".{ARCHIVE_NAME}.tmp")
+        _fsync_write(temp, gzip.compress(data, compresslevel=6))
+        os.replace(temp, archive)
+        self.store.update_version(version, archived=True, artifact_key=key)
+        self.artifacts.path(row["artifact_key"]).unlink()
+        self.write_registry_mirror()
+        return self.get_version_info(version)
+
+    def restore_archived_version(self, version: str) -> dict[str, Any]:
+        """Decompress an archived artifact, check it against the recorded hash, make it loadable."""
+        row = self._row(version)
+        if not row["archived"]:
+            return self.get_version_info(version)
+        data = gzip.decompress(self._read_artifact(row))
+        _check_digest(version, row["sha256"], hashlib.sha256(data).hexdigest())
+        key = f"{version}/{ARTIFACT_NAME}"
+        temp = self.artifacts.path(key).with_name(f".{ARTIFACT_NAME}.tmp")
+        _fsync_write(temp, data)
+        os.replace(temp, self.artifacts.path(key))
+        self.store.update_version(version, archived=False, artifact_key=key)
+        self.artifacts.path(row["artifact_key"]).unlink()
+        self.write_registry_mirror()
+        return self.get_version_info(version)
+
+    # -- backup and restore -------------------------------------------------------------
+
+    def backup(self, destination: str | Path) -> dict[str, Any]:
+        """Write every version (metadata and artifact) and the deployment state to a tar.gz."""
+        destination = Path(destination)
+        rows = self.store.list_versions()
+        manifest = {
+            "format": "quadra-registry-backup/1",
+            "created_at": _iso(time.time()),
+            "state": self.store.get_states((PRODUCTION, SERVING)),
+            "versions": rows,
+        }
+        temp = destination.with_name(f".{destination.name}.tmp")
+        with tarfile.open(temp, "w:gz") as archive:
+            _add_bytes(archive, "manifest.json", json.dumps(manifest, indent=2).encode())
+            for row in rows:
+                archive.add(self.artifacts.path(row["artifact_key"]), arcname=f"artifacts/{row['artifact_key']}")
+        os.replace(temp, destination)
+        return {"path": str(destination), "versions": len(rows)}
+
+    def restore(self, source: str | Path) -> dict[str, Any]:
+        """Restore a backup into this registry, checking every artifact against its hash first.
+
+        Versions already present with the same hash are kept; the same version with another
+        hash is a conflict and nothing is written."""
+        with tarfile.open(source, "r:gz") as archive:
+            manifest = json.loads(_read_member(archive, "manifest.json"))
+            if manifest.get("format") != "quadra-registry-backup/1":
+                raise ValueError("not a Quadra registry backup")
+            payloads = {}
+            for row in manifest["versions"]:
+                validate_version(row["version"])
+                data = _read_member(archive, f"artifacts/{row['artifact_key']}")
+                plain = gzip.decompress(data) if row["archived"] else data
+                _check_digest(row["version"], row["sha256"], hashlib.sha256(plain).hexdigest())
+                existing = self.store.get_version(row["version"])
+                if existing is not None and existing["sha256"] != row["sha256"]:
+                    raise VersionConflict(f"version {row['version']} exists with a different hash")
+                if existing is None:
+                    payloads[row["version"]] = (row, plain)
+        for row, plain in payloads.values():
+            self._restore_one(row, plain)
+        state = manifest.get("state", {})
+        for name in (PRODUCTION, SERVING):
+            if state.get(name):
+                self.store.set_state(name, state[name], actor="restore")
+        self.write_registry_mirror()
+        return {"restored": sorted(payloads), "skipped": len(manifest["versions"]) - len(payloads)}
+
+    def _restore_one(self, row: dict[str, Any], data: bytes) -> None:
+        staging = self.artifacts.new_staging_dir()
+        try:
+            _fsync_write(staging / ARTIFACT_NAME, data)
+            _fsync_write(staging / CONFIG_NAME, json.dumps(row["config"], indent=2, sort_keys=True).encode())
+            restored = {**row, "archived": False, "artifact_key": f"{row['version']}/{ARTIFACT_NAME}"}
+            with self.store.adding_version(restored):
+                self.artifacts.publish(staging, row["version"])
+        finally:
+            self.artifacts.discard(staging)
+
+    # -- mirror -------------------------------------------------------------------------
+
+    def write_registry_mirror(self) -> None:
+        """Mirror the registry to model_registry.json for people and the seed's health check."""
+        atomic_write_text(self.models_dir / REGISTRY_MIRROR, json.dumps(self.registry, indent=2, sort_keys=True))
+
+
+def _check_digest(version: str, expected: str, actual: str) -> None:
+    if actual != expected:
+        raise IntegrityCheckFailed(
+            f"integrity check failed for version {version}: expected sha256 {expected}, got {actual}"
+        )
+
+
+def _public(row: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    serving = state.get(SERVING) or state.get(PRODUCTION)
+    return {
+        "version": row["version"],
+        "created_at": _iso(row["created_at"]),
+        "created_by": row["created_by"],
+        "description": row["description"],
+        "tags": row["tags"],
+        "metrics": row["metrics"],
+        "config": row["config"],
+        "training_info": row["training_info"],
+        "sha256": row["sha256"],
+        "size_bytes": row["size_bytes"],
+        "archived": row["archived"],
+        "is_production": row["version"] == state.get(PRODUCTION),
+        "is_serving": row["version"] == serving,
+    }
+
+
+def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = int(time.time())
+    archive.addfile(info, io.BytesIO(data))
+
+
+def _read_member(archive: tarfile.TarFile, name: str) -> bytes:
+    try:
+        member = archive.getmember(name)
+    except KeyError:
+        raise ValueError(f"backup is missing {name}") from None
+    handle = archive.extractfile(member)
+    if handle is None:
+        raise ValueError(f"backup entry {name} is not a file")
+    return handle.read()
+
+
+LOWER_IS_BETTER = ("loss", "error", "latency", "mae", "mse", "rmse")
+
+
+def compare_model_versions(manager: ModelVersionManager, v1: str, v2: str) -> dict[str, Any]:
+    """Compare the recorded metrics of two versions.
+
+    `improvement` is how much better version2 is: version2 - version1, negated for metrics
+    where lower is better (names containing loss, error, latency, mae, mse, rmse)."""
+    metrics1 = manager.get_version_info(v1)["metrics"]
+    metrics2 = manager.get_version_info(v2)["metrics"]
+    comparison = {}
+    for metric in sorted(set(metrics1) | set(metrics2)):
+        a, b = metrics1.get(metric), metrics2.get(metric)
+        numeric = isinstance(a, (int, float)) and isinstance(b, (int, float))
+        improvement = None
+        if numeric:
+            improvement = (a - b) if any(w in metric.lower() for w in LOWER_IS_BETTER) else (b - a)
+        comparison[metric] = {"version1": a, "version2": b, "improvement": improvement}
+    return {"version1": v1, "version2": v2, "metrics_comparison": comparison}

@@ -1,0 +1,240 @@
+"""The served model: architectures built from config, input validation, predict, hot swap.
+
+Each process holds its serving model in memory. A background watcher polls the store; when
+the serving version changes it loads the new version, verifies its hash, warms it up and
+swaps one reference, so requests in flight finish on the model they started with.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from utils.model_versioning import ModelVersionManager
+
+ArchitectureBuilder = Callable[[dict[str, Any]], nn.Module]
+ARCHITECTURES: dict[str, ArchitectureBuilder] = {}
+RETRY_FAILED_SECONDS = 30.0
+log = logging.getLogger("quadra.serving")
+
+
+class InvalidInput(ValueError):
+    """The prediction request's inputs are malformed."""
+
+
+class ModelNotReady(RuntimeError):
+    """This process has no serving model loaded yet."""
+
+
+def register_architecture(name: str) -> Callable[[ArchitectureBuilder], ArchitectureBuilder]:
+    """Register a builder `config -> nn.Module` under `name` (the config's "architecture").
+
+    The module must map a float tensor [batch, input_dim] to logits [batch, num_classes]."""
+
+    def decorator(builder: ArchitectureBuilder) -> ArchitectureBuilder:
+        ARCHITECTURES[name] = builder
+        return builder
+
+    return decorator
+
+
+def import_architecture_modules(modules: tuple[str, ...]) -> None:
+    """Import user modules whose @register_architecture calls add architectures."""
+    for module in modules:
+        importlib.import_module(module)
+
+
+class MLPClassifier(nn.Module):
+    """A feed-forward classifier that standardises its inputs with stored mean and std."""
+
+    def __init__(self, input_dim: int, num_classes: int, hidden_dims: list[int], dropout: float = 0.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = input_dim
+        for hidden in hidden_dims:
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            width = hidden
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+        self.register_buffer("input_mean", torch.zeros(input_dim))
+        self.register_buffer("input_std", torch.ones(input_dim))
+
+    def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.input_mean.copy_(mean)
+        self.input_std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.input_mean) / self.input_std)
+
+
+@register_architecture("mlp")
+def _build_mlp(config: dict[str, Any]) -> nn.Module:
+    return MLPClassifier(
+        input_dim=int(config["input_dim"]),
+        num_classes=int(config["num_classes"]),
+        hidden_dims=[int(h) for h in config.get("hidden_dims", [64, 32])],
+        dropout=float(config.get("dropout", 0.0)),
+    )
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """Build an untrained model from its config; the config is kept on it as `quadra_config`."""
+    name = config.get("architecture")
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; registered: {', '.join(sorted(ARCHITECTURES))}")
+    for key in ("input_dim", "num_classes"):
+        if not isinstance(config.get(key), int) or config[key] < 1:
+            raise ValueError(f"model config needs a positive integer {key!r}")
+    model = ARCHITECTURES[name](config)
+    model.quadra_config = dict(config)
+    return model
+
+
+def parse_inputs(payload: Any, input_dim: int, max_batch: int) -> torch.Tensor:
+    """Validate `{"inputs": [[...], ...]}` and return a float32 tensor [batch, input_dim]."""
+    if not isinstance(payload, dict):
+        raise InvalidInput("body must be a JSON object with an 'inputs' field")
+    unknown = set(payload) - {"inputs"}
+    if unknown:
+        raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
+    rows = payload.get("inputs")
+    if not isinstance(rows, list) or not rows:
+        raise InvalidInput("'inputs' must be a non-empty list of rows")
+    if len(rows) > max_batch:
+        raise InvalidInput(f"batch of {len(rows)} rows exceeds the limit of {max_batch}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != input_dim:
+            raise InvalidInput(f"inputs[{i}] must be a list of {input_dim} numbers")
+        for value in row:
+            if type(value) not in (int, float) or not math.isfinite(value):
+                raise InvalidInput(f"inputs[{i}] must contain only finite numbers")
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One loaded, verified, warmed-up version."""
+
+    version: str
+    sha256: str
+    model: nn.Module
+    config: dict[str, Any]
+    loaded_at: float
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.config["input_dim"])
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.config.get("class_names")
+        return list(names) if names else [str(i) for i in range(int(self.config["num_classes"]))]
+
+    def predict(self, inputs: torch.Tensor) -> list[dict[str, Any]]:
+        with torch.inference_mode():
+            probabilities = torch.softmax(self.model(inputs), dim=1)
+        confidence, index = probabilities.max(dim=1)
+        names = self.class_names
+        return [
+            {
+                "class": names[i],
+                "class_index": i,
+                "confidence": c,
+                "probabilities": dict(zip(names, p)),
+            }
+            for i, c, p in zip(index.tolist(), confidence.tolist(), probabilities.tolist())
+        ]
+
+
+def load_served_model(registry: ModelVersionManager, version: str) -> ServedModel:
+    """Load `version` from the registry (hash-checked), build it, warm it up."""
+    state, row = registry.read_state_dict(version)
+    model = build_model(row["config"])
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    served = ServedModel(version, row["sha256"], model, row["config"], time.time())
+    served.predict(torch.zeros(1, served.input_dim))
+    return served
+
+
+class ModelServer:
+    """This process's serving model and the watcher that keeps it in step with the store."""
+
+    def __init__(self, registry: ModelVersionManager, poll_seconds: float = 0.5) -> None:
+        self.registry = registry
+        self.poll_seconds = poll_seconds
+        self.last_error: str | None = None
+        self._current: ServedModel | None = None
+        self._failed_version: str | None = None
+        self._failed_at = 0.0
+        self._lock = threading.Lock()
+        self._started = False
+
+    @property
+    def current(self) -> ServedModel | None:
+        return self._current
+
+    def require_current(self) -> ServedModel:
+        served = self._current
+        if served is None:
+            raise ModelNotReady(self.last_error or "the serving model is still loading")
+        return served
+
+    def start(self, bootstrap: Callable[[ModelVersionManager], None] | None = None) -> None:
+        """Load the serving model now (bootstrapping an empty registry), then watch the store."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        try:
+            if bootstrap is not None:
+                bootstrap(self.registry)
+            self.sync()
+        except Exception as exc:  # keep the process up; readiness reports the reason
+            self.last_error = f"start-up load failed: {exc}"
+            log.exception("serving model start-up failed")
+        threading.Thread(target=self._watch, name="quadra-model-watcher", daemon=True).start()
+
+    def sync(self) -> bool:
+        """Swap to the store's serving version if it changed; True when a swap happened.
+
+        A version that fails to load is retried only after RETRY_FAILED_SECONDS (or when the
+        store names another one); the current model keeps serving meanwhile."""
+        target = self.registry.get_serving_version()
+        current = self._current
+        if target is None or (current is not None and current.version == target):
+            return False
+        if target == self._failed_version and time.monotonic() - self._failed_at < RETRY_FAILED_SECONDS:
+            return False
+        with self._lock:
+            if self._current is not None and self._current.version == target:
+                return False
+            try:
+                self._current = load_served_model(self.registry, target)
+            except Exception as exc:
+                self._failed_version, self._failed_at = target, time.monotonic()
+                self.last_error = f"could not load version {target}: {exc}"
+                log.error("hot swap to %s refused: %s", target, exc)
+                return False
+            self._failed_version = None
+            self.last_error = None
+        log.info("now serving version %s", target)
+        return True
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.poll_seconds)
+            try:
+                self.sync()
+            except Exception:
+                log.exception("model watcher could not read the store")

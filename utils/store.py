@@ -1,0 +1,359 @@
+"""The shared, durable store: SQLAlchemy engine, tables, schema upgrades and every SQL statement.
+
+SQLite (the embedded default) runs in WAL mode with a busy timeout; write transactions start
+with BEGIN IMMEDIATE so concurrent writers from several processes queue instead of failing
+half-way. PostgreSQL is used unchanged when the database URL says so. Nothing outside this
+module writes SQL.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+metadata = MetaData()
+
+schema_info = Table(
+    "quadra_schema",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("upgraded_at", Float, nullable=False),
+)
+
+model_versions = Table(
+    "model_versions",
+    metadata,
+    Column("version", String(128), primary_key=True),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(200), nullable=False, default="system"),
+    Column("description", Text, nullable=False, default=""),
+    Column("tags", JSON, nullable=False, default=list),
+    Column("metrics", JSON, nullable=False, default=dict),
+    Column("config", JSON, nullable=False, default=dict),
+    Column("training_info", JSON, nullable=False, default=dict),
+    Column("artifact_key", String(512), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("size_bytes", Integer, nullable=False),
+    Column("archived", Boolean, nullable=False, default=False),
+)
+
+service_state = Table(
+    "service_state",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", JSON, nullable=True),
+    Column("updated_at", Float, nullable=False),
+    Column("updated_by", String(200), nullable=False, default="system"),
+)
+
+promotions = Table(
+    "promotions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("from_version", String(128), nullable=True),
+    Column("to_version", String(128), nullable=False),
+)
+
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("owner", String(200), nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+
+class StoreConflict(Exception):
+    """A write conflicts with the stored state (duplicate key, object in use, nothing to do)."""
+
+
+def _migration_1(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[model_versions, service_state, promotions, leases])
+
+
+# The schema's upgrade path: append a function per change; never edit a released one.
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+PRODUCTION = "production_version"
+SERVING = "serving_version"
+_PG_UPGRADE_LOCK = 0x51_75_61_64  # arbitrary advisory-lock id for schema upgrades
+
+
+def _row(row: Any) -> dict[str, Any]:
+    return dict(row._mapping)
+
+
+class Store:
+    """One database: connections, transactions and the statements the service needs."""
+
+    def __init__(self, url: str, wait_seconds: float = 0.0) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        self.engine = self._create_engine(url)
+        self._wait_until_reachable(wait_seconds)
+        self.upgrade()
+
+    def _create_engine(self, url: str) -> Engine:
+        if not self.is_sqlite:
+            return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        event.listen(engine, "connect", _configure_sqlite_connection)
+        event.listen(engine, "begin", _begin_sqlite_transaction)
+        return engine
+
+    def _wait_until_reachable(self, wait_seconds: float) -> None:
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                with self.engine.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+                return
+            except OperationalError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction; on SQLite it takes the write lock up front (BEGIN IMMEDIATE)."""
+        with self.engine.connect() as conn:
+            conn.execution_options(sqlite_immediate=True)
+            with conn.begin():
+                yield conn
+
+    def ping(self) -> None:
+        with self.read() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- schema -------------------------------------------------------------------------
+
+    def upgrade(self) -> int:
+        """Bring the schema to SCHEMA_VERSION; safe when several processes start at once."""
+        with self.write() as conn:
+            if not self.is_sqlite:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_UPGRADE_LOCK})
+            metadata.create_all(conn, tables=[schema_info])
+            current = conn.execute(select(schema_info.c.version).where(schema_info.c.id == 1)).scalar()
+            if current is None:
+                conn.execute(insert(schema_info).values(id=1, version=0, upgraded_at=time.time()))
+                current = 0
+            for migration in MIGRATIONS[current:]:
+                migration(conn)
+            if current < SCHEMA_VERSION:
+                conn.execute(
+                    update(schema_info).where(schema_info.c.id == 1).values(
+                        version=SCHEMA_VERSION, upgraded_at=time.time()
+                    )
+                )
+        return SCHEMA_VERSION
+
+    def schema_version(self) -> int:
+        with self.read() as conn:
+            return int(conn.execute(select(schema_info.c.version)).scalar_one())
+
+    # -- model versions -----------------------------------------------------------------
+
+    @contextmanager
+    def adding_version(self, row: dict[str, Any]) -> Iterator[None]:
+        """Insert a version row and keep its transaction open while the caller publishes the
+        artifact; the row commits only if the body finishes, so no half version is ever visible.
+        A concurrent insert of the same version waits for this transaction, then conflicts."""
+        try:
+            with self.write() as conn:
+                conn.execute(insert(model_versions).values(**row))
+                yield
+        except IntegrityError:
+            raise StoreConflict(f"version {row['version']} already exists") from None
+
+    def get_version(self, version: str) -> dict[str, Any] | None:
+        with self.read() as conn:
+            row = conn.execute(select(model_versions).where(model_versions.c.version == version)).first()
+        return _row(row) if row else None
+
+    def list_versions(self) -> list[dict[str, Any]]:
+        with self.read() as conn:
+            rows = conn.execute(
+                select(model_versions).order_by(model_versions.c.created_at, model_versions.c.version)
+            ).all()
+        return [_row(r) for r in rows]
+
+    def update_version(self, version: str, **values: Any) -> None:
+        with self.write() as conn:
+            conn.execute(update(model_versions).where(model_versions.c.version == version).values(**values))
+
+    def delete_version(self, version: str) -> dict[str, Any] | None:
+        """Delete a version unless it is in production or serving; returns the deleted row."""
+        with self.write() as conn:
+            state = _states(conn, (PRODUCTION, SERVING))
+            if version in state.values():
+                raise StoreConflict(f"version {version} is in use as {_role(state, version)}")
+            row = conn.execute(select(model_versions).where(model_versions.c.version == version)).first()
+            if row is not None:
+                conn.execute(delete(model_versions).where(model_versions.c.version == version))
+        return _row(row) if row else None
+
+    # -- service state and promotions ---------------------------------------------------
+
+    def get_states(self, names: tuple[str, ...]) -> dict[str, Any]:
+        with self.read() as conn:
+            return _states(conn, names)
+
+    def get_state(self, name: str) -> Any:
+        return self.get_states((name,)).get(name)
+
+    def set_state(self, name: str, value: Any, actor: str = "system") -> None:
+        with self.write() as conn:
+            _set_state(conn, name, value, actor)
+
+    def record_deployment(self, action: str, version: str, actor: str, set_production: bool) -> str | None:
+        """Make `version` serving (and production when `set_production`), append the history
+        row in the same transaction, and return the version it replaced."""
+        with self.write() as conn:
+            state = _states(conn, (PRODUCTION, SERVING))
+            replaced = state.get(PRODUCTION) if set_production else state.get(SERVING)
+            _set_state(conn, SERVING, version, actor)
+            if set_production:
+                _set_state(conn, PRODUCTION, version, actor)
+            conn.execute(
+                insert(promotions).values(
+                    at=time.time(), actor=actor, action=action, from_version=replaced, to_version=version
+                )
+            )
+        return replaced
+
+    def promotion_history(self, limit: int = 100) -> list[dict[str, Any]]:
+        with self.read() as conn:
+            rows = conn.execute(select(promotions).order_by(promotions.c.id.desc()).limit(limit)).all()
+        return [_row(r) for r in rows]
+
+    def production_stack(self) -> list[str]:
+        """Production versions in the order they were put there; a rollback pops the top."""
+        stack: list[str] = []
+        with self.read() as conn:
+            rows = conn.execute(
+                select(promotions.c.action, promotions.c.to_version)
+                .where(promotions.c.action.in_(("promote", "rollback")))
+                .order_by(promotions.c.id)
+            ).all()
+        for action, version in rows:
+            if action == "rollback":
+                while stack and stack[-1] != version:
+                    stack.pop()
+                if not stack:
+                    stack.append(version)
+            else:
+                stack.append(version)
+        return stack
+
+    # -- leases -------------------------------------------------------------------------
+
+    def try_acquire_lease(self, name: str, owner: str, ttl_seconds: float) -> bool:
+        """Take (or renew) a named lease across processes; False while another owner holds it."""
+        now = time.time()
+        with self.write() as conn:
+            if not self.is_sqlite:
+                conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:n))"), {"n": name})
+            row = conn.execute(select(leases).where(leases.c.name == name)).first()
+            if row is None:
+                conn.execute(insert(leases).values(name=name, owner=owner, expires_at=now + ttl_seconds))
+                return True
+            if row.owner != owner and row.expires_at > now:
+                return False
+            conn.execute(
+                update(leases).where(leases.c.name == name).values(owner=owner, expires_at=now + ttl_seconds)
+            )
+            return True
+
+    def release_lease(self, name: str, owner: str) -> None:
+        with self.write() as conn:
+            conn.execute(delete(leases).where(leases.c.name == name, leases.c.owner == owner))
+
+
+def _states(conn: Connection, names: tuple[str, ...]) -> dict[str, Any]:
+    rows = conn.execute(
+        select(service_state.c.name, service_state.c.value).where(service_state.c.name.in_(names))
+    ).all()
+    return {name: value for name, value in rows}
+
+
+def _set_state(conn: Connection, name: str, value: Any, actor: str) -> None:
+    values = {"value": value, "updated_at": time.time(), "updated_by": actor}
+    dialect_insert = sqlite_insert if conn.dialect.name == "sqlite" else postgresql_insert
+    statement = dialect_insert(service_state).values(name=name, **values)
+    conn.execute(statement.on_conflict_do_update(index_elements=[service_state.c.name], set_=values))
+
+
+def _role(state: dict[str, Any], version: str) -> str:
+    return "production" if state.get(PRODUCTION) == version else "the serving version"
+
+
+def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # SQLAlchemy's "begin" hook below emits BEGIN itself
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _begin_sqlite_transaction(conn: Connection) -> None:
+    immediate = conn.get_execution_options().get("sqlite_immediate", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+_stores: dict[str, Store] = {}
+_stores_lock = threading.Lock()
+
+
+def get_store(url: str, wait_seconds: float = 0.0) -> Store:
+    """The process-wide Store for `url` (one engine and pool per database per process)."""
+    with _stores_lock:
+        store = _stores.get(url)
+        if store is None:
+            store = _stores[url] = Store(url, wait_seconds)
+        return store
