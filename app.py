@@ -16,17 +16,18 @@ import torch
 from flask import Flask
 from flask_socketio import SocketIO
 
-from routes import health, predict, registry
+from routes import auth, health, predict, registry
 from routes.common import Services, register_error_handlers
 from utils.cli import register_cli
 from utils.config import ConfigError, Settings
 from utils.events import detect_async_mode
 from utils.model_versioning import ModelVersionManager
+from utils.security import init_auth
 from utils.serving import ModelServer, import_architecture_modules
 from utils.store import get_store
 from utils.training import ensure_initial_version
 
-BLUEPRINTS = (health.bp, registry.bp, predict.bp)
+BLUEPRINTS = (health.bp, auth.bp, registry.bp, predict.bp)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -46,11 +47,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     store = get_store(settings.database_url, wait_seconds=settings.store_wait_seconds)
     model_registry = ModelVersionManager(settings.models_dir, store, settings.verify_integrity)
     model_server = ModelServer(model_registry, settings.model_poll_seconds)
-    app.extensions["quadra"] = Services(settings, store, model_registry, model_server)
+    security = init_auth(app, settings, store)
+    app.extensions["quadra"] = Services(settings, store, model_registry, model_server, security.auth)
 
     register_error_handlers(app)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
+    security.limiter.exempt(health.bp)
     app.before_request(lambda: start_serving(app))
     register_cli(app)
 
@@ -69,8 +72,29 @@ def start_serving(app: Flask) -> None:
     Idempotent; called by `python app.py`, by gunicorn's post_worker_init and, as a fallback
     for other servers, before the first request."""
     services: Services = app.extensions["quadra"]
+    if services.started:
+        return
+    services.started = True
     bootstrap = ensure_initial_version if services.settings.bootstrap_model else None
     services.model_server.start(bootstrap)
+    if services.settings.auth_enabled and not services.settings.is_production:
+        _print_bootstrap_key(services)
+
+
+def _print_bootstrap_key(services: Services) -> None:
+    """First start in development with no key at all: print one admin key, once, to stderr
+    (never to the log). Production never creates one."""
+    api_key = services.auth.create_bootstrap_key()
+    if api_key:
+        print(
+            "\n" + "=" * 72
+            + "\nQuadra bootstrap admin key (shown once; only its hash is stored):\n  "
+            + api_key
+            + "\nMake your own: flask --app app keys create --name NAME --permissions admin\n"
+            + "=" * 72 + "\n",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _configure_logging(settings: Settings) -> None:

@@ -6,11 +6,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, current_app, jsonify, request
+from flask import Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from utils.config import Settings
+from utils.errors import ApiError
 from utils.model_versioning import IntegrityCheckFailed, InvalidVersion, ModelVersionManager, VersionConflict, VersionNotFound
+from utils.security import AuthManager, current_principal
 from utils.serving import InvalidInput, ModelNotReady, ModelServer
 from utils.store import Store
 
@@ -25,24 +27,20 @@ class Services:
     store: Store
     registry: ModelVersionManager
     model_server: ModelServer
+    auth: AuthManager
+    started: bool = False
 
 
 def services() -> Services:
     return current_app.extensions["quadra"]
 
 
-class ApiError(Exception):
-    """An error answered as `{"error": {"code", "message"}}` with `status`."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
-
-
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Any:
     response = jsonify({"error": {"code": code, "message": message}})
     response.status_code = status
     response.headers.update(headers or {})
+    if headers and "Retry-After" in headers:
+        g.retry_after = headers["Retry-After"]
     return response
 
 
@@ -63,8 +61,9 @@ def json_body(required: bool = True) -> dict[str, Any]:
 
 
 def actor() -> str:
-    """Who is acting, for history rows; authentication will name the key here."""
-    return "anonymous"
+    """Who is acting, for history and audit rows: the key's name and id."""
+    principal = current_principal()
+    return principal.label if principal else "anonymous"
 
 
 _DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {

@@ -8,12 +8,14 @@ from typing import Any
 from flask import Blueprint, jsonify
 
 from routes.common import json_body, services
+from utils.security import require_permission
 from utils.serving import parse_inputs
 
 bp = Blueprint("predict", __name__)
 
 
 @bp.post("/api/predict")
+@require_permission("read")
 def predict() -> Any:
     """`{"inputs": [[...], ...]}` -> class, probabilities and confidence per row."""
     svc = services()

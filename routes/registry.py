@@ -8,6 +8,7 @@ from flask import Blueprint, jsonify, request
 
 from routes.common import ApiError, actor, json_body, services
 from utils.model_versioning import compare_model_versions
+from utils.security import require_permission
 
 bp = Blueprint("registry", __name__)
 
@@ -15,6 +16,7 @@ _SAVE_FIELDS = {"version", "description", "tags", "metrics"}
 
 
 @bp.get("/api/model/versions")
+@require_permission("read")
 def list_versions() -> Any:
     registry = services().registry
     tags = request.args.getlist("tag")
@@ -30,6 +32,7 @@ def list_versions() -> Any:
 
 
 @bp.get("/api/model/versions/<path:version>")
+@require_permission("read")
 def get_version(version: str) -> Any:
     registry = services().registry
     info = registry.get_version_info(version)
@@ -39,12 +42,14 @@ def get_version(version: str) -> Any:
 
 
 @bp.delete("/api/model/versions/<path:version>")
+@require_permission("admin")
 def delete_version(version: str) -> Any:
     services().registry.delete_version(version)
     return jsonify({"deleted": version})
 
 
 @bp.get("/api/model/history")
+@require_permission("read")
 def promotion_history() -> Any:
     limit = request.args.get("limit", "100")
     if not limit.isdigit() or not 1 <= int(limit) <= 1000:
@@ -53,6 +58,7 @@ def promotion_history() -> Any:
 
 
 @bp.post("/api/model/save")
+@require_permission("write")
 def save_model() -> Any:
     """Save the model this process serves as a new version (a snapshot with new metadata)."""
     body = json_body(required=False)
@@ -92,6 +98,7 @@ def _check_save_body(body: dict[str, Any]) -> None:
 
 
 @bp.post("/api/model/load/<path:version>")
+@require_permission("admin")
 def load_version(version: str) -> Any:
     """Serve `version` on every process without changing production."""
     svc = services()
@@ -101,6 +108,7 @@ def load_version(version: str) -> Any:
 
 
 @bp.post("/api/model/promote/<path:version>")
+@require_permission("admin")
 def promote_version(version: str) -> Any:
     svc = services()
     result = svc.registry.promote_to_production(version, actor=actor())
@@ -109,6 +117,7 @@ def promote_version(version: str) -> Any:
 
 
 @bp.post("/api/model/rollback")
+@require_permission("admin")
 def rollback() -> Any:
     svc = services()
     result = svc.registry.rollback(actor=actor())
@@ -117,6 +126,7 @@ def rollback() -> Any:
 
 
 @bp.get("/api/model/compare")
+@require_permission("read")
 def compare() -> Any:
     a, b = request.args.get("a"), request.args.get("b")
     if not a or not b:

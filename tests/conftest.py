@@ -4,6 +4,7 @@ machine without PostgreSQL they skip with the reason, and in CI (CI=true) they f
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -23,8 +24,9 @@ from sqlalchemy import create_engine, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from utils.config import Settings  # noqa: E402
+from utils.config import Settings, resolve_secret_key  # noqa: E402
 from utils.model_versioning import ModelVersionManager  # noqa: E402
+from utils.security import AuthManager  # noqa: E402
 from utils.store import Store  # noqa: E402
 from utils.training import ensure_initial_version  # noqa: E402
 
@@ -86,12 +88,19 @@ def registry(store: Store, tmp_path: Path) -> ModelVersionManager:
     return ModelVersionManager(tmp_path / "models", store, verify_integrity=True)
 
 
+KEYS_FILE = "test-api-keys.json"
+
+
 @pytest.fixture(scope="session")
 def seeded_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A state folder holding the bootstrapped 1.0.0 production version, trained once."""
+    """A state folder holding the bootstrapped 1.0.0 production version (trained once), its
+    secret, and one API key per permission (plaintext kept in test-api-keys.json)."""
     state = tmp_path_factory.mktemp("seeded-state")
     store = Store(f"sqlite:///{state / 'quadra.db'}")
     ensure_initial_version(ModelVersionManager(state / "models", store, verify_integrity=True))
+    auth = AuthManager(resolve_secret_key(Settings.from_env({"QUADRA_STATE_DIR": str(state)})), store=store)
+    keys = {permission: auth.create_api_key(f"test-{permission}", [permission])[0] for permission in ("read", "write", "admin")}
+    (state / KEYS_FILE).write_text(json.dumps(keys))
     store.dispose()
     return state
 
@@ -107,6 +116,12 @@ def state_dir(seeded_state: Path, tmp_path: Path) -> Path:
 def make_settings(state_dir: Path, **overrides: object) -> Settings:
     base = Settings.from_env({"QUADRA_STATE_DIR": str(state_dir)})
     return replace(base, **overrides)
+
+
+@pytest.fixture
+def api_keys(state_dir: Path) -> dict[str, str]:
+    """{"read": key, "write": key, "admin": key} valid in `state_dir`."""
+    return json.loads((state_dir / KEYS_FILE).read_text())
 
 
 @pytest.fixture
@@ -126,7 +141,15 @@ def app(settings: Settings):
 
 
 @pytest.fixture
-def client(app):
+def client(app, api_keys: dict[str, str]):
+    """A test client that sends the admin key unless a test passes its own headers."""
+    test_client = app.test_client()
+    test_client.environ_base["HTTP_X_API_KEY"] = api_keys["admin"]
+    return test_client
+
+
+@pytest.fixture
+def anonymous(app):
     return app.test_client()
 
 
@@ -139,9 +162,13 @@ def free_port() -> int:
 class ServerProcess:
     """A real `python app.py` (or gunicorn) process on a free port, with its log captured."""
 
-    def __init__(self, command: list[str], env: dict[str, str], port: int, log_path: Path) -> None:
+    def __init__(self, command: list[str], env: dict[str, str], port: int, log_path: Path, admin_key: str | None) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.admin_key = admin_key
+        self.session = requests.Session()
+        if admin_key:
+            self.session.headers["X-API-Key"] = admin_key
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
@@ -158,6 +185,20 @@ class ServerProcess:
                 pass
             time.sleep(0.2)
         raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def request(self, method: str, path: str, **kwargs: object) -> requests.Response:
+        """A request with the admin key (pass headers={"X-API-Key": ...} to act as another key)."""
+        kwargs.setdefault("timeout", 30)
+        return self.session.request(method, f"{self.url}{path}", **kwargs)
+
+    def get(self, path: str, **kwargs: object) -> requests.Response:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: object) -> requests.Response:
+        return self.request("POST", path, **kwargs)
+
+    def delete(self, path: str, **kwargs: object) -> requests.Response:
+        return self.request("DELETE", path, **kwargs)
 
     def log(self) -> str:
         self._log.flush()
@@ -176,17 +217,27 @@ class ServerProcess:
 
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator:
-    """Start `python app.py` (default) or another command as a real process on a free port."""
+    """Start `python app.py` (default) or another command as a real process on a free port.
+
+    The server's rate limit is raised out of the way unless `extra_env` sets it; the returned
+    ServerProcess's get/post/delete send the state folder's admin key."""
     servers: list[ServerProcess] = []
 
     def start(state: Path, extra_env: dict[str, str] | None = None, command: list[str] | None = None) -> ServerProcess:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("QUADRA_")}
-        env.update({"QUADRA_STATE_DIR": str(state), "QUADRA_PORT": str(port), "PYTHONUNBUFFERED": "1"})
+        env.update({
+            "QUADRA_STATE_DIR": str(state),
+            "QUADRA_PORT": str(port),
+            "QUADRA_MAX_REQUESTS": "1000000",
+            "PYTHONUNBUFFERED": "1",
+        })
         env.update(extra_env or {})
         cmd = command or [sys.executable, "app.py"]
         cmd = [part.replace("{port}", str(port)) for part in cmd]
-        server = ServerProcess(cmd, env, port, tmp_path / f"server-{port}.log")
+        keys_file = state / KEYS_FILE
+        admin_key = json.loads(keys_file.read_text())["admin"] if keys_file.exists() else None
+        server = ServerProcess(cmd, env, port, tmp_path / f"server-{port}.log", admin_key)
         servers.append(server)
         server.wait_ready()
         return server

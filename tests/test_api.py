@@ -64,12 +64,13 @@ def test_predict_requires_json_content_type(client) -> None:
     assert_error(client.post("/api/predict", data='{"inputs": [[1,2,3,4]]}', content_type="text/plain"), 415, "unsupported_media_type")
 
 
-def test_batch_and_body_limits(state_dir: Path) -> None:
+def test_batch_and_body_limits(state_dir: Path, api_keys: dict[str, str]) -> None:
     from app import create_app, start_serving
 
     app = create_app(make_settings(state_dir, max_batch_size=4, max_body_bytes=2048))
     start_serving(app)
     client = app.test_client()
+    client.environ_base["HTTP_X_API_KEY"] = api_keys["read"]
     assert_error(client.post("/api/predict", json={"inputs": [SETOSA] * 5}), 400, "invalid_input")
     assert client.post("/api/predict", json={"inputs": [SETOSA] * 4}).status_code == 200
     assert_error(client.post("/api/predict", json={"inputs": [SETOSA] * 400}), 413, "request_entity_too_large")
@@ -172,12 +173,14 @@ def test_compare_and_history_parameters(client) -> None:
     assert_error(client.get("/api/model/history?limit=abc"), 400, "invalid_parameter")
 
 
-def test_not_ready_is_503_with_retry_after(state_dir: Path, tmp_path: Path) -> None:
+def test_not_ready_is_503_with_retry_after(tmp_path: Path) -> None:
     from app import create_app
 
     empty = tmp_path / "empty"
     app = create_app(make_settings(empty, bootstrap_model=False))
+    api_key, _ = app.extensions["quadra"].auth.create_api_key("writer", ["write"])
     client = app.test_client()
+    client.environ_base["HTTP_X_API_KEY"] = api_key
     response = client.post("/api/predict", json={"inputs": [SETOSA]})
     assert_error(response, 503, "model_not_ready")
     assert response.headers["Retry-After"] == "2"
@@ -197,13 +200,13 @@ def test_unexpected_errors_hide_the_trace(app, client, monkeypatch: pytest.Monke
     assert "secret" not in json.dumps(body)
 
 
-def test_cli_registry_commands(app, tmp_path: Path) -> None:
+def test_cli_registry_commands(app, client, tmp_path: Path) -> None:
     runner = app.test_cli_runner()
     assert "1.0.0" in runner.invoke(args=["registry", "list"]).output
     assert runner.invoke(args=["registry", "verify"]).output.strip() == "1.0.0: ok"
     backup = tmp_path / "b.tar.gz"
     assert runner.invoke(args=["registry", "backup", str(backup)]).exit_code == 0
-    app.test_client().post("/api/model/save", json={"version": "1.1.0"})
+    assert client.post("/api/model/save", json={"version": "1.1.0"}).status_code == 201
     assert runner.invoke(args=["registry", "archive", "1.1.0"]).exit_code == 0
     assert " A " in runner.invoke(args=["registry", "list"]).output.replace("A  ", " A ")
     assert runner.invoke(args=["registry", "unarchive", "1.1.0"]).exit_code == 0

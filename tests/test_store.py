@@ -49,17 +49,18 @@ def test_upgrade_path_applies_new_migrations_once(store_url: str, monkeypatch: p
     extra = Table("upgrade_probe", store_module.metadata, Column("id", Integer, primary_key=True))
     calls: list[int] = []
 
-    def migration_2(conn) -> None:
+    def next_migration(conn) -> None:
         calls.append(1)
         store_module.metadata.create_all(conn, tables=[extra])
 
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, migration_2])
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
+    next_version = SCHEMA_VERSION + 1
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, next_migration])
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", next_version)
     try:
         upgraded = Store(store_url)
         Store(store_url).dispose()
         assert calls == [1]
-        assert upgraded.schema_version() == 2
+        assert upgraded.schema_version() == next_version
         assert "upgrade_probe" in inspect(upgraded.engine).get_table_names()
         upgraded.dispose()
     finally:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 import click
 from flask import Flask, current_app
-from flask.cli import AppGroup
+from flask.cli import AppGroup, with_appcontext
 
+from utils import audit
 from utils.model_versioning import ModelVersionManager
+from utils.security import AuthManager
 
 registry_cli = AppGroup("registry", help="Inspect, back up, restore and archive model versions.")
 
@@ -100,5 +103,81 @@ def delete_command(version: str) -> None:
     click.echo(f"deleted {version}")
 
 
+keys_cli = AppGroup("keys", help="Create, list, revoke and rotate API keys.")
+
+
+def _auth() -> AuthManager:
+    return current_app.extensions["quadra"].auth
+
+
+@keys_cli.command("create")
+@click.option("--name", required=True, help="Who or what the key is for.")
+@click.option("--permissions", default="read", show_default=True, help="Comma-separated: read, write, admin.")
+@click.option("--expires-days", type=float, default=None, help="Lifetime in days (default QUADRA_KEY_EXPIRY_DAYS, 0 = never).")
+@click.option("--rate-limit", default=None, help="This key's own limit (its tier), e.g. '1000 per minute'.")
+def create_key_command(name: str, permissions: str, expires_days: float | None, rate_limit: str | None) -> None:
+    """Create a key and print it (the only time it is shown)."""
+    try:
+        api_key, record = _auth().create_api_key(name, permissions.split(","), expires_days, rate_limit, created_by="cli")
+    except ValueError as exc:
+        _fail(exc)
+    audit.record(_auth().store, "cli", "keys.create", "success", target=record["id"], details={"permissions": record["permissions"]})
+    click.echo(f"created {record['id']} ({record['name']}, {','.join(record['permissions'])})", err=True)
+    click.echo(api_key)
+
+
+@keys_cli.command("list")
+def list_keys_command() -> None:
+    """List keys: id, name, permissions, state; only a prefix and the last four characters."""
+    for key in _auth().list_api_keys():
+        state = "active" if key["active"] else ("revoked" if key["revoked_at"] else "expired")
+        expires = _when(key["expires_at"])
+        click.echo(f"{key['id']}  {key['display']:<14} {key['name']:<24} {','.join(key['permissions']):<16} {state:<8} expires {expires}  last used {_when(key['last_used_at'])}")
+
+
+@keys_cli.command("revoke")
+@click.argument("key_id")
+def revoke_key_command(key_id: str) -> None:
+    """Revoke a key; every worker refuses it within QUADRA_AUTH_CACHE_SECONDS."""
+    try:
+        _auth().revoke_api_key(key_id)
+    except LookupError as exc:
+        _fail(exc)
+    audit.record(_auth().store, "cli", "keys.revoke", "success", target=key_id)
+    click.echo(f"revoked {key_id}")
+
+
+@keys_cli.command("rotate")
+@click.argument("key_id")
+@click.option("--grace-hours", type=float, default=24.0, show_default=True, help="How long the old key keeps working.")
+def rotate_key_command(key_id: str, grace_hours: float) -> None:
+    """Issue a replacement key and print it; the old key dies after the grace period."""
+    try:
+        api_key, record = _auth().rotate_api_key(key_id, grace_hours * 3600)
+    except (LookupError, ValueError) as exc:
+        _fail(exc)
+    audit.record(_auth().store, "cli", "keys.rotate", "success", target=key_id, details={"new_key_id": record["id"]})
+    click.echo(f"rotated {key_id} -> {record['id']}; the old key works for {grace_hours:g} more hour(s)", err=True)
+    click.echo(api_key)
+
+
+@click.command("audit")
+@with_appcontext
+@click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
+@click.option("--action", default=None, help="Only actions starting with this (e.g. auth., registry.).")
+def audit_command(limit: int, action: str | None) -> None:
+    """Show the newest audit records."""
+    for entry in audit.recent(current_app.extensions["quadra"].store, limit, action):
+        click.echo(f"{_when(entry['at'])}  {entry['outcome']:<8} {entry['action']:<32} {entry['actor']:<40} {entry['target'] or '-':<20} {entry['ip'] or '-'}")
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "never"
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def register_cli(app: Flask) -> None:
     app.cli.add_command(registry_cli)
+    app.cli.add_command(keys_cli)
+    app.cli.add_command(audit_command)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 
 from dotenv import dotenv_values
+from limits import parse as parse_limit
 
 T = TypeVar("T")
 
@@ -96,6 +97,22 @@ def _parse_modules(name: str, raw: str) -> tuple[str, ...]:
     return modules
 
 
+def _parse_prefix(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not value.replace("-", "").replace("_", "").isalnum() or len(value) > 64:
+        raise ConfigError(f"{name}: expected letters, digits, - or _ (at most 64), got {value!r}")
+    return value
+
+
+def _parse_rate_limit(name: str, raw: str) -> str:
+    value = raw.strip()
+    try:
+        parse_limit(value)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a rate limit such as '10 per minute' or '100/hour', got {value!r}") from None
+    return value
+
+
 def _parse_database_url(name: str, raw: str) -> str:
     value = raw.strip()
     if not value.startswith(("sqlite:///", "postgresql")):
@@ -105,8 +122,8 @@ def _parse_database_url(name: str, raw: str) -> str:
 
 def _parse_redis_url(name: str, raw: str) -> str:
     value = raw.strip()
-    if not value.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"{name}: expected a redis://, rediss:// or unix:// URL, got {value!r}")
+    if not value.startswith(("redis://", "rediss://", "redis+unix://")):
+        raise ConfigError(f"{name}: expected a redis://, rediss:// or redis+unix:// URL, got {value!r}")
     return value
 
 
@@ -148,6 +165,12 @@ class Settings:
     log_level: str = "info"
     architecture_modules: tuple[str, ...] = ()
     store_wait_seconds: float = 30.0
+    redis_prefix: str = "quadra"
+    trusted_proxies: int = 0
+    jwt_ttl_seconds: int = 3600
+    key_expiry_days: int = 90
+    auth_cache_seconds: float = 2.0
+    auth_failure_limit: str = "10 per minute"
 
     @property
     def is_production(self) -> bool:
@@ -203,6 +226,12 @@ def _build(values: Mapping[str, str]) -> Settings:
         bootstrap_model=_read(values, "QUADRA_BOOTSTRAP_MODEL", _parse_bool, True),
         architecture_modules=_read(values, "QUADRA_ARCHITECTURE_MODULES", _parse_modules, ()),
         store_wait_seconds=_read(values, "QUADRA_STORE_WAIT_SECONDS", _float_parser(0.0, 600.0), 30.0),
+        redis_prefix=_read(values, "QUADRA_REDIS_PREFIX", _parse_prefix, "quadra"),
+        trusted_proxies=_read(values, "QUADRA_TRUSTED_PROXIES", _int_parser(0, 10), 0),
+        jwt_ttl_seconds=_read(values, "QUADRA_JWT_TTL_SECONDS", _int_parser(60, 86_400 * 30), 3600),
+        key_expiry_days=_read(values, "QUADRA_KEY_EXPIRY_DAYS", _int_parser(1, 3650), 90),
+        auth_cache_seconds=_read(values, "QUADRA_AUTH_CACHE_SECONDS", _float_parser(0.0, 60.0), 2.0),
+        auth_failure_limit=_read(values, "QUADRA_AUTH_FAILURE_LIMIT", _parse_rate_limit, "10 per minute"),
         log_level=_read(values, "QUADRA_LOG_LEVEL", _choice_parser(("debug", "info", "warning", "error")), "info"),
     )
     check_production_safety(settings)

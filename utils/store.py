@@ -26,9 +26,11 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    case,
     create_engine,
     delete,
     event,
+    func,
     insert,
     select,
     text,
@@ -95,6 +97,47 @@ leases = Table(
 )
 
 
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(100), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("prefix", String(16), nullable=False),
+    Column("last4", String(4), nullable=False),
+    Column("permissions", JSON, nullable=False),
+    Column("rate_limit", String(64), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("expires_at", Float, nullable=True),
+    Column("last_used_at", Float, nullable=True),
+    Column("revoked_at", Float, nullable=True),
+    Column("rotated_to", String(32), nullable=True),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False, index=True),
+    Column("actor", String(200), nullable=False),
+    Column("action", String(100), nullable=False, index=True),
+    Column("target", String(200), nullable=True),
+    Column("outcome", String(20), nullable=False),
+    Column("status", Integer, nullable=True),
+    Column("ip", String(64), nullable=True),
+    Column("details", JSON, nullable=False, default=dict),
+)
+
+rate_limits = Table(
+    "rate_limits",
+    metadata,
+    Column("key", String(255), primary_key=True),
+    Column("count", Integer, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+
 class StoreConflict(Exception):
     """A write conflicts with the stored state (duplicate key, object in use, nothing to do)."""
 
@@ -103,8 +146,12 @@ def _migration_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[model_versions, service_state, promotions, leases])
 
 
+def _migration_2(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[api_keys, audit_log, rate_limits])
+
+
 # The schema's upgrade path: append a function per change; never edit a released one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 PRODUCTION = "production_version"
@@ -311,6 +358,105 @@ class Store:
     def release_lease(self, name: str, owner: str) -> None:
         with self.write() as conn:
             conn.execute(delete(leases).where(leases.c.name == name, leases.c.owner == owner))
+
+
+    # -- API keys -----------------------------------------------------------------------
+
+    def insert_api_key(self, row: dict[str, Any]) -> None:
+        with self.write() as conn:
+            conn.execute(insert(api_keys).values(**row))
+
+    def insert_first_api_key(self, row: dict[str, Any]) -> bool:
+        """Insert `row` only if no key exists yet (the bootstrap key); True if inserted."""
+        with self.write() as conn:
+            if not self.is_sqlite:
+                conn.execute(text("LOCK TABLE api_keys IN SHARE ROW EXCLUSIVE MODE"))
+            if conn.execute(select(func.count()).select_from(api_keys)).scalar_one():
+                return False
+            conn.execute(insert(api_keys).values(**row))
+            return True
+
+    def get_api_key(self, key_id: str) -> dict[str, Any] | None:
+        with self.read() as conn:
+            row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
+        return _row(row) if row else None
+
+    def find_api_key(self, key_hash: str) -> dict[str, Any] | None:
+        with self.read() as conn:
+            row = conn.execute(select(api_keys).where(api_keys.c.key_hash == key_hash)).first()
+        return _row(row) if row else None
+
+    def list_api_keys(self) -> list[dict[str, Any]]:
+        with self.read() as conn:
+            rows = conn.execute(select(api_keys).order_by(api_keys.c.created_at)).all()
+        return [_row(r) for r in rows]
+
+    def update_api_key(self, key_id: str, **values: Any) -> bool:
+        with self.write() as conn:
+            result = conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(**values))
+        return result.rowcount > 0
+
+    def rotate_api_key(self, old_id: str, new_row: dict[str, Any], old_expires_at: float) -> None:
+        """Insert the replacement and shorten the old key's life in one transaction."""
+        with self.write() as conn:
+            conn.execute(insert(api_keys).values(**new_row))
+            conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id == old_id)
+                .values(expires_at=old_expires_at, rotated_to=new_row["id"])
+            )
+
+    # -- audit log ----------------------------------------------------------------------
+
+    def record_audit(self, row: dict[str, Any]) -> None:
+        with self.write() as conn:
+            conn.execute(insert(audit_log).values(**row))
+
+    def list_audit(self, limit: int = 100, action: str | None = None, actor: str | None = None) -> list[dict[str, Any]]:
+        query = select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)
+        if action:
+            query = query.where(audit_log.c.action.startswith(action))
+        if actor:
+            query = query.where(audit_log.c.actor == actor)
+        with self.read() as conn:
+            return [_row(r) for r in conn.execute(query).all()]
+
+    # -- rate-limit counters (the `limits` storage over this store) ----------------------
+
+    def counter_incr(self, key: str, expiry: float, amount: int) -> int:
+        """Add `amount` to a fixed-window counter, starting a new window if it expired."""
+        now = time.time()
+        with self.write() as conn:
+            dialect_insert = sqlite_insert if conn.dialect.name == "sqlite" else postgresql_insert
+            statement = dialect_insert(rate_limits).values(key=key, count=amount, expires_at=now + expiry)
+            expired = rate_limits.c.expires_at <= now
+            statement = statement.on_conflict_do_update(
+                index_elements=[rate_limits.c.key],
+                set_={
+                    "count": case((expired, amount), else_=rate_limits.c.count + amount),
+                    "expires_at": case((expired, now + expiry), else_=rate_limits.c.expires_at),
+                },
+            ).returning(rate_limits.c.count)
+            return int(conn.execute(statement).scalar_one())
+
+    def counter_get(self, key: str) -> tuple[int, float]:
+        """(count, expires_at) of a live counter, (0, now) when absent or expired."""
+        now = time.time()
+        with self.read() as conn:
+            row = conn.execute(select(rate_limits.c.count, rate_limits.c.expires_at).where(rate_limits.c.key == key)).first()
+        if row is None or row.expires_at <= now:
+            return 0, now
+        return int(row.count), float(row.expires_at)
+
+    def counter_clear(self, key: str | None = None) -> int:
+        """Delete one counter, or every counter when `key` is None; returns how many."""
+        with self.write() as conn:
+            statement = delete(rate_limits) if key is None else delete(rate_limits).where(rate_limits.c.key == key)
+            return conn.execute(statement).rowcount
+
+    def counter_purge_expired(self) -> int:
+        with self.write() as conn:
+            return conn.execute(delete(rate_limits).where(rate_limits.c.expires_at <= time.time())).rowcount
 
 
 def _states(conn: Connection, names: tuple[str, ...]) -> dict[str, Any]:

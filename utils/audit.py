@@ -1,0 +1,37 @@
+"""The audit log: who did what, when, from where, with what outcome (kept in the store)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from utils.store import Store
+
+
+def audit_row(
+    actor: str,
+    action: str,
+    outcome: str,
+    target: str | None = None,
+    status: int | None = None,
+    ip: str | None = None,
+    details: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "at": time.time(),
+        "actor": actor[:200],
+        "action": action[:100],
+        "target": target[:200] if target else None,
+        "outcome": outcome,
+        "status": status,
+        "ip": ip[:64] if ip else None,
+        "details": details or {},
+    }
+
+
+def record(store: Store, actor: str, action: str, outcome: str, **fields: Any) -> None:
+    store.record_audit(audit_row(actor, action, outcome, **fields))
+
+
+def recent(store: Store, limit: int = 100, action: str | None = None, actor: str | None = None) -> list[dict[str, Any]]:
+    return store.list_audit(limit, action, actor)

@@ -1,0 +1,736 @@
+"""Security: API keys, JWTs, permissions and rate limits (the seed's Python API, store-backed).
+
+API keys (`qk_...`) are shown once and stored only as HMAC-SHA-256 hashes keyed with the
+server secret. Keys and their revocation live in the store, so a key made in a console or
+with the CLI works on every worker at once and a revoked key stops within
+`QUADRA_AUTH_CACHE_SECONDS`. Permissions rank read < write < admin: each implies those below.
+Rate-limit counters live in the store (or Redis) through the `limits` library, shared by all
+processes; `RateLimiter` reads the same counters Flask-Limiter writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from functools import wraps
+from typing import Any, Callable, Iterable, TypeVar
+
+import jwt
+from flask import Flask, Response, current_app, g, request
+from flask_cors import CORS
+from flask_limiter import Limiter
+from limits import RateLimitItem, parse as parse_limit
+from limits.storage import Storage, storage_from_string
+from limits.strategies import FixedWindowRateLimiter
+
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from utils import audit
+from utils.config import Settings, current_settings, resolve_secret_key
+from utils.errors import ApiError
+from utils.rate_limit_storage import SCHEME as STORE_SCHEME
+from utils.store import Store, get_store
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+PERMISSIONS = ("read", "write", "admin")
+_RANK = {name: rank for rank, name in enumerate(PERMISSIONS, start=1)}
+ROLE_PERMISSIONS = {"read": ["read"], "user": ["read"], "write": ["write"], "admin": ["admin"]}
+KEY_PREFIX = "qk_"
+MIN_KEY_LENGTH = 24
+JWT_ALGORITHM = "HS256"
+JWT_ISSUER = "quadra"
+JWT_AUDIENCE = "quadra-api"
+REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "jti", "sub"]
+LAST_USED_WRITE_INTERVAL = 60.0
+DEFAULT_ROTATION_GRACE_SECONDS = 24 * 3600
+APPLICATION_SCOPE = "global"  # Flask-Limiter's scope for application-wide limits
+
+
+def normalize_permissions(permissions: Iterable[str]) -> list[str]:
+    """Validate permission names; returns them sorted by rank."""
+    names = {p.strip().lower() for p in permissions if p and p.strip()}
+    unknown = names - set(PERMISSIONS)
+    if unknown or not names:
+        raise ValueError(f"permissions must be a non-empty subset of {', '.join(PERMISSIONS)}")
+    return sorted(names, key=_RANK.__getitem__)
+
+
+def permits(granted: Iterable[str], required: str) -> bool:
+    """True when any granted permission ranks at or above `required`."""
+    return max((_RANK.get(p, 0) for p in granted), default=0) >= _RANK[required]
+
+
+def validate_rate_limit(limit: str | None) -> str | None:
+    if limit is None:
+        return None
+    try:
+        parse_limit(limit)
+    except ValueError:
+        raise ValueError(f"rate limit {limit!r} is not valid; use e.g. '1000 per minute' or '60/minute'") from None
+    return limit
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: an API key, a token, or everyone when authentication is disabled."""
+
+    id: str
+    name: str
+    permissions: tuple[str, ...]
+    rate_limit: str | None = None
+    via: str = "api_key"
+
+    def allows(self, permission: str) -> bool:
+        return permits(self.permissions, permission)
+
+    @property
+    def rate_key(self) -> str | None:
+        """The rate-limit bucket: the key (shared with its tokens), or None to use the address."""
+        if self.via == "disabled":
+            return None
+        return self.id if self.id.startswith("token:") else f"key:{self.id}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.id})"
+
+
+AUTH_DISABLED_PRINCIPAL = Principal("anonymous", "auth-disabled", ("admin",), via="disabled")
+
+
+class SecretsManager:
+    """Secrets from `QUADRA_*` variables, API-key generation and keyed hashing."""
+
+    def __init__(self, env_prefix: str = "QUADRA_", secret_key: str | None = None) -> None:
+        self.env_prefix = env_prefix
+        self._secret_key = secret_key
+
+    def get_secret(self, name: str, default: str | None = None) -> str | None:
+        return os.environ.get(self._variable(name), default)
+
+    def set_secret(self, name: str, value: str) -> None:
+        """Set a secret for this process (and the children it starts)."""
+        os.environ[self._variable(name)] = value
+
+    def _variable(self, name: str) -> str:
+        name = name.upper()
+        return name if name.startswith(self.env_prefix) else f"{self.env_prefix}{name}"
+
+    @property
+    def secret_key(self) -> str:
+        if self._secret_key is None:
+            self._secret_key = resolve_secret_key(current_settings())
+        return self._secret_key
+
+    def generate_api_key(self) -> str:
+        return KEY_PREFIX + secrets.token_urlsafe(32)
+
+    def hash_api_key(self, api_key: str) -> str:
+        return hmac.new(self.secret_key.encode(), api_key.encode(), hashlib.sha256).hexdigest()
+
+    def verify_api_key(self, api_key: str, key_hash: str) -> bool:
+        return hmac.compare_digest(self.hash_api_key(api_key), key_hash)
+
+
+secrets_manager = SecretsManager()
+
+
+def _public_key(row: dict[str, Any]) -> dict[str, Any]:
+    """A key as it may be shown: never the hash, only a prefix and the last four characters."""
+    now = time.time()
+    expired = row["expires_at"] is not None and row["expires_at"] <= now
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "user_id": row["name"],
+        "display": f"{row['prefix']}…{row['last4']}",
+        "permissions": row["permissions"],
+        "rate_limit": row["rate_limit"],
+        "created_at": row["created_at"],
+        "created_by": row["created_by"],
+        "expires_at": row["expires_at"],
+        "last_used_at": row["last_used_at"],
+        "revoked_at": row["revoked_at"],
+        "rotated_to": row["rotated_to"],
+        "active": row["revoked_at"] is None and not expired,
+    }
+
+
+class AuthManager:
+    """API keys (in the store) and JWTs (PyJWT, HS256) for one deployment."""
+
+    def __init__(
+        self,
+        secret_key: str,
+        token_expiry_hours: float = 24,
+        enabled: bool = True,
+        store: Store | None = None,
+        cache_seconds: float = 2.0,
+        key_expiry_days: int = 90,
+    ) -> None:
+        if not secret_key:
+            raise ValueError("AuthManager needs a secret key")
+        self.secret_key = secret_key
+        self.token_expiry_seconds = int(token_expiry_hours * 3600)
+        self.enabled = enabled
+        self.cache_seconds = cache_seconds
+        self.key_expiry_days = key_expiry_days
+        self.secrets = SecretsManager(secret_key=secret_key)
+        self._store = store
+        self._cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._last_used_written: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            settings = current_settings()
+            self._store = get_store(settings.database_url, settings.store_wait_seconds)
+        return self._store
+
+    # -- keys ---------------------------------------------------------------------------
+
+    def create_api_key(
+        self,
+        name: str,
+        permissions: Iterable[str] = ("read",),
+        expires_days: float | None = None,
+        rate_limit: str | None = None,
+        created_by: str = "console",
+        api_key: str | None = None,
+    ) -> tuple[str, dict[str, Any]]:
+        """Create a key; returns (the key, shown only now, and its public record)."""
+        row, api_key = self._new_key_row(name, permissions, expires_days, rate_limit, created_by, api_key)
+        self.store.insert_api_key(row)
+        return api_key, _public_key(row)
+
+    def _new_key_row(
+        self,
+        name: str,
+        permissions: Iterable[str],
+        expires_days: float | None,
+        rate_limit: str | None,
+        created_by: str,
+        api_key: str | None = None,
+    ) -> tuple[dict[str, Any], str]:
+        name = (name or "").strip()
+        if not name or len(name) > 100:
+            raise ValueError("a key needs a name of 1-100 characters")
+        if api_key is not None and len(api_key) < MIN_KEY_LENGTH:
+            raise ValueError(f"an API key must be at least {MIN_KEY_LENGTH} characters")
+        api_key = api_key or self.secrets.generate_api_key()
+        days = self.key_expiry_days if expires_days is None else expires_days
+        now = time.time()
+        row = {
+            "id": f"key_{uuid.uuid4().hex[:12]}",
+            "name": name,
+            "key_hash": self.secrets.hash_api_key(api_key),
+            "prefix": api_key[:7],
+            "last4": api_key[-4:],
+            "permissions": normalize_permissions(permissions),
+            "rate_limit": validate_rate_limit(rate_limit),
+            "created_at": now,
+            "created_by": created_by,
+            "expires_at": now + days * 86400 if days else None,
+            "last_used_at": None,
+            "revoked_at": None,
+            "rotated_to": None,
+        }
+        return row, api_key
+
+    def register_api_key(
+        self,
+        api_key: str | None = None,
+        user_id: str = "console",
+        permissions: Iterable[str] | None = None,
+        expires_days: float | None = None,
+        rate_limit: str | None = None,
+    ) -> dict[str, Any]:
+        """The seed's call: register `api_key` (or a new one) for `user_id`; the returned
+        record carries the key under "api_key"."""
+        key, record = self.create_api_key(
+            user_id, permissions or ("read",), expires_days, rate_limit, created_by="console", api_key=api_key
+        )
+        return {**record, "api_key": key}
+
+    def create_bootstrap_key(self) -> str | None:
+        """An admin key if the store has no key at all (first start); None otherwise."""
+        row, api_key = self._new_key_row("bootstrap-admin", ["admin"], None, None, "bootstrap")
+        return api_key if self.store.insert_first_api_key(row) else None
+
+    def list_api_keys(self) -> list[dict[str, Any]]:
+        return [_public_key(r) for r in self.store.list_api_keys()]
+
+    def get_api_key(self, key_id: str) -> dict[str, Any]:
+        row = self.store.get_api_key(key_id)
+        if row is None:
+            raise LookupError(f"API key {key_id} not found")
+        return _public_key(row)
+
+    def revoke_api_key(self, key_id: str) -> dict[str, Any]:
+        record = self.get_api_key(key_id)
+        if record["revoked_at"] is None:
+            self.store.update_api_key(key_id, revoked_at=time.time())
+        self._forget(key_id)
+        return self.get_api_key(key_id)
+
+    def rotate_api_key(self, key_id: str, grace_seconds: float = DEFAULT_ROTATION_GRACE_SECONDS) -> tuple[str, dict[str, Any]]:
+        """Issue a replacement with the same name, permissions and limit; the old key keeps
+        working for `grace_seconds` (never longer than it would have)."""
+        old = self.store.get_api_key(key_id)
+        if old is None:
+            raise LookupError(f"API key {key_id} not found")
+        if not _public_key(old)["active"]:
+            raise ValueError(f"API key {key_id} is revoked or expired and cannot be rotated")
+        remaining_days = None if old["expires_at"] is None else max(1.0, (old["expires_at"] - time.time()) / 86400)
+        new_row, api_key = self._new_key_row(
+            old["name"], old["permissions"], remaining_days or self.key_expiry_days, old["rate_limit"], f"rotation of {key_id}"
+        )
+        grace_end = time.time() + max(0.0, grace_seconds)
+        old_end = grace_end if old["expires_at"] is None else min(old["expires_at"], grace_end)
+        self.store.rotate_api_key(key_id, new_row, old_end)
+        self._forget(key_id)
+        return api_key, _public_key(new_row)
+
+    def _forget(self, key_id: str) -> None:
+        with self._lock:
+            for cache_key, (_, row) in list(self._cache.items()):
+                if row is not None and row["id"] == key_id:
+                    del self._cache[cache_key]
+
+    def _cached(self, cache_key: str, load: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+        now = time.monotonic()
+        hit = self._cache.get(cache_key)
+        if hit is not None and now - hit[0] < self.cache_seconds:
+            return hit[1]
+        row = load()
+        with self._lock:
+            self._cache[cache_key] = (now, row)
+        return row
+
+    def _active_row(self, row: dict[str, Any] | None) -> dict[str, Any] | None:
+        if row is None or row["revoked_at"] is not None:
+            return None
+        if row["expires_at"] is not None and row["expires_at"] <= time.time():
+            return None
+        return row
+
+    def authenticate_key(self, api_key: str) -> Principal | None:
+        """The principal for a presented key, or None (unknown, revoked or expired)."""
+        if not api_key or len(api_key) > 256:
+            return None
+        key_hash = self.secrets.hash_api_key(api_key)
+        row = self._active_row(self._cached(f"hash:{key_hash}", lambda: self.store.find_api_key(key_hash)))
+        if row is None or not hmac.compare_digest(row["key_hash"], key_hash):
+            return None
+        self._note_use(row["id"])
+        return Principal(row["id"], row["name"], tuple(row["permissions"]), row["rate_limit"], "api_key")
+
+    def _note_use(self, key_id: str) -> None:
+        """Record last use at most once a minute per key and process: no per-request write."""
+        now = time.time()
+        if now - self._last_used_written.get(key_id, 0.0) >= LAST_USED_WRITE_INTERVAL:
+            self._last_used_written[key_id] = now
+            self.store.update_api_key(key_id, last_used_at=now)
+
+    def verify_api_key(self, api_key: str) -> dict[str, Any] | None:
+        """The seed's call: the key's public record (with "user_id" and "permissions") or None."""
+        principal = self.authenticate_key(api_key)
+        return self.get_api_key(principal.id) if principal else None
+
+    @staticmethod
+    def check_permission(user_info: dict[str, Any] | Principal | None, permission: str) -> bool:
+        """Does `user_info` (a key record, token payload or Principal) grant `permission`?"""
+        if user_info is None:
+            return False
+        if isinstance(user_info, Principal):
+            return user_info.allows(permission)
+        granted = user_info.get("permissions") or ROLE_PERMISSIONS.get(user_info.get("role", ""), [])
+        return permits(granted, permission)
+
+    # -- tokens -------------------------------------------------------------------------
+
+    def generate_token(
+        self,
+        user_id: str,
+        role: str = "read",
+        permissions: Iterable[str] | None = None,
+        expires_in: int | None = None,
+        key_id: str | None = None,
+    ) -> str:
+        """A signed JWT. Tokens made for a key (`key_id`) die with the key."""
+        now = int(time.time())
+        granted = normalize_permissions(permissions if permissions is not None else ROLE_PERMISSIONS.get(role, [role]))
+        claims = {
+            "sub": key_id or user_id,
+            "name": user_id,
+            "role": role,
+            "perms": granted,
+            "iat": now,
+            "exp": now + (expires_in or self.token_expiry_seconds),
+            "iss": JWT_ISSUER,
+            "aud": JWT_AUDIENCE,
+            "jti": uuid.uuid4().hex,
+        }
+        if key_id:
+            claims["kid"] = key_id
+        return jwt.encode(claims, self.secret_key, algorithm=JWT_ALGORITHM)
+
+    def verify_token(self, token: str) -> dict[str, Any] | None:
+        """The token's claims if its signature, algorithm, issuer, audience and lifetime are
+        valid, else None."""
+        try:
+            return jwt.decode(
+                token,
+                self.secret_key,
+                algorithms=[JWT_ALGORITHM],
+                audience=JWT_AUDIENCE,
+                issuer=JWT_ISSUER,
+                options={"require": REQUIRED_CLAIMS},
+            )
+        except jwt.PyJWTError:
+            return None
+
+    def issue_token_for(self, principal: Principal, permissions: Iterable[str] | None, expires_in: int) -> dict[str, Any]:
+        """A token for a key holder, carrying the key's id and at most its permissions."""
+        wanted = normalize_permissions(permissions) if permissions is not None else list(principal.permissions)
+        excess = [p for p in wanted if not principal.allows(p)]
+        if excess:
+            raise PermissionError(f"the key does not hold: {', '.join(excess)}")
+        token = self.generate_token(principal.name, wanted[-1], wanted, expires_in, key_id=principal.id)
+        return {"access_token": token, "token_type": "Bearer", "expires_in": expires_in, "permissions": wanted}
+
+    def authenticate_token(self, token: str) -> Principal | None:
+        claims = self.verify_token(token)
+        if claims is None or not isinstance(claims.get("perms"), list):
+            return None
+        key_id = claims.get("kid")
+        if key_id is None:
+            return Principal(f"token:{claims['sub']}", str(claims.get("name", claims["sub"])), tuple(claims["perms"]), via="jwt")
+        row = self._active_row(self._cached(f"id:{key_id}", lambda: self.store.get_api_key(key_id)))
+        if row is None:
+            return None
+        granted = tuple(p for p in claims["perms"] if permits(row["permissions"], p))
+        if not granted:
+            return None
+        return Principal(row["id"], row["name"], granted, row["rate_limit"], "jwt")
+
+
+class RateLimiter:
+    """The seed's rate limiter over the shared counters Flask-Limiter uses.
+
+    Identifiers are what the service limits by: "key:<key id>" for a key (or its tokens),
+    "ip:<address>" for anonymous callers. `get_remaining` and `get_reset_time` read the same
+    counters the HTTP layer writes, so they report what the service enforces."""
+
+    def __init__(
+        self,
+        max_requests: int = 100,
+        window_seconds: int = 60,
+        enabled: bool = True,
+        storage: Storage | None = None,
+        key_prefix: str = "quadra",
+        limit_lookup: Callable[[str], str | None] | None = None,
+    ) -> None:
+        self.default_limit = f"{max_requests} per {window_seconds} second"
+        self.enabled = enabled
+        self.key_prefix = key_prefix
+        self.limit_lookup = limit_lookup
+        self._storage = storage
+        self._strategy: FixedWindowRateLimiter | None = None
+
+    @property
+    def strategy(self) -> FixedWindowRateLimiter:
+        if self._strategy is None:
+            self._strategy = FixedWindowRateLimiter(self._storage or storage_for(current_settings()))
+        return self._strategy
+
+    def limit_for(self, identifier: str) -> str:
+        custom = self.limit_lookup(identifier) if self.limit_lookup else None
+        return custom or self.default_limit
+
+    def _item(self, identifier: str) -> RateLimitItem:
+        return parse_limit(self.limit_for(identifier))
+
+    def _args(self, identifier: str) -> tuple[str, ...]:
+        return (self.key_prefix, identifier, APPLICATION_SCOPE) if self.key_prefix else (identifier, APPLICATION_SCOPE)
+
+    def is_allowed(self, identifier: str) -> bool:
+        """Count one request for `identifier`; False once its window is used up."""
+        if not self.enabled:
+            return True
+        return self.strategy.hit(self._item(identifier), *self._args(identifier))
+
+    def get_remaining(self, identifier: str) -> int:
+        return self.strategy.get_window_stats(self._item(identifier), *self._args(identifier)).remaining
+
+    def get_reset_time(self, identifier: str) -> float:
+        """When the current window ends (Unix time)."""
+        return self.strategy.get_window_stats(self._item(identifier), *self._args(identifier)).reset_time
+
+
+def storage_uri(settings: Settings) -> str:
+    return settings.redis_url or f"{STORE_SCHEME}://"
+
+
+def storage_options(settings: Settings, store: Store | None = None) -> dict[str, Any]:
+    """Options for the counters' storage: Redis fails fast, the store backend gets the store."""
+    if settings.redis_url:
+        return {"socket_connect_timeout": 0.5, "socket_timeout": 0.5}
+    return {"store": store or get_store(settings.database_url, settings.store_wait_seconds)}
+
+
+def storage_for(settings: Settings, store: Store | None = None) -> Storage:
+    return storage_from_string(storage_uri(settings), **storage_options(settings, store))
+
+
+class _LazyRateLimiter(RateLimiter):
+    """`rate_limiter` for consoles and scripts: configured from QUADRA_* on first use."""
+
+    def __init__(self) -> None:
+        self._configured = False
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or self.__dict__.get("_configured"):
+            raise AttributeError(name)
+        settings = current_settings()
+        auth = AuthManager(resolve_secret_key(settings), enabled=settings.auth_enabled)
+        RateLimiter.__init__(
+            self, settings.max_requests, settings.rate_window, settings.rate_limit_enabled,
+            key_prefix=settings.redis_prefix, limit_lookup=key_limit_lookup(auth),
+        )
+        self._configured = True
+        return getattr(self, name)
+
+
+rate_limiter: RateLimiter = _LazyRateLimiter()
+
+
+def key_limit_lookup(auth: AuthManager) -> Callable[[str], str | None]:
+    """Resolve "key:<id>" identifiers to that key's own limit (its tier), if it has one."""
+
+    def lookup(identifier: str) -> str | None:
+        if not identifier.startswith("key:"):
+            return None
+        row = auth._cached(f"id:{identifier[4:]}", lambda: auth.store.get_api_key(identifier[4:]))
+        return row["rate_limit"] if row else None
+
+    return lookup
+
+
+# -- Flask integration -------------------------------------------------------------------
+
+
+def auth_manager() -> AuthManager:
+    return current_app.extensions["quadra_security"].auth
+
+
+def current_principal() -> Principal | None:
+    """Who made this request (resolved once per request), or None without valid credentials.
+
+    Keys are accepted only in the X-API-Key header (never the query string, where they would
+    end up in logs); tokens only as `Authorization: Bearer`."""
+    if "quadra_principal" not in g:
+        g.quadra_principal = _authenticate_request()
+    return g.quadra_principal
+
+
+def _authenticate_request() -> Principal | None:
+    auth = auth_manager()
+    if not auth.enabled:
+        return AUTH_DISABLED_PRINCIPAL
+    api_key = request.headers.get("X-API-Key", "").strip()
+    if api_key:
+        return auth.authenticate_key(api_key)
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return auth.authenticate_token(token.strip())
+    return None
+
+
+def rate_limit_identity() -> str:
+    """What a request is rate-limited by: its key, or the client address when anonymous."""
+    principal = current_principal()
+    rate_key = principal.rate_key if principal is not None else None
+    return rate_key or f"ip:{request.remote_addr or 'unknown'}"
+
+
+def _unauthorized() -> ApiError:
+    return ApiError(
+        401, "unauthorized", "a valid API key (X-API-Key header) or bearer token is required",
+        {"WWW-Authenticate": 'Bearer realm="quadra"'},
+    )
+
+
+def require_permission(permission: str) -> Callable[[F], F]:
+    """Allow the view only to callers holding `permission` (401 without valid credentials,
+    403 with too few rights); the requirement is kept on the view for auditing."""
+    if permission not in _RANK:
+        raise ValueError(f"unknown permission {permission!r}")
+
+    def decorator(view: F) -> F:
+        @wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            principal = current_principal()
+            if principal is None:
+                current_app.extensions["quadra_security"].on_auth_failure()
+                raise _unauthorized()
+            if not principal.allows(permission):
+                current_app.extensions["quadra_security"].on_forbidden(permission)
+                raise ApiError(403, "forbidden", f"this key does not have the '{permission}' permission")
+            return view(*args, **kwargs)
+
+        wrapper.required_permission = permission  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorator
+
+
+def require_auth(view: F) -> F:
+    """The seed's decorator: any valid credentials (read permission)."""
+    return require_permission("read")(view)
+
+
+def rate_limit(view: F) -> F:
+    """The seed's decorator: one more shared per-caller limit on this view alone (the
+    service-wide limit applies to every view anyway)."""
+
+    @wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        limiter: RateLimiter = current_app.extensions["quadra_security"].rate_limiter
+        identifier = f"{rate_limit_identity()}:{request.endpoint}"
+        if not limiter.is_allowed(identifier):
+            retry = max(1, int(limiter.get_reset_time(identifier) - time.time()))
+            raise ApiError(429, "rate_limited", "too many requests", {"Retry-After": str(retry)})
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass
+class SecurityState:
+    """What `init_auth` attaches to an app (as `app.extensions["quadra_security"]`)."""
+
+    settings: Settings
+    store: Store
+    auth: AuthManager
+    rate_limiter: RateLimiter
+    limiter: Limiter
+
+    def on_auth_failure(self) -> None:
+        """Audit a failed authentication; past QUADRA_AUTH_FAILURE_LIMIT per address answer
+        429 instead, and record one alert per window."""
+        ip = request.remote_addr or "unknown"
+        presented = "X-API-Key" in request.headers or "Authorization" in request.headers
+        limit = parse_limit(self.settings.auth_failure_limit)
+        args = (self.settings.redis_prefix, "auth-failures", ip)
+        strategy = self.rate_limiter.strategy
+        if not strategy.hit(limit, *args):
+            if strategy.hit(parse_limit(f"1 per {limit.get_expiry()} second"), self.settings.redis_prefix, "auth-failure-alert", ip):
+                audit.record(self.store, "anonymous", "alert.auth_failures", "alert", ip=ip, status=429,
+                             details={"limit": self.settings.auth_failure_limit})
+            retry = max(1, int(strategy.get_window_stats(limit, *args).reset_time - time.time()))
+            raise ApiError(429, "too_many_auth_failures", "too many failed authentications from this address",
+                           {"Retry-After": str(retry)})
+        audit.record(self.store, "anonymous", "auth.failure", "denied", target=request.path, status=401, ip=ip,
+                     details={"credentials": "presented" if presented else "missing"})
+
+    def on_forbidden(self, permission: str) -> None:
+        principal = current_principal()
+        audit.record(self.store, principal.label if principal else "anonymous", "auth.forbidden", "denied",
+                     target=request.path, status=403, ip=request.remote_addr, details={"required": permission})
+
+
+def init_auth(app: Flask, settings: Settings, store: Store) -> SecurityState:
+    """Wire authentication, rate limiting, CORS, security headers and auditing into `app`."""
+    auth = AuthManager(
+        resolve_secret_key(settings),
+        token_expiry_hours=settings.jwt_ttl_seconds / 3600,
+        enabled=settings.auth_enabled,
+        store=store,
+        cache_seconds=settings.auth_cache_seconds,
+        key_expiry_days=settings.key_expiry_days,
+    )
+    if not settings.auth_enabled:
+        app.logger.warning("AUTHENTICATION IS DISABLED (QUADRA_AUTH_ENABLED=false): every caller is admin")
+    counters = storage_for(settings, store)
+    limiter_for_seed = RateLimiter(
+        settings.max_requests, settings.rate_window, settings.rate_limit_enabled, counters,
+        key_prefix=settings.redis_prefix, limit_lookup=key_limit_lookup(auth),
+    )
+    limiter = Limiter(
+        key_func=rate_limit_identity,
+        application_limits=[lambda: limiter_for_seed.limit_for(rate_limit_identity())],
+        storage_uri=storage_uri(settings),
+        storage_options=storage_options(settings, store),
+        strategy="fixed-window",
+        headers_enabled=True,
+        key_prefix=settings.redis_prefix,
+        in_memory_fallback_enabled=bool(settings.redis_url),
+        enabled=settings.rate_limit_enabled,
+    )
+    state = SecurityState(settings, store, auth, limiter_for_seed, limiter)
+    app.extensions["quadra_security"] = state
+    if settings.trusted_proxies:
+        n = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
+    app.after_request(_security_headers)  # registered first, so it runs after Flask-Limiter's hook
+    limiter.init_app(app)
+    if settings.cors_origins:
+        CORS(app, resources={r"/api/*": {"origins": list(settings.cors_origins)}}, supports_credentials=False,
+             allow_headers=["Content-Type", "X-API-Key", "Authorization"], expose_headers=EXPOSED_HEADERS, max_age=600)
+    app.after_request(_audit_response)
+    return state
+
+
+EXPOSED_HEADERS = ["Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"]
+API_CSP = "default-src 'none'; frame-ancestors 'none'"
+PAGE_CSP = "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+
+
+def _security_headers(response: Response) -> Response:
+    """Security headers on every response. Flask-Limiter puts its Retry-After on everything;
+    keep it only on 429, and let a handler's own Retry-After (a 503) win."""
+    headers = response.headers
+    own_retry_after = g.get("retry_after")
+    if own_retry_after is not None:
+        headers["Retry-After"] = own_retry_after
+    elif response.status_code != 429:
+        headers.pop("Retry-After", None)
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("X-Frame-Options", "DENY")
+    headers.setdefault("Referrer-Policy", "no-referrer")
+    headers.setdefault("Content-Security-Policy", API_CSP if response.mimetype == "application/json" else PAGE_CSP)
+    if request.path.startswith("/api/"):
+        headers.setdefault("Cache-Control", "no-store")
+    if request.is_secure:
+        headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
+    return response
+
+
+def _audit_response(response: Response) -> Response:
+    """Audit every write and admin action with its outcome (auth refusals are audited where
+    they happen)."""
+    view = current_app.view_functions.get(request.endpoint or "")
+    if getattr(view, "required_permission", None) not in ("write", "admin") or response.status_code in (401, 403):
+        return response
+    principal = g.get("quadra_principal")
+    target = next(iter((request.view_args or {}).values()), None)
+    audit.record(
+        current_app.extensions["quadra_security"].store,
+        principal.label if principal else "anonymous",
+        request.endpoint or request.path,
+        "success" if response.status_code < 400 else "failure",
+        target=str(target) if target is not None else None,
+        status=response.status_code,
+        ip=request.remote_addr,
+        details=g.get("audit_details", {}),
+    )
+    return response
