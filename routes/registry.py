@@ -9,6 +9,7 @@ from flask import Blueprint, jsonify, request
 from routes.common import ApiError, actor, json_body, services
 from utils.model_versioning import compare_model_versions
 from utils.security import require_permission
+from utils.serving import is_float32
 
 bp = Blueprint("registry", __name__)
 
@@ -92,9 +93,9 @@ def _check_save_body(body: dict[str, Any]) -> None:
         raise ApiError(400, "invalid_body", "'tags' must be a list of at most 32 strings of 1-64 characters")
     metrics = body.get("metrics", {})
     if not isinstance(metrics, dict) or len(metrics) > 64 or not all(
-        isinstance(k, str) and type(v) in (int, float) for k, v in metrics.items()
+        isinstance(k, str) and is_float32(v) for k, v in metrics.items()
     ):
-        raise ApiError(400, "invalid_body", "'metrics' must be an object of at most 64 numbers")
+        raise ApiError(400, "invalid_body", "'metrics' must be an object of at most 64 finite numbers")
 
 
 @bp.post("/api/model/load/<path:version>")

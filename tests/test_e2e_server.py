@@ -19,7 +19,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -40,14 +39,24 @@ HTTP_TIMEOUT = 30
 # -- helpers ------------------------------------------------------------------------------
 
 
-def call(server, method: str, path: str, **kwargs: Any) -> requests.Response:
-    """One HTTP request to `server` (a fresh connection each time)."""
-    return requests.request(method, server.url + path, timeout=HTTP_TIMEOUT, **kwargs)
+def auth_headers(server) -> dict[str, str]:
+    """The admin key of the server's state folder, when the fixture seeded one."""
+    key = getattr(server, "admin_key", None)
+    return {"X-API-Key": key} if key else {}
 
 
-def error_code(response: requests.Response) -> str:
-    """The `code` of the API's one error shape (fails if the body is not that shape)."""
-    return response.json()["error"]["code"]
+def call(server, method: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any) -> requests.Response:
+    """One HTTP request to `server` as admin, on a fresh connection each time (so that under
+    gunicorn consecutive requests are spread over the workers instead of pinned to one)."""
+    headers = {**auth_headers(server), **(headers or {})}
+    return requests.request(method, server.url + path, headers=headers, timeout=HTTP_TIMEOUT, **kwargs)
+
+
+def assert_error(response: requests.Response, status: int, code: str, what: str = "") -> None:
+    """`response` is `status` with the API's one error shape carrying `code`."""
+    assert response.status_code == status, f"{what}: {response.status_code} {response.text}"
+    error = response.json()["error"]
+    assert (error["code"], bool(error["message"])) == (code, True), f"{what}: {response.text}"
 
 
 def strict_json(text: str) -> Any:
@@ -60,7 +69,7 @@ def strict_json(text: str) -> Any:
 
 
 def save(server, version: str | None = None, **fields: Any) -> requests.Response:
-    body = dict(fields, **({"version": version} if version else {}))
+    body = dict(fields, **({"version": version} if version is not None else {}))
     return call(server, "POST", "/api/model/save", json=body)
 
 
@@ -165,25 +174,20 @@ def file_tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if not p.name.startswith("quadra.db")}
 
 
-def raw_request(server, method: str, target: str, body: dict[str, Any] | None = None) -> int:
-    """Send `target` byte for byte (no client-side normalisation of `..` or `%2F`) and return
-    the final status, following same-server 307/308 redirects (Werkzeug merges `//`)."""
-    for _ in range(3):
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=HTTP_TIMEOUT)
-        try:
-            payload = json.dumps(body) if body is not None else None
-            headers = {"Content-Type": "application/json"} if body is not None else {}
-            conn.request(method, target, body=payload, headers=headers)
-            response = conn.getresponse()
-            response.read()
-        finally:
-            conn.close()
-        if response.status not in (307, 308):
-            return response.status
-        location = urlsplit(response.getheader("Location", ""))
-        assert location.port in (None, server.port), f"redirected off the server: {location}"
-        target = location.path + (f"?{location.query}" if location.query else "")
-    pytest.fail(f"redirect loop for {method} {target}")
+def raw_request(server, method: str, target: str) -> tuple[int, str | None]:
+    """Send `target` byte for byte (no client-side normalisation of `..` or `%2F`); the status
+    and error code of the answer."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=HTTP_TIMEOUT)
+    try:
+        conn.request(method, target, headers=auth_headers(server))
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    try:
+        return response.status, json.loads(body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return response.status, None
 
 
 def worker_pids(process: subprocess.Popen) -> set[int]:
@@ -244,8 +248,7 @@ def test_save_promote_rollback_load_round_trip_over_http(state_dir: Path, start_
         ("promote", None, INITIAL),  # the bootstrap
     ]
 
-    again = call(server, "POST", "/api/model/rollback")
-    assert (again.status_code, error_code(again)) == (409, "conflict")
+    assert_error(call(server, "POST", "/api/model/rollback"), 409, "conflict")
 
 
 # -- 2. integrity -------------------------------------------------------------------------
@@ -260,8 +263,7 @@ def test_tampered_artifact_is_never_promoted_or_served(state_dir: Path, start_se
     flip_middle_byte(artifact(state_dir, "1.1.0"))
 
     for action in ("promote", "load"):
-        response = call(server, "POST", f"/api/model/{action}/1.1.0")
-        assert (response.status_code, error_code(response)) == (422, "integrity_check_failed"), action
+        assert_error(call(server, "POST", f"/api/model/{action}/1.1.0"), 422, "integrity_check_failed", action)
 
     assert served_version(server) == INITIAL
     listing = versions(server)
@@ -287,7 +289,11 @@ BAD_VERSION_SEGMENTS = [
     "%00",
     "1.0.0%00",
     "%2Fetc%2Fpasswd",
+    "1.0.0%0A",
 ]
+# Refused by validation, or by the URL router before any handler runs; a "version_not_found"
+# 404 would mean the string reached the store unvalidated.
+REFUSALS = {(400, "invalid_version"), (404, "not_found")}
 VERSION_ENDPOINTS = [
     ("POST", "/api/model/load/"),
     ("POST", "/api/model/promote/"),
@@ -302,18 +308,17 @@ def test_path_traversal_and_malformed_versions_are_refused_before_any_file_is_to
     state_dir: Path, start_server
 ) -> None:
     """Hostile version strings in URLs (sent raw, not normalised by the client) and in the save
-    body are refused with 400 (or 404 from the router), and nothing appears on disk."""
+    body are refused with 400 invalid_version (or the router's 404), and nothing appears on disk."""
     server = start_server(state_dir)
     workspace = state_dir.parent  # the test's private tmp folder: catches escapes one level up
     before = file_tree(workspace)
 
     for method, prefix in VERSION_ENDPOINTS:
         for segment in BAD_VERSION_SEGMENTS:
-            status = raw_request(server, method, prefix + segment)
-            assert status in (400, 404), f"{method} {prefix}{segment[:40]} -> {status}"
+            outcome = raw_request(server, method, prefix + segment)
+            assert outcome in REFUSALS, f"{method} {prefix}{segment[:40]} -> {outcome}"
     for version in BAD_SAVE_VERSIONS:
-        response = save(server, **{"version": version})  # also sends "" (falsy) explicitly
-        assert (response.status_code, error_code(response)) == (400, "invalid_version"), repr(version)
+        assert_error(save(server, version), 400, "invalid_version", repr(version))
 
     assert file_tree(workspace) == before
     assert list((state_dir / "models" / ".staging").iterdir()) == []
@@ -347,7 +352,9 @@ def test_concurrent_saves_from_two_processes_on_one_state_folder(state_dir: Path
     racing = in_parallel([lambda s=servers[i % 2]: save(s, "2.0.0") for i in range(6)])
     statuses = sorted(r.status_code for r in racing)
     assert statuses == [201] + [409] * 5, [r.text for r in racing]
-    assert all(error_code(r) == "conflict" for r in racing if r.status_code == 409)
+    for response in racing:
+        if response.status_code != 201:
+            assert_error(response, 409, "conflict")
     for server in servers:
         assert [v["version"] for v in versions(server)["versions"]].count("2.0.0") == 1
         assert integrity(server, "2.0.0")["ok"] is True
@@ -358,6 +365,7 @@ def test_concurrent_saves_from_two_processes_on_one_state_folder(state_dir: Path
 
 MAX_BATCH = 8
 MAX_BODY = 4096
+OVERSIZED_BODY = json.dumps({"inputs": [IRIS_ROW] * 400})  # about 9 KB
 BAD_PREDICT_BODIES = [  # (what, raw body, content type, status, code)
     ("truncated JSON", '{"inputs": [[5.1, 3.5, 1.4, 0.2]]', "application/json", 400, "invalid_json"),
     ("not JSON at all", "inputs=5.1,3.5", "application/json", 400, "invalid_json"),
@@ -381,7 +389,7 @@ BAD_PREDICT_BODIES = [  # (what, raw body, content type, status, code)
     ("nested list", '{"inputs": [[5.1, [3.5], 1.4, 0.2]]}', "application/json", 400, "invalid_input"),
     ("unknown field", '{"inputs": [[5.1, 3.5, 1.4, 0.2]], "debug": true}', "application/json", 400, "invalid_input"),
     ("batch over limit", json.dumps({"inputs": [IRIS_ROW] * (MAX_BATCH + 1)}), "application/json", 400, "invalid_input"),
-    ("body over limit", json.dumps({"inputs": [IRIS_ROW] * 400}), "application/json", 413, "request_entity_too_large"),
+    ("body over limit", OVERSIZED_BODY, "application/json", 413, "request_entity_too_large"),
     ("text/plain", '{"inputs": [[5.1, 3.5, 1.4, 0.2]]}', "text/plain", 415, "unsupported_media_type"),
     ("form", "inputs=5.1", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
 ]
@@ -397,11 +405,10 @@ def test_malformed_predict_input_gets_the_right_error_and_the_server_keeps_servi
     server = start_server(
         state_dir, extra_env={"QUADRA_MAX_BATCH_SIZE": str(MAX_BATCH), "QUADRA_MAX_BODY_BYTES": str(MAX_BODY)}
     )
-    assert len(BAD_PREDICT_BODIES[-3][1]) > MAX_BODY  # the oversized body really is
+    assert len(OVERSIZED_BODY) > MAX_BODY
 
     for what, body, content_type, status, code in BAD_PREDICT_BODIES:
-        response = post_raw(server, "/api/predict", body, content_type)
-        assert (response.status_code, error_code(response)) == (status, code), f"{what}: {response.text}"
+        assert_error(post_raw(server, "/api/predict", body, content_type), status, code, what)
 
     assert_valid_prediction(predict(server, [IRIS_ROW] * MAX_BATCH), rows=MAX_BATCH)  # the limit itself is fine
     assert_healthy(server, INITIAL)
@@ -434,11 +441,11 @@ def predict_until(server, stop: threading.Event, outcomes: list[tuple[int | str,
     while not stop.is_set():
         try:
             response = predict(server)
-        except requests.RequestException as exc:
-            outcomes.append((type(exc).__name__, str(exc)))
-            continue
-        ok = response.status_code == 200
-        outcomes.append((response.status_code, response.json()["model_version"] if ok else response.text))
+            ok = response.status_code == 200
+            outcome = (response.status_code, response.json()["model_version"] if ok else response.text)
+        except (requests.RequestException, ValueError, KeyError) as exc:
+            outcome = (type(exc).__name__, str(exc))
+        outcomes.append(outcome)
 
 
 @pytest.mark.e2e
@@ -506,3 +513,33 @@ def test_bad_configuration_stops_start_up_with_one_line_naming_the_variable(
     assert len(lines) == 1 and variable in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not state.exists()
+
+
+# -- edge cases found by review --
+
+
+@pytest.mark.e2e
+def test_version_with_trailing_newline_is_refused(state_dir: Path, start_server) -> None:
+    """A version string ending in a newline is refused and creates no folder."""
+    server = start_server(state_dir)
+    response = save(server, "1.2.0\n")
+    assert not (state_dir / "models" / "1.2.0\n").exists()
+    assert_error(response, 400, "invalid_version")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("value", ["1e39", "1" + "0" * 400], ids=["beyond-float32", "huge-integer"])
+def test_predict_values_beyond_float32_are_invalid_input(state_dir: Path, start_server, value: str) -> None:
+    """A finite JSON number that the float32 model cannot represent is a 400, not NaN or a 500."""
+    server = start_server(state_dir)
+    response = post_raw(server, "/api/predict", '{"inputs": [[5.1, 3.5, 1.4, %s]]}' % value)
+    assert_error(response, 400, "invalid_input", value[:10])
+
+
+@pytest.mark.e2e
+def test_non_finite_metrics_are_refused(state_dir: Path, start_server) -> None:
+    """Saving with a NaN metric is a 400, so the registry's responses stay valid JSON."""
+    server = start_server(state_dir)
+    response = post_raw(server, "/api/model/save", '{"version": "1.2.0", "metrics": {"accuracy": NaN}}')
+    strict_json(call(server, "GET", "/api/model/versions").text)
+    assert_error(response, 400, "invalid_body")

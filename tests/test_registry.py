@@ -50,7 +50,7 @@ def test_valid_versions(version: str) -> None:
 
 @pytest.mark.parametrize(
     "version",
-    ["", "1.2", "v1.2.0", "../x", "..", "%2e%2e", "/etc/passwd", "1.0.0/../../x", "1.0.0\x00", "a" * 65,
+    ["", "1.2.0\n", "1.2", "v1.2.0", "../x", "..", "%2e%2e", "/etc/passwd", "1.0.0/../../x", "1.0.0\x00", "a" * 65,
      "1.0.0 ", "01.0.0", "1.0.0-", "TRAIN-20241221-143022", None, 120],
 )
 def test_invalid_versions_are_refused(version: object) -> None:
@@ -291,3 +291,11 @@ def test_concurrent_saves_from_several_processes(store_url: str, tmp_path: Path)
     versions = registry.list_versions()
     assert len(versions) == 13
     assert all(registry.verify_version(v["version"])["ok"] for v in versions)
+
+
+def test_generated_versions_in_the_same_second_get_a_suffix(registry: ModelVersionManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    import utils.model_versioning as versioning
+
+    monkeypatch.setattr(versioning, "generate_version_string", lambda prefix=None: "20261126-120000")
+    saved = [registry.save_model(make_model(), config=CONFIG)["version"] for _ in range(3)]
+    assert saved == ["20261126-120000", "20261126-120000-2", "20261126-120000-3"]

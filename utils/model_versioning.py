@@ -40,6 +40,7 @@ _SEMVER = re.compile(
 _TIMESTAMP = re.compile(r"^([a-z][a-z0-9_]{0,31}-)?\d{8}-\d{6}(-[1-9]\d{0,3})?$")
 _PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _CHUNK = 1024 * 1024
+MAX_GENERATED_ATTEMPTS = 50
 
 
 class InvalidVersion(ValueError):
@@ -67,7 +68,7 @@ def validate_version(version: Any) -> str:
         raise InvalidVersion("version must be a non-empty string")
     if len(version) > MAX_VERSION_LENGTH:
         raise InvalidVersion(f"version must be at most {MAX_VERSION_LENGTH} characters")
-    if not (_SEMVER.match(version) or _TIMESTAMP.match(version)):
+    if not (_SEMVER.fullmatch(version) or _TIMESTAMP.fullmatch(version)):
         raise InvalidVersion(
             "version must be semantic (1.2.0, 2.1.3-beta) or a timestamp (20241221-143022, "
             "train-20241221-143022)"
@@ -80,7 +81,7 @@ def generate_version_string(prefix: str | None = None) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     if prefix is None:
         return stamp
-    if not _PREFIX.match(prefix):
+    if not _PREFIX.fullmatch(prefix):
         raise InvalidVersion("prefix must be lowercase letters, digits or _ and start with a letter")
     return f"{prefix}-{stamp}"
 
@@ -192,11 +193,32 @@ class ModelVersionManager:
         tags: Iterable[str] | None = None,
         created_by: str = "system",
     ) -> dict[str, Any]:
-        """Save a new version; an existing version is a VersionConflict, never an overwrite."""
+        """Save a new version; an existing version is a VersionConflict, never an overwrite.
+
+        Without `version`, a timestamp version is generated; saves in the same second get
+        "-2", "-3", ... appended instead of conflicting."""
         if version is not None:
-            validate_version(version)
-        else:
-            version = generate_version_string()
+            return self._save_as(validate_version(version), model, metrics, config, training_info, description, tags, created_by)
+        base = generate_version_string()
+        for attempt in range(1, MAX_GENERATED_ATTEMPTS + 1):
+            candidate = base if attempt == 1 else f"{base}-{attempt}"
+            try:
+                return self._save_as(candidate, model, metrics, config, training_info, description, tags, created_by)
+            except VersionConflict:
+                continue
+        raise VersionConflict(f"could not find a free version after {base}")
+
+    def _save_as(
+        self,
+        version: str,
+        model: torch.nn.Module,
+        metrics: dict[str, float] | None,
+        config: dict[str, Any] | None,
+        training_info: dict[str, Any] | None,
+        description: str,
+        tags: Iterable[str] | None,
+        created_by: str,
+    ) -> dict[str, Any]:
         config = dict(config if config is not None else getattr(model, "quadra_config", {}) or {})
         staging = self.artifacts.new_staging_dir()
         try:

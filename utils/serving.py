@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -100,6 +99,14 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     return model
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def is_float32(value: Any) -> bool:
+    """A JSON number (not a bool) that float32 holds as a finite value; NaN fails the range test."""
+    return type(value) in (int, float) and -FLOAT32_MAX <= value <= FLOAT32_MAX
+
+
 def parse_inputs(payload: Any, input_dim: int, max_batch: int) -> torch.Tensor:
     """Validate `{"inputs": [[...], ...]}` and return a float32 tensor [batch, input_dim]."""
     if not isinstance(payload, dict):
@@ -115,9 +122,8 @@ def parse_inputs(payload: Any, input_dim: int, max_batch: int) -> torch.Tensor:
     for i, row in enumerate(rows):
         if not isinstance(row, list) or len(row) != input_dim:
             raise InvalidInput(f"inputs[{i}] must be a list of {input_dim} numbers")
-        for value in row:
-            if type(value) not in (int, float) or not math.isfinite(value):
-                raise InvalidInput(f"inputs[{i}] must contain only finite numbers")
+        if not all(is_float32(value) for value in row):
+            raise InvalidInput(f"inputs[{i}] must contain only finite numbers within float32 range")
     return torch.tensor(rows, dtype=torch.float32)
 
 
