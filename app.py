@@ -8,7 +8,8 @@ tools can import this module without touching the default state folder.
 
 from __future__ import annotations
 
-import logging
+import os
+import socket
 import sys
 from typing import Any
 
@@ -16,24 +17,31 @@ import torch
 from flask import Flask
 from flask_socketio import SocketIO
 
-from routes import auth, health, predict, registry
+from routes import auth, health, monitoring, predict, registry
 from routes.common import Services, register_error_handlers
+from utils.alerts import AlertManager
 from utils.cli import register_cli
 from utils.config import ConfigError, Settings
 from utils.events import detect_async_mode
+from utils.logs import configure_logging
+from utils.metrics import init_metrics
+from utils.model_monitoring import ModelMonitor
 from utils.model_versioning import ModelVersionManager
 from utils.security import init_auth
 from utils.serving import ModelServer, import_architecture_modules
-from utils.store import get_store
+from utils.store import PRODUCTION, SERVING, get_store
 from utils.training import ensure_initial_version
 
-BLUEPRINTS = (health.bp, auth.bp, registry.bp, predict.bp)
+BLUEPRINTS = (health.bp, auth.bp, registry.bp, predict.bp, monitoring.bp)
+MONITORING_LEASE = "monitoring-maintenance"
+DRIFT_STATE = "drift_state"
+ROLL_UP_SECONDS = 60.0
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app for `settings` (default: the environment and `.env`)."""
     settings = settings or Settings.from_env()
-    _configure_logging(settings)
+    configure_logging(settings)
     torch.set_num_threads(settings.torch_threads)
     import_architecture_modules(settings.architecture_modules)
 
@@ -47,13 +55,21 @@ def create_app(settings: Settings | None = None) -> Flask:
     store = get_store(settings.database_url, wait_seconds=settings.store_wait_seconds)
     model_registry = ModelVersionManager(settings.models_dir, store, settings.verify_integrity)
     model_server = ModelServer(model_registry, settings.model_poll_seconds)
+    monitor = ModelMonitor(
+        settings.monitoring_dir, settings.monitoring_window, settings.drift_threshold, store,
+        settings.feature_sample_rate, settings.monitoring_flush_seconds, settings.baseline_min_samples,
+    )
+    alerts = AlertManager(store, settings.alert_webhook, settings.alert_webhook_allow_private, settings.alert_cooldown_seconds)
     security = init_auth(app, settings, store)
-    app.extensions["quadra"] = Services(settings, store, model_registry, model_server, security.auth)
+    services = Services(settings, store, model_registry, model_server, security.auth, monitor, alerts)
+    app.extensions["quadra"] = services
+    init_metrics(app, lambda: _metrics_state(services))
 
     register_error_handlers(app)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
     security.limiter.exempt(health.bp)
+    security.limiter.exempt(app.view_functions["metrics"])
     app.before_request(lambda: start_serving(app))
     register_cli(app)
 
@@ -77,6 +93,7 @@ def start_serving(app: Flask) -> None:
     services.started = True
     bootstrap = ensure_initial_version if services.settings.bootstrap_model else None
     services.model_server.start(bootstrap)
+    _schedule_monitoring(services)
     if services.settings.auth_enabled and not services.settings.is_production:
         _print_bootstrap_key(services)
 
@@ -97,11 +114,55 @@ def _print_bootstrap_key(services: Services) -> None:
         )
 
 
-def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
-    )
+def _schedule_monitoring(services: Services) -> None:
+    """Periodic work on each process's monitoring thread. Drift checks and roll-ups run on
+    one process of the deployment at a time (a lease in the store); the health check runs
+    everywhere, since each process holds its own model."""
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    settings, monitor, alerts = services.settings, services.monitor, services.alerts
+
+    def check_drift() -> None:
+        if not services.store.try_acquire_lease(MONITORING_LEASE, owner, settings.drift_check_seconds * 3):
+            return
+        result = monitor.detect_drift()
+        services.store.set_state(DRIFT_STATE, {k: result[k] for k in ("drift_detected", "drift_score", "fired", "drifted_features", "evaluated")})
+        if result["evaluated"]:
+            message = f"drift detected by {', '.join(result['fired'])}" if result["fired"] else "no drift"
+            alerts.observe("drift", result["drift_detected"], message, {k: result[k] for k in ("drift_score", "threshold", "fired", "drifted_features")})
+
+    def roll_up() -> None:
+        if services.store.try_acquire_lease(MONITORING_LEASE, owner, settings.drift_check_seconds * 3):
+            monitor.roll_up(settings.monitoring_retention_hours * 3600)
+
+    def check_model() -> None:
+        if services.model_server.last_error:
+            alerts.raise_alert("health", services.model_server.last_error, {"process": owner})
+
+    monitor.every(settings.drift_check_seconds, check_drift)
+    monitor.every(ROLL_UP_SECONDS, roll_up)
+    monitor.every(settings.drift_check_seconds, check_model)
+    monitor.start()
+
+
+def _metrics_state(services: Services) -> dict[str, Any]:
+    """Shared state for /metrics, read from the store."""
+    store = services.store
+    totals = store.get_state("prediction_totals") or {"count": 0, "errors": 0}
+    drift = store.get_state(DRIFT_STATE) or {}
+    versions = store.get_states((PRODUCTION, SERVING))
+    window = store.recent_predictions(services.settings.monitoring_window, store.get_state("monitoring_window_start") or 0, ("confidence",))
+    confidences = [r["confidence"] for r in window if r["confidence"] is not None]
+    return {
+        "predictions": totals["count"],
+        "errors": totals["errors"],
+        "confidence_mean": sum(confidences) / len(confidences) if confidences else None,
+        "drift_score": drift.get("drift_score"),
+        "drift_detected": 1.0 if drift.get("drift_detected") else 0.0 if drift else None,
+        "serving_version": versions.get(SERVING) or versions.get(PRODUCTION),
+        "production_version": versions.get(PRODUCTION),
+        "mode": store.get_state("mode") or "inference",
+        "modes": ("inference", "training", "maintenance"),
+    }
 
 
 def _create_or_exit() -> Flask:

@@ -1,11 +1,37 @@
-"""Read by gunicorn from the working directory: warm each worker's serving model at boot.
+"""Read by gunicorn from the working directory: per-worker start-up and shutdown hooks.
 
 Only hooks live here; the seed's command line (`-w 4 --worker-class eventlet`) stays the
 place for workers, binding and worker class.
 """
 
+import os
+import shutil
+
+from utils.config import Settings
+
+
+def on_starting(server):
+    """One fresh folder for prometheus_client's multiprocess mode, so /metrics sums all workers."""
+    folder = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(Settings.from_env().state_dir / "prometheus"))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder, exist_ok=True)
+
 
 def post_worker_init(worker):
+    """Warm the worker's serving model before it takes requests."""
     from app import start_serving
 
     start_serving(worker.wsgi)
+
+
+def worker_exit(server, worker):
+    """Write the worker's buffered monitoring records before it goes."""
+    services = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("quadra")
+    if services is not None:
+        services.monitor.flush()
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

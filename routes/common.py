@@ -9,7 +9,9 @@ from typing import Any
 from flask import Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from utils.alerts import AlertManager
 from utils.config import Settings
+from utils.model_monitoring import ModelMonitor
 from utils.errors import ApiError
 from utils.model_versioning import IntegrityCheckFailed, InvalidVersion, ModelVersionManager, VersionConflict, VersionNotFound
 from utils.security import AuthManager, current_principal
@@ -28,6 +30,8 @@ class Services:
     registry: ModelVersionManager
     model_server: ModelServer
     auth: AuthManager
+    monitor: ModelMonitor
+    alerts: AlertManager
     started: bool = False
 
 
@@ -73,6 +77,18 @@ _DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
     VersionConflict: (409, "conflict"),
     IntegrityCheckFailed: (422, "integrity_check_failed"),
 }
+
+
+def error_code(exc: Exception) -> str:
+    """The `code` the client is answered with for `exc`."""
+    if isinstance(exc, ApiError):
+        return exc.code
+    if isinstance(exc, ModelNotReady):
+        return "model_not_ready"
+    for exc_type, (_, code) in _DOMAIN_ERRORS.items():
+        if isinstance(exc, exc_type):
+            return code
+    return "internal_error"
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
+from typing import Any
 
 import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
 from utils import audit
+from utils.model_monitoring import InsufficientData, ModelMonitor
 from utils.model_versioning import ModelVersionManager
 from utils.security import AuthManager
 
@@ -171,6 +173,59 @@ def audit_command(limit: int, action: str | None) -> None:
         click.echo(f"{_when(entry['at'])}  {entry['outcome']:<8} {entry['action']:<32} {entry['actor']:<40} {entry['target'] or '-':<20} {entry['ip'] or '-'}")
 
 
+monitoring_cli = AppGroup("monitoring", help="Monitoring statistics, drift and the drift baseline.")
+baseline_cli = AppGroup("baseline", help="Set, show or reset the drift baseline.")
+monitoring_cli.add_command(baseline_cli)
+
+
+def _monitor() -> ModelMonitor:
+    return current_app.extensions["quadra"].monitor
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+@monitoring_cli.command("stats")
+def stats_command() -> None:
+    """Totals and rolling-window statistics, as JSON."""
+    _echo_json(_monitor().get_statistics())
+
+
+@monitoring_cli.command("drift")
+def drift_command() -> None:
+    """The drift verdict against the baseline, as JSON; exit 1 when drift is detected."""
+    result = _monitor().detect_drift()
+    _echo_json(result)
+    if result["drift_detected"]:
+        raise SystemExit(1)
+
+
+@baseline_cli.command("set")
+def baseline_set_command() -> None:
+    """Make the current monitoring window the drift reference."""
+    registry = current_app.extensions["quadra"].registry
+    serving = registry.get_serving_version()
+    names = registry.get_version_info(serving)["config"].get("feature_names") if serving else None
+    try:
+        baseline = _monitor().set_baseline(names, created_by="cli")
+    except InsufficientData as exc:
+        _fail(exc)
+    click.echo(f"baseline {baseline['id']} set from {baseline['sample_count']} predictions")
+
+
+@baseline_cli.command("show")
+def baseline_show_command() -> None:
+    """The current baseline's statistics, as JSON."""
+    _echo_json(_monitor().baseline_metrics)
+
+
+@baseline_cli.command("reset")
+def baseline_reset_command() -> None:
+    """Remove the baseline; drift is not evaluated until a new one is set."""
+    click.echo(f"removed {_monitor().reset_baseline()} baseline(s)")
+
+
 def _when(timestamp: float | None) -> str:
     if timestamp is None:
         return "never"
@@ -181,3 +236,4 @@ def register_cli(app: Flask) -> None:
     app.cli.add_command(registry_cli)
     app.cli.add_command(keys_cli)
     app.cli.add_command(audit_command)
+    app.cli.add_command(monitoring_cli)

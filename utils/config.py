@@ -11,6 +11,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, TypeVar
+from urllib.parse import urlparse
 
 from dotenv import dotenv_values
 from limits import parse as parse_limit
@@ -113,6 +114,14 @@ def _parse_rate_limit(name: str, raw: str) -> str:
     return value
 
 
+def _parse_http_url(name: str, raw: str) -> str:
+    value = raw.strip()
+    parsed = urlparse(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"{name}: expected an http:// or https:// URL, got {value!r}")
+    return value
+
+
 def _parse_database_url(name: str, raw: str) -> str:
     value = raw.strip()
     if not value.startswith(("sqlite:///", "postgresql")):
@@ -171,6 +180,16 @@ class Settings:
     key_expiry_days: int = 90
     auth_cache_seconds: float = 2.0
     auth_failure_limit: str = "10 per minute"
+    monitoring_retention_hours: float = 24.0
+    feature_sample_rate: float = 1.0
+    monitoring_flush_seconds: float = 1.0
+    baseline_min_samples: int = 100
+    drift_check_seconds: float = 10.0
+    alert_webhook: str | None = None
+    alert_webhook_allow_private: bool = False
+    alert_cooldown_seconds: float = 600.0
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 5
 
     @property
     def is_production(self) -> bool:
@@ -232,6 +251,16 @@ def _build(values: Mapping[str, str]) -> Settings:
         key_expiry_days=_read(values, "QUADRA_KEY_EXPIRY_DAYS", _int_parser(1, 3650), 90),
         auth_cache_seconds=_read(values, "QUADRA_AUTH_CACHE_SECONDS", _float_parser(0.0, 60.0), 2.0),
         auth_failure_limit=_read(values, "QUADRA_AUTH_FAILURE_LIMIT", _parse_rate_limit, "10 per minute"),
+        monitoring_retention_hours=_read(values, "QUADRA_MONITORING_RETENTION_HOURS", _float_parser(0.01, 24 * 3650), 24.0),
+        feature_sample_rate=_read(values, "QUADRA_FEATURE_SAMPLE_RATE", _float_parser(0.0, 1.0), 1.0),
+        monitoring_flush_seconds=_read(values, "QUADRA_MONITORING_FLUSH_SECONDS", _float_parser(0.05, 60.0), 1.0),
+        baseline_min_samples=_read(values, "QUADRA_BASELINE_MIN_SAMPLES", _int_parser(10, 1_000_000), 100),
+        drift_check_seconds=_read(values, "QUADRA_DRIFT_CHECK_SECONDS", _float_parser(1.0, 86_400.0), 10.0),
+        alert_webhook=_read(values, "QUADRA_ALERT_WEBHOOK", _parse_http_url, None),
+        alert_webhook_allow_private=_read(values, "QUADRA_ALERT_WEBHOOK_ALLOW_PRIVATE", _parse_bool, False),
+        alert_cooldown_seconds=_read(values, "QUADRA_ALERT_COOLDOWN_SECONDS", _float_parser(0.0, 86_400.0 * 7), 600.0),
+        log_max_bytes=_read(values, "QUADRA_LOG_MAX_BYTES", _int_parser(1024, 10 * 1024**3), 10 * 1024 * 1024),
+        log_backups=_read(values, "QUADRA_LOG_BACKUPS", _int_parser(0, 1000), 5),
         log_level=_read(values, "QUADRA_LOG_LEVEL", _choice_parser(("debug", "info", "warning", "error")), "info"),
     )
     check_production_safety(settings)

@@ -138,6 +138,57 @@ rate_limits = Table(
 )
 
 
+predictions = Table(
+    "predictions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False, index=True),
+    Column("model_version", String(128), nullable=True),
+    Column("latency_ms", Float, nullable=False),
+    Column("confidence", Float, nullable=True),
+    Column("predicted_class", String(128), nullable=True),
+    Column("success", Boolean, nullable=False),
+    Column("error", String(200), nullable=True),
+    Column("features", JSON, nullable=True),
+)
+
+prediction_rollups = Table(
+    "prediction_rollups",
+    metadata,
+    Column("minute", Float, primary_key=True),
+    Column("model_version", String(128), primary_key=True),
+    Column("count", Integer, nullable=False),
+    Column("errors", Integer, nullable=False),
+    Column("latency_sum", Float, nullable=False),
+    Column("latency_max", Float, nullable=False),
+    Column("confidence_sum", Float, nullable=False),
+    Column("confidence_count", Integer, nullable=False),
+    Column("class_counts", JSON, nullable=False),
+)
+
+baselines = Table(
+    "baselines",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("statistics", JSON, nullable=False),
+    Column("sample", JSON, nullable=False),
+)
+
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False, index=True),
+    Column("kind", String(32), nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("details", JSON, nullable=False, default=dict),
+    Column("resolved_at", Float, nullable=True),
+)
+
+
 class StoreConflict(Exception):
     """A write conflicts with the stored state (duplicate key, object in use, nothing to do)."""
 
@@ -150,8 +201,12 @@ def _migration_2(conn: Connection) -> None:
     metadata.create_all(conn, tables=[api_keys, audit_log, rate_limits])
 
 
+def _migration_3(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[predictions, prediction_rollups, baselines, alerts])
+
+
 # The schema's upgrade path: append a function per change; never edit a released one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 PRODUCTION = "production_version"
@@ -457,6 +512,115 @@ class Store:
     def counter_purge_expired(self) -> int:
         with self.write() as conn:
             return conn.execute(delete(rate_limits).where(rate_limits.c.expires_at <= time.time())).rowcount
+
+
+    # -- monitoring -----------------------------------------------------------------------
+
+    def insert_predictions(self, rows: list[dict[str, Any]], total_name: str) -> None:
+        """Insert a batch of prediction records and add them to the running totals, atomically."""
+        if not rows:
+            return
+        errors = sum(1 for r in rows if not r["success"])
+        with self.write() as conn:
+            conn.execute(insert(predictions), rows)
+            totals = _states(conn, (total_name,)).get(total_name) or {"count": 0, "errors": 0}
+            _set_state(conn, total_name, {"count": totals["count"] + len(rows), "errors": totals["errors"] + errors}, "monitor")
+
+    def recent_predictions(self, limit: int, after_id: int = 0, columns: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+        """The newest `limit` records with id > after_id, oldest first."""
+        selected = [predictions.c[name] for name in columns] if columns else [predictions]
+        query = select(*selected).where(predictions.c.id > after_id).order_by(predictions.c.id.desc()).limit(limit)
+        with self.read() as conn:
+            rows = conn.execute(query).all()
+        return [_row(r) for r in reversed(rows)]
+
+    def last_prediction_id(self) -> int:
+        with self.read() as conn:
+            return int(conn.execute(select(func.max(predictions.c.id))).scalar() or 0)
+
+    def count_predictions_since(self, since: float, after_id: int = 0) -> int:
+        with self.read() as conn:
+            return int(conn.execute(
+                select(func.count()).select_from(predictions).where(predictions.c.at >= since, predictions.c.id > after_id)
+            ).scalar_one())
+
+    def roll_up_predictions(self, before: float) -> int:
+        """Fold raw records older than `before` into per-minute rows, then delete them."""
+        with self.write() as conn:
+            rows = conn.execute(
+                select(predictions.c.at, predictions.c.model_version, predictions.c.latency_ms, predictions.c.confidence,
+                       predictions.c.predicted_class, predictions.c.success).where(predictions.c.at < before)
+            ).all()
+            minutes: dict[tuple[float, str], dict[str, Any]] = {}
+            for at, version, latency, confidence, predicted, success in rows:
+                bucket = minutes.setdefault((at - at % 60, version or ""), {
+                    "count": 0, "errors": 0, "latency_sum": 0.0, "latency_max": 0.0,
+                    "confidence_sum": 0.0, "confidence_count": 0, "class_counts": {},
+                })
+                bucket["count"] += 1
+                bucket["errors"] += 0 if success else 1
+                bucket["latency_sum"] += latency
+                bucket["latency_max"] = max(bucket["latency_max"], latency)
+                if confidence is not None:
+                    bucket["confidence_sum"] += confidence
+                    bucket["confidence_count"] += 1
+                if predicted is not None:
+                    bucket["class_counts"][predicted] = bucket["class_counts"].get(predicted, 0) + 1
+            for (minute, version), bucket in minutes.items():
+                existing = conn.execute(select(prediction_rollups).where(
+                    prediction_rollups.c.minute == minute, prediction_rollups.c.model_version == version)).first()
+                if existing is None:
+                    conn.execute(insert(prediction_rollups).values(minute=minute, model_version=version, **bucket))
+                    continue
+                merged = dict(existing.class_counts)
+                for name, count in bucket["class_counts"].items():
+                    merged[name] = merged.get(name, 0) + count
+                conn.execute(update(prediction_rollups).where(
+                    prediction_rollups.c.minute == minute, prediction_rollups.c.model_version == version).values(
+                    count=existing.count + bucket["count"], errors=existing.errors + bucket["errors"],
+                    latency_sum=existing.latency_sum + bucket["latency_sum"],
+                    latency_max=max(existing.latency_max, bucket["latency_max"]),
+                    confidence_sum=existing.confidence_sum + bucket["confidence_sum"],
+                    confidence_count=existing.confidence_count + bucket["confidence_count"], class_counts=merged))
+            conn.execute(delete(predictions).where(predictions.c.at < before))
+        return len(rows)
+
+    def rollups(self, since: float = 0.0) -> list[dict[str, Any]]:
+        with self.read() as conn:
+            rows = conn.execute(select(prediction_rollups).where(prediction_rollups.c.minute >= since)
+                                .order_by(prediction_rollups.c.minute)).all()
+        return [_row(r) for r in rows]
+
+    def insert_baseline(self, created_by: str, statistics: dict[str, Any], sample: dict[str, Any]) -> int:
+        with self.write() as conn:
+            result = conn.execute(insert(baselines).values(
+                created_at=time.time(), created_by=created_by, statistics=statistics, sample=sample))
+            return int(result.inserted_primary_key[0])
+
+    def latest_baseline(self) -> dict[str, Any] | None:
+        with self.read() as conn:
+            row = conn.execute(select(baselines).order_by(baselines.c.id.desc()).limit(1)).first()
+        return _row(row) if row else None
+
+    def delete_baselines(self) -> int:
+        with self.write() as conn:
+            return conn.execute(delete(baselines)).rowcount
+
+    def insert_alert(self, kind: str, severity: str, message: str, details: dict[str, Any]) -> int:
+        with self.write() as conn:
+            result = conn.execute(insert(alerts).values(
+                at=time.time(), kind=kind, severity=severity, message=message, details=details))
+            return int(result.inserted_primary_key[0])
+
+    def resolve_alerts(self, kind: str) -> int:
+        with self.write() as conn:
+            return conn.execute(update(alerts).where(alerts.c.kind == kind, alerts.c.resolved_at.is_(None))
+                                .values(resolved_at=time.time())).rowcount
+
+    def list_alerts(self, limit: int = 50, after_id: int = 0) -> list[dict[str, Any]]:
+        with self.read() as conn:
+            rows = conn.execute(select(alerts).where(alerts.c.id > after_id).order_by(alerts.c.id.desc()).limit(limit)).all()
+        return [_row(r) for r in rows]
 
 
 def _states(conn: Connection, names: tuple[str, ...]) -> dict[str, Any]:

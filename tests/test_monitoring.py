@@ -1,0 +1,336 @@
+"""Monitoring: recording, statistics, baseline, drift, alerts, retention, metrics, logs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import make_settings
+from utils.alerts import AlertManager, WebhookRefused, check_webhook_target
+from utils.model_monitoring import HealthChecker, InsufficientData, ModelMonitor
+from utils.store import Store
+from utils.training import load_dataset
+
+IRIS = load_dataset().features.tolist()
+
+
+def shifted(rows: list[list[float]], column: int, by: float) -> list[list[float]]:
+    return [[v + by if i == column else v for i, v in enumerate(row)] for row in rows]
+
+
+@pytest.fixture
+def monitor(store: Store, tmp_path: Path) -> ModelMonitor:
+    return ModelMonitor(tmp_path / "monitoring", window_size=300, drift_threshold=2.0, store=store, baseline_min_samples=50)
+
+
+def record_rows(monitor: ModelMonitor, rows: list[list[float]], confidence: float = 0.9, cls: str = "a") -> None:
+    for row in rows:
+        monitor.record_prediction(row, 0.002, confidence=confidence, predicted_class=cls, model_version="1.0.0")
+
+
+def test_records_are_buffered_then_flushed_exactly_once(monitor: ModelMonitor) -> None:
+    record_rows(monitor, IRIS[:10])
+    monitor.record_prediction(None, 0.001, success=False, error="invalid_input")
+    assert monitor.pending == 11 and monitor.total_predictions == 11 and monitor.error_count == 1
+    assert monitor.flush() == 11 and monitor.flush() == 0
+    assert monitor.total_predictions == 11 and monitor.error_count == 1
+    rows = monitor.store.recent_predictions(100)
+    assert len(rows) == 11 and rows[0]["features"] == IRIS[0] and rows[-1]["error"] == "invalid_input"
+
+
+def test_flush_keeps_records_when_the_store_fails(monitor: ModelMonitor, monkeypatch: pytest.MonkeyPatch) -> None:
+    record_rows(monitor, IRIS[:5])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("database down")
+
+    monkeypatch.setattr(monitor.store, "insert_predictions", broken)
+    assert monitor.flush() == 0 and monitor.pending == 5
+    monkeypatch.undo()
+    assert monitor.flush() == 5 and monitor.pending == 0
+
+
+def test_statistics_match_what_was_recorded(monitor: ModelMonitor) -> None:
+    for i, latency in enumerate([0.001, 0.002, 0.003, 0.004]):
+        monitor.record_prediction(IRIS[i], latency, confidence=0.5 + i / 10, predicted_class="ab"[i % 2], model_version="1.0.0")
+    monitor.record_prediction(None, 0.010, success=False, error="boom", model_version="1.0.0")
+    stats = monitor.get_statistics()
+    assert stats["total_predictions"] == 5 and stats["error_count"] == 1 and stats["error_rate"] == pytest.approx(0.2)
+    assert stats["window"]["count"] == 5 and stats["class_distribution"] == {"a": 2, "b": 2}
+    assert stats["latency_ms"]["max"] == pytest.approx(10.0) and stats["latency_ms"]["p50"] == pytest.approx(3.0)
+    assert stats["latency_ms"]["mean"] == pytest.approx(4.0)
+    assert stats["confidence"]["mean"] == pytest.approx(0.65) and stats["confidence"]["min"] == pytest.approx(0.5)
+    assert sum(stats["confidence"]["histogram"]["counts"]) == 4
+    assert stats["throughput_per_second"] == pytest.approx(5 / 60)
+    assert stats["model_versions"] == {"1.0.0": 5}
+
+
+def test_window_holds_the_latest_records_and_reset_counters_starts_a_new_one(monitor: ModelMonitor) -> None:
+    record_rows(monitor, IRIS * 3)
+    stats = monitor.get_statistics()
+    assert stats["total_predictions"] == 450 and stats["window"]["count"] == 300
+    monitor.reset_counters()
+    stats = monitor.get_statistics()
+    assert stats["total_predictions"] == 0 and stats["window"]["count"] == 0
+    record_rows(monitor, IRIS[:3])
+    assert monitor.get_statistics()["window"]["count"] == 3
+
+
+def test_feature_sampling_keeps_counts_exact(store: Store, tmp_path: Path) -> None:
+    monitor = ModelMonitor(tmp_path, window_size=1000, store=store, feature_sample_rate=0.2)
+    record_rows(monitor, IRIS * 4)
+    monitor.flush()
+    rows = store.recent_predictions(1000)
+    with_features = sum(1 for r in rows if r["features"] is not None)
+    assert len(rows) == 600 and monitor.total_predictions == 600
+    assert 60 < with_features < 180
+
+
+def test_baseline_needs_enough_data(monitor: ModelMonitor) -> None:
+    record_rows(monitor, IRIS[:10])
+    with pytest.raises(InsufficientData, match="at least 50"):
+        monitor.set_baseline()
+    assert monitor.baseline_metrics is None
+
+
+def test_baseline_and_no_drift_on_the_same_distribution(monitor: ModelMonitor) -> None:
+    record_rows(monitor, IRIS * 2)
+    baseline = monitor.set_baseline(["sl", "sw", "pl", "pw"], created_by="tester")
+    assert baseline["sample_count"] == 300 and baseline["feature_names"] == ["sl", "sw", "pl", "pw"]
+    assert monitor.baseline_metrics["created_by"] == "tester"
+    monitor.reset_counters()
+    record_rows(monitor, IRIS * 2)
+    result = monitor.detect_drift()
+    assert result["evaluated"] and not result["drift_detected"] and result["drifted_features"] == []
+    assert set(result["features"]) == {"sl", "sw", "pl", "pw"} and result["features"]["pl"]["test"] == "ks"
+    for field in ("drift_score", "threshold", "baseline_mean", "current_mean", "baseline_std", "current_std", "sample_count"):
+        assert field in result
+
+
+def test_shifted_inputs_are_detected_and_named(monitor: ModelMonitor) -> None:
+    record_rows(monitor, IRIS * 2)
+    monitor.set_baseline(["sl", "sw", "pl", "pw"])
+    monitor.reset_counters()
+    record_rows(monitor, shifted(shifted(IRIS * 2, 2, 1.5), 1, 0.8))
+    result = monitor.detect_drift()
+    assert result["drift_detected"] and "input" in result["fired"]
+    assert set(result["drifted_features"]) == {"sw", "pl"} and result["dataset_drift_share"] == pytest.approx(0.5)
+
+
+def test_confidence_drift_uses_the_seed_score(monitor: ModelMonitor) -> None:
+    rng = np.random.default_rng(0)
+    for row, c in zip(IRIS * 2, rng.normal(0.9, 0.02, 300)):
+        monitor.record_prediction(row, 0.001, confidence=float(c), predicted_class="a")
+    monitor.set_baseline()
+    monitor.reset_counters()
+    for row, c in zip(IRIS * 2, rng.normal(0.7, 0.02, 300)):
+        monitor.record_prediction(row, 0.001, confidence=float(c), predicted_class="a")
+    result = monitor.detect_drift()
+    expected = abs(result["current_mean"] - result["baseline_mean"]) / result["baseline_std"]
+    assert result["drift_score"] == pytest.approx(expected) and result["drift_score"] > 2.0
+    assert result["detectors"]["confidence"] and result["drift_detected"]
+
+
+def test_prediction_drift(monitor: ModelMonitor) -> None:
+    record_rows(monitor, IRIS[:100], cls="a")
+    record_rows(monitor, IRIS[100:], cls="b")
+    monitor.set_baseline()
+    monitor.reset_counters()
+    record_rows(monitor, IRIS[:140], cls="b")
+    record_rows(monitor, IRIS[140:], cls="a")
+    result = monitor.detect_drift()
+    assert result["detectors"]["prediction"] and result["prediction_drift"]["drift_detected"]
+
+
+def test_drift_is_not_evaluated_without_baseline_or_data(monitor: ModelMonitor) -> None:
+    result = monitor.detect_drift()
+    assert not result["evaluated"] and "no baseline" in result["reason"] and not result["drift_detected"]
+    record_rows(monitor, IRIS[:60])
+    monitor.set_baseline()
+    monitor.reset_counters()
+    record_rows(monitor, IRIS[:5])
+    result = monitor.detect_drift()
+    assert not result["evaluated"] and "at least" in result["reason"]
+    assert monitor.reset_baseline() == 1 and monitor.baseline_metrics is None
+
+
+def test_roll_up_keeps_totals_and_bounds_raw_records(monitor: ModelMonitor) -> None:
+    record_rows(monitor, IRIS[:40])
+    monitor.flush()
+    time.sleep(0.05)
+    assert monitor.roll_up(retention_seconds=0.01) == 40
+    assert monitor.store.recent_predictions(100) == []
+    rollups = monitor.store.rollups()
+    assert sum(r["count"] for r in rollups) == 40 and rollups[0]["class_counts"] == {"a": 40}
+    assert monitor.total_predictions == 40
+    record_rows(monitor, IRIS[:10])
+    monitor.flush()
+    time.sleep(0.05)
+    monitor.roll_up(retention_seconds=0.01)
+    assert sum(r["count"] for r in monitor.store.rollups()) == 50
+
+
+# -- alerts -----------------------------------------------------------------------------
+
+
+def test_alert_once_per_episode_with_hysteresis_and_cooldown(store: Store) -> None:
+    alerts = AlertManager(store, cooldown_seconds=0.3, clear_after=2)
+    ids = [alerts.observe("drift", True, "drift", {}) for _ in range(5)]
+    assert ids[0] is not None and ids[1:] == [None] * 4
+    assert alerts.observe("drift", False, "ok", {}) is None and alerts.is_active("drift")
+    alerts.observe("drift", True, "drift", {})
+    alerts.observe("drift", False, "ok", {})
+    alerts.observe("drift", False, "ok", {})
+    assert not alerts.is_active("drift") and alerts.recent()[0]["resolved_at"] is not None
+    assert alerts.observe("drift", True, "again", {}) is None  # inside the cooldown: episode, no new record
+    for _ in range(2):
+        alerts.observe("drift", False, "ok", {})
+    time.sleep(0.35)
+    assert alerts.observe("drift", True, "later", {}) is not None
+    assert [a["message"] for a in alerts.recent()] == ["later", "drift"]
+
+
+def test_one_off_alerts_respect_the_cooldown(store: Store) -> None:
+    alerts = AlertManager(store, cooldown_seconds=60)
+    assert alerts.raise_alert("health", "model failed", {}) is not None
+    assert alerts.raise_alert("health", "model failed", {}) is None
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/hook", "http://localhost/hook", "http://169.254.169.254/latest", "http://10.1.2.3/x",
+                                 "http://192.168.0.1/", "http://[::1]/", "ftp://example.com/", "http://0.0.0.0/"])
+def test_webhook_targets_on_internal_addresses_are_refused(url: str) -> None:
+    with pytest.raises(WebhookRefused):
+        check_webhook_target(url)
+
+
+def test_webhook_receives_alerts_when_private_targets_are_allowed(store: Store) -> None:
+    import http.server
+    import threading
+
+    received: list[dict] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/hook"
+        AlertManager(store, url, allow_private=True).raise_alert("health", "down", {"x": 1})
+        refused = AlertManager(store, url, allow_private=False, cooldown_seconds=0)
+        refused.raise_alert("other", "not sent", {})
+        deadline = time.monotonic() + 10
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert [r["message"] for r in received] == ["down"] and received[0]["kind"] == "health"
+    finally:
+        server.shutdown()
+
+
+# -- health checker ---------------------------------------------------------------------
+
+
+def test_seed_health_checker(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    assert HealthChecker(models).check_health()["status"] == "unhealthy"
+    models.mkdir()
+    (models / "model_registry.json").write_text("{}")
+    report = HealthChecker(models, ["model_registry.json"]).check_health()
+    assert report["status"] == "healthy" and report["checks"]["required_files"] == {"model_registry.json": True}
+    assert HealthChecker(models, min_free_bytes=10**18).check_health()["status"] == "unhealthy"
+    (models / "model_registry.json").write_text("{broken")
+    assert HealthChecker(models).check_health()["checks"]["registry_readable"] is False
+
+
+# -- over HTTP --------------------------------------------------------------------------
+
+
+def predict_all(client, rows: list[list[float]]) -> None:
+    for start in range(0, len(rows), 50):
+        assert client.post("/api/predict", json={"inputs": rows[start:start + 50]}).status_code == 200
+
+
+def test_predictions_over_http_are_recorded_and_public_stats(app, client, anonymous) -> None:
+    predict_all(client, IRIS)
+    client.post("/api/predict", json={"inputs": [[1, 2]]})
+    stats = anonymous.get("/api/monitoring/stats").get_json()
+    assert stats["total_predictions"] == 151 and stats["error_count"] == 1
+    distribution = stats["class_distribution"]
+    assert set(distribution) == {"setosa", "versicolor", "virginica"} and sum(distribution.values()) == 150
+    assert distribution["setosa"] == 50
+    assert stats["model_versions"] == {"1.0.0": 151}
+    errors = [r for r in app.extensions["quadra"].store.recent_predictions(1000) if not r["success"]]
+    assert [e["error"] for e in errors] == ["invalid_input"]
+
+
+def test_baseline_and_drift_over_http(state_dir: Path, api_keys) -> None:
+    from app import create_app, start_serving
+
+    app = create_app(make_settings(state_dir, monitoring_window=300, baseline_min_samples=100, max_requests=100000))
+    start_serving(app)
+    client = app.test_client()
+    client.environ_base["HTTP_X_API_KEY"] = api_keys["admin"]
+    conflict = client.post("/api/monitoring/baseline")
+    assert conflict.status_code == 409 and conflict.get_json()["error"]["code"] == "insufficient_data"
+    predict_all(client, IRIS * 2)
+    assert client.post("/api/monitoring/baseline", headers={"X-API-Key": api_keys["read"]}).status_code == 403
+    created = client.post("/api/monitoring/baseline")
+    assert created.status_code == 201 and created.get_json()["feature_names"][2] == "petal_length_cm"
+    predict_all(client, IRIS * 2)
+    assert client.get("/api/monitoring/drift").get_json()["drift_detected"] is False
+    predict_all(client, shifted(IRIS * 2, 2, 2.0))
+    drift = app.test_client().get("/api/monitoring/drift").get_json()
+    assert drift["drift_detected"] and "petal_length_cm" in drift["drifted_features"]
+    assert "sepal_width_cm" not in drift["drifted_features"]
+    assert client.delete("/api/monitoring/baseline").get_json() == {"removed": 1}
+    assert client.post("/api/monitoring/baseline", json={"x": 1}).status_code == 400
+    app.extensions["quadra"].store.dispose()
+
+
+def test_alerts_endpoint_and_metrics(client, anonymous, app) -> None:
+    app.extensions["quadra"].alerts.raise_alert("health", "test alert", {})
+    alerts = anonymous.get("/api/monitoring/alerts").get_json()["alerts"]
+    assert alerts[0]["message"] == "test alert"
+    assert anonymous.get("/api/monitoring/alerts?limit=0").status_code == 400
+    predict_all(client, IRIS[:20])
+    client.get("/api/model/versions", headers={"X-API-Key": "bad"})
+    app.extensions["quadra"].monitor.flush()
+    body = anonymous.get("/metrics").get_data(as_text=True)
+    assert 'quadra_http_requests_total{endpoint="predict.predict",method="POST",status="200"}' in body
+    assert "quadra_predictions_total 20.0" in body
+    assert 'quadra_model_info{production_version="1.0.0",serving_version="1.0.0"} 1.0' in body
+    assert 'quadra_mode{mode="inference"} 1.0' in body
+    assert "quadra_auth_failures_total" in body and "quadra_http_request_duration_seconds_bucket" in body
+
+
+def test_logs_are_json_lines_under_the_monitoring_folder(app, client) -> None:
+    client.post("/api/monitoring/baseline")
+    import logging
+
+    logging.getLogger("quadra.monitoring").warning("probe line")
+    folder = app.extensions["quadra"].settings.monitoring_dir
+    lines = [json.loads(line) for line in (folder / "monitoring.log").read_text().splitlines()]
+    assert any(entry["message"] == "probe line" and entry["level"] == "WARNING" for entry in lines)
+    assert (folder / "quadra.log").exists()
+
+
+def test_cli_baseline_commands(app, client) -> None:
+    runner = app.test_cli_runner()
+    assert "at least" in runner.invoke(args=["monitoring", "baseline", "set"]).output
+    predict_all(client, IRIS)
+    assert runner.invoke(args=["monitoring", "baseline", "set"]).exit_code == 0
+    assert "confidence_mean" in runner.invoke(args=["monitoring", "baseline", "show"]).output
+    assert "drift_detected" in runner.invoke(args=["monitoring", "drift"]).output
+    assert "total_predictions" in runner.invoke(args=["monitoring", "stats"]).output
+    assert runner.invoke(args=["monitoring", "baseline", "reset"]).output.strip() == "removed 1 baseline(s)"

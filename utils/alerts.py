@@ -1,0 +1,113 @@
+"""Alerts: one record per episode (hysteresis and a cooldown, no storms), optionally POSTed to
+a webhook. Targets on loopback, link-local, private or reserved addresses are refused unless
+QUADRA_ALERT_WEBHOOK_ALLOW_PRIVATE is set, so a webhook cannot be aimed at internal services."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from typing import Any
+from urllib.parse import urlparse
+
+import requests
+
+from utils.store import Store
+
+CLEAR_AFTER_CHECKS = 3
+WEBHOOK_TIMEOUT_SECONDS = 5.0
+log = logging.getLogger("quadra.monitoring")
+
+
+class WebhookRefused(ValueError):
+    """The webhook URL resolves to an address alerts may not be sent to."""
+
+
+def check_webhook_target(url: str, allow_private: bool = False) -> None:
+    """Refuse URLs that are not http(s) or that resolve to internal addresses."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise WebhookRefused("the webhook must be an http:// or https:// URL")
+    if allow_private:
+        return
+    try:
+        infos = socket.getaddrinfo(parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80))
+    except socket.gaierror as exc:
+        raise WebhookRefused(f"cannot resolve {parsed.hostname}: {exc}") from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if (address.is_loopback or address.is_link_local or address.is_private or address.is_reserved
+                or address.is_multicast or address.is_unspecified):
+            raise WebhookRefused(f"{parsed.hostname} resolves to {address}, an internal address")
+
+
+class AlertManager:
+    """Records alerts in the store; episode state lives there too, so every process agrees."""
+
+    def __init__(self, store: Store, webhook_url: str | None = None, allow_private: bool = False,
+                 cooldown_seconds: float = 600.0, clear_after: int = CLEAR_AFTER_CHECKS) -> None:
+        self.store = store
+        self.webhook_url = webhook_url
+        self.allow_private = allow_private
+        self.cooldown_seconds = cooldown_seconds
+        self.clear_after = clear_after
+
+    def _state_name(self, kind: str) -> str:
+        return f"alert_state:{kind}"
+
+    def observe(self, kind: str, active: bool, message: str, details: dict[str, Any], severity: str = "warning") -> int | None:
+        """Feed one check's verdict. An alert is recorded when an episode starts (and the
+        cooldown since the last one has passed); the episode ends after `clear_after`
+        consecutive clear checks. Returns the new alert's id, if one was recorded."""
+        now = time.time()
+        state = self.store.get_state(self._state_name(kind)) or {"active": False, "since": None, "last_alert_at": 0.0, "clear_checks": 0}
+        alert_id = None
+        if active:
+            state["clear_checks"] = 0
+            if not state["active"]:
+                state.update(active=True, since=now)
+                if now - state["last_alert_at"] >= self.cooldown_seconds:
+                    alert_id = self._record(kind, severity, message, details)
+                    state["last_alert_at"] = now
+        elif state["active"]:
+            state["clear_checks"] += 1
+            if state["clear_checks"] >= self.clear_after:
+                state.update(active=False, since=None, clear_checks=0)
+                self.store.resolve_alerts(kind)
+                log.info("%s episode resolved", kind)
+        self.store.set_state(self._state_name(kind), state, actor="alerts")
+        return alert_id
+
+    def raise_alert(self, kind: str, message: str, details: dict[str, Any], severity: str = "critical") -> int | None:
+        """A one-off alert, subject to the same cooldown per kind."""
+        state = self.store.get_state(self._state_name(kind)) or {"active": False, "since": None, "last_alert_at": 0.0, "clear_checks": 0}
+        now = time.time()
+        if now - state["last_alert_at"] < self.cooldown_seconds:
+            return None
+        state["last_alert_at"] = now
+        self.store.set_state(self._state_name(kind), state, actor="alerts")
+        return self._record(kind, severity, message, details)
+
+    def is_active(self, kind: str) -> bool:
+        return bool((self.store.get_state(self._state_name(kind)) or {}).get("active"))
+
+    def recent(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self.store.list_alerts(limit)
+
+    def _record(self, kind: str, severity: str, message: str, details: dict[str, Any]) -> int:
+        alert_id = self.store.insert_alert(kind, severity, message, details)
+        log.warning("ALERT %s (%s): %s", kind, severity, message)
+        if self.webhook_url:
+            payload = {"id": alert_id, "kind": kind, "severity": severity, "message": message, "details": details, "at": time.time()}
+            threading.Thread(target=self._post, args=(payload,), name="quadra-alert-webhook", daemon=True).start()
+        return alert_id
+
+    def _post(self, payload: dict[str, Any]) -> None:
+        try:
+            check_webhook_target(self.webhook_url, self.allow_private)
+            response = requests.post(self.webhook_url, json=payload, timeout=WEBHOOK_TIMEOUT_SECONDS, allow_redirects=False)
+            log.info("alert %s sent to the webhook: HTTP %s", payload["id"], response.status_code)
+        except (WebhookRefused, requests.RequestException) as exc:
+            log.error("alert %s not sent to the webhook: %s", payload["id"], exc)

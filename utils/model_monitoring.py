@@ -1,0 +1,446 @@
+"""Monitoring: every prediction recorded, rolling-window statistics, drift against a stored
+baseline, and the seed's HealthChecker.
+
+Recording is cheap on the request path: a record is appended to an in-process buffer and a
+background flusher writes batches to the store (and on shutdown). All processes share one
+window, one baseline and one set of totals through the store.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import random
+import shutil
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from utils.config import current_settings
+from utils.drift import column_drift, dataset_drift
+from utils.store import Store, get_store
+
+TOTALS = "prediction_totals"
+WINDOW_START = "monitoring_window_start"
+MAX_FLUSH_BATCH = 5000
+MAX_BUFFERED = 200_000
+MIN_DRIFT_SAMPLES = 30
+MAX_BASELINE_ROWS = 5000
+STD_FLOOR = 1e-6
+CONFIDENCE_BINS = [0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
+log = logging.getLogger("quadra.monitoring")
+
+
+class InsufficientData(RuntimeError):
+    """Not enough recorded predictions for what was asked (a baseline, a drift check)."""
+
+
+@dataclass(frozen=True)
+class PredictionMetrics:
+    """One recorded prediction (a row of a request, or a failed request)."""
+
+    at: float
+    latency_ms: float
+    success: bool
+    confidence: float | None = None
+    predicted_class: str | None = None
+    error: str | None = None
+    model_version: str | None = None
+    features: list[float] | None = None
+
+
+@dataclass
+class DriftMetrics:
+    """The drift verdict: the seed's confidence check plus input and prediction drift."""
+
+    drift_detected: bool
+    drift_score: float
+    threshold: float
+    baseline_mean: float | None
+    current_mean: float | None
+    baseline_std: float | None
+    current_std: float | None
+    sample_count: int
+    evaluated: bool
+    reason: str | None = None
+    detectors: dict[str, bool] = field(default_factory=dict)
+    fired: list[str] = field(default_factory=list)
+    drifted_features: list[str] = field(default_factory=list)
+    dataset_drift_share: float | None = None
+    features: dict[str, Any] = field(default_factory=dict)
+    prediction_drift: dict[str, Any] | None = None
+    baseline: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _summary(values: np.ndarray) -> dict[str, float | None]:
+    if values.size == 0:
+        return {"mean": None, "p50": None, "p95": None, "p99": None, "max": None}
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return {"mean": float(values.mean()), "p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(values.max())}
+
+
+class ModelMonitor:
+    """The seed's monitor, backed by the shared store. Arguments left out come from QUADRA_*."""
+
+    def __init__(
+        self,
+        monitoring_dir: str | Path | None = None,
+        window_size: int = 1000,
+        drift_threshold: float = 2.0,
+        store: Store | None = None,
+        feature_sample_rate: float = 1.0,
+        flush_interval: float = 1.0,
+        baseline_min_samples: int = 100,
+    ) -> None:
+        if store is None or monitoring_dir is None:
+            settings = current_settings()
+            store = store or get_store(settings.database_url, settings.store_wait_seconds)
+            monitoring_dir = monitoring_dir or settings.monitoring_dir
+        self.monitoring_dir = Path(monitoring_dir)
+        self.window_size = window_size
+        self.drift_threshold = drift_threshold
+        self.store = store
+        self.feature_sample_rate = feature_sample_rate
+        self.flush_interval = flush_interval
+        self.baseline_min_samples = baseline_min_samples
+        self.dropped = 0
+        self._buffer: deque[dict[str, Any]] = deque()
+        self._flush_lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
+        self._periodic: list[tuple[float, Callable[[], None]]] = []
+        atexit.register(self.flush)
+
+    # -- recording ----------------------------------------------------------------------
+
+    def record_prediction(
+        self,
+        input_data: Sequence[float] | None,
+        prediction_time: float,
+        confidence: float | None = None,
+        success: bool = True,
+        error: str | None = None,
+        predicted_class: str | None = None,
+        model_version: str | None = None,
+    ) -> None:
+        """Record one prediction; `prediction_time` is in seconds. Returns at once."""
+        keep_features = input_data is not None and (self.feature_sample_rate >= 1.0 or random.random() < self.feature_sample_rate)
+        self._append({
+            "at": time.time(),
+            "model_version": model_version,
+            "latency_ms": prediction_time * 1000.0,
+            "confidence": confidence,
+            "predicted_class": predicted_class,
+            "success": success,
+            "error": error,
+            "features": [float(v) for v in input_data] if keep_features else None,
+        })
+
+    def record_batch(self, rows: list[list[float]], results: list[dict[str, Any]], seconds: float, model_version: str) -> None:
+        """Record each row of a served request (the request path's fast variant)."""
+        now = time.time()
+        latency_ms = seconds * 1000.0
+        sample_all = self.feature_sample_rate >= 1.0
+        for row, result in zip(rows, results):
+            self._append({
+                "at": now,
+                "model_version": model_version,
+                "latency_ms": latency_ms,
+                "confidence": result["confidence"],
+                "predicted_class": result["class"],
+                "success": True,
+                "error": None,
+                "features": row if sample_all or random.random() < self.feature_sample_rate else None,
+            })
+
+    def record_failure(self, error: str, seconds: float, model_version: str | None) -> None:
+        self.record_prediction(None, seconds, success=False, error=error, model_version=model_version)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        if len(self._buffer) >= MAX_BUFFERED:
+            self._buffer.popleft()
+            self.dropped += 1
+        self._buffer.append(record)
+        if self._flusher is None:
+            self.start()
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def flush(self) -> int:
+        """Write everything buffered; on a store error the records stay buffered for the next try."""
+        written = 0
+        with self._flush_lock:
+            while self._buffer:
+                batch = [self._buffer.popleft() for _ in range(min(MAX_FLUSH_BATCH, len(self._buffer)))]
+                try:
+                    self.store.insert_predictions(batch, TOTALS)
+                except Exception:
+                    self._buffer.extendleft(reversed(batch))
+                    log.exception("could not write %d prediction records; will retry", len(batch))
+                    break
+                written += len(batch)
+        return written
+
+    def every(self, seconds: float, task: Callable[[], None]) -> None:
+        """Run `task` about every `seconds` on the flusher thread (maintenance, drift checks)."""
+        self._periodic.append((seconds, task))
+
+    def start(self) -> None:
+        """Start the background flusher (idempotent)."""
+        with self._flush_lock:
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._run, name="quadra-monitor-flusher", daemon=True)
+                self._flusher.start()
+
+    def _run(self) -> None:
+        last_run = {id(task): time.monotonic() for _, task in self._periodic}
+        while True:
+            time.sleep(self.flush_interval)
+            self.flush()
+            for seconds, task in list(self._periodic):
+                if time.monotonic() - last_run.get(id(task), 0.0) >= seconds:
+                    last_run[id(task)] = time.monotonic()
+                    try:
+                        task()
+                    except Exception:
+                        log.exception("monitoring task %s failed", getattr(task, "__name__", task))
+
+    # -- totals and window --------------------------------------------------------------
+
+    def _totals(self) -> dict[str, int]:
+        return self.store.get_state(TOTALS) or {"count": 0, "errors": 0}
+
+    @property
+    def total_predictions(self) -> int:
+        return self._totals()["count"] + len(self._buffer)
+
+    @property
+    def error_count(self) -> int:
+        return self._totals()["errors"] + sum(1 for r in self._buffer if not r["success"])
+
+    def reset_counters(self) -> None:
+        """Zero the totals and start a new window; the records themselves are kept."""
+        self.flush()
+        self.store.set_state(WINDOW_START, self.store.last_prediction_id())
+        self.store.set_state(TOTALS, {"count": 0, "errors": 0})
+
+    def _window(self, columns: tuple[str, ...]) -> list[dict[str, Any]]:
+        return self.store.recent_predictions(self.window_size, self.store.get_state(WINDOW_START) or 0, columns)
+
+    # -- statistics ---------------------------------------------------------------------
+
+    def get_statistics(self) -> dict[str, Any]:
+        """Totals plus rolling-window statistics (the last `window_size` records)."""
+        self.flush()
+        rows = self._window(("at", "latency_ms", "confidence", "predicted_class", "success", "model_version"))
+        latency = np.array([r["latency_ms"] for r in rows], dtype=float)
+        confidence = np.array([r["confidence"] for r in rows if r["success"] and r["confidence"] is not None], dtype=float)
+        errors = sum(1 for r in rows if not r["success"])
+        totals = self._totals()
+        now = time.time()
+        recent = self.store.count_predictions_since(now - 60, self.store.get_state(WINDOW_START) or 0)
+        counts, _ = np.histogram(confidence, bins=CONFIDENCE_BINS) if confidence.size else (np.zeros(len(CONFIDENCE_BINS) - 1), None)
+        latency_summary = _summary(latency)
+        return {
+            "total_predictions": totals["count"],
+            "error_count": totals["errors"],
+            "error_rate": totals["errors"] / totals["count"] if totals["count"] else 0.0,
+            "avg_prediction_time": latency_summary["mean"] / 1000.0 if latency.size else None,
+            "avg_confidence": float(confidence.mean()) if confidence.size else None,
+            "window_size": self.window_size,
+            "window": {
+                "count": len(rows),
+                "errors": errors,
+                "error_rate": errors / len(rows) if rows else 0.0,
+                "first_at": rows[0]["at"] if rows else None,
+                "last_at": rows[-1]["at"] if rows else None,
+            },
+            "latency_ms": latency_summary,
+            "confidence": {
+                **_summary(confidence),
+                "std": float(confidence.std()) if confidence.size else None,
+                "min": float(confidence.min()) if confidence.size else None,
+                "histogram": {"bins": CONFIDENCE_BINS, "counts": [int(c) for c in counts]},
+            },
+            "class_distribution": _counts(r["predicted_class"] for r in rows if r["success"]),
+            "model_versions": _counts(r["model_version"] for r in rows),
+            "throughput_per_second": recent / 60.0,
+            "pending_records": self.pending,
+            "timestamp": now,
+        }
+
+    # -- baseline -----------------------------------------------------------------------
+
+    def set_baseline(self, feature_names: Sequence[str] | None = None, created_by: str = "console") -> dict[str, Any]:
+        """Make the current window the reference for drift (needs `baseline_min_samples`)."""
+        self.flush()
+        rows = [r for r in self._window(("confidence", "predicted_class", "features", "success")) if r["success"]]
+        rows = rows[-MAX_BASELINE_ROWS:]
+        if len(rows) < self.baseline_min_samples:
+            raise InsufficientData(
+                f"a baseline needs at least {self.baseline_min_samples} successful predictions in the window; "
+                f"there are {len(rows)}"
+            )
+        confidence = np.array([r["confidence"] for r in rows], dtype=float)
+        features = [r["features"] for r in rows if r["features"] is not None]
+        width = len(features[0]) if features else 0
+        names = list(feature_names or [])[:width] or [f"feature_{i}" for i in range(width)]
+        matrix = np.array(features, dtype=float) if features else np.zeros((0, width))
+        statistics = {
+            "confidence_mean": float(confidence.mean()),
+            "confidence_std": float(confidence.std()),
+            "sample_count": len(rows),
+            "feature_names": names,
+            "feature_means": [float(v) for v in matrix.mean(axis=0)] if len(features) else [],
+            "feature_stds": [float(v) for v in matrix.std(axis=0)] if len(features) else [],
+            "class_distribution": _counts(r["predicted_class"] for r in rows),
+        }
+        sample = {"confidence": confidence.tolist(), "classes": [r["predicted_class"] for r in rows], "features": features}
+        baseline_id = self.store.insert_baseline(created_by, statistics, sample)
+        log.info("baseline %d set by %s from %d predictions", baseline_id, created_by, len(rows))
+        return {"id": baseline_id, **statistics}
+
+    def reset_baseline(self) -> int:
+        """Forget every baseline; drift is not evaluated until a new one is set."""
+        removed = self.store.delete_baselines()
+        log.info("baselines reset (%d removed)", removed)
+        return removed
+
+    @property
+    def baseline_metrics(self) -> dict[str, Any] | None:
+        baseline = self.store.latest_baseline()
+        if baseline is None:
+            return None
+        return {"id": baseline["id"], "created_at": baseline["created_at"], "created_by": baseline["created_by"], **baseline["statistics"]}
+
+    # -- drift --------------------------------------------------------------------------
+
+    def detect_drift(self) -> dict[str, Any]:
+        """Compare the window with the baseline: confidence shift (the seed's score), input
+        drift per feature and prediction (class) drift. `drift_detected` when any fires."""
+        self.flush()
+        baseline = self.store.latest_baseline()
+        rows = [r for r in self._window(("confidence", "predicted_class", "features", "success")) if r["success"]]
+        confidence = np.array([r["confidence"] for r in rows if r["confidence"] is not None], dtype=float)
+        current_mean = float(confidence.mean()) if confidence.size else None
+        current_std = float(confidence.std()) if confidence.size else None
+        if baseline is None:
+            return self._not_evaluated("no baseline set: POST /api/monitoring/baseline", current_mean, current_std, len(rows))
+        stats = baseline["statistics"]
+        if confidence.size < MIN_DRIFT_SAMPLES:
+            return self._not_evaluated(
+                f"drift needs at least {MIN_DRIFT_SAMPLES} predictions in the window; there are {confidence.size}",
+                current_mean, current_std, len(rows), stats, baseline,
+            )
+        score = abs(current_mean - stats["confidence_mean"]) / max(stats["confidence_std"], STD_FLOOR)
+        inputs = _input_drift(baseline, rows)
+        prediction = column_drift("predicted_class", baseline["sample"]["classes"], [r["predicted_class"] for r in rows], categorical=True)
+        detectors = {
+            "confidence": score > self.drift_threshold,
+            "input": bool(inputs and inputs.dataset_drift),
+            "prediction": prediction.drift_detected,
+        }
+        fired = [name for name, on in detectors.items() if on]
+        return DriftMetrics(
+            drift_detected=bool(fired),
+            drift_score=float(score),
+            threshold=self.drift_threshold,
+            baseline_mean=stats["confidence_mean"],
+            current_mean=current_mean,
+            baseline_std=stats["confidence_std"],
+            current_std=current_std,
+            sample_count=len(rows),
+            evaluated=True,
+            detectors=detectors,
+            fired=fired,
+            drifted_features=inputs.drifted_columns if inputs else [],
+            dataset_drift_share=inputs.drift_share if inputs else None,
+            features=inputs.to_dict()["columns"] if inputs else {},
+            prediction_drift=prediction.to_dict(),
+            baseline=_baseline_summary(baseline),
+        ).to_dict()
+
+    def _not_evaluated(self, reason: str, current_mean: float | None, current_std: float | None, count: int,
+                       stats: dict[str, Any] | None = None, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+        return DriftMetrics(
+            drift_detected=False, drift_score=0.0, threshold=self.drift_threshold,
+            baseline_mean=stats["confidence_mean"] if stats else None, current_mean=current_mean,
+            baseline_std=stats["confidence_std"] if stats else None, current_std=current_std,
+            sample_count=count, evaluated=False, reason=reason,
+            detectors={"confidence": False, "input": False, "prediction": False},
+            baseline=_baseline_summary(baseline) if baseline else None,
+        ).to_dict()
+
+    # -- retention ----------------------------------------------------------------------
+
+    def roll_up(self, retention_seconds: float) -> int:
+        """Fold raw records older than the retention into per-minute rows."""
+        return self.store.roll_up_predictions(time.time() - retention_seconds)
+
+
+def _input_drift(baseline: dict[str, Any], rows: list[dict[str, Any]]):
+    reference = baseline["sample"]["features"]
+    current = [r["features"] for r in rows if r["features"] is not None]
+    if not reference or not current:
+        return None
+    names = baseline["statistics"]["feature_names"]
+    ref, cur = np.array(reference, dtype=float), np.array(current, dtype=float)
+    if ref.shape[1] != cur.shape[1]:
+        return None
+    return dataset_drift({n: ref[:, i] for i, n in enumerate(names)}, {n: cur[:, i] for i, n in enumerate(names)})
+
+
+def _baseline_summary(baseline: dict[str, Any]) -> dict[str, Any]:
+    return {"id": baseline["id"], "created_at": baseline["created_at"], "created_by": baseline["created_by"],
+            "sample_count": baseline["statistics"]["sample_count"]}
+
+
+def _counts(values: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        key = str(value)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+class HealthChecker:
+    """The seed's file-level health check of a models folder."""
+
+    def __init__(self, model_path: str | Path, required_files: Sequence[str] = ("model_registry.json",),
+                 min_free_bytes: int = 100 * 1024 * 1024) -> None:
+        self.model_path = Path(model_path)
+        self.required_files = list(required_files)
+        self.min_free_bytes = min_free_bytes
+
+    def check_health(self) -> dict[str, Any]:
+        exists = self.model_path.is_dir()
+        files = {name: (self.model_path / name).exists() for name in self.required_files}
+        free = shutil.disk_usage(self.model_path if exists else self.model_path.parent).free if exists or self.model_path.parent.exists() else 0
+        disk_ok = free >= self.min_free_bytes
+        registry_ok = True
+        if files.get("model_registry.json"):
+            try:
+                json.loads((self.model_path / "model_registry.json").read_text())
+            except (OSError, ValueError):
+                registry_ok = False
+        healthy = exists and all(files.values()) and disk_ok and registry_ok
+        return {
+            "status": "healthy" if healthy else "unhealthy",
+            "checks": {
+                "model_directory": exists,
+                "required_files": files,
+                "registry_readable": registry_ok,
+                "disk_space": {"ok": disk_ok, "free_bytes": free, "min_free_bytes": self.min_free_bytes},
+            },
+            "timestamp": time.time(),
+        }
