@@ -17,7 +17,7 @@ import torch
 from flask import Flask
 from flask_socketio import SocketIO
 
-from routes import auth, health, monitoring, predict, registry
+from routes import auth, health, modes, monitoring, predict, registry, training
 from routes.common import Services, register_error_handlers
 from utils.alerts import AlertManager
 from utils.cli import register_cli
@@ -25,17 +25,20 @@ from utils.config import ConfigError, Settings
 from utils.events import detect_async_mode
 from utils.logs import configure_logging
 from utils.metrics import init_metrics
+from utils.model_modes import ModelMode, ModelModeManager
 from utils.model_monitoring import ModelMonitor
 from utils.model_versioning import ModelVersionManager
 from utils.security import init_auth
+from utils.readiness import Readiness
 from utils.serving import ModelServer, import_architecture_modules
 from utils.store import PRODUCTION, SERVING, get_store
-from utils.training import ensure_initial_version
+from utils.training import TrainingJobs, ensure_initial_version
 
-BLUEPRINTS = (health.bp, auth.bp, registry.bp, predict.bp, monitoring.bp)
+BLUEPRINTS = (health.bp, auth.bp, registry.bp, predict.bp, monitoring.bp, modes.bp, training.bp)
 MONITORING_LEASE = "monitoring-maintenance"
 DRIFT_STATE = "drift_state"
 ROLL_UP_SECONDS = 60.0
+JOB_REAP_SECONDS = 5.0
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -60,8 +63,13 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings.feature_sample_rate, settings.monitoring_flush_seconds, settings.baseline_min_samples,
     )
     alerts = AlertManager(store, settings.alert_webhook, settings.alert_webhook_allow_private, settings.alert_cooldown_seconds)
+    modes_manager = ModelModeManager(store=store)
+    jobs = TrainingJobs(store, settings.database_url, settings.models_dir, settings.verify_integrity,
+                        settings.max_training_jobs, settings.training_heartbeat_timeout)
+    readiness = Readiness(settings, store, model_registry, model_server, modes_manager)
     security = init_auth(app, settings, store)
-    services = Services(settings, store, model_registry, model_server, security.auth, monitor, alerts)
+    services = Services(settings, store, model_registry, model_server, security.auth, monitor, alerts,
+                        modes_manager, jobs, readiness)
     app.extensions["quadra"] = services
     init_metrics(app, lambda: _metrics_state(services))
 
@@ -141,6 +149,8 @@ def _schedule_monitoring(services: Services) -> None:
     monitor.every(settings.drift_check_seconds, check_drift)
     monitor.every(ROLL_UP_SECONDS, roll_up)
     monitor.every(settings.drift_check_seconds, check_model)
+    monitor.every(settings.monitoring_flush_seconds, services.modes.state)
+    monitor.every(JOB_REAP_SECONDS, services.jobs.reap)
     monitor.start()
 
 
@@ -160,8 +170,8 @@ def _metrics_state(services: Services) -> dict[str, Any]:
         "drift_detected": 1.0 if drift.get("drift_detected") else 0.0 if drift else None,
         "serving_version": versions.get(SERVING) or versions.get(PRODUCTION),
         "production_version": versions.get(PRODUCTION),
-        "mode": store.get_state("mode") or "inference",
-        "modes": ("inference", "training", "maintenance"),
+        "mode": services.modes.mode.value,
+        "modes": tuple(mode.value for mode in ModelMode),
     }
 
 

@@ -11,7 +11,10 @@ from werkzeug.exceptions import HTTPException
 
 from utils.alerts import AlertManager
 from utils.config import Settings
+from utils.model_modes import ModelModeManager
 from utils.model_monitoring import ModelMonitor
+from utils.readiness import Readiness
+from utils.training import TrainingJobs
 from utils.errors import ApiError
 from utils.model_versioning import IntegrityCheckFailed, InvalidVersion, ModelVersionManager, VersionConflict, VersionNotFound
 from utils.security import AuthManager, current_principal
@@ -32,6 +35,9 @@ class Services:
     auth: AuthManager
     monitor: ModelMonitor
     alerts: AlertManager
+    modes: ModelModeManager
+    jobs: TrainingJobs
+    readiness: Readiness
     started: bool = False
 
 
@@ -42,9 +48,15 @@ def services() -> Services:
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Any:
     response = jsonify({"error": {"code": code, "message": message}})
     response.status_code = status
-    response.headers.update(headers or {})
-    if headers and "Retry-After" in headers:
-        g.retry_after = headers["Retry-After"]
+    headers = dict(headers or {})
+    retry = headers.pop("Retry-After", None)
+    response.headers.update(headers)
+    return with_retry_after(response, retry) if retry else response
+
+
+def with_retry_after(response: Any, seconds: str) -> Any:
+    """Set Retry-After so that it survives the rate limiter's header handling."""
+    response.headers["Retry-After"] = g.retry_after = seconds
     return response
 
 

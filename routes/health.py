@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
-from routes.common import services
+from routes.common import services, with_retry_after
 
 bp = Blueprint("health", __name__)
 _STARTED = time.time()
@@ -26,3 +26,14 @@ def health() -> Any:
             "timestamp": time.time(),
         }
     )
+
+
+@bp.get("/api/health/detailed")
+def readiness() -> Any:
+    """Readiness: 200 when this process can serve correctly, else 503 with the reasons."""
+    report = services().readiness.report()
+    response = jsonify(report)
+    if not report["ready"]:
+        response.status_code = 503
+        with_retry_after(response, "5")
+    return response

@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
-from routes.common import error_code, json_body, services
+from routes.common import ApiError, error_code, json_body, services
 from utils.security import require_permission
 from utils.serving import parse_inputs
 
@@ -21,6 +21,9 @@ def predict() -> Any:
     """`{"inputs": [[...], ...]}` -> class, probabilities and confidence per row; every row
     (or the failed request) is recorded for monitoring off the request path."""
     svc = services()
+    if not svc.modes.serves_predictions():
+        raise ApiError(503, "maintenance", "predictions are paused: the service is in maintenance mode",
+                       {"Retry-After": str(svc.settings.maintenance_retry_after)})
     started = time.perf_counter()
     served = svc.model_server.current
     try:

@@ -90,6 +90,10 @@ class AlertManager:
         self.store.set_state(self._state_name(kind), state, actor="alerts")
         return self._record(kind, severity, message, details)
 
+    def notify(self, kind: str, message: str, details: dict[str, Any]) -> int:
+        """An informational notice (a mode change): recorded and sent, no cooldown."""
+        return self._record(kind, "info", message, details)
+
     def is_active(self, kind: str) -> bool:
         return bool((self.store.get_state(self._state_name(kind)) or {}).get("active"))
 
@@ -98,7 +102,7 @@ class AlertManager:
 
     def _record(self, kind: str, severity: str, message: str, details: dict[str, Any]) -> int:
         alert_id = self.store.insert_alert(kind, severity, message, details)
-        log.warning("ALERT %s (%s): %s", kind, severity, message)
+        log.log(logging.INFO if severity == "info" else logging.WARNING, "%s %s: %s", "notice" if severity == "info" else "ALERT", kind, message)
         if self.webhook_url:
             payload = {"id": alert_id, "kind": kind, "severity": severity, "message": message, "details": details, "at": time.time()}
             threading.Thread(target=self._post, args=(payload,), name="quadra-alert-webhook", daemon=True).start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -11,9 +12,11 @@ from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
 from utils import audit
+from utils.model_modes import ModelMode
 from utils.model_monitoring import InsufficientData, ModelMonitor
 from utils.model_versioning import ModelVersionManager
 from utils.security import AuthManager
+from utils.training import Hyperparameters, TrainingCapacityReached
 
 registry_cli = AppGroup("registry", help="Inspect, back up, restore and archive model versions.")
 
@@ -226,6 +229,86 @@ def baseline_reset_command() -> None:
     click.echo(f"removed {_monitor().reset_baseline()} baseline(s)")
 
 
+mode_cli = AppGroup("mode", help="Show or switch the deployment's mode.")
+
+
+@mode_cli.command("show")
+def mode_show_command() -> None:
+    state = current_app.extensions["quadra"].modes.state()
+    click.echo(f"{state['mode']} (by {state['changed_by']}: {state['reason'] or '-'})")
+
+
+@mode_cli.command("set")
+@click.argument("mode", type=click.Choice([m.value for m in ModelMode]))
+@click.option("--reason", default="", help="Why; kept in the audit log and sent with the notification.")
+def mode_set_command(mode: str, reason: str) -> None:
+    """Switch every worker to MODE within a second (refused while a job trains, for inference)."""
+    services = current_app.extensions["quadra"]
+    if mode == ModelMode.INFERENCE.value and services.jobs.active():
+        _fail(RuntimeError("a training job is running; cancel it first (flask --app app train cancel JOB)"))
+    state = services.modes.set_mode(mode, reason, changed_by="cli")
+    audit.record(services.store, "cli", "modes.set_mode", "success", target=mode, details={"reason": reason, "from": state["previous_mode"]})
+    services.alerts.notify("mode", f"mode {state['previous_mode']} -> {mode} by cli: {reason or 'no reason given'}",
+                           {"from": state["previous_mode"], "to": mode, "reason": reason})
+    click.echo(f"mode {state['previous_mode']} -> {mode}")
+
+
+train_cli = AppGroup("train", help="Start, follow and cancel training jobs.")
+
+
+@train_cli.command("start")
+@click.option("--epochs", type=click.IntRange(1, 10_000), default=Hyperparameters.epochs, show_default=True)
+@click.option("--learning-rate", type=click.FloatRange(1e-7, 10.0), default=Hyperparameters.learning_rate, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 100_000), default=Hyperparameters.batch_size, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=Hyperparameters.seed, show_default=True)
+@click.option("--wait/--no-wait", default=False, help="Follow the job until it ends.")
+def train_start_command(epochs: int, learning_rate: float, batch_size: int, seed: int, wait: bool) -> None:
+    """Train on the bundled dataset (needs TRAINING or MAINTENANCE mode); saves, never promotes."""
+    services = current_app.extensions["quadra"]
+    if not services.modes.allows_training():
+        _fail(RuntimeError(f"training is refused in {services.modes.mode.value} mode; switch to training or maintenance first"))
+    try:
+        job = services.jobs.start(Hyperparameters(epochs, learning_rate, batch_size, seed), None, created_by="cli")
+    except TrainingCapacityReached as exc:
+        _fail(exc)
+    audit.record(services.store, "cli", "training.start_training", "success", target=job["id"])
+    click.echo(job["id"])
+    while wait and job["status"] in ("queued", "running"):
+        time.sleep(1)
+        services.jobs.reap()
+        job = services.jobs.get(job["id"])
+        click.echo(f"{job['status']} epoch {job['epoch']}/{job['total_epochs']}", err=True)
+    if wait:
+        click.echo(f"{job['status']} {job['result_version'] or job['error'] or ''}".strip())
+        if job["status"] != "succeeded":
+            raise SystemExit(1)
+
+
+@train_cli.command("status")
+@click.argument("job_id")
+def train_status_command(job_id: str) -> None:
+    try:
+        _echo_json(current_app.extensions["quadra"].jobs.get(job_id))
+    except LookupError as exc:
+        _fail(exc)
+
+
+@train_cli.command("list")
+def train_list_command() -> None:
+    for job in current_app.extensions["quadra"].jobs.list():
+        click.echo(f"{job['id']}  {job['status']:<10} {job['epoch']}/{job['total_epochs']}  {job['result_version'] or job['error'] or ''}")
+
+
+@train_cli.command("cancel")
+@click.argument("job_id")
+def train_cancel_command(job_id: str) -> None:
+    try:
+        job = current_app.extensions["quadra"].jobs.cancel(job_id)
+    except LookupError as exc:
+        _fail(exc)
+    click.echo(f"{job_id}: {job['status']}{' (stopping at the next epoch)' if job['cancel_requested'] else ''}")
+
+
 def _when(timestamp: float | None) -> str:
     if timestamp is None:
         return "never"
@@ -237,3 +320,5 @@ def register_cli(app: Flask) -> None:
     app.cli.add_command(keys_cli)
     app.cli.add_command(audit_command)
     app.cli.add_command(monitoring_cli)
+    app.cli.add_command(mode_cli)
+    app.cli.add_command(train_cli)

@@ -189,6 +189,11 @@ class Settings:
     alert_webhook_allow_private: bool = False
     alert_cooldown_seconds: float = 600.0
     log_max_bytes: int = 10 * 1024 * 1024
+    max_training_jobs: int = 1
+    training_heartbeat_timeout: float = 60.0
+    training_max_rows: int = 50_000
+    min_free_disk_mb: int = 100
+    maintenance_retry_after: int = 60
     log_backups: int = 5
 
     @property
@@ -261,6 +266,11 @@ def _build(values: Mapping[str, str]) -> Settings:
         alert_cooldown_seconds=_read(values, "QUADRA_ALERT_COOLDOWN_SECONDS", _float_parser(0.0, 86_400.0 * 7), 600.0),
         log_max_bytes=_read(values, "QUADRA_LOG_MAX_BYTES", _int_parser(1024, 10 * 1024**3), 10 * 1024 * 1024),
         log_backups=_read(values, "QUADRA_LOG_BACKUPS", _int_parser(0, 1000), 5),
+        max_training_jobs=_read(values, "QUADRA_MAX_TRAINING_JOBS", _int_parser(1, 64), 1),
+        training_heartbeat_timeout=_read(values, "QUADRA_TRAINING_HEARTBEAT_TIMEOUT", _float_parser(10.0, 86_400.0), 60.0),
+        training_max_rows=_read(values, "QUADRA_TRAINING_MAX_ROWS", _int_parser(10, 10_000_000), 50_000),
+        min_free_disk_mb=_read(values, "QUADRA_MIN_FREE_DISK_MB", _int_parser(0, 10_000_000), 100),
+        maintenance_retry_after=_read(values, "QUADRA_MAINTENANCE_RETRY_AFTER", _int_parser(1, 86_400), 60),
         log_level=_read(values, "QUADRA_LOG_LEVEL", _choice_parser(("debug", "info", "warning", "error")), "info"),
     )
     check_production_safety(settings)

@@ -189,6 +189,30 @@ alerts = Table(
 )
 
 
+training_jobs = Table(
+    "training_jobs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("status", String(16), nullable=False, index=True),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("started_at", Float, nullable=True),
+    Column("finished_at", Float, nullable=True),
+    Column("heartbeat_at", Float, nullable=True),
+    Column("params", JSON, nullable=False),
+    Column("data", JSON, nullable=True),
+    Column("progress", JSON, nullable=False, default=list),
+    Column("total_epochs", Integer, nullable=False),
+    Column("result_version", String(128), nullable=True),
+    Column("error", Text, nullable=True),
+    Column("host", String(200), nullable=True),
+    Column("pid", Integer, nullable=True),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+)
+
+ACTIVE_JOB_STATES = ("queued", "running")
+
+
 class StoreConflict(Exception):
     """A write conflicts with the stored state (duplicate key, object in use, nothing to do)."""
 
@@ -205,8 +229,12 @@ def _migration_3(conn: Connection) -> None:
     metadata.create_all(conn, tables=[predictions, prediction_rollups, baselines, alerts])
 
 
+def _migration_4(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[training_jobs])
+
+
 # The schema's upgrade path: append a function per change; never edit a released one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 PRODUCTION = "production_version"
@@ -621,6 +649,50 @@ class Store:
         with self.read() as conn:
             rows = conn.execute(select(alerts).where(alerts.c.id > after_id).order_by(alerts.c.id.desc()).limit(limit)).all()
         return [_row(r) for r in rows]
+
+
+    # -- training jobs ------------------------------------------------------------------
+
+    def insert_job_if_capacity(self, row: dict[str, Any], max_active: int) -> bool:
+        """Insert a queued job unless `max_active` jobs are already queued or running."""
+        with self.write() as conn:
+            if not self.is_sqlite:
+                conn.execute(text("LOCK TABLE training_jobs IN SHARE ROW EXCLUSIVE MODE"))
+            active = conn.execute(select(func.count()).select_from(training_jobs)
+                                  .where(training_jobs.c.status.in_(ACTIVE_JOB_STATES))).scalar_one()
+            if active >= max_active:
+                return False
+            conn.execute(insert(training_jobs).values(**row))
+            return True
+
+    def get_job(self, job_id: str) -> dict[str, Any] | None:
+        with self.read() as conn:
+            row = conn.execute(select(training_jobs).where(training_jobs.c.id == job_id)).first()
+        return _row(row) if row else None
+
+    def list_jobs(self, limit: int = 50, active_only: bool = False) -> list[dict[str, Any]]:
+        query = select(training_jobs).order_by(training_jobs.c.created_at.desc()).limit(limit)
+        if active_only:
+            query = query.where(training_jobs.c.status.in_(ACTIVE_JOB_STATES))
+        with self.read() as conn:
+            return [_row(r) for r in conn.execute(query).all()]
+
+    def update_job(self, job_id: str, only_if_active: bool = False, **values: Any) -> bool:
+        """Update a job; with `only_if_active`, a finished job is left alone (False)."""
+        statement = update(training_jobs).where(training_jobs.c.id == job_id)
+        if only_if_active:
+            statement = statement.where(training_jobs.c.status.in_(ACTIVE_JOB_STATES))
+        with self.write() as conn:
+            return conn.execute(statement.values(**values)).rowcount > 0
+
+    def append_job_progress(self, job_id: str, entry: dict[str, Any]) -> bool:
+        """Add an epoch's metrics and beat the heart; returns whether a cancel was requested."""
+        with self.write() as conn:
+            row = conn.execute(select(training_jobs.c.progress, training_jobs.c.cancel_requested)
+                               .where(training_jobs.c.id == job_id)).first()
+            conn.execute(update(training_jobs).where(training_jobs.c.id == job_id)
+                         .values(progress=[*row.progress, entry], heartbeat_at=time.time()))
+            return bool(row.cancel_requested)
 
 
 def _states(conn: Connection, names: tuple[str, ...]) -> dict[str, Any]:

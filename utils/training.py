@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import logging
 import os
 import socket
+import subprocess
+import sys
+import threading
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
-from utils.model_versioning import ModelVersionManager
+from utils.model_versioning import ModelVersionManager, generate_version_string
 from utils.serving import build_model
+
+if TYPE_CHECKING:
+    from utils.store import Store
 
 log = logging.getLogger("quadra.training")
 
@@ -159,3 +167,209 @@ def ensure_initial_version(registry: ModelVersionManager, wait_seconds: float = 
             log.info("created and promoted initial version %s (accuracy %.3f)", INITIAL_VERSION, metrics["accuracy"])
     finally:
         registry.store.release_lease(BOOTSTRAP_LEASE, owner)
+
+
+# -- training jobs ---------------------------------------------------------------------------
+
+JOB_HEARTBEAT_SECONDS = 5.0
+
+
+class JobCancelled(Exception):
+    """Raised inside a job's process when a cancel was requested."""
+
+
+class TrainingCapacityReached(RuntimeError):
+    """The configured number of jobs is already queued or running."""
+
+
+def dataset_from_payload(data: dict[str, Any]) -> Dataset:
+    """Build a Dataset from posted {"features": [[...]], "labels": [...], "feature_names": [...]}
+    (already validated by the route)."""
+    labels = [str(label) for label in data["labels"]]
+    class_names = sorted(set(labels))
+    index = {name: i for i, name in enumerate(class_names)}
+    features = torch.tensor(data["features"], dtype=torch.float32)
+    names = data.get("feature_names") or [f"feature_{i}" for i in range(features.shape[1])]
+    return Dataset(features, torch.tensor([index[label] for label in labels]), list(names), class_names)
+
+
+def _process_alive(pid: int) -> bool:
+    """True for a running process (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def public_job(row: dict[str, Any]) -> dict[str, Any]:
+    """A job as the API shows it (the posted data itself is not echoed)."""
+    progress = row["progress"] or []
+    return {
+        "id": row["id"],
+        "status": row["status"],
+        "created_at": row["created_at"],
+        "created_by": row["created_by"],
+        "started_at": row["started_at"],
+        "finished_at": row["finished_at"],
+        "params": row["params"],
+        "custom_data_rows": len(row["data"]["labels"]) if row["data"] else None,
+        "epoch": progress[-1]["epoch"] if progress else 0,
+        "total_epochs": row["total_epochs"],
+        "percent": round(100.0 * (progress[-1]["epoch"] if progress else 0) / row["total_epochs"], 1),
+        "progress": progress,
+        "result_version": row["result_version"],
+        "error": row["error"],
+        "cancel_requested": row["cancel_requested"],
+    }
+
+
+class TrainingJobs:
+    """Starts training jobs as separate processes and keeps their state in the store."""
+
+    def __init__(self, store: Store, database_url: str, models_dir: Path, verify_integrity: bool,
+                 max_active: int = 1, heartbeat_timeout: float = 60.0) -> None:
+        self.store = store
+        self.database_url = database_url
+        self.models_dir = Path(models_dir)
+        self.verify_integrity = verify_integrity
+        self.max_active = max_active
+        self.heartbeat_timeout = heartbeat_timeout
+
+    def start(self, params: Hyperparameters, data: dict[str, Any] | None, created_by: str) -> dict[str, Any]:
+        """Queue a job and launch its process; TrainingCapacityReached when too many run."""
+        self.reap()
+        job_id = f"job_{uuid.uuid4().hex[:12]}"
+        row = {
+            "id": job_id, "status": "queued", "created_at": time.time(), "created_by": created_by,
+            "params": asdict(params), "data": data, "progress": [], "total_epochs": params.epochs,
+            "cancel_requested": False,
+        }
+        if not self.store.insert_job_if_capacity(row, self.max_active):
+            raise TrainingCapacityReached(f"{self.max_active} training job(s) already running; wait or cancel one")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "utils.training", job_id, "--database-url", self.database_url,
+             "--models-dir", str(self.models_dir), *([] if self.verify_integrity else ["--no-verify"])],
+            cwd=Path(__file__).resolve().parent.parent,
+            start_new_session=True,
+        )
+        self.store.update_job(job_id, only_if_active=True, pid=process.pid, host=socket.gethostname())
+        threading.Thread(target=self._watch, args=(job_id, process), name=f"quadra-job-{job_id}", daemon=True).start()
+        log.info("training job %s started by %s (pid %d)", job_id, created_by, process.pid)
+        return self.get(job_id)
+
+    def _watch(self, job_id: str, process: subprocess.Popen) -> None:
+        """Reap the child; if it died without finishing its job, the job failed."""
+        code = process.wait()
+        if self.store.update_job(job_id, only_if_active=True, status="failed", finished_at=time.time(),
+                                 error=f"training process exited with code {code} before finishing"):
+            log.error("training job %s failed: its process exited with %d", job_id, code)
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        row = self.store.get_job(job_id)
+        if row is None:
+            raise LookupError(f"training job {job_id} not found")
+        return public_job(row)
+
+    def list(self, limit: int = 50) -> list[dict[str, Any]]:
+        self.reap()
+        return [public_job(r) for r in self.store.list_jobs(limit)]
+
+    def active(self) -> list[dict[str, Any]]:
+        self.reap()
+        return [public_job(r) for r in self.store.list_jobs(active_only=True)]
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Ask a job to stop at its next epoch (a queued job stops at once)."""
+        row = self.store.get_job(job_id)
+        if row is None:
+            raise LookupError(f"training job {job_id} not found")
+        if row["status"] == "queued" and row["pid"] is None:
+            self.store.update_job(job_id, only_if_active=True, status="cancelled", finished_at=time.time())
+        else:
+            self.store.update_job(job_id, only_if_active=True, cancel_requested=True)
+        return self.get(job_id)
+
+    def cancel_all(self) -> list[str]:
+        return [self.cancel(job["id"])["id"] for job in self.active()]
+
+    def reap(self) -> int:
+        """Mark failed every active job whose process is gone or silent for too long."""
+        failed = 0
+        now = time.time()
+        host = socket.gethostname()
+        for row in self.store.list_jobs(active_only=True):
+            last_sign = row["heartbeat_at"] or row["created_at"]
+            gone = row["pid"] is not None and row["host"] == host and not _process_alive(row["pid"])
+            if gone or now - last_sign > self.heartbeat_timeout:
+                reason = "its process is gone" if gone else f"no heartbeat for {self.heartbeat_timeout:g}s"
+                if self.store.update_job(row["id"], only_if_active=True, status="failed", finished_at=now,
+                                         error=f"training job failed: {reason}"):
+                    failed += 1
+                    log.error("training job %s marked failed: %s", row["id"], reason)
+        return failed
+
+
+def run_job(job_id: str, database_url: str, models_dir: Path, verify_integrity: bool) -> int:
+    """The body of a job's process: train, report each epoch, save the version (no promote)."""
+    from utils.store import Store
+
+    store = Store(database_url)
+    row = store.get_job(job_id)
+    if row is None or row["status"] != "queued":
+        return 1
+    torch.set_num_threads(1)
+    store.update_job(job_id, only_if_active=True, status="running", started_at=time.time(), heartbeat_at=time.time(),
+                     pid=os.getpid(), host=socket.gethostname())
+    stop_heartbeat = threading.Event()
+    threading.Thread(target=_heartbeat, args=(store, job_id, stop_heartbeat), daemon=True).start()
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        if store.append_job_progress(job_id, {"epoch": epoch, **metrics, "at": time.time()}):
+            raise JobCancelled()
+
+    try:
+        dataset = dataset_from_payload(row["data"]) if row["data"] else load_dataset()
+        params = Hyperparameters(**{**row["params"], "hidden_dims": tuple(row["params"]["hidden_dims"])})
+        model, metrics, info = train_classifier(dataset, params, on_epoch)
+        registry = ModelVersionManager(models_dir, store, verify_integrity)
+        saved = registry.save_model(
+            model, generate_version_string("train"), metrics=metrics, training_info={**info, "job_id": job_id},
+            description=f"Trained by job {job_id}", tags=["trained"], created_by=row["created_by"],
+        )
+        store.update_job(job_id, status="succeeded", finished_at=time.time(), result_version=saved["version"])
+        return 0
+    except JobCancelled:
+        store.update_job(job_id, status="cancelled", finished_at=time.time())
+        return 0
+    except Exception as exc:
+        store.update_job(job_id, status="failed", finished_at=time.time(), error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        stop_heartbeat.set()
+
+
+def _heartbeat(store: Store, job_id: str, stop: threading.Event) -> None:
+    while not stop.wait(JOB_HEARTBEAT_SECONDS):
+        store.update_job(job_id, only_if_active=True, heartbeat_at=time.time())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run one Quadra training job (started by the service).")
+    parser.add_argument("job_id")
+    parser.add_argument("--database-url", required=True)
+    parser.add_argument("--models-dir", required=True, type=Path)
+    parser.add_argument("--no-verify", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    return run_job(args.job_id, args.database_url, args.models_dir, not args.no_verify)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

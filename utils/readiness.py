@@ -1,0 +1,117 @@
+"""Readiness (GET /api/health/detailed): can this process serve correctly right now?
+
+Checks the store, Redis and the artifact folder when configured, the seed's file checks
+(models folder, model_registry.json, free disk space), and that the model this process serves
+is loaded, is the one the store names, and still matches its recorded SHA-256. The report
+names no paths and no secrets, so it can stay public."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+
+from utils.config import Settings
+from utils.model_modes import ModelModeManager
+from utils.model_monitoring import HealthChecker
+from utils.model_versioning import REGISTRY_MIRROR, ModelVersionManager, sha256_file
+from utils.serving import ModelServer
+from utils.store import PRODUCTION, SERVING, Store
+
+
+class Readiness:
+    def __init__(self, settings: Settings, store: Store, registry: ModelVersionManager, model_server: ModelServer,
+                 modes: ModelModeManager) -> None:
+        self.settings, self.store, self.registry, self.model_server, self.modes = settings, store, registry, model_server, modes
+        self._verified: dict[str, tuple[tuple[int, int], bool]] = {}
+
+    def report(self) -> dict[str, Any]:
+        checks: dict[str, Any] = {"store": self._store_ok()}
+        if self.settings.redis_url:
+            checks["redis"] = self._redis_ok()
+        checks["artifact_store"] = self._artifacts_ok()
+        files = HealthChecker(self.registry.models_dir, [REGISTRY_MIRROR], self.settings.min_free_disk_mb * 1024 * 1024).check_health()["checks"]
+        checks["model_directory"] = files["model_directory"]
+        checks["required_files"] = files["required_files"]
+        checks["disk_space"] = files["disk_space"]
+        versions = self.store.get_states((PRODUCTION, SERVING)) if checks["store"] else {}
+        checks["serving_model"] = self._serving_model(versions.get(SERVING) or versions.get(PRODUCTION))
+        reasons = _reasons(checks)
+        served = self.model_server.current
+        return {
+            "status": "ready" if not reasons else "not_ready",
+            "ready": not reasons,
+            "reasons": reasons,
+            "checks": checks,
+            "current_version": served.version if served else None,
+            "production_version": versions.get(PRODUCTION),
+            "mode": self.modes.mode.value if checks["store"] else None,
+            "timestamp": time.time(),
+        }
+
+    def _store_ok(self) -> bool:
+        try:
+            self.store.ping()
+            return True
+        except Exception:
+            return False
+
+    def _redis_ok(self) -> bool:
+        try:
+            return bool(redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def _artifacts_ok(self) -> bool:
+        folder = self.registry.models_dir
+        return folder.is_dir() and os.access(folder, os.W_OK)
+
+    def _serving_model(self, expected: str | None) -> dict[str, Any]:
+        served = self.model_server.current
+        state = {"loaded": served is not None, "version": served.version if served else None,
+                 "expected_version": expected, "warmed_up": served is not None, "hash_verified": False,
+                 "error": self.model_server.last_error}
+        if served is not None:
+            state["hash_verified"] = self._artifact_matches(served.version, served.sha256)
+        return state
+
+    def _artifact_matches(self, version: str, sha256: str) -> bool:
+        """Re-hash the artifact only when its size or modification time changed."""
+        row = self.store.get_version(version)
+        if row is None or row["sha256"] != sha256:
+            return False
+        path = self.registry.artifacts.path(row["artifact_key"])
+        try:
+            stat = path.stat()
+        except OSError:
+            return False
+        key = (stat.st_mtime_ns, stat.st_size)
+        cached = self._verified.get(version)
+        if cached is None or cached[0] != key:
+            cached = (key, sha256_file(path) == sha256)
+            self._verified[version] = cached
+        return cached[1]
+
+
+def _reasons(checks: dict[str, Any]) -> list[str]:
+    reasons = []
+    if not checks["store"]:
+        reasons.append("the store is unreachable")
+    if checks.get("redis") is False:
+        reasons.append("Redis is unreachable")
+    if not checks["artifact_store"]:
+        reasons.append("the artifact folder is missing or not writable")
+    if not checks["model_directory"] or not all(checks["required_files"].values()):
+        reasons.append("the models folder or model_registry.json is missing")
+    if not checks["disk_space"]["ok"]:
+        reasons.append("free disk space is below QUADRA_MIN_FREE_DISK_MB")
+    model = checks["serving_model"]
+    if not model["loaded"]:
+        reasons.append("no model is loaded")
+    elif not model["hash_verified"]:
+        reasons.append(f"the serving artifact of {model['version']} does not match its recorded SHA-256")
+    elif model["expected_version"] and model["version"] != model["expected_version"]:
+        reasons.append(f"serving {model['version']} while the store names {model['expected_version']}")
+    return reasons
