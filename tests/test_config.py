@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,17 @@ def test_development_secret_is_generated_once_and_private(tmp_path: Path) -> Non
     assert (tmp_path / "secret_key").stat().st_mode & 0o777 == 0o600
     configured = Settings.from_env({"QUADRA_STATE_DIR": str(tmp_path), "QUADRA_SECRET_KEY": STRONG_KEY})
     assert resolve_secret_key(configured) == STRONG_KEY
+
+
+def test_env_example_documents_every_variable_and_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    root = Path(__file__).resolve().parent.parent
+    source = (root / "utils" / "config.py").read_text()
+    example = (root / ".env.example").read_text()
+    variables = set(re.findall(r'"(QUADRA_[A-Z_]+)"', source))
+    assert len(variables) > 40
+    assert not [v for v in sorted(variables) if f"{v}=" not in example]
+    for key in list(os.environ):
+        if key.startswith("QUADRA_"):
+            monkeypatch.delenv(key)
+    settings = Settings.from_env(dotenv_path=root / ".env.example")
+    assert settings.auth_failure_limit == "10 per minute" and settings.port == 5000
