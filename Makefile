@@ -7,9 +7,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run serve test bench clean
 
-$(STAMP): requirements.txt requirements_dashboard.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements_dashboard.txt requirements-dev.txt static/package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	npm ci --prefix static --no-audit --no-fund
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -11,18 +11,19 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from typing import Any
 
 import torch
 from flask import Flask
 from flask_socketio import SocketIO
 
-from routes import auth, health, modes, monitoring, predict, registry, training
+from routes import auth, dashboard, health, modes, monitoring, predict, registry, training
 from routes.common import Services, register_error_handlers
 from utils.alerts import AlertManager
 from utils.cli import register_cli
 from utils.config import ConfigError, Settings
-from utils.events import detect_async_mode
+from utils.events import DRIFT_HISTORY, DRIFT_STATE, EventPusher, detect_async_mode
 from utils.logs import configure_logging
 from utils.metrics import init_metrics
 from utils.model_modes import ModelMode, ModelModeManager
@@ -34,9 +35,10 @@ from utils.serving import ModelServer, import_architecture_modules
 from utils.store import PRODUCTION, SERVING, get_store
 from utils.training import TrainingJobs, ensure_initial_version
 
-BLUEPRINTS = (health.bp, auth.bp, registry.bp, predict.bp, monitoring.bp, modes.bp, training.bp)
+BLUEPRINTS = (dashboard.bp, health.bp, auth.bp, registry.bp, predict.bp, monitoring.bp, modes.bp, training.bp)
 MONITORING_LEASE = "monitoring-maintenance"
-DRIFT_STATE = "drift_state"
+DRIFT_HISTORY_LENGTH = 120
+DRIFT_SUMMARY_FIELDS = ("drift_detected", "drift_score", "threshold", "fired", "drifted_features", "evaluated", "reason", "dataset_drift_share")
 ROLL_UP_SECONDS = 60.0
 JOB_REAP_SECONDS = 5.0
 
@@ -81,12 +83,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.before_request(lambda: start_serving(app))
     register_cli(app)
 
-    app.extensions["socketio"] = SocketIO(
+    socketio = SocketIO(
         app,
         async_mode=detect_async_mode(),
         cors_allowed_origins=list(settings.cors_origins) or None,
         transports=["websocket"],
     )
+    app.extensions["socketio"] = socketio
+    services.events = EventPusher(socketio, services)
+    services.events.register_handlers()
     return app
 
 
@@ -102,6 +107,7 @@ def start_serving(app: Flask) -> None:
     bootstrap = ensure_initial_version if services.settings.bootstrap_model else None
     services.model_server.start(bootstrap)
     _schedule_monitoring(services)
+    services.events.start()
     if services.settings.auth_enabled and not services.settings.is_production:
         _print_bootstrap_key(services)
 
@@ -133,7 +139,15 @@ def _schedule_monitoring(services: Services) -> None:
         if not services.store.try_acquire_lease(MONITORING_LEASE, owner, settings.drift_check_seconds * 3):
             return
         result = monitor.detect_drift()
-        services.store.set_state(DRIFT_STATE, {k: result[k] for k in ("drift_detected", "drift_score", "fired", "drifted_features", "evaluated")})
+        summary = {key: result[key] for key in DRIFT_SUMMARY_FIELDS}
+        summary["features"] = {name: {k: column[k] for k in ("test", "statistic", "p_value", "drift_detected")}
+                               for name, column in result["features"].items()}
+        summary["checked_at"] = time.time()
+        services.store.set_state(DRIFT_STATE, summary)
+        history = (services.store.get_state(DRIFT_HISTORY) or [])[-(DRIFT_HISTORY_LENGTH - 1):]
+        history.append({"at": summary["checked_at"], "drift_score": result["drift_score"],
+                        "drift_detected": result["drift_detected"], "drift_share": result["dataset_drift_share"]})
+        services.store.set_state(DRIFT_HISTORY, history)
         if result["evaluated"]:
             message = f"drift detected by {', '.join(result['fired'])}" if result["fired"] else "no drift"
             alerts.observe("drift", result["drift_detected"], message, {k: result[k] for k in ("drift_score", "threshold", "fired", "drifted_features")})

@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 
 from utils.alerts import AlertManager
 from utils.config import Settings
+from utils.events import EventPusher
 from utils.model_modes import ModelModeManager
 from utils.model_monitoring import ModelMonitor
 from utils.readiness import Readiness
@@ -38,6 +39,7 @@ class Services:
     modes: ModelModeManager
     jobs: TrainingJobs
     readiness: Readiness
+    events: EventPusher | None = None
     started: bool = False
 
 

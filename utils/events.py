@@ -1,4 +1,4 @@
-"""The Socket.IO channel: which async mode this process runs under.
+"""The Socket.IO channel: the async mode, the event names and the per-worker pusher.
 
 The app stays free of eventlet-only code: the mode follows whatever the server process has
 monkey-patched (gunicorn's eventlet or gevent worker), else plain threads (`python app.py`).
@@ -6,7 +6,11 @@ monkey-patched (gunicorn's eventlet or gevent worker), else plain threads (`pyth
 
 from __future__ import annotations
 
+import logging
 import sys
+from typing import Any
+
+from flask_socketio import SocketIO, emit
 
 
 def detect_async_mode() -> str:
@@ -18,3 +22,98 @@ def detect_async_mode() -> str:
     if gevent_monkey is not None and gevent_monkey.is_module_patched("socket"):
         return "gevent"
     return "threading"
+
+
+TOPICS = ("mode", "versions", "health", "stats", "drift", "training", "alerts")
+PUSH_INTERVAL_SECONDS = 1.0
+DRIFT_STATE = "drift_state"
+DRIFT_HISTORY = "drift_history"
+RECENT_JOBS = 5
+RECENT_ALERTS = 20
+log = logging.getLogger("quadra.events")
+
+
+class EventPusher:
+    """This worker's pusher: about once a second it reads what changed in the store and emits
+    it to the Socket.IO clients connected to this worker. Request handlers never broadcast,
+    so this works the same with one worker, four, or many hosts.
+
+    Events (server to client): "snapshot" (every topic, on connect and on "resync"), then one
+    event per topic when it changes: mode, versions, health, stats, drift, training, alerts.
+    Clients can send nothing that changes state: the channel has no such handler."""
+
+    def __init__(self, socketio: SocketIO, services: Any, interval: float = PUSH_INTERVAL_SECONDS) -> None:
+        self.socketio = socketio
+        self.services = services
+        self.interval = interval
+        self.clients = 0
+        self._last: dict[str, Any] = {}
+        self._started = False
+
+    def register_handlers(self) -> None:
+        socketio = self.socketio
+
+        @socketio.on("connect")
+        def on_connect(auth: Any = None) -> None:
+            self.clients += 1
+            emit("snapshot", self.snapshot())
+
+        @socketio.on("disconnect")
+        def on_disconnect(*args: Any) -> None:
+            self.clients = max(0, self.clients - 1)
+
+        @socketio.on("resync")
+        def on_resync(*args: Any) -> None:
+            emit("snapshot", self.snapshot())
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self.socketio.start_background_task(self._run)
+
+    def _run(self) -> None:
+        while True:
+            self.socketio.sleep(self.interval)
+            if not self.clients:
+                continue
+            try:
+                self.push_changes()
+            except Exception:
+                log.exception("event pusher could not read the store")
+
+    def push_changes(self) -> list[str]:
+        """Emit every topic whose payload changed since the last push; returns their names."""
+        changed = []
+        for topic in TOPICS:
+            payload = self.read(topic)
+            if payload != self._last.get(topic):
+                self._last[topic] = payload
+                self.socketio.emit(topic, payload)
+                changed.append(topic)
+        return changed
+
+    def snapshot(self) -> dict[str, Any]:
+        return {topic: self.read(topic) for topic in TOPICS}
+
+    def read(self, topic: str) -> Any:
+        svc = self.services
+        if topic == "mode":
+            return {**svc.modes.state(), "serves_predictions": svc.modes.serves_predictions(), "allows_training": svc.modes.allows_training()}
+        if topic == "versions":
+            served = svc.model_server.current
+            return {"serving_version": svc.registry.get_serving_version(), "production_version": svc.registry.get_production_version(),
+                    "current_version": served.version if served else None}
+        if topic == "health":
+            report = svc.readiness.report()
+            report.pop("timestamp", None)
+            return report
+        if topic == "stats":
+            return svc.monitor.get_statistics()
+        if topic == "drift":
+            return {**(svc.store.get_state(DRIFT_STATE) or {"evaluated": False, "drift_detected": False}),
+                    "threshold": svc.settings.drift_threshold, "history": svc.store.get_state(DRIFT_HISTORY) or []}
+        if topic == "training":
+            return {"jobs": svc.jobs.list(RECENT_JOBS)}
+        if topic == "alerts":
+            return {"alerts": svc.alerts.recent(RECENT_ALERTS)}
+        raise ValueError(f"unknown topic {topic}")
