@@ -8,39 +8,34 @@ tools can import this module without touching the default state folder.
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
-import time
 from typing import Any
 
 import torch
-from flask import Flask
+from flask import Flask, current_app, request
 from flask_socketio import SocketIO
+from sqlalchemy.exc import OperationalError
 
-from routes import auth, dashboard, health, modes, monitoring, predict, registry, training
+from routes import auth, dashboard, docs, health, modes, monitoring, predict, registry, training
 from routes.common import Services, register_error_handlers
 from utils.alerts import AlertManager
 from utils.cli import register_cli
 from utils.config import ConfigError, Settings
-from utils.events import DRIFT_HISTORY, DRIFT_STATE, EventPusher, detect_async_mode
+from utils.events import EventPusher, detect_async_mode, publish_change
+from utils.journal import RecordJournal
 from utils.logs import configure_logging
-from utils.metrics import init_metrics
-from utils.model_modes import ModelMode, ModelModeManager
+from utils.maintenance import schedule_background_work
+from utils.metrics import init_metrics, shared_state
+from utils.model_modes import ModelModeManager
 from utils.model_monitoring import ModelMonitor
-from utils.model_versioning import ModelVersionManager
+from utils.model_versioning import ModelVersionManager, artifact_store_for
 from utils.security import init_auth
 from utils.readiness import Readiness
 from utils.serving import ModelServer, import_architecture_modules
-from utils.store import PRODUCTION, SERVING, get_store
+from utils.store import store_for
 from utils.training import TrainingJobs, ensure_initial_version
 
-BLUEPRINTS = (dashboard.bp, health.bp, auth.bp, registry.bp, predict.bp, monitoring.bp, modes.bp, training.bp)
-MONITORING_LEASE = "monitoring-maintenance"
-DRIFT_HISTORY_LENGTH = 120
-DRIFT_SUMMARY_FIELDS = ("drift_detected", "drift_score", "threshold", "fired", "drifted_features", "evaluated", "reason", "dataset_drift_share")
-ROLL_UP_SECONDS = 60.0
-JOB_REAP_SECONDS = 5.0
+BLUEPRINTS = (dashboard.bp, health.bp, auth.bp, registry.bp, predict.bp, monitoring.bp, modes.bp, training.bp, docs.bp)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -57,29 +52,31 @@ def create_app(settings: Settings | None = None) -> Flask:
         DEBUG=settings.debug,
         JSON_SORT_KEYS=False,
     )
-    store = get_store(settings.database_url, wait_seconds=settings.store_wait_seconds)
-    model_registry = ModelVersionManager(settings.models_dir, store, settings.verify_integrity)
+    store = store_for(settings)
+    artifacts = artifact_store_for(settings.artifact_uri, settings.models_dir, settings.artifact_cache_dir)
+    model_registry = ModelVersionManager(settings.models_dir, store, settings.verify_integrity, artifacts)
     model_server = ModelServer(model_registry, settings.model_poll_seconds)
     monitor = ModelMonitor(
         settings.monitoring_dir, settings.monitoring_window, settings.drift_threshold, store,
         settings.feature_sample_rate, settings.monitoring_flush_seconds, settings.baseline_min_samples,
+        RecordJournal(settings.monitoring_dir / "journal"),
     )
     alerts = AlertManager(store, settings.alert_webhook, settings.alert_webhook_allow_private, settings.alert_cooldown_seconds)
     modes_manager = ModelModeManager(store=store)
-    jobs = TrainingJobs(store, settings.database_url, settings.models_dir, settings.verify_integrity,
-                        settings.max_training_jobs, settings.training_heartbeat_timeout)
+    jobs = TrainingJobs(store, settings, settings.max_training_jobs, settings.training_heartbeat_timeout)
     readiness = Readiness(settings, store, model_registry, model_server, modes_manager)
     security = init_auth(app, settings, store)
     services = Services(settings, store, model_registry, model_server, security.auth, monitor, alerts,
                         modes_manager, jobs, readiness)
     app.extensions["quadra"] = services
-    init_metrics(app, lambda: _metrics_state(services))
+    init_metrics(app, lambda: shared_state(services))
 
     register_error_handlers(app)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
     security.limiter.exempt(health.bp)
     security.limiter.exempt(app.view_functions["metrics"])
+    docs.describe_other_views(app)
     app.before_request(lambda: start_serving(app))
     register_cli(app)
 
@@ -92,7 +89,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["socketio"] = socketio
     services.events = EventPusher(socketio, services)
     services.events.register_handlers()
+    if settings.redis_url:
+        app.after_request(_announce_changes)
     return app
+
+
+def _announce_changes(response: Any) -> Any:
+    """After a successful change, wake every dashboard pusher through Redis pub/sub."""
+    if request.method in ("POST", "DELETE") and response.status_code < 400:
+        settings: Settings = current_app.extensions["quadra"].settings
+        publish_change(settings.redis_url, settings.redis_prefix)
+    return response
 
 
 def start_serving(app: Flask) -> None:
@@ -106,7 +113,7 @@ def start_serving(app: Flask) -> None:
     services.started = True
     bootstrap = ensure_initial_version if services.settings.bootstrap_model else None
     services.model_server.start(bootstrap)
-    _schedule_monitoring(services)
+    schedule_background_work(services)
     services.events.start()
     if services.settings.auth_enabled and not services.settings.is_production:
         _print_bootstrap_key(services)
@@ -128,73 +135,16 @@ def _print_bootstrap_key(services: Services) -> None:
         )
 
 
-def _schedule_monitoring(services: Services) -> None:
-    """Periodic work on each process's monitoring thread. Drift checks and roll-ups run on
-    one process of the deployment at a time (a lease in the store); the health check runs
-    everywhere, since each process holds its own model."""
-    owner = f"{socket.gethostname()}:{os.getpid()}"
-    settings, monitor, alerts = services.settings, services.monitor, services.alerts
-
-    def check_drift() -> None:
-        if not services.store.try_acquire_lease(MONITORING_LEASE, owner, settings.drift_check_seconds * 3):
-            return
-        result = monitor.detect_drift()
-        summary = {key: result[key] for key in DRIFT_SUMMARY_FIELDS}
-        summary["features"] = {name: {k: column[k] for k in ("test", "statistic", "p_value", "drift_detected")}
-                               for name, column in result["features"].items()}
-        summary["checked_at"] = time.time()
-        services.store.set_state(DRIFT_STATE, summary)
-        history = (services.store.get_state(DRIFT_HISTORY) or [])[-(DRIFT_HISTORY_LENGTH - 1):]
-        history.append({"at": summary["checked_at"], "drift_score": result["drift_score"],
-                        "drift_detected": result["drift_detected"], "drift_share": result["dataset_drift_share"]})
-        services.store.set_state(DRIFT_HISTORY, history)
-        if result["evaluated"]:
-            message = f"drift detected by {', '.join(result['fired'])}" if result["fired"] else "no drift"
-            alerts.observe("drift", result["drift_detected"], message, {k: result[k] for k in ("drift_score", "threshold", "fired", "drifted_features")})
-
-    def roll_up() -> None:
-        if services.store.try_acquire_lease(MONITORING_LEASE, owner, settings.drift_check_seconds * 3):
-            monitor.roll_up(settings.monitoring_retention_hours * 3600)
-
-    def check_model() -> None:
-        if services.model_server.last_error:
-            alerts.raise_alert("health", services.model_server.last_error, {"process": owner})
-
-    monitor.every(settings.drift_check_seconds, check_drift)
-    monitor.every(ROLL_UP_SECONDS, roll_up)
-    monitor.every(settings.drift_check_seconds, check_model)
-    monitor.every(settings.monitoring_flush_seconds, services.modes.state)
-    monitor.every(JOB_REAP_SECONDS, services.jobs.reap)
-    monitor.start()
-
-
-def _metrics_state(services: Services) -> dict[str, Any]:
-    """Shared state for /metrics, read from the store."""
-    store = services.store
-    totals = store.get_state("prediction_totals") or {"count": 0, "errors": 0}
-    drift = store.get_state(DRIFT_STATE) or {}
-    versions = store.get_states((PRODUCTION, SERVING))
-    window = store.recent_predictions(services.settings.monitoring_window, store.get_state("monitoring_window_start") or 0, ("confidence",))
-    confidences = [r["confidence"] for r in window if r["confidence"] is not None]
-    return {
-        "predictions": totals["count"],
-        "errors": totals["errors"],
-        "confidence_mean": sum(confidences) / len(confidences) if confidences else None,
-        "drift_score": drift.get("drift_score"),
-        "drift_detected": 1.0 if drift.get("drift_detected") else 0.0 if drift else None,
-        "serving_version": versions.get(SERVING) or versions.get(PRODUCTION),
-        "production_version": versions.get(PRODUCTION),
-        "mode": services.modes.mode.value,
-        "modes": tuple(mode.value for mode in ModelMode),
-    }
-
-
 def _create_or_exit() -> Flask:
     try:
         return create_app()
     except ConfigError as exc:
         print(f"quadra: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OperationalError as exc:
+        print(f"quadra: the database (QUADRA_DATABASE_URL) is unreachable after QUADRA_STORE_WAIT_SECONDS: "
+              f"{str(exc.orig).strip().splitlines()[0] if exc.orig else exc}", file=sys.stderr)
+        raise SystemExit(3) from None
 
 
 def __getattr__(name: str) -> Any:

@@ -6,13 +6,20 @@ place for workers, binding and worker class.
 
 import os
 import shutil
+import sys
 
-from utils.config import Settings
+from utils.config import ConfigError, Settings
 
 
 def on_starting(server):
-    """One fresh folder for prometheus_client's multiprocess mode, so /metrics sums all workers."""
-    folder = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(Settings.from_env().state_dir / "prometheus"))
+    """Refuse a bad configuration in one line; give prometheus_client's multiprocess mode one
+    fresh folder, so /metrics sums all workers."""
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"quadra: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    folder = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(settings.state_dir / "prometheus"))
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder, exist_ok=True)
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from bench import monitoring
+from bench import monitoring, predict_load, registry
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def main() -> int:
-    sections = [monitoring.run()]
+    sections = [predict_load.run(), monitoring.run(), registry.run()]
     header = (
         f"# Benchmark results\n\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · Python {platform.python_version()} · "
         f"torch {torch.__version__} · {platform.machine()} · {_cpu()} · `make bench`\n\n"

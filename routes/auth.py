@@ -2,90 +2,80 @@
 
 from __future__ import annotations
 
-from typing import Any
+from functools import wraps
+from typing import Any, Callable, TypeVar
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, current_app, g, jsonify
 
-from routes.common import ApiError, actor, json_body, services
+from routes.common import ApiError, actor, services
+from routes.operations import operation
 from utils import audit
+from utils.schemas import (ApiKey, ApiKeys, AuditLog, AuditQuery, KeyPath, KeyRequest, NewApiKey, RotateRequest,
+                           Token, TokenRequest, WhoAmI)
 from utils.security import current_principal, require_permission
 
 bp = Blueprint("auth", __name__)
-
-MAX_TOKEN_SECONDS = 24 * 3600
-
-
-def _check_fields(body: dict[str, Any], allowed: set[str]) -> None:
-    unknown = set(body) - allowed
-    if unknown:
-        raise ApiError(400, "invalid_body", f"unknown field(s): {', '.join(sorted(unknown))}")
+KEY_NOT_FOUND = {404: "No such key"}
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _string_list(body: dict[str, Any], name: str) -> list[str] | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = value.split(",")
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ApiError(400, "invalid_body", f"'{name}' must be a list of strings")
-    return value
+def _key_holders_only(view: F) -> F:
+    """Only a caller presenting a valid API key (not a token) gets past; checked before the body."""
 
+    @wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        principal = current_principal()
+        if principal is None or principal.via != "api_key":
+            current_app.extensions["quadra_security"].on_auth_failure()
+            raise ApiError(401, "unauthorized", "present a valid API key in the X-API-Key header to obtain a token",
+                           {"WWW-Authenticate": 'Bearer realm="quadra"'})
+        return view(*args, **kwargs)
 
-def _positive_number(body: dict[str, Any], name: str, maximum: float) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if type(value) not in (int, float) or not 0 < value <= maximum:
-        raise ApiError(400, "invalid_body", f"'{name}' must be a number from 0 to {maximum:g}")
-    return value
+    return wrapper  # type: ignore[return-value]
 
 
 @bp.post("/api/auth/token")
-def issue_token() -> Any:
+@_key_holders_only
+@operation("Issue a JWT for an API key", body=TokenRequest, response=Token, security=("ApiKey",),
+           errors={401: "No valid API key in X-API-Key (a token cannot obtain a token)",
+                   403: "More permissions asked for than the key holds"})
+def issue_token(body: TokenRequest) -> Any:
     """A JWT for a caller presenting a valid API key; never more rights than the key."""
-    principal = current_principal()
-    if principal is None or principal.via != "api_key":
-        current_app.extensions["quadra_security"].on_auth_failure()
-        raise ApiError(401, "unauthorized", "present a valid API key in the X-API-Key header to obtain a token",
-                       {"WWW-Authenticate": 'Bearer realm="quadra"'})
-    body = json_body(required=False)
-    _check_fields(body, {"permissions", "expires_in"})
-    expires_in = int(_positive_number(body, "expires_in", MAX_TOKEN_SECONDS) or services().settings.jwt_ttl_seconds)
+    expires_in = body.expires_in or services().settings.jwt_ttl_seconds
     try:
-        token = services().auth.issue_token_for(principal, _string_list(body, "permissions"), expires_in)
+        token = services().auth.issue_token_for(current_principal(), body.permissions, expires_in)
     except PermissionError as exc:
         raise ApiError(403, "forbidden", str(exc)) from None
-    except ValueError as exc:
-        raise ApiError(400, "invalid_body", str(exc)) from None
     return jsonify(token)
+
+
+@bp.get("/api/auth/whoami")
+@require_permission("read")
+@operation("Who the credentials belong to", response=WhoAmI)
+def whoami() -> Any:
+    """The caller's key id, name, permissions, how it authenticated and its own rate limit; never the key
+    or its hash. Any valid credentials may ask."""
+    principal = current_principal()
+    return jsonify({"id": principal.id, "name": principal.name, "permissions": list(principal.permissions),
+                    "via": principal.via, "rate_limit": principal.rate_limit})
 
 
 @bp.get("/api/auth/keys")
 @require_permission("admin")
+@operation("List API keys", response=ApiKeys)
 def list_keys() -> Any:
+    """Every key with its id, name, permissions, state and last use; never the key or its hash."""
     return jsonify({"keys": services().auth.list_api_keys()})
 
 
 @bp.post("/api/auth/keys")
 @require_permission("admin")
-def create_key() -> Any:
+@operation("Create an API key", body=KeyRequest, response=NewApiKey, status=201)
+def create_key(body: KeyRequest) -> Any:
     """Create a key; the response is the only time the key itself is shown."""
-    body = json_body()
-    _check_fields(body, {"name", "permissions", "expires_days", "rate_limit"})
-    name = body.get("name")
-    rate_limit = body.get("rate_limit")
-    if not isinstance(name, str) or (rate_limit is not None and not isinstance(rate_limit, str)):
-        raise ApiError(400, "invalid_body", "'name' (and 'rate_limit' if given) must be strings")
-    permissions = _string_list(body, "permissions")
     try:
         api_key, record = services().auth.create_api_key(
-            name,
-            ["read"] if permissions is None else permissions,
-            _positive_number(body, "expires_days", 3650),
-            rate_limit,
-            created_by=actor(),
-        )
+            body.name, body.permissions, body.expires_days, body.rate_limit, created_by=actor())
     except ValueError as exc:
         raise ApiError(400, "invalid_body", str(exc)) from None
     g.audit_details = {"key_id": record["id"], "permissions": record["permissions"]}
@@ -94,7 +84,9 @@ def create_key() -> Any:
 
 @bp.delete("/api/auth/keys/<key_id>")
 @require_permission("admin")
+@operation("Revoke an API key", path=KeyPath, response=ApiKey, errors=KEY_NOT_FOUND)
 def revoke_key(key_id: str) -> Any:
+    """Revocation is immediate: every worker refuses the key within QUADRA_AUTH_CACHE_SECONDS."""
     try:
         return jsonify(services().auth.revoke_api_key(key_id))
     except LookupError as exc:
@@ -103,28 +95,24 @@ def revoke_key(key_id: str) -> Any:
 
 @bp.post("/api/auth/keys/<key_id>/rotate")
 @require_permission("admin")
-def rotate_key(key_id: str) -> Any:
+@operation("Rotate an API key", path=KeyPath, body=RotateRequest, response=NewApiKey, status=201,
+           errors={**KEY_NOT_FOUND, 409: "The key is revoked or expired"})
+def rotate_key(key_id: str, body: RotateRequest) -> Any:
     """A replacement key; the old one keeps working for `grace_seconds` (default 24 h)."""
-    body = json_body(required=False)
-    _check_fields(body, {"grace_seconds"})
-    grace = body.get("grace_seconds", 24 * 3600)
-    if type(grace) not in (int, float) or not 0 <= grace <= 30 * 86400:
-        raise ApiError(400, "invalid_body", "'grace_seconds' must be a number from 0 to 2592000")
     try:
-        api_key, record = services().auth.rotate_api_key(key_id, grace)
+        api_key, record = services().auth.rotate_api_key(key_id, body.grace_seconds)
     except LookupError as exc:
         raise ApiError(404, "key_not_found", str(exc)) from None
     except ValueError as exc:
         raise ApiError(409, "conflict", str(exc)) from None
-    g.audit_details = {"new_key_id": record["id"], "grace_seconds": grace}
+    g.audit_details = {"new_key_id": record["id"], "grace_seconds": body.grace_seconds}
     return jsonify({**record, "api_key": api_key}), 201
 
 
 @bp.get("/api/audit")
 @require_permission("admin")
-def audit_log() -> Any:
-    limit = request.args.get("limit", "100")
-    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
-        raise ApiError(400, "invalid_parameter", "limit must be an integer from 1 to 1000")
-    entries = audit.recent(services().store, int(limit), request.args.get("action"), request.args.get("actor"))
+@operation("Read the audit log", query=AuditQuery, response=AuditLog)
+def audit_log(query: AuditQuery) -> Any:
+    """Every write and admin action and every authentication failure, newest first."""
+    entries = audit.recent(services().store, query.limit, query.action, query.actor)
     return jsonify({"entries": entries, "count": len(entries)})

@@ -16,13 +16,11 @@ from utils.model_modes import ModelModeManager
 from utils.model_monitoring import ModelMonitor
 from utils.readiness import Readiness
 from utils.training import TrainingJobs
-from utils.errors import ApiError
+from utils.errors import ApiError, ServiceUnavailable
 from utils.model_versioning import IntegrityCheckFailed, InvalidVersion, ModelVersionManager, VersionConflict, VersionNotFound
 from utils.security import AuthManager, current_principal
-from utils.serving import InvalidInput, ModelNotReady, ModelServer
+from utils.serving import InvalidInput, ModelServer
 from utils.store import Store
-
-RETRY_AFTER_NOT_READY = "2"
 
 
 @dataclass
@@ -97,8 +95,10 @@ def error_code(exc: Exception) -> str:
     """The `code` the client is answered with for `exc`."""
     if isinstance(exc, ApiError):
         return exc.code
-    if isinstance(exc, ModelNotReady):
-        return "model_not_ready"
+    if isinstance(exc, HTTPException):
+        return (exc.name or "error").lower().replace(" ", "_")
+    if isinstance(exc, ServiceUnavailable):
+        return exc.code
     for exc_type, (_, code) in _DOMAIN_ERRORS.items():
         if isinstance(exc, exc_type):
             return code
@@ -112,18 +112,17 @@ def register_error_handlers(app: Flask) -> None:
     def _api_error(exc: ApiError) -> Any:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
 
-    @app.errorhandler(ModelNotReady)
-    def _not_ready(exc: ModelNotReady) -> Any:
-        return error_response(503, "model_not_ready", str(exc), {"Retry-After": RETRY_AFTER_NOT_READY})
+    @app.errorhandler(ServiceUnavailable)
+    def _unavailable(exc: ServiceUnavailable) -> Any:
+        return error_response(503, exc.code, str(exc), {"Retry-After": exc.retry_after})
 
     for exc_type, (status, code) in _DOMAIN_ERRORS.items():
         app.register_error_handler(exc_type, _domain_handler(status, code))
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:
-        code = (exc.name or "error").lower().replace(" ", "_")
         headers = {k: v for k, v in exc.get_headers() if k in ("Allow", "Retry-After")}
-        return error_response(exc.code or 500, code, exc.description or exc.name, headers)
+        return error_response(exc.code or 500, error_code(exc), exc.description or exc.name, headers)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Any:

@@ -8,12 +8,15 @@ from typing import Any
 from flask import Blueprint, jsonify
 
 from routes.common import services, with_retry_after
+from routes.operations import operation
+from utils.schemas import Health, Readiness
 
 bp = Blueprint("health", __name__)
 _STARTED = time.time()
 
 
 @bp.get("/api/health")
+@operation("Liveness", response=Health)
 def health() -> Any:
     """Liveness: cheap, no store access, 200 while the process runs."""
     served = services().model_server.current
@@ -29,6 +32,8 @@ def health() -> Any:
 
 
 @bp.get("/api/health/detailed")
+@operation("Readiness", response=Readiness,
+           errors={503: ("Not ready: `reasons` says why (with Retry-After)", Readiness)})
 def readiness() -> Any:
     """Readiness: 200 when this process can serve correctly, else 503 with the reasons."""
     report = services().readiness.report()

@@ -6,43 +6,41 @@ from typing import Any
 
 from flask import Blueprint, g, jsonify
 
-from routes.common import ApiError, actor, json_body, services
+from routes.common import ApiError, actor, services
+from routes.operations import operation
 from utils.model_modes import ModelMode
+from utils.schemas import ModeChange, ModeChangeRequest, ModePath, ModeState
 from utils.security import require_permission
 
 bp = Blueprint("modes", __name__)
-MAX_REASON = 500
 
 
 @bp.get("/api/mode")
+@operation("The current mode", response=ModeState)
 def get_mode() -> Any:
+    """INFERENCE serves predictions; TRAINING serves them and allows training; MAINTENANCE refuses them."""
     modes = services().modes
     return jsonify({**modes.state(), "serves_predictions": modes.serves_predictions(), "allows_training": modes.allows_training()})
 
 
 @bp.post("/api/mode/<mode>")
 @require_permission("admin")
-def set_mode(mode: str) -> Any:
+@operation("Switch the mode", path=ModePath, body=ModeChangeRequest, response=ModeChange,
+           errors={400: "Invalid request: an unknown mode, or a body that does not match its schema",
+                   409: "A training job is running (returning to inference without force)"})
+def set_mode(mode: ModelMode, body: ModeChangeRequest) -> Any:
     """Switch mode, with an optional reason. Returning to INFERENCE while a training job runs
     is refused (409) unless the body says "force": true, which cancels the job first."""
-    try:
-        target = ModelMode.parse(mode)
-    except ValueError as exc:
-        raise ApiError(400, "invalid_mode", str(exc)) from None
-    body = json_body(required=False)
-    unknown = set(body) - {"reason", "force"}
-    reason, force = body.get("reason", ""), body.get("force", False)
-    if unknown or not isinstance(reason, str) or len(reason) > MAX_REASON or not isinstance(force, bool):
-        raise ApiError(400, "invalid_body", f"the body takes 'reason' (a string of at most {MAX_REASON}) and 'force' (a boolean)")
+    reason = body.reason
     svc = services()
     cancelled: list[str] = []
-    if target is ModelMode.INFERENCE and svc.jobs.active():
-        if not force:
+    if mode is ModelMode.INFERENCE and svc.jobs.active():
+        if not body.force:
             raise ApiError(409, "training_in_progress",
                            "a training job is running; cancel it first or send {\"force\": true} to cancel it and switch")
         cancelled = svc.jobs.cancel_all()
-    state = svc.modes.set_mode(target, reason, changed_by=actor())
-    g.audit_details = {"reason": reason, "from": state["previous_mode"], "to": target.value, "cancelled_jobs": cancelled}
-    svc.alerts.notify("mode", f"mode {state['previous_mode']} -> {target.value} by {actor()}: {reason or 'no reason given'}",
-                      {"from": state["previous_mode"], "to": target.value, "reason": reason})
+    state = svc.modes.set_mode(mode, reason, changed_by=actor())
+    g.audit_details = {"reason": reason, "from": state["previous_mode"], "to": mode.value, "cancelled_jobs": cancelled}
+    svc.alerts.notify("mode", f"mode {state['previous_mode']} -> {mode.value} by {actor()}: {reason or 'no reason given'}",
+                      {"from": state["previous_mode"], "to": mode.value, "reason": reason})
     return jsonify({**state, "cancelled_jobs": cancelled})

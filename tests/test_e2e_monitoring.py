@@ -93,3 +93,18 @@ def test_shifted_load_turns_drift_on_and_the_cron_script_reports_it(start_server
         time.sleep(0.5)
     alerts = requests.get(f"{server.url}/api/monitoring/alerts", timeout=10).json()["alerts"]
     assert len(alerts) == 1 and alerts[0]["kind"] == "drift"
+
+
+def test_a_killed_worker_loses_no_acknowledged_prediction(start_server, state_dir: Path) -> None:
+    """SIGKILL a worker holding unflushed records: its journal is replayed by a sibling."""
+    server = start_server(state_dir, {"QUADRA_MONITORING_FLUSH_SECONDS": "30"}, GUNICORN_COMMAND)
+    acknowledged = send(server, [[IRIS[i % 150]] for i in range(200)])
+    assert acknowledged == 200
+    workers = subprocess.run(["ps", "-o", "pid=", "--ppid", str(server.process.pid)], capture_output=True, text=True).stdout.split()
+    for pid in workers[:2]:
+        os.kill(int(pid), signal.SIGKILL)
+    server.process.send_signal(signal.SIGTERM)  # the survivors flush; a restart replays the killed ones' journals
+    server.process.wait(timeout=60)
+    restarted = start_server(state_dir)
+    wait_until_recorded(restarted, 200)
+    assert restarted.get("/api/monitoring/stats").json()["total_predictions"] == 200

@@ -334,3 +334,48 @@ def test_cli_baseline_commands(app, client) -> None:
     assert "drift_detected" in runner.invoke(args=["monitoring", "drift"]).output
     assert "total_predictions" in runner.invoke(args=["monitoring", "stats"]).output
     assert runner.invoke(args=["monitoring", "baseline", "reset"]).output.strip() == "removed 1 baseline(s)"
+
+
+# -- the journal ------------------------------------------------------------------------
+
+
+def test_journal_survives_a_killed_process_and_replays_exactly_once(store: Store, tmp_path: Path) -> None:
+    import socket
+
+    from utils.journal import SEPARATOR, RecordJournal
+
+    folder = tmp_path / "journal"
+    monitor = ModelMonitor(tmp_path, store=store, journal=RecordJournal(folder))
+    record_rows(monitor, IRIS[:5])
+    assert monitor.flush() == 5 and list(folder.glob("*.pending")) == []
+    record_rows(monitor, IRIS[:3])  # acknowledged, journalled, not yet flushed
+    journal_file = next(folder.glob("*.jsonl"))
+    lines = journal_file.read_text().splitlines()
+    assert len(lines) == 3
+    dead_owner = SEPARATOR.join((socket.gethostname(), "4194000", "1"))  # a pid above pid_max: never alive
+    (folder / f"{dead_owner}.jsonl").write_text("\n".join(lines) + '\n{"torn": ')
+    (folder / f"{dead_owner}.1.pending").write_text("\n".join(lines[:1]) + "\n")
+    (folder / f"otherhost{SEPARATOR}1{SEPARATOR}1.jsonl").write_text(lines[0] + "\n")
+    replay = ModelMonitor(tmp_path, store=store, journal=RecordJournal(folder))
+    assert replay.recover_journals() == 3
+    assert monitor.flush() == 0  # the same records, already replayed: not counted twice
+    assert replay.total_predictions == 8 and len(store.recent_predictions(100)) == 8
+    assert not (folder / f"{dead_owner}.jsonl").exists() and (folder / f"otherhost{SEPARATOR}1{SEPARATOR}1.jsonl").exists()
+
+
+def test_journal_keeps_records_through_a_failed_flush(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from utils.journal import RecordJournal
+
+    monitor = ModelMonitor(tmp_path, store=store, journal=RecordJournal(tmp_path / "journal"))
+    record_rows(monitor, IRIS[:4])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("database down")
+
+    monkeypatch.setattr(store, "insert_predictions", broken)
+    assert monitor.flush() == 0 and monitor.pending == 4
+    assert len(list((tmp_path / "journal").glob("*.pending"))) == 1
+    monkeypatch.undo()
+    record_rows(monitor, IRIS[:2])
+    assert monitor.flush() == 6
+    assert list((tmp_path / "journal").glob("*.pending")) == [] and monitor.total_predictions == 6

@@ -50,7 +50,7 @@ def test_valid_versions(version: str) -> None:
 
 @pytest.mark.parametrize(
     "version",
-    ["", "1.2.0\n", "1.2", "v1.2.0", "../x", "..", "%2e%2e", "/etc/passwd", "1.0.0/../../x", "1.0.0\x00", "a" * 65,
+    ["", "1.2.0\n", "\u0661.2.0", "1.2", "v1.2.0", "../x", "..", "%2e%2e", "/etc/passwd", "1.0.0/../../x", "1.0.0\x00", "a" * 65,
      "1.0.0 ", "01.0.0", "1.0.0-", "TRAIN-20241221-143022", None, 120],
 )
 def test_invalid_versions_are_refused(version: object) -> None:

@@ -237,6 +237,28 @@ def test_revoking_the_key_kills_its_tokens(app, anonymous) -> None:
     assert anonymous.get("/api/model/versions", headers=bearer).status_code == 401
 
 
+def test_whoami_names_the_caller_never_the_key(app, anonymous, api_keys) -> None:
+    admin = anonymous.get("/api/auth/whoami", headers={"X-API-Key": api_keys["admin"]})
+    assert admin.status_code == 200
+    body = admin.get_json()
+    assert set(body) == {"id", "name", "permissions", "via", "rate_limit"}
+    assert body["id"].startswith("key_") and body["name"] == "test-admin"
+    assert body["permissions"] == ["admin"] and body["via"] == "api_key" and body["rate_limit"] is None
+    row = app.extensions["quadra"].store.get_api_key(body["id"])
+    assert api_keys["admin"] not in admin.get_data(as_text=True) and row["key_hash"] not in admin.get_data(as_text=True)
+
+    reader = anonymous.get("/api/auth/whoami", headers={"X-API-Key": api_keys["read"]}).get_json()
+    assert reader["name"] == "test-read" and reader["permissions"] == ["read"] and reader["via"] == "api_key"
+
+    token = anonymous.post("/api/auth/token", json={"permissions": ["read"]}, headers={"X-API-Key": api_keys["admin"]})
+    bearer = {"Authorization": f"Bearer {token.get_json()['access_token']}"}
+    via_token = anonymous.get("/api/auth/whoami", headers=bearer).get_json()
+    assert via_token == {**body, "permissions": ["read"], "via": "jwt"}
+
+    missing = anonymous.get("/api/auth/whoami")
+    assert missing.status_code == 401 and missing.get_json() == UNAUTHORIZED
+
+
 def _claims(**overrides) -> dict:
     now = int(time.time())
     claims = {"sub": "ops", "name": "ops", "perms": ["admin"], "iat": now, "exp": now + 600, "iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "jti": "x"}

@@ -200,6 +200,11 @@ class Settings:
     def is_production(self) -> bool:
         return self.env == "production"
 
+    @property
+    def artifact_cache_dir(self) -> Path:
+        """This host's cache of verified artifacts downloaded from an object store."""
+        return self.state_dir / "artifact-cache"
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: str | Path = ".env") -> "Settings":
         """Read settings from `environ` (default: os.environ over the values in `.env`)."""

@@ -9,3 +9,10 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+class ServiceUnavailable(RuntimeError):
+    """Something the request needs is not ready or not reachable: answered 503 with Retry-After."""
+
+    code = "service_unavailable"
+    retry_after = "5"

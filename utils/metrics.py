@@ -25,6 +25,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from utils.events import DRIFT_STATE
+from utils.model_modes import ModelMode
+
 disable_created_metrics()
 REQUESTS = Counter("quadra_http_requests_total", "HTTP requests by endpoint, method and status", ["endpoint", "method", "status"])
 LATENCY = Histogram(
@@ -98,3 +101,20 @@ def _process_registry() -> CollectorRegistry:
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
     return registry
+
+
+def shared_state(services: Any) -> dict[str, Any]:
+    """What /metrics reports from the store: the same whichever worker answers."""
+    drift = services.store.get_state(DRIFT_STATE) or {}
+    registry = services.registry
+    return {
+        "predictions": services.monitor.total_predictions,
+        "errors": services.monitor.error_count,
+        "confidence_mean": services.monitor.window_confidence_mean(),
+        "drift_score": drift.get("drift_score"),
+        "drift_detected": (1.0 if drift.get("drift_detected") else 0.0) if drift else None,
+        "serving_version": registry.get_serving_version(),
+        "production_version": registry.get_production_version(),
+        "mode": services.modes.mode.value,
+        "modes": tuple(mode.value for mode in ModelMode),
+    }

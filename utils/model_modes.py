@@ -17,7 +17,7 @@ from functools import wraps
 from typing import Any, Callable, TypeVar
 
 from utils.config import current_settings
-from utils.store import Store, get_store
+from utils.store import Store, store_for
 
 F = TypeVar("F", bound=Callable[..., Any])
 MODE_STATE = "mode"
@@ -58,8 +58,7 @@ class ModelModeManager:
     @property
     def store(self) -> Store:
         if self._store is None:
-            settings = current_settings()
-            self._store = get_store(settings.database_url, settings.store_wait_seconds)
+            self._store = store_for(current_settings())
         return self._store
 
     # -- reading ------------------------------------------------------------------------

@@ -24,7 +24,8 @@ import numpy as np
 
 from utils.config import current_settings
 from utils.drift import column_drift, dataset_drift
-from utils.store import Store, get_store
+from utils.journal import RecordJournal
+from utils.store import Store, store_for
 
 TOTALS = "prediction_totals"
 WINDOW_START = "monitoring_window_start"
@@ -100,10 +101,11 @@ class ModelMonitor:
         feature_sample_rate: float = 1.0,
         flush_interval: float = 1.0,
         baseline_min_samples: int = 100,
+        journal: RecordJournal | None = None,
     ) -> None:
         if store is None or monitoring_dir is None:
             settings = current_settings()
-            store = store or get_store(settings.database_url, settings.store_wait_seconds)
+            store = store or store_for(settings)
             monitoring_dir = monitoring_dir or settings.monitoring_dir
         self.monitoring_dir = Path(monitoring_dir)
         self.window_size = window_size
@@ -113,7 +115,10 @@ class ModelMonitor:
         self.flush_interval = flush_interval
         self.baseline_min_samples = baseline_min_samples
         self.dropped = 0
+        self.journal = journal
         self._buffer: deque[dict[str, Any]] = deque()
+        self._journal_files: list[Path] = []
+        self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._flusher: threading.Thread | None = None
         self._periodic: list[tuple[float, Callable[[], None]]] = []
@@ -133,7 +138,7 @@ class ModelMonitor:
     ) -> None:
         """Record one prediction; `prediction_time` is in seconds. Returns at once."""
         keep_features = input_data is not None and (self.feature_sample_rate >= 1.0 or random.random() < self.feature_sample_rate)
-        self._append({
+        self._append([{
             "at": time.time(),
             "model_version": model_version,
             "latency_ms": prediction_time * 1000.0,
@@ -142,15 +147,15 @@ class ModelMonitor:
             "success": success,
             "error": error,
             "features": [float(v) for v in input_data] if keep_features else None,
-        })
+        }])
 
     def record_batch(self, rows: list[list[float]], results: list[dict[str, Any]], seconds: float, model_version: str) -> None:
         """Record each row of a served request (the request path's fast variant)."""
         now = time.time()
         latency_ms = seconds * 1000.0
         sample_all = self.feature_sample_rate >= 1.0
-        for row, result in zip(rows, results):
-            self._append({
+        self._append([
+            {
                 "at": now,
                 "model_version": model_version,
                 "latency_ms": latency_ms,
@@ -159,16 +164,25 @@ class ModelMonitor:
                 "success": True,
                 "error": None,
                 "features": row if sample_all or random.random() < self.feature_sample_rate else None,
-            })
+            }
+            for row, result in zip(rows, results)
+        ])
 
     def record_failure(self, error: str, seconds: float, model_version: str | None) -> None:
         self.record_prediction(None, seconds, success=False, error=error, model_version=model_version)
 
-    def _append(self, record: dict[str, Any]) -> None:
-        if len(self._buffer) >= MAX_BUFFERED:
-            self._buffer.popleft()
-            self.dropped += 1
-        self._buffer.append(record)
+    def _append(self, records: list[dict[str, Any]]) -> None:
+        """Buffer records (journalled first, when a journal is configured)."""
+        with self._lock:
+            if self.journal is not None:
+                for record in records:
+                    record["record_id"] = self.journal.next_id()
+                self.journal.append(records)
+            overflow = len(self._buffer) + len(records) - MAX_BUFFERED
+            for _ in range(max(0, overflow)):
+                self._buffer.popleft()
+                self.dropped += 1
+            self._buffer.extend(records)
         if self._flusher is None:
             self.start()
 
@@ -177,19 +191,40 @@ class ModelMonitor:
         return len(self._buffer)
 
     def flush(self) -> int:
-        """Write everything buffered; on a store error the records stay buffered for the next try."""
+        """Write everything buffered; on a store error the records stay buffered (and
+        journalled) for the next try. Returns how many new records reached the store."""
         written = 0
         with self._flush_lock:
-            while self._buffer:
-                batch = [self._buffer.popleft() for _ in range(min(MAX_FLUSH_BATCH, len(self._buffer)))]
+            with self._lock:
+                batch = list(self._buffer)
+                self._buffer.clear()
+                if self.journal is not None and batch:
+                    self._journal_files.append(self.journal.rotate())
+            for start in range(0, len(batch), MAX_FLUSH_BATCH):
                 try:
-                    self.store.insert_predictions(batch, TOTALS)
+                    written += self.store.insert_predictions(batch[start:start + MAX_FLUSH_BATCH], TOTALS)
                 except Exception:
-                    self._buffer.extendleft(reversed(batch))
-                    log.exception("could not write %d prediction records; will retry", len(batch))
-                    break
-                written += len(batch)
+                    with self._lock:
+                        self._buffer.extendleft(reversed(batch[start:]))
+                    log.exception("could not write %d prediction records; will retry", len(batch) - start)
+                    return written
+            RecordJournal.release(self._journal_files)
+            self._journal_files.clear()
         return written
+
+    def recover_journals(self) -> int:
+        """Replay the journals of processes on this host that died before flushing."""
+        if self.journal is None:
+            return 0
+        recovered = 0
+        for path in RecordJournal.orphans(self.journal.folder):
+            records = list(RecordJournal.read(path))
+            for start in range(0, len(records), MAX_FLUSH_BATCH):
+                recovered += self.store.insert_predictions(records[start:start + MAX_FLUSH_BATCH], TOTALS)
+            path.unlink(missing_ok=True)
+        if recovered:
+            log.warning("recovered %d prediction records from the journals of stopped processes", recovered)
+        return recovered
 
     def every(self, seconds: float, task: Callable[[], None]) -> None:
         """Run `task` about every `seconds` on the flusher thread (maintenance, drift checks)."""
@@ -238,6 +273,11 @@ class ModelMonitor:
         return self.store.recent_predictions(self.window_size, self.store.get_state(WINDOW_START) or 0, columns)
 
     # -- statistics ---------------------------------------------------------------------
+
+    def window_confidence_mean(self) -> float | None:
+        """Mean confidence of the successful predictions in the window (from the store)."""
+        values = [r["confidence"] for r in self._window(("confidence",)) if r["confidence"] is not None]
+        return sum(values) / len(values) if values else None
 
     def get_statistics(self) -> dict[str, Any]:
         """Totals plus rolling-window statistics (the last `window_size` records)."""

@@ -17,17 +17,24 @@ import shutil
 import tarfile
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
+from urllib.parse import urlparse
 
+import boto3
 import torch
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from utils.config import current_settings
-from utils.store import PRODUCTION, SERVING, Store, StoreConflict, get_store
+from utils.errors import ServiceUnavailable
+from utils.store import PRODUCTION, SERVING, Store, StoreConflict, store_for
 
 ARTIFACT_NAME = "model.safetensors"
 ARCHIVE_NAME = "model.safetensors.gz"
@@ -35,9 +42,9 @@ CONFIG_NAME = "config.json"
 REGISTRY_MIRROR = "model_registry.json"
 MAX_VERSION_LENGTH = 64
 _SEMVER = re.compile(
-    r"^(0|[1-9]\d{0,5})\.(0|[1-9]\d{0,5})\.(0|[1-9]\d{0,5})(-[0-9A-Za-z]+(\.[0-9A-Za-z]+)*)?$"
+    r"^(0|[1-9]\d{0,5})\.(0|[1-9]\d{0,5})\.(0|[1-9]\d{0,5})(-[0-9A-Za-z]+(\.[0-9A-Za-z]+)*)?$", re.ASCII
 )
-_TIMESTAMP = re.compile(r"^([a-z][a-z0-9_]{0,31}-)?\d{8}-\d{6}(-[1-9]\d{0,3})?$")
+_TIMESTAMP = re.compile(r"^([a-z][a-z0-9_]{0,31}-)?\d{8}-\d{6}(-[1-9]\d{0,3})?$", re.ASCII)
 _PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _CHUNK = 1024 * 1024
 MAX_GENERATED_ATTEMPTS = 50
@@ -53,6 +60,12 @@ class VersionNotFound(LookupError):
 
 class VersionConflict(RuntimeError):
     """The request conflicts with the registry's state (exists, in use, nothing to roll back to)."""
+
+
+class ArtifactStoreUnavailable(ServiceUnavailable):
+    """The artifact store cannot be reached; metadata is untouched and serving goes on."""
+
+    code = "artifact_store_unavailable"
 
 
 class IntegrityCheckFailed(ValueError):
@@ -134,7 +147,10 @@ class LocalArtifactStore:
         staging.mkdir(parents=True)
         return staging
 
-    def publish(self, staging: Path, version: str) -> str:
+    def discard(self, staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def publish(self, staging: Path, version: str) -> None:
         """Move a staged version folder into place with one rename.
 
         Called while the version's row is locked in the store, so a folder already there
@@ -144,16 +160,147 @@ class LocalArtifactStore:
             shutil.rmtree(target)
         os.rename(staging, target)
         _fsync_dir(self.root)
-        return f"{version}/{ARTIFACT_NAME}"
 
-    def path(self, key: str) -> Path:
-        return self.root / key
+    def read(self, key: str, sha256: str | None = None) -> bytes:
+        return (self.root / key).read_bytes()
+
+    def write(self, key: str, data: bytes) -> None:
+        path = self.root / key
+        temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        _fsync_write(temp, data)
+        os.replace(temp, path)
+
+    def delete(self, key: str) -> None:
+        (self.root / key).unlink(missing_ok=True)
 
     def remove_version(self, version: str) -> None:
         shutil.rmtree(self.root / version, ignore_errors=True)
 
+    def fingerprint(self, key: str) -> tuple[Any, ...] | None:
+        """Changes whenever the artifact's content may have changed (size, modification time)."""
+        try:
+            stat = (self.root / key).stat()
+        except OSError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size)
+
+    def check(self) -> bool:
+        return self.root.is_dir() and os.access(self.root, os.W_OK)
+
+
+class S3ArtifactStore:
+    """Artifacts in an S3-compatible bucket under `prefix/<version>/`.
+
+    Uploads go in parts above MULTIPART_THRESHOLD; downloads are streamed to disk with the
+    SHA-256 computed on the way, and only an artifact whose hash matches the recorded one is
+    kept in this host's cache (`cache_dir/<sha256>`), so later loads skip the download. The
+    endpoint and credentials come from boto3's usual sources (AWS_ENDPOINT_URL,
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION)."""
+
+    MULTIPART_THRESHOLD = 16 * 1024 * 1024
+
+    def __init__(self, uri: str, staging_root: Path, cache_dir: Path, client: Any = None) -> None:
+        parsed = urlparse(uri)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise ValueError(f"not an s3://bucket/prefix URI: {uri!r}")
+        self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
+        self.client = client or boto3.client(
+            "s3", region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            config=BotoConfig(connect_timeout=2, read_timeout=30, retries={"max_attempts": 2, "mode": "standard"}),
+        )
+        self.transfer = TransferConfig(multipart_threshold=self.MULTIPART_THRESHOLD, multipart_chunksize=self.MULTIPART_THRESHOLD)
+        self.staging_root = Path(staging_root)
+        self.cache_dir = Path(cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def _object(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def new_staging_dir(self) -> Path:
+        staging = self.staging_root / ".staging" / uuid.uuid4().hex
+        staging.mkdir(parents=True)
+        return staging
+
     def discard(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
+
+    def publish(self, staging: Path, version: str) -> None:
+        """Upload the staged files; the artifact last, so a listed artifact has its config."""
+        with _unavailable_on_errors():
+            for name in (CONFIG_NAME, ARTIFACT_NAME):
+                self.client.upload_file(str(staging / name), self.bucket, self._object(f"{version}/{name}"), Config=self.transfer)
+
+    def read(self, key: str, sha256: str | None = None) -> bytes:
+        cached = self.cache_dir / sha256 if sha256 else None
+        if cached is not None and cached.exists():
+            return cached.read_bytes()
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._object(key))["Body"]
+        except self.client.exceptions.NoSuchKey:
+            raise FileNotFoundError(key) from None
+        except (ClientError, BotoCoreError) as exc:
+            raise ArtifactStoreUnavailable(f"the artifact store is unreachable: {exc}") from None
+        digest = hashlib.sha256()
+        temp = self.cache_dir / f".{uuid.uuid4().hex}.download"
+        try:
+            with _unavailable_on_errors(), open(temp, "wb") as handle:
+                for chunk in body.iter_chunks(_CHUNK):
+                    digest.update(chunk)
+                    handle.write(chunk)
+            data = temp.read_bytes()
+            if cached is not None and digest.hexdigest() == sha256:
+                os.replace(temp, cached)
+            return data
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def write(self, key: str, data: bytes) -> None:
+        with _unavailable_on_errors():
+            self.client.put_object(Bucket=self.bucket, Key=self._object(key), Body=data)
+
+    def delete(self, key: str) -> None:
+        with _unavailable_on_errors():
+            self.client.delete_object(Bucket=self.bucket, Key=self._object(key))
+
+    def remove_version(self, version: str) -> None:
+        with _unavailable_on_errors():
+            listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._object(f"{version}/"))
+            for item in listing.get("Contents", []):
+                self.client.delete_object(Bucket=self.bucket, Key=item["Key"])
+
+    def fingerprint(self, key: str) -> tuple[Any, ...] | None:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._object(key))
+        except (ClientError, BotoCoreError):
+            return None
+        return (head["ETag"], head["ContentLength"])
+
+    def check(self) -> bool:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return True
+        except (ClientError, BotoCoreError):
+            return False
+
+
+@contextmanager
+def _unavailable_on_errors() -> Iterator[None]:
+    try:
+        yield
+    except (ClientError, BotoCoreError) as exc:
+        raise ArtifactStoreUnavailable(f"the artifact store is unreachable: {exc}") from None
+
+
+ArtifactStore = LocalArtifactStore | S3ArtifactStore
+
+
+def artifact_store_for(artifact_uri: str | None, models_dir: Path, cache_dir: Path) -> ArtifactStore:
+    """The configured artifact store: S3 for s3:// URIs, else a local folder."""
+    if artifact_uri and artifact_uri.startswith("s3://"):
+        return S3ArtifactStore(artifact_uri, models_dir, cache_dir)
+    if artifact_uri:
+        return LocalArtifactStore(Path(urlparse(artifact_uri).path if artifact_uri.startswith("file://") else artifact_uri))
+    return LocalArtifactStore(models_dir)
 
 
 class ModelVersionManager:
@@ -167,16 +314,19 @@ class ModelVersionManager:
         models_dir: str | Path | None = None,
         store: Store | None = None,
         verify_integrity: bool | None = None,
+        artifacts: ArtifactStore | None = None,
     ) -> None:
         if models_dir is None or store is None or verify_integrity is None:
             settings = current_settings()
             models_dir = settings.models_dir if models_dir is None else models_dir
-            store = store or get_store(settings.database_url, settings.store_wait_seconds)
+            store = store or store_for(settings)
             verify_integrity = settings.verify_integrity if verify_integrity is None else verify_integrity
+            artifacts = artifacts or artifact_store_for(settings.artifact_uri, Path(models_dir), settings.artifact_cache_dir)
         self.models_dir = Path(models_dir)
+        self.models_dir.mkdir(parents=True, exist_ok=True)
         self.store = store
         self.verify_integrity = verify_integrity
-        self.artifacts = LocalArtifactStore(self.models_dir)
+        self.artifacts = artifacts or LocalArtifactStore(self.models_dir)
         if not (self.models_dir / REGISTRY_MIRROR).exists():
             self.write_registry_mirror()
 
@@ -282,9 +432,8 @@ class ModelVersionManager:
             raise IntegrityCheckFailed(f"integrity check failed for version {version}: unreadable artifact ({exc})") from None
 
     def _read_artifact(self, row: dict[str, Any]) -> bytes:
-        path = self.artifacts.path(row["artifact_key"])
         try:
-            return path.read_bytes()
+            return self.artifacts.read(row["artifact_key"], None if row["archived"] else row["sha256"])
         except FileNotFoundError:
             raise IntegrityCheckFailed(
                 f"integrity check failed for version {row['version']}: artifact is missing"
@@ -407,12 +556,9 @@ class ModelVersionManager:
         data = self._read_artifact(row)
         _check_digest(version, row["sha256"], hashlib.sha256(data).hexdigest())
         key = f"{version}/{ARCHIVE_NAME}"
-        archive = self.artifacts.path(key)
-        temp = archive.with_name(f".{ARCHIVE_NAME}.tmp")
-        _fsync_write(temp, gzip.compress(data, compresslevel=6))
-        os.replace(temp, archive)
+        self.artifacts.write(key, gzip.compress(data, compresslevel=6))
         self.store.update_version(version, archived=True, artifact_key=key)
-        self.artifacts.path(row["artifact_key"]).unlink()
+        self.artifacts.delete(row["artifact_key"])
         self.write_registry_mirror()
         return self.get_version_info(version)
 
@@ -424,11 +570,9 @@ class ModelVersionManager:
         data = gzip.decompress(self._read_artifact(row))
         _check_digest(version, row["sha256"], hashlib.sha256(data).hexdigest())
         key = f"{version}/{ARTIFACT_NAME}"
-        temp = self.artifacts.path(key).with_name(f".{ARTIFACT_NAME}.tmp")
-        _fsync_write(temp, data)
-        os.replace(temp, self.artifacts.path(key))
+        self.artifacts.write(key, data)
         self.store.update_version(version, archived=False, artifact_key=key)
-        self.artifacts.path(row["artifact_key"]).unlink()
+        self.artifacts.delete(row["artifact_key"])
         self.write_registry_mirror()
         return self.get_version_info(version)
 
@@ -448,7 +592,7 @@ class ModelVersionManager:
         with tarfile.open(temp, "w:gz") as archive:
             _add_bytes(archive, "manifest.json", json.dumps(manifest, indent=2).encode())
             for row in rows:
-                archive.add(self.artifacts.path(row["artifact_key"]), arcname=f"artifacts/{row['artifact_key']}")
+                _add_bytes(archive, f"artifacts/{row['artifact_key']}", self._read_artifact(row))
         os.replace(temp, destination)
         return {"path": str(destination), "versions": len(rows)}
 

@@ -7,16 +7,17 @@ names no paths and no secrets, so it can stay public."""
 
 from __future__ import annotations
 
-import os
+import hashlib
 import time
 from typing import Any
 
 import redis
 
 from utils.config import Settings
+from utils.errors import ServiceUnavailable
 from utils.model_modes import ModelModeManager
 from utils.model_monitoring import HealthChecker
-from utils.model_versioning import REGISTRY_MIRROR, ModelVersionManager, sha256_file
+from utils.model_versioning import REGISTRY_MIRROR, ModelVersionManager
 from utils.serving import ModelServer
 from utils.store import PRODUCTION, SERVING, Store
 
@@ -65,8 +66,7 @@ class Readiness:
             return False
 
     def _artifacts_ok(self) -> bool:
-        folder = self.registry.models_dir
-        return folder.is_dir() and os.access(folder, os.W_OK)
+        return self.registry.artifacts.check()
 
     def _serving_model(self, expected: str | None) -> dict[str, Any]:
         served = self.model_server.current
@@ -78,19 +78,20 @@ class Readiness:
         return state
 
     def _artifact_matches(self, version: str, sha256: str) -> bool:
-        """Re-hash the artifact only when its size or modification time changed."""
+        """Re-hash the artifact only when its fingerprint (size and mtime, or ETag) changed."""
         row = self.store.get_version(version)
         if row is None or row["sha256"] != sha256:
             return False
-        path = self.registry.artifacts.path(row["artifact_key"])
-        try:
-            stat = path.stat()
-        except OSError:
+        key = self.registry.artifacts.fingerprint(row["artifact_key"])
+        if key is None:
             return False
-        key = (stat.st_mtime_ns, stat.st_size)
         cached = self._verified.get(version)
         if cached is None or cached[0] != key:
-            cached = (key, sha256_file(path) == sha256)
+            try:
+                data = self.registry.artifacts.read(row["artifact_key"])
+            except (OSError, ServiceUnavailable):
+                return False
+            cached = (key, hashlib.sha256(data).hexdigest() == sha256)
             self._verified[version] = cached
         return cached[1]
 

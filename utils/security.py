@@ -35,7 +35,7 @@ from utils import audit
 from utils.config import Settings, current_settings, resolve_secret_key
 from utils.errors import ApiError
 from utils.rate_limit_storage import SCHEME as STORE_SCHEME
-from utils.store import Store, get_store
+from utils.store import Store, store_for
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -191,8 +191,7 @@ class AuthManager:
     @property
     def store(self) -> Store:
         if self._store is None:
-            settings = current_settings()
-            self._store = get_store(settings.database_url, settings.store_wait_seconds)
+            self._store = store_for(current_settings())
         return self._store
 
     # -- keys ---------------------------------------------------------------------------
@@ -484,7 +483,7 @@ def storage_options(settings: Settings, store: Store | None = None) -> dict[str,
     """Options for the counters' storage: Redis fails fast, the store backend gets the store."""
     if settings.redis_url:
         return {"socket_connect_timeout": 0.5, "socket_timeout": 0.5}
-    return {"store": store or get_store(settings.database_url, settings.store_wait_seconds)}
+    return {"store": store or store_for(settings)}
 
 
 def storage_for(settings: Settings, store: Store | None = None) -> Storage:

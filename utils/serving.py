@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from utils.errors import ServiceUnavailable
 from utils.model_versioning import ModelVersionManager
 
 ArchitectureBuilder = Callable[[dict[str, Any]], nn.Module]
@@ -29,8 +30,11 @@ class InvalidInput(ValueError):
     """The prediction request's inputs are malformed."""
 
 
-class ModelNotReady(RuntimeError):
+class ModelNotReady(ServiceUnavailable):
     """This process has no serving model loaded yet."""
+
+    code = "model_not_ready"
+    retry_after = "2"
 
 
 def register_architecture(name: str) -> Callable[[ArchitectureBuilder], ArchitectureBuilder]:

@@ -12,7 +12,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from sqlalchemy import (
     JSON,
@@ -21,6 +21,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Float,
+    Index,
     Integer,
     MetaData,
     String,
@@ -32,6 +33,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
     text,
     update,
@@ -40,6 +42,9 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
+
+if TYPE_CHECKING:
+    from utils.config import Settings
 
 metadata = MetaData()
 
@@ -150,7 +155,9 @@ predictions = Table(
     Column("success", Boolean, nullable=False),
     Column("error", String(200), nullable=True),
     Column("features", JSON, nullable=True),
+    Column("record_id", String(96), nullable=True),
 )
+Index("ix_predictions_record_id", predictions.c.record_id, unique=True)
 
 prediction_rollups = Table(
     "prediction_rollups",
@@ -233,8 +240,18 @@ def _migration_4(conn: Connection) -> None:
     metadata.create_all(conn, tables=[training_jobs])
 
 
+def _migration_5(conn: Connection) -> None:
+    """Prediction records get ids, so a replayed journal never counts a record twice."""
+    columns = {column["name"] for column in inspect(conn).get_columns("predictions")}
+    if "record_id" not in columns:
+        conn.execute(text("ALTER TABLE predictions ADD COLUMN record_id VARCHAR(96)"))
+    indexes = {index["name"] for index in inspect(conn).get_indexes("predictions")}
+    if "ix_predictions_record_id" not in indexes:
+        conn.execute(text("CREATE UNIQUE INDEX ix_predictions_record_id ON predictions (record_id)"))
+
+
 # The schema's upgrade path: append a function per change; never edit a released one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4, _migration_5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 PRODUCTION = "production_version"
@@ -506,27 +523,18 @@ class Store:
 
     # -- rate-limit counters (the `limits` storage over this store) ----------------------
 
-    def counter_incr(self, key: str, expiry: float, amount: int) -> int:
-        """Add `amount` to a fixed-window counter, starting a new window if it expired."""
-        now = time.time()
+    def counter_incr(self, key: str, expiry: float, amount: int) -> tuple[int, float]:
+        """Add `amount` to a fixed-window counter, starting a new window if it expired;
+        returns (count, expires_at). Plain SQL compiled once: this runs on every request."""
         with self.write() as conn:
-            dialect_insert = sqlite_insert if conn.dialect.name == "sqlite" else postgresql_insert
-            statement = dialect_insert(rate_limits).values(key=key, count=amount, expires_at=now + expiry)
-            expired = rate_limits.c.expires_at <= now
-            statement = statement.on_conflict_do_update(
-                index_elements=[rate_limits.c.key],
-                set_={
-                    "count": case((expired, amount), else_=rate_limits.c.count + amount),
-                    "expires_at": case((expired, now + expiry), else_=rate_limits.c.expires_at),
-                },
-            ).returning(rate_limits.c.count)
-            return int(conn.execute(statement).scalar_one())
+            row = conn.execute(_COUNTER_INCR, {"key": key, "amount": amount, "now": time.time(), "expiry": expiry}).one()
+        return int(row.count), float(row.expires_at)
 
     def counter_get(self, key: str) -> tuple[int, float]:
         """(count, expires_at) of a live counter, (0, now) when absent or expired."""
         now = time.time()
         with self.read() as conn:
-            row = conn.execute(select(rate_limits.c.count, rate_limits.c.expires_at).where(rate_limits.c.key == key)).first()
+            row = conn.execute(_COUNTER_GET, {"key": key}).first()
         if row is None or row.expires_at <= now:
             return 0, now
         return int(row.count), float(row.expires_at)
@@ -544,15 +552,24 @@ class Store:
 
     # -- monitoring -----------------------------------------------------------------------
 
-    def insert_predictions(self, rows: list[dict[str, Any]], total_name: str) -> None:
-        """Insert a batch of prediction records and add them to the running totals, atomically."""
+    def insert_predictions(self, rows: list[dict[str, Any]], total_name: str) -> int:
+        """Insert a batch of prediction records and add them to the running totals, atomically.
+
+        Records whose `record_id` is already stored are skipped; returns how many were new."""
         if not rows:
-            return
-        errors = sum(1 for r in rows if not r["success"])
+            return 0
         with self.write() as conn:
+            ids = [r["record_id"] for r in rows if r.get("record_id")]
+            if ids:
+                known = set(conn.execute(select(predictions.c.record_id).where(predictions.c.record_id.in_(ids))).scalars())
+                rows = [r for r in rows if r.get("record_id") not in known]
+            if not rows:
+                return 0
+            errors = sum(1 for r in rows if not r["success"])
             conn.execute(insert(predictions), rows)
             totals = _states(conn, (total_name,)).get(total_name) or {"count": 0, "errors": 0}
             _set_state(conn, total_name, {"count": totals["count"] + len(rows), "errors": totals["errors"] + errors}, "monitor")
+        return len(rows)
 
     def recent_predictions(self, limit: int, after_id: int = 0, columns: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
         """The newest `limit` records with id > after_id, oldest first."""
@@ -695,6 +712,16 @@ class Store:
             return bool(row.cancel_requested)
 
 
+_COUNTER_INCR = text(
+    "INSERT INTO rate_limits (key, count, expires_at) VALUES (:key, :amount, :now + :expiry) "
+    "ON CONFLICT (key) DO UPDATE SET "
+    "count = CASE WHEN rate_limits.expires_at <= :now THEN :amount ELSE rate_limits.count + :amount END, "
+    "expires_at = CASE WHEN rate_limits.expires_at <= :now THEN :now + :expiry ELSE rate_limits.expires_at END "
+    "RETURNING count, expires_at"
+)
+_COUNTER_GET = text("SELECT count, expires_at FROM rate_limits WHERE key = :key")
+
+
 def _states(conn: Connection, names: tuple[str, ...]) -> dict[str, Any]:
     rows = conn.execute(
         select(service_state.c.name, service_state.c.value).where(service_state.c.name.in_(names))
@@ -730,6 +757,11 @@ def _begin_sqlite_transaction(conn: Connection) -> None:
 
 _stores: dict[str, Store] = {}
 _stores_lock = threading.Lock()
+
+
+def store_for(settings: Settings) -> Store:
+    """The process-wide Store of a configuration."""
+    return get_store(settings.database_url, settings.store_wait_seconds)
 
 
 def get_store(url: str, wait_seconds: float = 0.0) -> Store:

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from utils.model_versioning import ModelVersionManager, generate_version_string
+from utils.config import Settings
+from utils.journal import process_alive
+from utils.model_versioning import ArtifactStore, ModelVersionManager, artifact_store_for, generate_version_string
 from utils.serving import build_model
 
 if TYPE_CHECKING:
@@ -193,21 +195,6 @@ def dataset_from_payload(data: dict[str, Any]) -> Dataset:
     return Dataset(features, torch.tensor([index[label] for label in labels]), list(names), class_names)
 
 
-def _process_alive(pid: int) -> bool:
-    """True for a running process (a zombie, exited but not yet reaped, counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def public_job(row: dict[str, Any]) -> dict[str, Any]:
     """A job as the API shows it (the posted data itself is not echoed)."""
     progress = row["progress"] or []
@@ -233,12 +220,9 @@ def public_job(row: dict[str, Any]) -> dict[str, Any]:
 class TrainingJobs:
     """Starts training jobs as separate processes and keeps their state in the store."""
 
-    def __init__(self, store: Store, database_url: str, models_dir: Path, verify_integrity: bool,
-                 max_active: int = 1, heartbeat_timeout: float = 60.0) -> None:
+    def __init__(self, store: Store, settings: Settings, max_active: int = 1, heartbeat_timeout: float = 60.0) -> None:
         self.store = store
-        self.database_url = database_url
-        self.models_dir = Path(models_dir)
-        self.verify_integrity = verify_integrity
+        self.settings = settings
         self.max_active = max_active
         self.heartbeat_timeout = heartbeat_timeout
 
@@ -253,9 +237,12 @@ class TrainingJobs:
         }
         if not self.store.insert_job_if_capacity(row, self.max_active):
             raise TrainingCapacityReached(f"{self.max_active} training job(s) already running; wait or cancel one")
+        settings = self.settings
         process = subprocess.Popen(
-            [sys.executable, "-m", "utils.training", job_id, "--database-url", self.database_url,
-             "--models-dir", str(self.models_dir), *([] if self.verify_integrity else ["--no-verify"])],
+            [sys.executable, "-m", "utils.training", job_id, "--database-url", settings.database_url,
+             "--models-dir", str(settings.models_dir), "--cache-dir", str(settings.artifact_cache_dir),
+             *(["--artifact-uri", settings.artifact_uri] if settings.artifact_uri else []),
+             *([] if settings.verify_integrity else ["--no-verify"])],
             cwd=Path(__file__).resolve().parent.parent,
             start_new_session=True,
         )
@@ -306,7 +293,7 @@ class TrainingJobs:
         host = socket.gethostname()
         for row in self.store.list_jobs(active_only=True):
             last_sign = row["heartbeat_at"] or row["created_at"]
-            gone = row["pid"] is not None and row["host"] == host and not _process_alive(row["pid"])
+            gone = row["pid"] is not None and row["host"] == host and not process_alive(row["pid"])
             if gone or now - last_sign > self.heartbeat_timeout:
                 reason = "its process is gone" if gone else f"no heartbeat for {self.heartbeat_timeout:g}s"
                 if self.store.update_job(row["id"], only_if_active=True, status="failed", finished_at=now,
@@ -316,7 +303,7 @@ class TrainingJobs:
         return failed
 
 
-def run_job(job_id: str, database_url: str, models_dir: Path, verify_integrity: bool) -> int:
+def run_job(job_id: str, database_url: str, models_dir: Path, verify_integrity: bool, artifacts: ArtifactStore) -> int:
     """The body of a job's process: train, report each epoch, save the version (no promote)."""
     from utils.store import Store
 
@@ -338,7 +325,7 @@ def run_job(job_id: str, database_url: str, models_dir: Path, verify_integrity: 
         dataset = dataset_from_payload(row["data"]) if row["data"] else load_dataset()
         params = Hyperparameters(**{**row["params"], "hidden_dims": tuple(row["params"]["hidden_dims"])})
         model, metrics, info = train_classifier(dataset, params, on_epoch)
-        registry = ModelVersionManager(models_dir, store, verify_integrity)
+        registry = ModelVersionManager(models_dir, store, verify_integrity, artifacts)
         saved = registry.save_model(
             model, generate_version_string("train"), metrics=metrics, training_info={**info, "job_id": job_id},
             description=f"Trained by job {job_id}", tags=["trained"], created_by=row["created_by"],
@@ -365,10 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("job_id")
     parser.add_argument("--database-url", required=True)
     parser.add_argument("--models-dir", required=True, type=Path)
+    parser.add_argument("--cache-dir", required=True, type=Path)
+    parser.add_argument("--artifact-uri", default=None)
     parser.add_argument("--no-verify", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
-    return run_job(args.job_id, args.database_url, args.models_dir, not args.no_verify)
+    artifacts = artifact_store_for(args.artifact_uri, args.models_dir, args.cache_dir)
+    return run_job(args.job_id, args.database_url, args.models_dir, not args.no_verify, artifacts)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,96 @@
+"""Declare an operation next to its route: validated and documented from the same models.
+
+    @bp.post("/api/model/save")
+    @require_permission("write")
+    @operation("Save the serving model as a new version", body=SaveRequest, response=VersionInfo, status=201,
+               errors={409: "The version exists"})
+    def save_model(body: SaveRequest) -> Any: ...
+
+Before the view runs, path parameters, query parameters and the JSON body are validated
+against their models and handed to it (`body=`, `query=`, path parameters by name); a failure
+is a 400 with the model's error code. An operation that declares no body refuses one. The same
+`Operation` is what `utils.openapi` puts into the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import typing
+from functools import wraps
+from typing import Any, Callable, Mapping, TypeVar
+
+from flask import request
+from pydantic import BaseModel, ValidationError
+
+from routes.common import ApiError, json_body
+from utils.openapi import ErrorSpec, Operation
+from utils.schemas import PathParameters, QueryParameters, RequestBody
+
+F = TypeVar("F", bound=Callable[..., Any])
+MAX_REPORTED_ERRORS = 3
+
+
+def operation(
+    summary: str,
+    *,
+    response: type[BaseModel] | None = None,
+    status: int = 200,
+    media_type: str = "application/json",
+    body: type[RequestBody] | None = None,
+    query: type[QueryParameters] | None = None,
+    path: type[PathParameters] | None = None,
+    errors: Mapping[int, ErrorSpec] | None = None,
+    security: tuple[str, ...] | None = None,
+) -> Callable[[F], F]:
+    """Validate the request against the models and document the view (see the module doc)."""
+    spec = Operation(summary, response=response, status=status, media_type=media_type, body=body, query=query,
+                     path=path, errors=dict(errors or {}), security=security)
+
+    def decorator(view: F) -> F:
+        @wraps(view)
+        def wrapper(**kwargs: Any) -> Any:
+            if spec.path is not None:
+                kwargs = dict(validate(spec.path, kwargs))
+            if spec.query is not None:
+                kwargs["query"] = validate(spec.query, _query_values(spec.query))
+            if spec.body is not None:
+                kwargs["body"] = validate(spec.body, json_body(required=spec.body_required))
+            elif request.method not in ("GET", "HEAD") and request.content_length:
+                raise ApiError(400, "invalid_body", "this operation takes no request body")
+            return view(**kwargs)
+
+        wrapper.openapi_operation = spec  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorator
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], data: Any) -> M:
+    """`data` as a `model`, or an ApiError naming (at most three of) the problems."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = exc.errors(include_url=False, include_input=False)
+        first = problems[0]["loc"]
+        code = model.field_codes.get(str(first[0]), model.error_code) if first else model.error_code  # type: ignore[attr-defined]
+        message = "; ".join(_describe(problem) for problem in problems[:MAX_REPORTED_ERRORS])
+        raise ApiError(400, code, message) from None
+
+
+def _describe(problem: Mapping[str, Any]) -> str:
+    where = ".".join(str(part) for part in problem["loc"])
+    return f"{where}: {problem['msg']}" if where else problem["msg"]
+
+
+def _query_values(model: type[QueryParameters]) -> dict[str, Any]:
+    """The query string as a dict: lists for list fields, single values for the others (a
+    repeated single-valued parameter stays a list, so it is refused)."""
+    values: dict[str, Any] = {}
+    for name in request.args:
+        given = request.args.getlist(name)
+        field = model.model_fields.get(name)
+        is_list = field is not None and typing.get_origin(field.annotation) is list
+        values[name] = given if is_list or len(given) > 1 else given[0]
+    return values

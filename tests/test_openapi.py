@@ -1,0 +1,245 @@
+"""The OpenAPI document, request validation from the same schemas, Swagger UI, and a schemathesis
+run against a real server that must find nothing."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import jsonschema_rs
+import pytest
+import requests
+import schemathesis
+from schemathesis.engine import Status, events, from_schema
+
+from tests.conftest import ROOT
+
+SETOSA = [5.1, 3.5, 1.4, 0.2]
+HTTP_METHODS = {"GET", "POST", "DELETE", "PUT", "PATCH"}
+
+
+def document(client) -> dict:
+    response = client.get("/api/openapi.json")
+    assert response.status_code == 200 and response.is_json
+    return response.get_json()
+
+
+def operations(spec: dict) -> dict[tuple[str, str], dict]:
+    return {(method.upper(), path): op for path, item in spec["paths"].items() for method, op in item.items()}
+
+
+# -- the document ---------------------------------------------------------------------------
+
+
+def test_document_is_valid_openapi_31(anonymous) -> None:
+    spec = document(anonymous)
+    assert spec["openapi"].startswith("3.1")
+    schemathesis.openapi.from_dict(spec).validate()
+    for name, schema in spec["components"]["schemas"].items():
+        assert jsonschema_rs.meta.is_valid(schema), name
+
+
+def test_document_covers_every_route(app, anonymous) -> None:
+    documented = set(operations(document(anonymous)))
+    routed = {
+        (method, rule.rule.replace("<path:", "<").replace("<", "{").replace(">", "}"))
+        for rule in app.url_map.iter_rules() if rule.endpoint != "static"
+        for method in rule.methods & HTTP_METHODS
+    }
+    assert routed == documented
+
+
+def test_operations_declare_security_errors_and_schemas(anonymous) -> None:
+    ops = operations(document(anonymous))
+    for (method, path), op in ops.items():
+        statuses = set(op["responses"])
+        assert "500" in statuses, (method, path)
+        for status, response in op["responses"].items():
+            if status.startswith(("4", "5")) and not path.startswith("/api/health"):
+                assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+        if "security" in op:
+            assert {"401", "429"} <= statuses, (method, path)
+    admin_only = ops[("POST", "/api/model/promote/{version}")]
+    assert admin_only["security"] == [{"ApiKey": []}, {"BearerAuth": []}] and "403" in admin_only["responses"]
+    assert "admin" in admin_only["description"]
+    assert ops[("POST", "/api/auth/token")]["security"] == [{"ApiKey": []}]
+    assert "security" not in ops[("GET", "/api/health")] and "429" not in ops[("GET", "/api/health")]["responses"]
+    assert "429" in ops[("GET", "/api/mode")]["responses"]
+    predict = ops[("POST", "/api/predict")]
+    assert {"400", "413", "415", "503"} <= set(predict["responses"])
+    assert predict["responses"]["503"]["headers"]["Retry-After"]
+    assert predict["requestBody"]["required"] is True
+    assert ops[("POST", "/api/model/save")]["requestBody"]["required"] is False
+    assert [p["name"] for p in ops[("GET", "/api/audit")]["parameters"]] == ["limit", "action", "actor"]
+    readiness = ops[("GET", "/api/health/detailed")]["responses"]["503"]
+    assert readiness["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Readiness"}
+    assert ops[("GET", "/metrics")]["responses"]["200"]["content"] == {"text/plain": {"schema": {"type": "string"}}}
+
+
+def test_request_schemas_in_the_document_are_the_validating_ones(anonymous) -> None:
+    from utils.schemas import PredictRequest, SaveRequest
+
+    schemas = document(anonymous)["components"]["schemas"]
+    for model in (PredictRequest, SaveRequest):
+        generated = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        generated.pop("$defs", None)
+        assert schemas[model.__name__] == generated
+
+
+# -- request validation -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method, path, body, code",
+    [
+        ("post", "/api/predict", {"inputs": [SETOSA], "extra": 1}, "invalid_input"),          # unknown field
+        ("post", "/api/predict", {}, "invalid_input"),                                       # missing field
+        ("post", "/api/predict", {"inputs": [[1, 2, 3, "4"]]}, "invalid_input"),             # wrong type
+        ("post", "/api/predict", {"inputs": [[1.0] * 1001]}, "invalid_input"),               # oversize row
+        ("post", "/api/model/save", {"tags": ["t"] * 33}, "invalid_body"),                   # oversize array
+        ("post", "/api/model/save", {"metrics": {"accuracy": True}}, "invalid_body"),
+        ("post", "/api/model/save", {"version": "a" * 65}, "invalid_version"),
+        ("post", "/api/auth/keys", {"permissions": ["read"]}, "invalid_body"),               # missing name
+        ("post", "/api/auth/keys", {"name": "x", "permissions": ["read"] * 4}, "invalid_body"),
+        ("post", "/api/auth/keys/key_x/rotate", {"grace_seconds": "60"}, "invalid_body"),
+        ("post", "/api/auth/token", {"expires_in": 1.5}, "invalid_body"),
+        ("post", "/api/mode/training", {"force": "yes"}, "invalid_body"),
+        ("post", "/api/mode/turbo", {}, "invalid_mode"),
+        ("post", "/api/train", {"hidden_dims": [8] * 9}, "invalid_body"),
+        ("post", "/api/train", {"data": {"features": [[1.0]] * 10, "labels": [1] * 9 + [2], "extra": 1}}, "invalid_data"),
+        ("post", "/api/monitoring/baseline", {"x": 1}, "invalid_body"),                     # takes no body
+        ("post", "/api/model/rollback", {"to": "1.0.0"}, "invalid_body"),
+    ],
+)
+def test_bodies_are_validated_by_their_schemas(client, method: str, path: str, body: dict, code: str) -> None:
+    response = getattr(client, method)(path, json=body)
+    assert response.status_code == 400, response.get_data(as_text=True)
+    error = response.get_json()["error"]
+    assert set(response.get_json()) == {"error"} and error["code"] == code and error["message"]
+
+
+@pytest.mark.parametrize(
+    "path, code",
+    [
+        ("/api/model/history?limit=0", "invalid_parameter"),
+        ("/api/model/history?limit=5&limit=6", "invalid_parameter"),
+        ("/api/model/history?debug=1", "invalid_parameter"),
+        ("/api/model/versions/1.0.0?verify=perhaps", "invalid_parameter"),
+        ("/api/model/compare?a=1.0.0&b=..%2Fx", "invalid_parameter"),
+        ("/api/audit?limit=x", "invalid_parameter"),
+        ("/api/train?limit=201", "invalid_parameter"),
+        ("/api/monitoring/alerts?limit=-1", "invalid_parameter"),
+        ("/api/train/" + "j" * 65, "invalid_parameter"),
+    ],
+)
+def test_parameters_are_validated_by_their_schemas(client, path: str, code: str) -> None:
+    response = client.get(path)
+    assert response.status_code == 400 and response.get_json()["error"]["code"] == code
+
+
+def test_runtime_limits_are_checked_after_the_schema(state_dir: Path, api_keys: dict[str, str]) -> None:
+    from app import create_app, start_serving
+    from tests.conftest import make_settings
+
+    app = create_app(make_settings(state_dir, training_max_rows=10))
+    start_serving(app)
+    client = app.test_client()
+    client.environ_base["HTTP_X_API_KEY"] = api_keys["admin"]
+    client.post("/api/mode/training")
+    data = {"features": [[float(i)] for i in range(11)], "labels": ["a", "b"] * 5 + ["a"]}
+    response = client.post("/api/train", json={"data": data})
+    assert response.status_code == 400 and response.get_json()["error"]["code"] == "invalid_data"
+    app.extensions["quadra"].store.dispose()
+
+
+def test_valid_requests_get_their_parsed_values(client) -> None:
+    assert client.get("/api/model/versions?tag=initial&tag=iris").get_json()["count"] == 1
+    assert client.get("/api/model/history?limit=1").status_code == 200
+    assert client.post("/api/monitoring/baseline").status_code == 409  # not enough predictions, but a valid request
+    token = client.post("/api/auth/token", json={"permissions": ["read"], "expires_in": 60}).get_json()
+    assert token["permissions"] == ["read"] and token["expires_in"] == 60
+
+
+# -- Swagger UI -------------------------------------------------------------------------------
+
+
+def test_swagger_ui_page_uses_packaged_assets_and_no_inline_script(anonymous) -> None:
+    page = anonymous.get("/api/docs")
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    csp = page.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "script-src 'self' 'unsafe-inline'" not in csp
+    html = page.get_data(as_text=True)
+    assert "<script>" not in html and "//cdn" not in html and "https://" not in html
+    for asset in ("node_modules/swagger-ui-dist/swagger-ui-bundle.js", "node_modules/swagger-ui-dist/swagger-ui.css", "docs.js"):
+        assert f"/static/{asset}" in html
+        assert anonymous.get(f"/static/{asset}").status_code == 200, asset
+    assert '"swagger-ui-dist"' in (ROOT / "static" / "package.json").read_text()
+
+
+@pytest.mark.e2e
+def test_swagger_ui_shows_every_operation_in_a_browser(browser, start_server, state_dir: Path) -> None:
+    server = start_server(state_dir)
+    expected = len(operations(requests.get(f"{server.url}/api/openapi.json", timeout=10).json()))
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.goto(f"{server.url}/api/docs")
+    page.locator(".opblock").nth(expected - 1).wait_for(timeout=30_000)
+    assert page.locator(".opblock").count() == expected
+    assert page.locator(".opblock-summary-path", has_text="/api/predict").count() == 1
+    page.close()
+    assert problems == []
+
+
+# -- schemathesis -----------------------------------------------------------------------------
+
+CHECKS = ("not_a_server_error", "status_code_conformance", "response_schema_conformance",
+          "content_type_conformance", "ignored_auth", "negative_data_rejection", "response_headers_conformance")
+
+
+@pytest.mark.e2e
+def test_schemathesis_finds_no_failure(start_server, state_dir: Path) -> None:
+    """Every operation, with the admin key, through schemathesis' examples, coverage and fuzzing
+    phases (deterministic), against a real server. 503 is the documented answer of predict in
+    maintenance mode, which the run itself switches to, so it does not count as a server error."""
+    server = start_server(state_dir, {"QUADRA_AUTH_FAILURE_LIMIT": "1000000 per minute", "QUADRA_MAX_TRAINING_JOBS": "1"})
+    config = schemathesis.Config.from_dict({
+        "seed": 20261126,
+        "base-url": server.url,
+        "cache": {"enabled": False},
+        "headers": {"X-API-Key": server.admin_key},
+        "generation": {"max-examples": 50, "deterministic": True, "database": "none", "mode": "all"},
+        "phases": {"stateful": {"enabled": False}},
+        "checks": {"enabled": False, **{name: {"enabled": True} for name in CHECKS},
+                   "not_a_server_error": {"enabled": True, "expected-statuses": ["2xx", "3xx", "4xx", "503"]}},
+    })
+    # Loaded from a dict: loaded from its URL, schemathesis would leave out the operation serving it.
+    schema = schemathesis.openapi.from_dict(server.get("/api/openapi.json").json(), config=config)
+    cases: Counter[str] = Counter()
+    failures: list[str] = []
+    for event in from_schema(schema).execute():
+        if isinstance(event, events.ScenarioFinished):
+            cases[event.recorder.label] += len(event.recorder.cases)
+            failures += [f"{event.recorder.label}: {check.name}: {check.failure_info.failure}"
+                         for checks in event.recorder.checks.values() for check in checks
+                         if check.status == Status.FAILURE and check.failure_info]
+        elif isinstance(event, (events.NonFatalError, events.FatalError)):
+            failures.append(f"error: {getattr(event, 'value', None) or getattr(event, 'exception', None)}")
+    _stop_training(server)
+    assert failures == []
+    labels = {f"{method} {path}" for method, path in operations(schema.raw_schema)}
+    assert set(cases) == labels and all(cases[label] > 0 for label in labels)
+    print(f"schemathesis: {len(labels)} operations, {sum(cases.values())} cases, no failure")
+
+
+def _stop_training(server) -> None:
+    """Cancel what the run started, so no training process outlives the test."""
+    server.post("/api/mode/inference", json={"force": True})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        jobs = server.get("/api/train?limit=200").json()["jobs"]
+        if not any(job["status"] in ("queued", "running") for job in jobs):
+            return
+        time.sleep(0.5)

@@ -1,0 +1,78 @@
+"""Background work on each process's monitoring thread.
+
+Drift checks (with their alerts and history), roll-ups and journal recovery run on one
+process of the deployment at a time, under leases in the store; the model health check, the
+mode refresh (which fires mode callbacks) and the reaping of dead training jobs run everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+from utils.events import DRIFT_HISTORY, DRIFT_STATE
+
+MONITORING_LEASE = "monitoring-maintenance"
+JOURNAL_LEASE = "journal-recovery"
+DRIFT_HISTORY_LENGTH = 120
+DRIFT_SUMMARY_FIELDS = ("drift_detected", "drift_score", "threshold", "fired", "drifted_features", "evaluated", "reason",
+                        "dataset_drift_share")
+ROLL_UP_SECONDS = 60.0
+JOB_REAP_SECONDS = 5.0
+JOURNAL_RECOVERY_SECONDS = 10.0
+
+
+def schedule_background_work(services: Any) -> None:
+    """Register the periodic tasks and start the monitoring thread."""
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    settings, monitor, store = services.settings, services.monitor, services.store
+
+    def check_drift() -> None:
+        if store.try_acquire_lease(MONITORING_LEASE, owner, settings.drift_check_seconds * 3):
+            record_drift_check(services)
+
+    def roll_up() -> None:
+        if store.try_acquire_lease(MONITORING_LEASE, owner, settings.drift_check_seconds * 3):
+            monitor.roll_up(settings.monitoring_retention_hours * 3600)
+
+    def check_model() -> None:
+        if services.model_server.last_error:
+            services.alerts.raise_alert("health", services.model_server.last_error, {"process": owner})
+
+    def recover_journals() -> None:
+        if store.try_acquire_lease(JOURNAL_LEASE, owner, JOURNAL_RECOVERY_SECONDS * 3):
+            try:
+                monitor.recover_journals()
+            finally:
+                store.release_lease(JOURNAL_LEASE, owner)
+
+    recover_journals()
+    monitor.every(JOURNAL_RECOVERY_SECONDS, recover_journals)
+    monitor.every(settings.drift_check_seconds, check_drift)
+    monitor.every(ROLL_UP_SECONDS, roll_up)
+    monitor.every(settings.drift_check_seconds, check_model)
+    monitor.every(settings.monitoring_flush_seconds, services.modes.state)
+    monitor.every(JOB_REAP_SECONDS, services.jobs.reap)
+    monitor.start()
+
+
+def record_drift_check(services: Any) -> dict[str, Any]:
+    """Check drift, keep the verdict and its history for the dashboard, feed the alerts."""
+    store = services.store
+    result = services.monitor.detect_drift()
+    summary = {key: result[key] for key in DRIFT_SUMMARY_FIELDS}
+    summary["features"] = {name: {k: column[k] for k in ("test", "statistic", "p_value", "drift_detected")}
+                           for name, column in result["features"].items()}
+    summary["checked_at"] = time.time()
+    store.set_state(DRIFT_STATE, summary)
+    history = (store.get_state(DRIFT_HISTORY) or [])[-(DRIFT_HISTORY_LENGTH - 1):]
+    history.append({"at": summary["checked_at"], "drift_score": result["drift_score"],
+                    "drift_detected": result["drift_detected"], "drift_share": result["dataset_drift_share"]})
+    store.set_state(DRIFT_HISTORY, history)
+    if result["evaluated"]:
+        message = f"drift detected by {', '.join(result['fired'])}" if result["fired"] else "no drift"
+        services.alerts.observe("drift", result["drift_detected"], message,
+                                {k: result[k] for k in ("drift_score", "threshold", "fired", "drifted_features")})
+    return summary

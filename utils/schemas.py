@@ -1,0 +1,483 @@
+"""Request and response schemas of the HTTP API (pydantic v2).
+
+One source of truth: the request models validate every request (unknown fields, wrong types,
+missing fields and oversize arrays are refused before a handler runs) and, with the response
+models, are the JSON Schemas (draft 2020-12) of the OpenAPI document at /api/openapi.json.
+
+Request models say which error `code` a failure answers with: `error_code` for the model, and
+`field_codes` for fields whose failures have a code of their own (a bad version is always
+`invalid_version`). Checks that need runtime state (the row width of the loaded model, the
+configured batch size) stay in the handlers.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from utils.model_modes import ModelMode
+from utils.model_versioning import MAX_VERSION_LENGTH, validate_version
+from utils.security import validate_rate_limit
+from utils.serving import FLOAT32_MAX
+from utils.training import Hyperparameters
+
+# Hard upper bounds; the deployment's own (lower) limits are checked by the handlers.
+MAX_BATCH_ROWS = 100_000          # QUADRA_MAX_BATCH_SIZE's largest value
+MAX_TRAINING_ROWS = 10_000_000    # QUADRA_TRAINING_MAX_ROWS's largest value
+MAX_FEATURES = 1000
+MAX_CLASSES = 1000
+MAX_HIDDEN_LAYERS, MAX_HIDDEN_WIDTH = 8, 4096
+MAX_TOKEN_SECONDS = 24 * 3600
+MAX_GRACE_SECONDS = 30 * 86400
+MAX_REASON = 500
+
+
+# -- shared types --------------------------------------------------------------------------
+
+Float32 = Annotated[float, Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX, allow_inf_nan=False,
+                                 description="a finite number within float32 range")]
+ShortText = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+Tag = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+Permission = Literal["read", "write", "admin"]
+Version = Annotated[
+    str,
+    AfterValidator(validate_version),
+    Field(description="semantic (1.2.0, 2.1.3-beta) or a timestamp (20241221-143022, train-20241221-143022)",
+          examples=["1.2.0"], json_schema_extra={"minLength": 1, "maxLength": MAX_VERSION_LENGTH}),
+]
+# A single URL segment: the router never hands a handler one containing "/".
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^/]+$")]
+
+
+class RequestBody(BaseModel):
+    """A JSON request body: unknown fields are refused and nothing is coerced (no "5" for 5)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    error_code: ClassVar[str] = "invalid_body"
+    field_codes: ClassVar[dict[str, str]] = {}
+
+
+class QueryParameters(BaseModel):
+    """Query parameters: unknown ones are refused; values arrive as text and are parsed."""
+
+    model_config = ConfigDict(extra="forbid")
+    error_code: ClassVar[str] = "invalid_parameter"
+    field_codes: ClassVar[dict[str, str]] = {}
+
+
+class PathParameters(QueryParameters):
+    """Path parameters (the URL's own segments)."""
+
+
+# -- request bodies ------------------------------------------------------------------------
+
+
+class PredictRequest(RequestBody):
+    """Rows to classify, each with the serving model's `input_dim` numbers."""
+
+    error_code: ClassVar[str] = "invalid_input"
+    inputs: list[Annotated[list[Float32], Field(min_length=1, max_length=MAX_FEATURES)]] = Field(
+        min_length=1, max_length=MAX_BATCH_ROWS,
+        description="one row per sample; at most QUADRA_MAX_BATCH_SIZE rows (1024 by default)",
+        examples=[[[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]],
+    )
+
+
+class SaveRequest(RequestBody):
+    """A snapshot of the serving model as a new version; every field is optional."""
+
+    field_codes: ClassVar[dict[str, str]] = {"version": "invalid_version"}
+    version: Version | None = Field(None, description="omitted: a timestamp version")
+    description: Annotated[str, StringConstraints(max_length=2000)] | None = None
+    tags: list[Tag] = Field([], max_length=32)
+    metrics: dict[ShortText, Float32] | None = Field(
+        None, max_length=64, description="omitted: the serving version's metrics", examples=[{"accuracy": 0.97}])
+
+
+class ModeChangeRequest(RequestBody):
+    reason: Annotated[str, StringConstraints(max_length=MAX_REASON)] = ""
+    force: bool = Field(False, description="switching to inference: cancel running training jobs first")
+
+
+class TokenRequest(RequestBody):
+    permissions: list[Permission] | None = Field(
+        None, min_length=1, max_length=3, description="omitted: all of the key's permissions")
+    expires_in: Annotated[int, Field(ge=1, le=MAX_TOKEN_SECONDS)] | None = Field(
+        None, description="seconds; omitted: QUADRA_JWT_TTL_SECONDS")
+
+
+class KeyRequest(RequestBody):
+    name: ShortText
+    permissions: list[Permission] = Field(["read"], min_length=1, max_length=3)
+    expires_days: Annotated[float, Field(gt=0, le=3650)] | None = Field(
+        None, description="omitted: QUADRA_KEY_EXPIRY_DAYS")
+    rate_limit: Annotated[ShortText, AfterValidator(validate_rate_limit)] | None = Field(
+        None, description="the key's own limit, e.g. '1000 per minute'; omitted: the service-wide limit")
+
+
+class RotateRequest(RequestBody):
+    grace_seconds: Annotated[float, Field(ge=0, le=MAX_GRACE_SECONDS)] = Field(
+        24 * 3600, description="how long the old key keeps working")
+
+
+class TrainingData(RequestBody):
+    """Your own training data: rows of features and one label per row."""
+
+    features: list[Annotated[list[Float32], Field(min_length=1, max_length=MAX_FEATURES)]] = Field(
+        min_length=10, max_length=MAX_TRAINING_ROWS, description="at most QUADRA_TRAINING_MAX_ROWS rows")
+    labels: list[Annotated[str, StringConstraints(min_length=1, max_length=100)] | int] = Field(
+        min_length=10, max_length=MAX_TRAINING_ROWS)
+    feature_names: list[ShortText] | None = Field(None, max_length=MAX_FEATURES)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainingData":
+        width = len(self.features[0])
+        if any(len(row) != width for row in self.features):
+            raise ValueError("every row of 'features' must hold the same number of values")
+        if len(self.labels) != len(self.features):
+            raise ValueError("'labels' must have one entry per row of 'features'")
+        if not 2 <= len({str(label) for label in self.labels}) <= MAX_CLASSES:
+            raise ValueError(f"'labels' must hold 2 to {MAX_CLASSES} classes")
+        if self.feature_names is not None and len(self.feature_names) != width:
+            raise ValueError("'feature_names' must name every feature column")
+        return self
+
+
+class TrainRequest(RequestBody):
+    """Hyperparameters (all optional) and, optionally, your own data (default: the bundled Iris set)."""
+
+    field_codes: ClassVar[dict[str, str]] = {"data": "invalid_data"}
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = Hyperparameters.epochs
+    learning_rate: Annotated[float, Field(ge=1e-7, le=10.0)] = Hyperparameters.learning_rate
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = Hyperparameters.batch_size
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = Hyperparameters.seed
+    hidden_dims: list[Annotated[int, Field(ge=1, le=MAX_HIDDEN_WIDTH)]] = Field(
+        list(Hyperparameters.hidden_dims), min_length=1, max_length=MAX_HIDDEN_LAYERS)
+    data: TrainingData | None = None
+
+    def hyperparameters(self) -> Hyperparameters:
+        return Hyperparameters(epochs=self.epochs, learning_rate=self.learning_rate, batch_size=self.batch_size,
+                               seed=self.seed, hidden_dims=tuple(self.hidden_dims))
+
+
+# -- query and path parameters -------------------------------------------------------------
+
+
+class VersionsQuery(QueryParameters):
+    tag: list[Tag] = Field([], description="repeatable: a version must carry every tag given")
+
+
+class VersionQuery(QueryParameters):
+    verify: bool = Field(False, description="recompute the artifact's SHA-256")
+
+
+class CompareQuery(QueryParameters):
+    a: Version
+    b: Version
+
+
+class HistoryQuery(QueryParameters):
+    limit: Annotated[int, Field(ge=1, le=1000)] = 100
+
+
+class AuditQuery(QueryParameters):
+    limit: Annotated[int, Field(ge=1, le=1000)] = 100
+    action: ShortText | None = Field(None, description="only this action, e.g. registry.promote_version")
+    actor: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = Field(
+        None, description="only this actor, e.g. 'ops (key_3cc8…)'")
+
+
+class AlertsQuery(QueryParameters):
+    limit: Annotated[int, Field(ge=1, le=500)] = 50
+
+
+class JobsQuery(QueryParameters):
+    limit: Annotated[int, Field(ge=1, le=200)] = 20
+
+
+class VersionPath(PathParameters):
+    error_code: ClassVar[str] = "invalid_version"
+    version: Version
+
+
+class ModePath(PathParameters):
+    error_code: ClassVar[str] = "invalid_mode"
+    mode: ModelMode
+
+
+class KeyPath(PathParameters):
+    key_id: Identifier = Field(examples=["key_beb7e82312f1"])
+
+
+class JobPath(PathParameters):
+    job_id: Identifier = Field(examples=["job_837bd19c9e8a"])
+
+
+# -- responses -----------------------------------------------------------------------------
+
+
+class ResponseBody(BaseModel):
+    """A response: the fields clients rely on are listed; more may be present."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    code: str = Field(examples=["invalid_body"])
+    message: str
+
+
+class Error(BaseModel):
+    """Every error response, whatever the status."""
+
+    model_config = ConfigDict(extra="forbid")
+    error: ErrorDetail
+
+
+class Health(ResponseBody):
+    status: Literal["healthy"]
+    model_loaded: bool
+    model_version: str | None
+    uptime_seconds: float
+    timestamp: float
+
+
+class Readiness(ResponseBody):
+    status: Literal["ready", "not_ready"]
+    ready: bool
+    reasons: list[str]
+    current_version: str | None
+    production_version: str | None
+    mode: ModelMode
+    checks: dict[str, Any]
+
+
+class ModeState(ResponseBody):
+    mode: ModelMode
+    reason: str
+    changed_by: str
+    changed_at: float | None
+    serves_predictions: bool
+    allows_training: bool
+
+
+class ModeChange(ResponseBody):
+    mode: ModelMode
+    previous_mode: ModelMode
+    reason: str
+    changed_by: str
+    changed_at: float
+    cancelled_jobs: list[str]
+
+
+class Prediction(ResponseBody):
+    class_: str = Field(alias="class")
+    class_index: int
+    confidence: float
+    probabilities: dict[str, float]
+
+
+class PredictResponse(ResponseBody):
+    predictions: list[Prediction]
+    model_version: str
+    request_id: str
+
+
+class VersionInfo(ResponseBody):
+    version: str
+    sha256: str
+    size_bytes: int
+    created_at: str
+    created_by: str | None
+    description: str | None
+    tags: list[str]
+    metrics: dict[str, float | None]
+    config: dict[str, Any]
+    training_info: dict[str, Any]
+    is_production: bool
+    is_serving: bool
+    archived: bool
+    integrity: dict[str, Any] | None = Field(None, description="with ?verify=true")
+
+
+class VersionList(ResponseBody):
+    versions: list[VersionInfo]
+    count: int
+    production_version: str | None
+    serving_version: str | None
+
+
+class Deleted(ResponseBody):
+    deleted: str
+
+
+class ServingChange(ResponseBody):
+    serving_version: str
+    previous_version: str | None
+
+
+class ProductionChange(ResponseBody):
+    production_version: str
+    previous_version: str | None
+
+
+class HistoryEntry(ResponseBody):
+    id: int
+    action: str
+    actor: str | None
+    at: str
+    from_version: str | None
+    to_version: str | None
+
+
+class History(ResponseBody):
+    history: list[HistoryEntry]
+
+
+class MetricComparison(ResponseBody):
+    version1: float | None
+    version2: float | None
+    improvement: float | None = Field(description="> 0: version2 is better")
+
+
+class Comparison(ResponseBody):
+    version1: str
+    version2: str
+    metrics_comparison: dict[str, MetricComparison]
+
+
+class Statistics(ResponseBody):
+    total_predictions: int
+    error_count: int
+    error_rate: float
+    window_size: int
+    avg_prediction_time: float | None
+    avg_confidence: float | None
+    class_distribution: dict[str, int]
+    model_versions: dict[str, int]
+
+
+class Drift(ResponseBody):
+    drift_detected: bool
+    drift_score: float | None
+    threshold: float
+    baseline_mean: float | None
+    current_mean: float | None
+    baseline_std: float | None
+    current_std: float | None
+    sample_count: int
+    evaluated: bool
+    detectors: dict[str, bool]
+    fired: list[str]
+    drifted_features: list[str]
+    features: dict[str, Any]
+
+
+class Baseline(ResponseBody):
+    id: int
+    sample_count: int
+    feature_names: list[str] | None = None
+
+
+class BaselineRemoved(ResponseBody):
+    removed: int
+
+
+class Alert(ResponseBody):
+    id: int
+    kind: str
+    severity: str
+    message: str
+    at: float
+    resolved_at: float | None
+    details: dict[str, Any] | None
+
+
+class Alerts(ResponseBody):
+    alerts: list[Alert]
+
+
+class ApiKey(ResponseBody):
+    """A key as it may be shown: never the key or its hash."""
+
+    id: str
+    name: str
+    display: str = Field(description="a prefix and the last four characters")
+    permissions: list[Permission]
+    rate_limit: str | None
+    created_at: float
+    created_by: str | None
+    expires_at: float | None
+    last_used_at: float | None
+    revoked_at: float | None
+    rotated_to: str | None
+    active: bool
+
+
+class NewApiKey(ApiKey):
+    api_key: str = Field(description="the key itself, shown only in this response")
+
+
+class ApiKeys(ResponseBody):
+    keys: list[ApiKey]
+
+
+class WhoAmI(ResponseBody):
+    """Whom the request's credentials belong to: never the key or its hash."""
+
+    id: str = Field(description="the key's id (for a token: the id of the key it was issued to)",
+                    examples=["key_beb7e82312f1"])
+    name: str
+    permissions: list[Permission] = Field(description="what the credentials hold (a token: at most its key's)")
+    via: Literal["api_key", "jwt", "disabled"] = Field(
+        description="an X-API-Key, a bearer token, or authentication disabled (QUADRA_AUTH_ENABLED=false)")
+    rate_limit: str | None = Field(description="the key's own limit; null: the service-wide limit")
+
+
+class Token(ResponseBody):
+    access_token: str
+    token_type: Literal["Bearer"]
+    expires_in: int
+    permissions: list[Permission]
+
+
+class AuditEntry(ResponseBody):
+    id: int
+    at: float
+    actor: str | None
+    action: str
+    outcome: str
+    target: str | None
+    status: int | None
+    ip: str | None
+    details: dict[str, Any] | None
+
+
+class AuditLog(ResponseBody):
+    entries: list[AuditEntry]
+    count: int
+
+
+class TrainingJob(ResponseBody):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    epoch: int
+    total_epochs: int
+    percent: float
+    params: dict[str, Any]
+    progress: list[dict[str, Any]]
+    result_version: str | None
+    error: str | None
+    cancel_requested: bool
+
+
+class TrainingJobs(ResponseBody):
+    jobs: list[TrainingJob]
+
+
+class OpenApiDocument(ResponseBody):
+    openapi: str
+    info: dict[str, Any]
+    paths: dict[str, Any]
