@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): requirements.txt requirements_dashboard.txt requirements-dev.txt static/package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
-	npm ci --prefix static --no-audit --no-fund
+	npm ci --prefix static --no-audit --no-fund --ignore-scripts
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,4 +1,5 @@
-"""Monitoring costs: recording on the request path, drift over 1k/10k/100k records, statistics.
+"""Monitoring costs: recording on the request path (buffer and journal, as the service does),
+drift over 1k/10k/100k records, statistics.
 
 Baselines measured in the same run: the model's own forward pass for one row (what a
 prediction costs anyway), and the statistical tests alone on arrays already in memory (what
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from utils.drift import dataset_drift
+from utils.journal import RecordJournal
 from utils.model_monitoring import ModelMonitor
 from utils.serving import build_model
 from utils.store import Store
@@ -82,7 +84,8 @@ def drift_costs(folder: Path) -> list[tuple[int, float, float, float]]:
 def run() -> str:
     with tempfile.TemporaryDirectory() as folder:
         store = Store(f"sqlite:///{Path(folder) / 'record.db'}")
-        per_record, forward = recording_cost(ModelMonitor(folder, store=store))
+        journal = RecordJournal(Path(folder) / "journal")
+        per_record, forward = recording_cost(ModelMonitor(folder, store=store, journal=journal))
         store.dispose()
         drift_rows = drift_costs(Path(folder))
     lines = [

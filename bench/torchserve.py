@@ -95,6 +95,8 @@ def run(model_dir: Path, bodies: dict[int, dict]) -> dict[int, LoadResult]:
     )
     command = [str(bin_dir / "torchserve"), "--start", "--foreground", "--ncs", "--disable-token-auth",
                "--ts-config", str(WORK / "config.properties"), "--model-store", str(store), "--models", "iris=iris.mar"]
+    stop = [str(bin_dir / "torchserve"), "--stop"]
+    subprocess.run(stop, capture_output=True, env={"PATH": f"{bin_dir}:/usr/bin:/bin"})  # a leftover from an aborted run
     server = Server(command, {"PATH": f"{bin_dir}:/usr/bin:/bin"}, "/ping", cwd=WORK, port=inference)
     try:
         _wait_model(server.url)
@@ -104,6 +106,7 @@ def run(model_dir: Path, bodies: dict[int, dict]) -> dict[int, LoadResult]:
             results[batch] = wrk(f"{server.url}/predictions/iris", body, {})
         return results
     finally:
+        subprocess.run(stop, capture_output=True, env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
         server.stop()
 
 
