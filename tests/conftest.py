@@ -354,13 +354,15 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
                 process.kill()
                 pytest.fail(f"SeaweedFS did not start:\n{(folder / 'weed.log').read_text(errors='replace')[-3000:]}")
             time.sleep(0.5)
-    yield {"endpoint": endpoint, "access_key": S3_ACCESS_KEY, "secret_key": S3_SECRET_KEY, "client": client,
-           "command": command, "env": env, "process": process}
-    process.terminate()
+    server = {"endpoint": endpoint, "access_key": S3_ACCESS_KEY, "secret_key": S3_SECRET_KEY, "client": client,
+              "command": command, "env": env, "process": process}
+    yield server
+    running = server["process"]  # an outage test may have replaced it with a restarted server
+    running.terminate()
     try:
-        process.wait(timeout=20)
+        running.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        process.kill()
+        running.kill()
     log.close()
 
 
