@@ -13,7 +13,7 @@ from routes.common import ApiError, error_code, services
 from routes.operations import operation
 from utils.schemas import PredictRequest, PredictResponse
 from utils.security import require_permission
-from utils.serving import parse_inputs
+from utils.serving import rows_to_tensor
 
 bp = Blueprint("predict", __name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -53,7 +53,7 @@ def predict(body: PredictRequest) -> Any:
     (or the failed request) is recorded for monitoring off the request path."""
     svc = services()
     served = svc.model_server.require_current()
-    inputs = parse_inputs(body.model_dump(), served.input_dim, svc.settings.max_batch_size)
+    inputs = rows_to_tensor(body.inputs, served.input_dim, svc.settings.max_batch_size)  # values checked by the schema
     results = served.predict(inputs)
     svc.monitor.record_batch(body.inputs, results, time.perf_counter() - g.prediction_started, served.version)
     return jsonify({"predictions": results, "model_version": served.version, "request_id": uuid.uuid4().hex})

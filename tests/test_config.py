@@ -58,6 +58,12 @@ def test_values_are_typed() -> None:
         ("QUADRA_CORS_ORIGINS", "example.com"),
         ("QUADRA_ARCHITECTURE_MODULES", "bad-name"),
         ("QUADRA_LOG_LEVEL", "loud"),
+        ("QUADRA_ALERT_WEBHOOK", "hooks.example.com/x"),
+        ("QUADRA_FEATURE_SAMPLE_RATE", "1.5"),
+        ("QUADRA_AUTH_FAILURE_LIMIT", "lots"),
+        ("QUADRA_REDIS_PREFIX", "a b"),
+        ("QUADRA_TRUSTED_PROXIES", "-1"),
+        ("QUADRA_MAX_TRAINING_JOBS", "0"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:

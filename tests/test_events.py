@@ -81,18 +81,9 @@ def test_twenty_clients_on_four_workers_all_see_a_mode_change(start_server, stat
         while not all("maintenance" in listener.modes for listener in listeners):
             assert time.monotonic() < deadline, [listener.modes for listener in listeners]
             time.sleep(0.1)
-        served_by = {pid for pid in _worker_pids(server)}
-        assert len(served_by) == 4
     finally:
         for listener in listeners:
             listener.client.disconnect()
-
-
-def _worker_pids(server) -> list[int]:
-    import subprocess
-
-    output = subprocess.run(["ps", "-o", "pid=", "--ppid", str(server.process.pid)], capture_output=True, text=True).stdout
-    return [int(pid) for pid in output.split()]
 
 
 def websocket_handshake(url: str, origin: str) -> bool:

@@ -16,8 +16,7 @@ from enum import Enum
 from functools import wraps
 from typing import Any, Callable, TypeVar
 
-from utils.config import current_settings
-from utils.store import Store, store_for
+from utils.store import Store, UsesConfiguredStore
 
 F = TypeVar("F", bound=Callable[..., Any])
 MODE_STATE = "mode"
@@ -42,7 +41,7 @@ ALLOWS_TRAINING = {ModelMode.TRAINING, ModelMode.MAINTENANCE}
 ModeCallback = Callable[[ModelMode, ModelMode], None]
 
 
-class ModelModeManager:
+class ModelModeManager(UsesConfiguredStore):
     """The deployment's mode. `initial_mode` applies only when the store has none yet."""
 
     def __init__(self, initial_mode: ModelMode | str = ModelMode.INFERENCE, store: Store | None = None,
@@ -54,12 +53,6 @@ class ModelModeManager:
         self._cached: dict[str, Any] | None = None
         self._read_at = 0.0
         self._lock = threading.Lock()
-
-    @property
-    def store(self) -> Store:
-        if self._store is None:
-            self._store = store_for(current_settings())
-        return self._store
 
     # -- reading ------------------------------------------------------------------------
 

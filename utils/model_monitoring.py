@@ -316,6 +316,7 @@ class ModelMonitor:
             "model_versions": _counts(r["model_version"] for r in rows),
             "throughput_per_second": recent / 60.0,
             "pending_records": self.pending,
+            "dropped_records": self.dropped,
             "timestamp": now,
         }
 

@@ -35,7 +35,7 @@ from utils import audit
 from utils.config import Settings, current_settings, resolve_secret_key
 from utils.errors import ApiError
 from utils.rate_limit_storage import SCHEME as STORE_SCHEME
-from utils.store import Store, store_for
+from utils.store import Store, UsesConfiguredStore, store_for
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -163,7 +163,7 @@ def _public_key(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class AuthManager:
+class AuthManager(UsesConfiguredStore):
     """API keys (in the store) and JWTs (PyJWT, HS256) for one deployment."""
 
     def __init__(
@@ -187,12 +187,6 @@ class AuthManager:
         self._cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self._last_used_written: dict[str, float] = {}
         self._lock = threading.Lock()
-
-    @property
-    def store(self) -> Store:
-        if self._store is None:
-            self._store = store_for(current_settings())
-        return self._store
 
     # -- keys ---------------------------------------------------------------------------
 

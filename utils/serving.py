@@ -121,13 +121,22 @@ def parse_inputs(payload: Any, input_dim: int, max_batch: int) -> torch.Tensor:
     rows = payload.get("inputs")
     if not isinstance(rows, list) or not rows:
         raise InvalidInput("'inputs' must be a non-empty list of rows")
-    if len(rows) > max_batch:
-        raise InvalidInput(f"batch of {len(rows)} rows exceeds the limit of {max_batch}")
     for i, row in enumerate(rows):
-        if not isinstance(row, list) or len(row) != input_dim:
+        if not isinstance(row, list):
             raise InvalidInput(f"inputs[{i}] must be a list of {input_dim} numbers")
         if not all(is_float32(value) for value in row):
             raise InvalidInput(f"inputs[{i}] must contain only finite numbers within float32 range")
+    return rows_to_tensor(rows, input_dim, max_batch)
+
+
+def rows_to_tensor(rows: list[list[float]], input_dim: int, max_batch: int) -> torch.Tensor:
+    """The checks that depend on the served model and the configuration (batch size, row
+    width); the values themselves must already be valid numbers."""
+    if len(rows) > max_batch:
+        raise InvalidInput(f"batch of {len(rows)} rows exceeds the limit of {max_batch}")
+    for i, row in enumerate(rows):
+        if len(row) != input_dim:
+            raise InvalidInput(f"inputs[{i}] must be a list of {input_dim} numbers")
     return torch.tensor(rows, dtype=torch.float32)
 
 
@@ -139,7 +148,6 @@ class ServedModel:
     sha256: str
     model: nn.Module
     config: dict[str, Any]
-    loaded_at: float
 
     @property
     def input_dim(self) -> int:
@@ -172,7 +180,7 @@ def load_served_model(registry: ModelVersionManager, version: str) -> ServedMode
     model = build_model(row["config"])
     model.load_state_dict(state, strict=True)
     model.eval()
-    served = ServedModel(version, row["sha256"], model, row["config"], time.time())
+    served = ServedModel(version, row["sha256"], model, row["config"])
     served.predict(torch.zeros(1, served.input_dim))
     return served
 

@@ -759,6 +759,21 @@ _stores: dict[str, Store] = {}
 _stores_lock = threading.Lock()
 
 
+class UsesConfiguredStore:
+    """For the seed API's classes, which may be built without a store: the store of the
+    QUADRA_* configuration, opened on first use."""
+
+    _store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            from utils.config import current_settings
+
+            self._store = store_for(current_settings())
+        return self._store
+
+
 def store_for(settings: Settings) -> Store:
     """The process-wide Store of a configuration."""
     return get_store(settings.database_url, settings.store_wait_seconds)
