@@ -25,6 +25,7 @@ test: install
 	$(BIN)/python -m pytest
 
 bench: install
+	command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
 	$(BIN)/python -m bench
 
 clean:

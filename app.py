@@ -8,6 +8,8 @@ tools can import this module without touching the default state folder.
 
 from __future__ import annotations
 
+import gc
+import signal
 import sys
 from typing import Any
 
@@ -74,8 +76,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_error_handlers(app)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
-    security.limiter.exempt(health.bp)
-    security.limiter.exempt(app.view_functions["metrics"])
+    security.request_limits.exempt(health.bp.name)
+    security.request_limits.exempt("metrics")
     docs.describe_other_views(app)
     app.before_request(lambda: start_serving(app))
     register_cli(app)
@@ -119,6 +121,14 @@ def start_serving(app: Flask) -> None:
         _print_bootstrap_key(services)
 
 
+def freeze_start_up_objects() -> None:
+    """For a serving process, once started: move what start-up made (torch, the model, the
+    app; about 200k objects) out of the garbage collector's view, so its full passes take
+    about 1 ms instead of about 100 ms of a worker's time (a p99 spike)."""
+    gc.collect()
+    gc.freeze()
+
+
 def _print_bootstrap_key(services: Services) -> None:
     """First start in development with no key at all: print one admin key, once, to stderr
     (never to the log). Production never creates one."""
@@ -157,10 +167,18 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """Exit through SystemExit, so the exit hooks (the last monitoring records and rate-limit
+    counts) run; Python's default for SIGTERM ends the process without them."""
+    raise SystemExit(0)
+
+
 def main() -> None:
     application = _create_or_exit()
     settings: Settings = application.extensions["quadra"].settings
     start_serving(application)
+    freeze_start_up_objects()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     application.logger.info("serving on http://%s:%s", settings.host, settings.port)
     application.extensions["socketio"].run(
         application,

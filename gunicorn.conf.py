@@ -26,16 +26,18 @@ def on_starting(server):
 
 def post_worker_init(worker):
     """Warm the worker's serving model before it takes requests."""
-    from app import start_serving
+    from app import freeze_start_up_objects, start_serving
 
     start_serving(worker.wsgi)
+    freeze_start_up_objects()
 
 
 def worker_exit(server, worker):
-    """Write the worker's buffered monitoring records before it goes."""
-    services = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("quadra")
-    if services is not None:
-        services.monitor.flush()
+    """Write the worker's buffered monitoring records and rate-limit counts before it goes."""
+    extensions = getattr(getattr(worker, "wsgi", None), "extensions", {})
+    if "quadra" in extensions:
+        extensions["quadra"].monitor.flush()
+        getattr(extensions["quadra_security"].request_limits.storage, "close", lambda: None)()
 
 
 def child_exit(server, worker):

@@ -9,20 +9,21 @@ from pathlib import Path
 
 import torch
 
-from bench import monitoring, predict_load, registry
+from bench import monitoring, predict_load, registry, request_path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+NOTES = Path(__file__).resolve().parent / "NOTES.md"  # what changed because of the numbers, and the gaps
 
 
 def main() -> int:
-    sections = [predict_load.run(), monitoring.run(), registry.run()]
+    sections = [predict_load.run(), request_path.run(), monitoring.run(), registry.run()]
     header = (
         f"# Benchmark results\n\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · Python {platform.python_version()} · "
         f"torch {torch.__version__} · {platform.machine()} · {_cpu()} · `make bench`\n\n"
         "Every number comes with a baseline measured in the same run; compare the ratios, not the absolute times "
         "(these machines are noisy).\n"
     )
-    text = header + "\n".join(sections)
+    text = header + "\n".join(sections) + "\n" + NOTES.read_text()
     RESULTS.write_text(text)
     print(text)
     return 0

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, current_app, g, jsonify, request
+from flask import Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from utils.alerts import AlertManager
@@ -48,15 +48,7 @@ def services() -> Services:
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Any:
     response = jsonify({"error": {"code": code, "message": message}})
     response.status_code = status
-    headers = dict(headers or {})
-    retry = headers.pop("Retry-After", None)
-    response.headers.update(headers)
-    return with_retry_after(response, retry) if retry else response
-
-
-def with_retry_after(response: Any, seconds: str) -> Any:
-    """Set Retry-After so that it survives the rate limiter's header handling."""
-    response.headers["Retry-After"] = g.retry_after = seconds
+    response.headers.update(headers or {})
     return response
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Flask, current_app, jsonify, render_template
-from flask_limiter import ExemptionScope
 
 from routes.operations import operation
 from utils.openapi import Operation, build_document
@@ -43,7 +42,8 @@ def openapi_document() -> Any:
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     document = app.extensions.get("quadra_openapi")
     if document is None:
-        document = app.extensions["quadra_openapi"] = build_document(app, _rate_limited_in(app), TITLE, DESCRIPTION)
+        document = app.extensions["quadra_openapi"] = build_document(
+            app, app.extensions["quadra_security"].request_limits.applies_to, TITLE, DESCRIPTION)
     return jsonify(document)
 
 
@@ -54,13 +54,3 @@ def swagger_ui() -> Any:
     response = current_app.make_response(render_template("docs.html"))
     response.headers["Content-Security-Policy"] = DOCS_CSP
     return response
-
-
-def _rate_limited_in(app: Flask) -> Any:
-    limiter = app.extensions["quadra_security"].limiter
-
-    def rate_limited(endpoint: str) -> bool:
-        scope = limiter.limit_manager.exemption_scope(app, endpoint, endpoint.rpartition(".")[0] or None)
-        return not scope & ExemptionScope.APPLICATION
-
-    return rate_limited

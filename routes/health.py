@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
-from routes.common import services, with_retry_after
+from routes.common import services
 from routes.operations import operation
 from utils.schemas import Health, Readiness
 
@@ -40,5 +40,5 @@ def readiness() -> Any:
     response = jsonify(report)
     if not report["ready"]:
         response.status_code = 503
-        with_retry_after(response, "5")
+        response.headers["Retry-After"] = "5"
     return response

@@ -57,11 +57,27 @@ def test_tampered_object_is_refused_and_never_cached(s3_registry: ModelVersionMa
 
 def test_large_artifacts_go_up_in_parts(s3_registry: ModelVersionManager) -> None:
     config = {**CONFIG, "input_dim": 4096, "hidden_dims": [2048]}  # ~34 MB of float32 weights
-    info = s3_registry.save_model(build_model(config), "2.0.0", config=config)
+    model = build_model(config)
+    info = s3_registry.save_model(model, "2.0.0", config=config)
     store = s3_registry.artifacts
     head = store.client.head_object(Bucket=store.bucket, Key=store._object("2.0.0/model.safetensors"))
     assert "-" in head["ETag"] and head["ContentLength"] == info["size_bytes"]  # a multipart ETag
     assert s3_registry.verify_version("2.0.0")["ok"]
+    for _ in range(2):  # the download, then the host cache
+        state, _ = s3_registry.read_state_dict("2.0.0")
+        assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_a_tampered_host_cache_is_refused(s3_registry: ModelVersionManager, tmp_path: Path) -> None:
+    info = s3_registry.save_model(build_model(CONFIG), "1.0.0", config=CONFIG)
+    s3_registry.load_model(build_model(CONFIG), "1.0.0")
+    cached = tmp_path / "cache" / info["sha256"]
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    with pytest.raises(IntegrityCheckFailed):
+        s3_registry.load_model(build_model(CONFIG), "1.0.0")
+    assert s3_registry.verify_version("1.0.0")["ok"] is False
 
 
 def test_archive_delete_and_backup_on_s3(s3_registry: ModelVersionManager, tmp_path: Path) -> None:

@@ -64,6 +64,8 @@ def test_values_are_typed() -> None:
         ("QUADRA_REDIS_PREFIX", "a b"),
         ("QUADRA_TRUSTED_PROXIES", "-1"),
         ("QUADRA_MAX_TRAINING_JOBS", "0"),
+        ("QUADRA_RATE_LIMIT_SYNC_SECONDS", "-0.1"),
+        ("QUADRA_RATE_LIMIT_SYNC_SECONDS", "soon"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:

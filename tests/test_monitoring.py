@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,67 @@ def test_feature_sampling_keeps_counts_exact(store: Store, tmp_path: Path) -> No
     with_features = sum(1 for r in rows if r["features"] is not None)
     assert len(rows) == 600 and monitor.total_predictions == 600
     assert 60 < with_features < 180
+
+
+def record_mixed(monitor: ModelMonitor, count: int, shift: float = 0.0, unscored: bool = True) -> None:
+    """`count` records: some failed, some without features, some integer rows, and (when
+    `unscored`) some successful without confidence or class."""
+    rng = np.random.default_rng(count)
+    for i in range(count):
+        row = (rng.normal(shift, 1.0, 4) if i % 5 else rng.integers(-3, 4, 4)).tolist()
+        if i % 11 == 0:
+            monitor.record_prediction(None, 0.004, success=False, error="boom", model_version=None)
+        elif i % 13 == 0 and unscored:
+            monitor.record_prediction(row, 0.002, confidence=None, predicted_class=None, model_version="2.0.0")
+        else:
+            kept = None if i % 7 == 0 else row
+            monitor.record_prediction(kept, rng.uniform(0.001, 0.01), confidence=float(rng.uniform(0.5, 1.0)),
+                                      predicted_class="abc"[i % 3], model_version="1.0.0")
+    monitor.flush()
+
+
+def test_prediction_window_is_recent_predictions_column_by_column(store: Store, tmp_path: Path) -> None:
+    monitor = ModelMonitor(tmp_path, store=store)
+    record_mixed(monitor, 1200)
+    columns = ("at", "latency_ms", "confidence", "predicted_class", "success", "model_version", "features")
+    for limit, after_id in ((1100, 0), (1100, 250), (5, 0), (10, 10_000)):
+        rows = store.recent_predictions(limit, after_id)
+        window = store.prediction_window(limit, after_id, columns)
+        assert window["features"] == [None if r["features"] is None else json.dumps(r["features"]) for r in rows]
+        for name in columns[:-1]:
+            assert window[name] == [r[name] for r in rows]
+        assert all(type(value) is bool for value in window["success"])
+    with pytest.raises(KeyError):
+        store.prediction_window(10, 0, ("confidence; DROP TABLE predictions",))
+
+
+def test_statistics_and_drift_over_a_window_larger_than_a_read_block(store: Store, tmp_path: Path) -> None:
+    monitor = ModelMonitor(tmp_path, window_size=1500, store=store, baseline_min_samples=50)
+    record_mixed(monitor, 1800, unscored=False)  # a baseline needs a confidence for every record
+    baseline = monitor.set_baseline()
+    rows = [r for r in store.recent_predictions(1500) if r["success"]]
+    kept = [r["features"] for r in rows if r["features"] is not None]
+    assert baseline["sample_count"] == len(rows)
+    assert baseline["class_distribution"] == Counter(str(r["predicted_class"]) for r in rows)
+    assert baseline["feature_means"] == pytest.approx(np.mean(kept, axis=0).tolist())
+    assert store.latest_baseline()["sample"]["features"] == kept
+    monitor.reset_counters()
+    record_mixed(monitor, 1700, shift=0.5)
+    window = store.recent_predictions(1500)
+    confidence = [r["confidence"] for r in window if r["success"] and r["confidence"] is not None]
+    stats = monitor.get_statistics()
+    assert stats["window"]["count"] == 1500 and stats["window"]["errors"] == sum(1 for r in window if not r["success"])
+    assert (stats["window"]["first_at"], stats["window"]["last_at"]) == (window[0]["at"], window[-1]["at"])
+    assert stats["confidence"]["mean"] == pytest.approx(np.mean(confidence))
+    assert stats["latency_ms"]["p95"] == pytest.approx(np.percentile([r["latency_ms"] for r in window], 95))
+    assert stats["model_versions"] == Counter(str(r["model_version"]) for r in window) and "None" in stats["model_versions"]
+    assert stats["class_distribution"] == Counter(str(r["predicted_class"]) for r in window if r["success"])
+    assert "None" in stats["class_distribution"]
+    drift = monitor.detect_drift()
+    assert drift["sample_count"] == 1500 - stats["window"]["errors"] and drift["current_mean"] == pytest.approx(np.mean(confidence))
+    sizes = {name: column["current_size"] for name, column in drift["features"].items()}
+    assert sizes == dict.fromkeys(baseline["feature_names"], sum(1 for r in window if r["success"] and r["features"] is not None))
+    assert drift["detectors"]["input"] and not drift["detectors"]["prediction"]
 
 
 def test_baseline_needs_enough_data(monitor: ModelMonitor) -> None:
@@ -361,6 +423,43 @@ def test_journal_survives_a_killed_process_and_replays_exactly_once(store: Store
     assert monitor.flush() == 0  # the same records, already replayed: not counted twice
     assert replay.total_predictions == 8 and len(store.recent_predictions(100)) == 8
     assert not (folder / f"{dead_owner}.jsonl").exists() and (folder / f"otherhost{SEPARATOR}1{SEPARATOR}1.jsonl").exists()
+
+
+def test_a_requests_rows_are_one_journal_line_and_replay_as_rows_with_their_ids(store: Store, tmp_path: Path) -> None:
+    import socket
+
+    from utils.journal import SEPARATOR, RecordJournal
+
+    folder = tmp_path / "journal"
+    monitor = ModelMonitor(tmp_path, store=store, journal=RecordJournal(folder))
+    results = [{"confidence": 0.5 + i / 100, "class": "ab"[i % 2]} for i in range(32)]
+    monitor.record_batch(IRIS[:32], results, 0.004, "1.0.0")
+    monitor.record_failure("invalid_input", 0.001, "1.0.0")
+    assert monitor.pending == 33 and monitor.error_count == 1
+    lines = next(folder.glob("*.jsonl")).read_text().splitlines()
+    assert len(lines) == 2
+    dead_owner = SEPARATOR.join((socket.gethostname(), "4194001", "1"))
+    legacy_record = {"at": time.time(), "model_version": "0.9.0", "latency_ms": 1.0, "confidence": 0.7, "predicted_class": "a",
+                     "success": True, "error": None, "features": IRIS[0], "record_id": f"{dead_owner}{SEPARATOR}legacy"}
+    (folder / f"{dead_owner}.jsonl").write_text("\n".join(lines) + "\n" + json.dumps(legacy_record) + "\n")
+    replay = ModelMonitor(tmp_path, store=store, journal=RecordJournal(folder))
+    assert replay.recover_journals() == 34  # the killed process's 33 records (same ids) and one of an older release
+    assert monitor.flush() == 0  # already replayed under the same ids: not counted twice
+    stored = store.recent_predictions(100)
+    assert [r["confidence"] for r in stored[:32]] == [r["confidence"] for r in results]
+    assert [r["features"] for r in stored[:32]] == IRIS[:32] and stored[32]["error"] == "invalid_input"
+    assert len({r["record_id"] for r in stored}) == 34 and replay.total_predictions == 34
+
+
+def test_a_full_buffer_drops_the_oldest_requests_and_says_so(monitor: ModelMonitor, monkeypatch: pytest.MonkeyPatch) -> None:
+    import utils.model_monitoring
+
+    monkeypatch.setattr(utils.model_monitoring, "MAX_BUFFERED", 10)  # the store unreachable for a long time
+    for i in range(3):
+        monitor.record_batch(IRIS[4 * i:4 * i + 4], [{"confidence": 0.9, "class": "a"}] * 4, 0.001, "1.0.0")
+    assert monitor.pending == 8 and monitor.dropped == 4
+    assert monitor.flush() == 8 and monitor.get_statistics()["dropped_records"] == 4
+    assert [r["features"] for r in monitor.store.recent_predictions(10)] == IRIS[4:12]
 
 
 def test_journal_keeps_records_through_a_failed_flush(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,7 @@ import multiprocessing
 import re
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -115,6 +116,106 @@ def test_unreadable_artifact_without_verification_is_still_refused(registry: Mod
     artifact(registry, "1.0.0").write_bytes(b"not a safetensors file")
     with pytest.raises(IntegrityCheckFailed, match="unreadable"):
         registry.load_model(make_model(), "1.0.0", verify_integrity=False)
+
+
+def big_model() -> torch.nn.Module:
+    """About 20 MB of weights: large enough to be read and hashed in a pipeline of chunks."""
+    torch.manual_seed(0)
+    return torch.nn.Linear(1024, 5120, bias=False)
+
+
+@pytest.mark.parametrize("build", [make_model, big_model], ids=["small", "large"])
+def test_load_returns_identical_tensors_and_refuses_any_flipped_byte(registry: ModelVersionManager, build) -> None:
+    model = build()
+    registry.save_model(model, "1.0.0", config={})
+    state, _ = registry.read_state_dict("1.0.0")
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
+    flip_byte(artifact(registry, "1.0.0"))
+    with pytest.raises(IntegrityCheckFailed, match="expected sha256"):
+        registry.read_state_dict("1.0.0")
+
+
+def test_every_load_is_verified_again(registry: ModelVersionManager) -> None:
+    registry.save_model(make_model(1), "1.0.0", config=CONFIG)
+    registry.load_model(make_model(), "1.0.0")
+    flip_byte(artifact(registry, "1.0.0"))
+    with pytest.raises(IntegrityCheckFailed):
+        registry.load_model(make_model(), "1.0.0")
+
+
+def test_a_refused_load_leaves_the_model_untouched(registry: ModelVersionManager) -> None:
+    registry.save_model(make_model(1), "1.0.0", config=CONFIG)
+    flip_byte(artifact(registry, "1.0.0"))
+    target = make_model(2)
+    before = {name: tensor.clone() for name, tensor in target.state_dict().items()}
+    with pytest.raises(IntegrityCheckFailed):
+        registry.load_model(target, "1.0.0")
+    assert all(torch.equal(before[name], tensor) for name, tensor in target.state_dict().items())
+
+
+def test_loaded_tensors_do_not_change_with_the_file(registry: ModelVersionManager) -> None:
+    """The tensors are a private copy of the verified bytes, not a view of the file."""
+    registry.save_model(make_model(1), "1.0.0", config=CONFIG)
+    state, _ = registry.read_state_dict("1.0.0")
+    before = {name: tensor.clone() for name, tensor in state.items()}
+    data = artifact(registry, "1.0.0").read_bytes()
+    artifact(registry, "1.0.0").write_bytes(data[:8] + data[8:].replace(b"\x00", b"\x01"))
+    assert all(torch.equal(before[name], tensor) for name, tensor in state.items())
+
+
+class MixedTensors(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(3, 5).half())
+        self.register_buffer("brain", torch.randn(7).bfloat16())
+        self.register_buffer("wide", torch.randn(2, 2, dtype=torch.float64))
+        self.register_buffer("steps", torch.tensor(42))
+        self.register_buffer("mask", torch.tensor([True, False, True]))
+        self.register_buffer("codes", torch.arange(-3, 3, dtype=torch.int8))
+        self.register_buffer("empty", torch.zeros(0, 4))
+
+
+def test_every_dtype_and_shape_round_trips(registry: ModelVersionManager) -> None:
+    model = MixedTensors()
+    registry.save_model(model, "1.0.0", config={})
+    state, _ = registry.read_state_dict("1.0.0")
+    for name, tensor in model.state_dict().items():
+        assert state[name].dtype == tensor.dtype and state[name].shape == tensor.shape
+        assert torch.equal(state[name], tensor)
+    assert torch.equal(registry.load_model(MixedTensors(), "1.0.0").weight, model.weight)
+
+
+def safetensors_bytes(header: Any, data: bytes) -> bytes:
+    encoded = json.dumps(header).encode()
+    return len(encoded).to_bytes(8, "little") + encoded + data
+
+
+F32 = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+MALFORMED = {
+    "empty file": b"",
+    "header past the end": (1 << 40).to_bytes(8, "little") + b"{}",
+    "header not json": b"\x04\x00\x00\x00\x00\x00\x00\x00{{{{",
+    "header not an object": safetensors_bytes([1, 2], b""),
+    "unknown dtype": safetensors_bytes({"w": {**F32, "dtype": "X9"}}, bytes(4)),
+    "size does not match shape": safetensors_bytes({"w": {**F32, "shape": [2]}}, bytes(4)),
+    "negative dimension": safetensors_bytes({"w": {**F32, "shape": [-1], "data_offsets": [0, 0]}}, b""),
+    "overlapping tensors": safetensors_bytes({"a": F32, "b": F32}, bytes(4)),
+    "gap before a tensor": safetensors_bytes({"w": {**F32, "data_offsets": [4, 8]}}, bytes(8)),
+    "data shorter than the header says": safetensors_bytes({"w": F32}, bytes(3)),
+    "data longer than the header says": safetensors_bytes({"w": F32}, bytes(5)),
+    "entry not an object": safetensors_bytes({"w": "F32"}, bytes(4)),
+}
+
+
+@pytest.mark.parametrize("content", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_artifacts_are_refused_even_without_verification(registry: ModelVersionManager, content: bytes) -> None:
+    registry.save_model(make_model(), "1.0.0", config=CONFIG)
+    artifact(registry, "1.0.0").write_bytes(content)
+    with pytest.raises(IntegrityCheckFailed, match="unreadable"):
+        registry.read_state_dict("1.0.0", verify_integrity=False)
+    with pytest.raises(IntegrityCheckFailed):
+        registry.read_state_dict("1.0.0")
 
 
 def test_missing_artifact_is_an_integrity_failure(registry: ModelVersionManager) -> None:

@@ -155,6 +155,7 @@ class Settings:
     rate_limit_enabled: bool = True
     max_requests: int = 100
     rate_window: int = 60
+    rate_limit_sync_seconds: float = 0.1
     models_dir: Path = Path("dashboard_state/models")
     monitoring_dir: Path = Path("dashboard_state/monitoring")
     drift_threshold: float = 2.0
@@ -235,6 +236,7 @@ def _build(values: Mapping[str, str]) -> Settings:
         rate_limit_enabled=_read(values, "QUADRA_RATE_LIMIT_ENABLED", _parse_bool, True),
         max_requests=_read(values, "QUADRA_MAX_REQUESTS", _int_parser(1, 10_000_000), 100),
         rate_window=_read(values, "QUADRA_RATE_WINDOW", _int_parser(1, 86_400), 60),
+        rate_limit_sync_seconds=_read(values, "QUADRA_RATE_LIMIT_SYNC_SECONDS", _float_parser(0.0, 10.0), 0.1),
         models_dir=Path(_read(values, "QUADRA_MODELS_DIR", _parse_text, str(state_dir / "models"))),
         monitoring_dir=Path(_read(values, "QUADRA_MONITORING_DIR", _parse_text, str(state_dir / "monitoring"))),
         drift_threshold=_read(values, "QUADRA_DRIFT_THRESHOLD", _float_parser(0.01, 1000.0), 2.0),

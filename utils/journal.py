@@ -1,6 +1,8 @@
 """A per-process journal of monitoring records not yet in the store.
 
-Each record is appended (one write, no fsync) before the request is answered, so a process
+A request's records are appended as one line (one write, no fsync; serialised by
+pydantic-core, about ten times faster than the json module for rows of floats) before the
+request is answered, so a process
 that is killed outright (a SIGKILLed worker, an OOM kill) loses nothing: the next process
 that starts on the host replays journals whose owner is gone. A power cut can still lose the
 last records the OS had not written; that is the price of keeping fsync off the request path.
@@ -14,10 +16,48 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from pydantic_core import to_json
+
 SEPARATOR = "__"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordBatch:
+    """The monitoring records of one request (its rows, or one failure), kept as one object
+    and one journal line until they are written: per-row objects would cost the request path
+    an allocation and a JSON object each, and the garbage collector a traversal each."""
+
+    at: float
+    model_version: str | None
+    latency_ms: float
+    confidences: list[float | None]
+    classes: list[str | None]
+    features: list[list[float] | None]
+    success: bool = True
+    error: str | None = None
+    first_id: str | None = None  # the journal's id of the first row; the next rows count on from it
+
+    def __len__(self) -> int:
+        return len(self.confidences)
+
+    def records(self) -> list[dict[str, Any]]:
+        """One store row per record."""
+        return [
+            {"at": self.at, "model_version": self.model_version, "latency_ms": self.latency_ms, "confidence": confidence,
+             "predicted_class": predicted_class, "success": self.success, "error": self.error, "features": features,
+             "record_id": self._record_id(index)}
+            for index, (confidence, predicted_class, features) in enumerate(zip(self.confidences, self.classes, self.features))
+        ]
+
+    def _record_id(self, index: int) -> str | None:
+        if self.first_id is None:
+            return None
+        owner, _, first = self.first_id.rpartition(SEPARATOR)
+        return f"{owner}{SEPARATOR}{int(first) + index}"
 
 
 def process_alive(pid: int) -> bool:
@@ -45,15 +85,18 @@ class RecordJournal:
         self._sequence = 0
         self._rotations = 0
         self._lock = threading.Lock()
-        self._handle = open(self.folder / f"{self.owner}.jsonl", "a", encoding="utf-8")
+        self._handle = open(self.folder / f"{self.owner}.jsonl", "ab")
 
-    def next_id(self) -> str:
-        self._sequence += 1
-        return f"{self.owner}{SEPARATOR}{self._sequence}"
+    def reserve_ids(self, count: int) -> str:
+        """Ids for `count` records; returns the first (the others count on from it)."""
+        first = self._sequence + 1
+        self._sequence += count
+        return f"{self.owner}{SEPARATOR}{first}"
 
-    def append(self, records: list[dict[str, Any]]) -> None:
-        """Write the records in one call; the caller holds the monitor's lock."""
-        self._handle.write("".join(json.dumps(record) + "\n" for record in records))
+    def append(self, batch: RecordBatch) -> None:
+        """Write a request's records as one line in one call; the caller holds the monitor's lock."""
+        self._handle.write(to_json([batch.at, batch.model_version, batch.latency_ms, batch.confidences, batch.classes,
+                                    batch.features, batch.success, batch.error, batch.first_id]) + b"\n")
         self._handle.flush()
 
     def rotate(self) -> Path:
@@ -62,7 +105,7 @@ class RecordJournal:
         self._rotations += 1
         pending = self.folder / f"{self.owner}.{self._rotations}.pending"
         os.replace(self.folder / f"{self.owner}.jsonl", pending)
-        self._handle = open(self.folder / f"{self.owner}.jsonl", "a", encoding="utf-8")
+        self._handle = open(self.folder / f"{self.owner}.jsonl", "ab")
         return pending
 
     @staticmethod
@@ -83,10 +126,12 @@ class RecordJournal:
 
     @staticmethod
     def read(path: Path) -> Iterator[dict[str, Any]]:
-        """The records of a journal file; a torn last line (killed mid-write) is skipped."""
+        """The records of a journal file (a line holds one request's records, or one record as
+        earlier releases wrote them); a torn last line (killed mid-write) is skipped."""
         with open(path, encoding="utf-8") as handle:
             for line in handle:
                 try:
-                    yield json.loads(line)
+                    loaded = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                yield from RecordBatch(*loaded).records() if isinstance(loaded, list) else [loaded]

@@ -13,7 +13,7 @@ from concurrent_log_handler import ConcurrentRotatingFileHandler
 from utils.config import Settings
 
 CONSOLE_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
-APP_LOGGERS = ("quadra", "app", "flask-limiter")
+APP_LOGGERS = ("quadra", "app")
 MONITORING_LOGGER = "quadra.monitoring"
 _installed: list[tuple[logging.Logger, logging.Handler]] = []
 

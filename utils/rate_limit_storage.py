@@ -1,16 +1,24 @@
 """A `limits` storage backend over the Quadra store, so rate limits hold across every gunicorn
 worker, host and console sharing one database without Redis.
 
-Fixed-window counters only (the strategy Quadra configures). Each hit is one small upsert; on
-SQLite (WAL, synchronous=NORMAL) that is no fsync per request. The window that an increment
-returns is remembered briefly, so the rate-limit headers computed right after it in the same
-request cost no second and third query.
+Fixed-window counters only (the strategy Quadra configures). By default a request writes
+nothing: each process counts its own hits and adds them to the shared counter every
+`sync_seconds` (QUADRA_RATE_LIMIT_SYNC_SECONDS), reading back the total of every process, the
+way Kong's `sync_rate` works. A process never refuses a request before the shared count
+reaches the limit (its own view is never above the true count); a burst spread over several
+workers can pass the limit by what the others admitted since their last sync. The first hit
+of a window in a process (or after a quiet sync interval) is written at once, so a quiet key
+always starts from the shared count. With `sync_seconds=0` every hit is one small upsert and
+the limit is exact.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from limits.storage import Storage
@@ -22,9 +30,26 @@ SCHEME = "quadra+store"
 PURGE_EVERY = 1000
 RECENT_SECONDS = 0.5
 
+log = logging.getLogger("quadra.security")
+
+
+@dataclass
+class _Window:
+    """This process's view of one shared fixed-window counter."""
+
+    expiry: int
+    shared: int  # the store's count at the last write
+    expires_at: float
+    written_at: float  # time.monotonic() of that write
+    pending: int = 0  # hits counted here since then
+
+    @property
+    def count(self) -> int:
+        return self.shared + self.pending
+
 
 class StoreRateLimitStorage(Storage):
-    """Use as `storage_from_string("quadra+store://", store=store)`."""
+    """Use as `storage_from_string("quadra+store://", store=store, sync_seconds=0.1)`."""
 
     STORAGE_SCHEME = [SCHEME]
 
@@ -34,25 +59,54 @@ class StoreRateLimitStorage(Storage):
             raise ValueError("StoreRateLimitStorage needs store=<utils.store.Store>")
         super().__init__(uri, wrap_exceptions=wrap_exceptions)
         self.store = store
+        self.sync_seconds = float(options.pop("sync_seconds", 0.0))
         self._increments = 0
-        self._recent = threading.local()
+        self._windows: dict[str, _Window] = {}
+        self._lock = threading.Lock()
+        self._syncer: threading.Thread | None = None
 
     @property
     def base_exceptions(self) -> type[Exception]:
         return SQLAlchemyError
 
     def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        if self.sync_seconds > 0:
+            with self._lock:
+                window = self._windows.get(key)
+                if window is not None and time.time() < window.expires_at:
+                    window.pending += amount
+                    return window.count
+        return self._write(key, expiry, amount)
+
+    def _write(self, key: str, expiry: int, amount: int) -> int:
+        """Add `amount` to the shared counter now; remember the window it returns."""
         self._increments += 1
         if self._increments % PURGE_EVERY == 0:
-            self.store.counter_purge_expired()
+            self._purge()
         count, expires_at = self.store.counter_incr(key, expiry, amount)
-        self._recent.window = (key, count, expires_at, time.monotonic())
+        with self._lock:
+            self._observe(key, expiry, count, expires_at)
+        if self.sync_seconds > 0 and self._syncer is None:
+            self._start_syncer()
         return count
 
+    def _observe(self, key: str, expiry: int, count: int, expires_at: float, synced: int = 0) -> None:
+        """Take in a count the store returned (the caller holds the lock). Concurrent writes
+        return in any order: the highest count of a window is the latest."""
+        window = self._windows.get(key)
+        if window is None or window.expires_at != expires_at:
+            self._windows[key] = _Window(expiry, count, expires_at, time.monotonic())
+            return
+        window.pending -= synced
+        window.shared, window.written_at = max(window.shared, count), time.monotonic()
+
     def _window(self, key: str) -> tuple[int, float]:
-        recent = getattr(self._recent, "window", None)
-        if recent is not None and recent[0] == key and time.monotonic() - recent[3] < RECENT_SECONDS:
-            return recent[1], recent[2]
+        """(count, expires_at): this process's view while it is fresh, else the store's."""
+        with self._lock:
+            window = self._windows.get(key)
+        if window is not None and time.time() < window.expires_at:
+            if self.sync_seconds > 0 or time.monotonic() - window.written_at < RECENT_SECONDS:
+                return window.count, window.expires_at
         return self.store.counter_get(key)
 
     def get(self, key: str) -> int:
@@ -60,6 +114,44 @@ class StoreRateLimitStorage(Storage):
 
     def get_expiry(self, key: str) -> float:
         return self._window(key)[1]
+
+    def sync(self) -> None:
+        """Add the hits counted here to the shared counters and read back their totals.
+
+        A window with no hit since the last sync is forgotten: its next hit is written at once."""
+        with self._lock:
+            now = time.time()
+            self._windows = {k: w for k, w in self._windows.items() if w.pending and now < w.expires_at}
+            batch = [(key, window.expiry, window.pending) for key, window in self._windows.items()]
+        for key, expiry, pending in batch:
+            count, expires_at = self.store.counter_incr(key, expiry, pending)
+            with self._lock:
+                self._observe(key, expiry, count, expires_at, synced=pending)
+
+    def close(self) -> None:
+        """Share what is still counted only here; runs at exit, so a restart loses no hit."""
+        try:
+            self.sync()
+        except SQLAlchemyError:
+            log.exception("could not share rate-limit counts")
+
+    def _start_syncer(self) -> None:
+        with self._lock:
+            if self._syncer is None:
+                self._syncer = threading.Thread(target=self._sync_forever, name="quadra-rate-limit-sync", daemon=True)
+                self._syncer.start()
+                atexit.register(self.close)
+
+    def _sync_forever(self) -> None:
+        while True:
+            time.sleep(self.sync_seconds)
+            self.close()
+
+    def _purge(self) -> None:
+        self.store.counter_purge_expired()
+        with self._lock:
+            now = time.time()
+            self._windows = {k: w for k, w in self._windows.items() if now < w.expires_at}
 
     def check(self) -> bool:
         try:
@@ -69,7 +161,11 @@ class StoreRateLimitStorage(Storage):
             return False
 
     def reset(self) -> int | None:
+        with self._lock:
+            self._windows.clear()
         return self.store.counter_clear()
 
     def clear(self, key: str) -> None:
+        with self._lock:
+            self._windows.pop(key, None)
         self.store.counter_clear(key)

@@ -7,7 +7,6 @@ names no paths and no secrets, so it can stay public."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any
 
@@ -17,7 +16,7 @@ from utils.config import Settings
 from utils.errors import ServiceUnavailable
 from utils.model_modes import ModelModeManager
 from utils.model_monitoring import HealthChecker
-from utils.model_versioning import REGISTRY_MIRROR, ModelVersionManager
+from utils.model_versioning import REGISTRY_MIRROR, ModelVersionManager, VersionNotFound
 from utils.serving import ModelServer
 from utils.store import PRODUCTION, SERVING, Store
 
@@ -88,10 +87,10 @@ class Readiness:
         cached = self._verified.get(version)
         if cached is None or cached[0] != key:
             try:
-                data = self.registry.artifacts.read(row["artifact_key"])
-            except (OSError, ServiceUnavailable):
+                matches = self.registry.verify_version(version)["ok"]  # streamed: never the whole artifact in memory
+            except (ServiceUnavailable, VersionNotFound):
                 return False
-            cached = (key, hashlib.sha256(data).hexdigest() == sha256)
+            cached = (key, matches)
             self._verified[version] = cached
         return cached[1]
 

@@ -5,7 +5,7 @@ server secret. Keys and their revocation live in the store, so a key made in a c
 with the CLI works on every worker at once and a revoked key stops within
 `QUADRA_AUTH_CACHE_SECONDS`. Permissions rank read < write < admin: each implies those below.
 Rate-limit counters live in the store (or Redis) through the `limits` library, shared by all
-processes; `RateLimiter` reads the same counters Flask-Limiter writes.
+processes; `RateLimiter` reads the same counters the per-request check (request_limits) writes.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import jwt
 from flask import Flask, Response, current_app, g, request
 from flask_cors import CORS
-from flask_limiter import Limiter
-from limits import RateLimitItem, parse as parse_limit
+from limits import RateLimitItem
 from limits.storage import Storage, storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 
@@ -35,6 +34,7 @@ from utils import audit
 from utils.config import Settings, current_settings, resolve_secret_key
 from utils.errors import ApiError
 from utils.rate_limit_storage import SCHEME as STORE_SCHEME
+from utils.request_limits import RequestLimits, counter_args, parse_limit
 from utils.store import Store, UsesConfiguredStore, store_for
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -50,7 +50,6 @@ JWT_AUDIENCE = "quadra-api"
 REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "jti", "sub"]
 LAST_USED_WRITE_INTERVAL = 60.0
 DEFAULT_ROTATION_GRACE_SECONDS = 24 * 3600
-APPLICATION_SCOPE = "global"  # Flask-Limiter's scope for application-wide limits
 
 
 def normalize_permissions(permissions: Iterable[str]) -> list[str]:
@@ -417,7 +416,7 @@ class AuthManager(UsesConfiguredStore):
 
 
 class RateLimiter:
-    """The seed's rate limiter over the shared counters Flask-Limiter uses.
+    """The seed's rate limiter over the shared counters every request is checked against.
 
     Identifiers are what the service limits by: "key:<key id>" for a key (or its tokens),
     "ip:<address>" for anonymous callers. `get_remaining` and `get_reset_time` read the same
@@ -453,7 +452,7 @@ class RateLimiter:
         return parse_limit(self.limit_for(identifier))
 
     def _args(self, identifier: str) -> tuple[str, ...]:
-        return (self.key_prefix, identifier, APPLICATION_SCOPE) if self.key_prefix else (identifier, APPLICATION_SCOPE)
+        return counter_args(self.key_prefix, identifier)
 
     def is_allowed(self, identifier: str) -> bool:
         """Count one request for `identifier`; False once its window is used up."""
@@ -477,7 +476,7 @@ def storage_options(settings: Settings, store: Store | None = None) -> dict[str,
     """Options for the counters' storage: Redis fails fast, the store backend gets the store."""
     if settings.redis_url:
         return {"socket_connect_timeout": 0.5, "socket_timeout": 0.5}
-    return {"store": store or store_for(settings)}
+    return {"store": store or store_for(settings), "sync_seconds": settings.rate_limit_sync_seconds}
 
 
 def storage_for(settings: Settings, store: Store | None = None) -> Storage:
@@ -615,7 +614,7 @@ class SecurityState:
     store: Store
     auth: AuthManager
     rate_limiter: RateLimiter
-    limiter: Limiter
+    request_limits: RequestLimits
 
     def on_auth_failure(self) -> None:
         """Audit a failed authentication; past QUADRA_AUTH_FAILURE_LIMIT per address answer
@@ -653,29 +652,21 @@ def init_auth(app: Flask, settings: Settings, store: Store) -> SecurityState:
     )
     if not settings.auth_enabled:
         app.logger.warning("AUTHENTICATION IS DISABLED (QUADRA_AUTH_ENABLED=false): every caller is admin")
-    counters = storage_for(settings, store)
+    counters = storage_for(settings, store)  # one set (and one view) per process, shared by both
     limiter_for_seed = RateLimiter(
         settings.max_requests, settings.rate_window, settings.rate_limit_enabled, counters,
         key_prefix=settings.redis_prefix, limit_lookup=key_limit_lookup(auth),
     )
-    limiter = Limiter(
-        key_func=rate_limit_identity,
-        application_limits=[lambda: limiter_for_seed.limit_for(rate_limit_identity())],
-        storage_uri=storage_uri(settings),
-        storage_options=storage_options(settings, store),
-        strategy="fixed-window",
-        headers_enabled=True,
-        key_prefix=settings.redis_prefix,
-        in_memory_fallback_enabled=bool(settings.redis_url),
-        enabled=settings.rate_limit_enabled,
-    )
-    state = SecurityState(settings, store, auth, limiter_for_seed, limiter)
+    request_limits = RequestLimits(counters, rate_limit_identity, limiter_for_seed.limit_for, settings.redis_prefix,
+                                   memory_fallback=bool(settings.redis_url))
+    state = SecurityState(settings, store, auth, limiter_for_seed, request_limits)
     app.extensions["quadra_security"] = state
     if settings.trusted_proxies:
         n = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
-    app.after_request(_security_headers)  # registered first, so it runs after Flask-Limiter's hook
-    limiter.init_app(app)
+    app.after_request(_security_headers)
+    if settings.rate_limit_enabled:
+        request_limits.init_app(app)
     if settings.cors_origins:
         CORS(app, resources={r"/api/*": {"origins": list(settings.cors_origins)}}, supports_credentials=False,
              allow_headers=["Content-Type", "X-API-Key", "Authorization"], expose_headers=EXPOSED_HEADERS, max_age=600)
@@ -684,27 +675,22 @@ def init_auth(app: Flask, settings: Settings, store: Store) -> SecurityState:
 
 
 EXPOSED_HEADERS = ["Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"]
+COMMON_SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer"))
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
 PAGE_CSP = "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 
 
 def _security_headers(response: Response) -> Response:
-    """Security headers on every response. Flask-Limiter puts its Retry-After on everything;
-    keep it only on 429, and let a handler's own Retry-After (a 503) win."""
+    """Security headers on every response (a view's own, such as the docs page's CSP, win)."""
     headers = response.headers
-    own_retry_after = g.get("retry_after")
-    if own_retry_after is not None:
-        headers["Retry-After"] = own_retry_after
-    elif response.status_code != 429:
-        headers.pop("Retry-After", None)
-    headers.setdefault("X-Content-Type-Options", "nosniff")
-    headers.setdefault("X-Frame-Options", "DENY")
-    headers.setdefault("Referrer-Policy", "no-referrer")
-    headers.setdefault("Content-Security-Policy", API_CSP if response.mimetype == "application/json" else PAGE_CSP)
+    wanted = [*COMMON_SECURITY_HEADERS,
+              ("Content-Security-Policy", API_CSP if response.mimetype == "application/json" else PAGE_CSP)]
     if request.path.startswith("/api/"):
-        headers.setdefault("Cache-Control", "no-store")
+        wanted.append(("Cache-Control", "no-store"))
     if request.is_secure:
-        headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
+        wanted.append(("Strict-Transport-Security", "max-age=31536000; includeSubDomains"))
+    present = {name.lower() for name in headers.keys()}  # one pass: Headers.setdefault scans every time
+    headers.extend([(name, value) for name, value in wanted if name.lower() not in present])
     return response
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -27,7 +28,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    case,
+    TextClause,
     create_engine,
     delete,
     event,
@@ -261,6 +262,24 @@ _PG_UPGRADE_LOCK = 0x51_75_61_64  # arbitrary advisory-lock id for schema upgrad
 
 def _row(row: Any) -> dict[str, Any]:
     return dict(row._mapping)
+
+
+# `prediction_window` reads features as their JSON text (None when not kept), and rows in
+# blocks smaller than the garbage collector's first threshold (700), so they die young.
+_WINDOW_SELECT = {"features": "NULLIF(CAST(features AS TEXT), 'null')"}
+_WINDOW_BLOCK = 500
+
+
+def _window_column(name: str) -> str:
+    """The SQL selecting one predictions column; any other name is a KeyError, never SQL."""
+    return _WINDOW_SELECT.get(name, predictions.c[name].name)
+
+
+@lru_cache(maxsize=None)
+def _window_statement(columns: tuple[str, ...]) -> TextClause:
+    """The window query for a set of columns, built once: plain SQL, no result processing per row."""
+    selected = ", ".join(_window_column(name) for name in columns)
+    return text(f"SELECT {selected} FROM predictions WHERE id > :after_id ORDER BY id DESC LIMIT :limit")
 
 
 class Store:
@@ -525,7 +544,8 @@ class Store:
 
     def counter_incr(self, key: str, expiry: float, amount: int) -> tuple[int, float]:
         """Add `amount` to a fixed-window counter, starting a new window if it expired;
-        returns (count, expires_at). Plain SQL compiled once: this runs on every request."""
+        returns (count, expires_at). Plain SQL compiled once: this runs at every counter sync
+        (and on every request with QUADRA_RATE_LIMIT_SYNC_SECONDS=0)."""
         with self.write() as conn:
             row = conn.execute(_COUNTER_INCR, {"key": key, "amount": amount, "now": time.time(), "expiry": expiry}).one()
         return int(row.count), float(row.expires_at)
@@ -578,6 +598,27 @@ class Store:
         with self.read() as conn:
             rows = conn.execute(query).all()
         return [_row(r) for r in reversed(rows)]
+
+    def prediction_window(self, limit: int, after_id: int, columns: tuple[str, ...]) -> dict[str, list[Any]]:
+        """What `recent_predictions` reads, column by column: {column: its values, oldest first},
+        except that `features` stay JSON text (None when not kept) for the caller to parse.
+
+        A window can hold 100k records, so this skips what costs per record there: SQLAlchemy's
+        result processing, a dict per record, and keeping an object per record alive until the
+        end (a block of rows is transposed as it arrives, then dropped): with that many young
+        objects the garbage collector's full passes cost more than the read itself."""
+        values: list[list[Any]] = [[] for _ in columns]
+        with self.read() as conn:
+            result = conn.execute(_window_statement(columns), {"after_id": after_id, "limit": limit})
+            for rows in result.partitions(_WINDOW_BLOCK):
+                for column, block in zip(values, zip(*rows)):
+                    column.extend(block)
+        for column in values:
+            column.reverse()
+        window = dict(zip(columns, values))
+        if "success" in window:  # SQLite returns booleans as 0/1
+            window["success"] = list(map(bool, window["success"]))
+        return window
 
     def last_prediction_id(self) -> int:
         with self.read() as conn:
