@@ -451,6 +451,21 @@ def test_a_requests_rows_are_one_journal_line_and_replay_as_rows_with_their_ids(
     assert len({r["record_id"] for r in stored}) == 34 and replay.total_predictions == 34
 
 
+def test_a_baseline_ignores_records_without_a_confidence(monitor: ModelMonitor) -> None:
+    record_rows(monitor, IRIS[:60], confidence=0.8)
+    for row in IRIS[60:70]:
+        monitor.record_prediction(row, 0.002, confidence=None, predicted_class="a", model_version="1.0.0")
+    baseline = monitor.set_baseline()
+    assert baseline["confidence_mean"] == pytest.approx(0.8) and baseline["sample_count"] == 70
+
+
+def test_a_baseline_needs_some_confidence(monitor: ModelMonitor) -> None:
+    for row in IRIS[:60]:
+        monitor.record_prediction(row, 0.002, confidence=None, predicted_class="a", model_version="1.0.0")
+    with pytest.raises(InsufficientData, match="confidence"):
+        monitor.set_baseline()
+
+
 def test_a_full_buffer_drops_the_oldest_requests_and_says_so(monitor: ModelMonitor, monkeypatch: pytest.MonkeyPatch) -> None:
     import utils.model_monitoring
 

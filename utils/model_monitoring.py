@@ -342,7 +342,9 @@ class ModelMonitor:
                 f"a baseline needs at least {self.baseline_min_samples} successful predictions in the window; "
                 f"there are {len(classes)}"
             )
-        confidence = np.array(window["confidence"], dtype=float)
+        confidence = np.array(_present(window["confidence"]), dtype=float)  # a record may not report one
+        if confidence.size == 0:
+            raise InsufficientData("a baseline needs successful predictions that report a confidence")
         features = _feature_rows(window["features"])
         width = len(features[0]) if features else 0
         names = list(feature_names or [])[:width] or [f"feature_{i}" for i in range(width)]
