@@ -34,10 +34,14 @@ def post_worker_init(worker):
 
 def worker_exit(server, worker):
     """Write the worker's buffered monitoring records and rate-limit counts before it goes."""
+    from utils.rate_limit_storage import StoreRateLimitStorage
+
     extensions = getattr(getattr(worker, "wsgi", None), "extensions", {})
     if "quadra" in extensions:
         extensions["quadra"].monitor.flush()
-        getattr(extensions["quadra_security"].request_limits.storage, "close", lambda: None)()
+        counters = extensions["quadra_security"].request_limits.storage
+        if isinstance(counters, StoreRateLimitStorage):  # Redis counts every hit at once
+            counters.close()
 
 
 def child_exit(server, worker):

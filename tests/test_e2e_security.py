@@ -61,7 +61,15 @@ def test_four_workers_share_the_limit_without_a_write_per_request(start_server, 
     codes = burst(server.url, api_keys["read"], 60)
     assert codes.count(200) >= 30 and set(codes) <= {200, 429}  # nobody is refused before the limit
     wait_for(lambda: shared_count(state_dir) == 60)  # every hit reaches the shared counter, once
-    wait_for(lambda: set(burst(server.url, api_keys["read"], 8)) == {429})
+    sent = [60]
+
+    def all_refused() -> bool:
+        sent.append(8)
+        return set(burst(server.url, api_keys["read"], 8)) == {429}
+
+    wait_for(all_refused)
+    server.stop()  # the workers' exit hooks share what they still hold
+    assert shared_count(state_dir) == sum(sent)
 
 
 def test_four_workers_admit_exactly_the_limit_in_exact_mode(start_server, state_dir: Path, api_keys) -> None:
