@@ -23,7 +23,8 @@ from routes.common import Services, register_error_handlers
 from utils.alerts import AlertManager
 from utils.cli import register_cli
 from utils.config import ConfigError, Settings
-from utils.events import EventPusher, detect_async_mode, publish_change
+from utils.change_notices import ChangeNotices
+from utils.events import EventPusher, detect_async_mode
 from utils.journal import RecordJournal
 from utils.logs import configure_logging
 from utils.maintenance import schedule_background_work
@@ -31,7 +32,7 @@ from utils.metrics import init_metrics, shared_state
 from utils.model_modes import ModelModeManager
 from utils.model_monitoring import ModelMonitor
 from utils.model_versioning import ModelVersionManager, artifact_store_for
-from utils.security import init_auth
+from utils.security import init_auth, redis_outage
 from utils.readiness import Readiness
 from utils.serving import ModelServer, import_architecture_modules
 from utils.store import store_for
@@ -67,9 +68,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     modes_manager = ModelModeManager(store=store)
     jobs = TrainingJobs(store, settings, settings.max_training_jobs, settings.training_heartbeat_timeout)
     readiness = Readiness(settings, store, model_registry, model_server, modes_manager)
-    security = init_auth(app, settings, store)
+    outage = redis_outage(app.logger)
+    security = init_auth(app, settings, store, outage)
+    notices = ChangeNotices(settings.redis_url, settings.redis_prefix, outage) if settings.redis_url else None
     services = Services(settings, store, model_registry, model_server, security.auth, monitor, alerts,
-                        modes_manager, jobs, readiness)
+                        modes_manager, jobs, readiness, notices)
     app.extensions["quadra"] = services
     init_metrics(app, lambda: shared_state(services))
 
@@ -91,7 +94,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["socketio"] = socketio
     services.events = EventPusher(socketio, services)
     services.events.register_handlers()
-    if settings.redis_url:
+    if notices is not None:
         app.after_request(_announce_changes)
     return app
 
@@ -99,8 +102,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 def _announce_changes(response: Any) -> Any:
     """After a successful change, wake every dashboard pusher through Redis pub/sub."""
     if request.method in ("POST", "DELETE") and response.status_code < 400:
-        settings: Settings = current_app.extensions["quadra"].settings
-        publish_change(settings.redis_url, settings.redis_prefix)
+        current_app.extensions["quadra"].notices.publish()
     return response
 
 

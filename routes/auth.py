@@ -41,7 +41,10 @@ def _key_holders_only(view: F) -> F:
                    403: "More permissions asked for than the key holds"})
 def issue_token(body: TokenRequest) -> Any:
     """A JWT for a caller presenting a valid API key; never more rights than the key."""
-    expires_in = body.expires_in or services().settings.jwt_ttl_seconds
+    settings = services().settings
+    expires_in = body.expires_in or settings.jwt_ttl_seconds
+    if expires_in > settings.jwt_max_ttl_seconds:
+        raise ApiError(400, "invalid_body", f"expires_in: at most QUADRA_JWT_MAX_TTL_SECONDS ({settings.jwt_max_ttl_seconds})")
     try:
         token = services().auth.issue_token_for(current_principal(), body.permissions, expires_in)
     except PermissionError as exc:

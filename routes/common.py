@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, current_app, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from utils.alerts import AlertManager
+from utils.change_notices import ChangeNotices
 from utils.config import Settings
 from utils.events import EventPusher
 from utils.model_modes import ModelModeManager
@@ -37,6 +38,7 @@ class Services:
     modes: ModelModeManager
     jobs: TrainingJobs
     readiness: Readiness
+    notices: ChangeNotices | None = None
     events: EventPusher | None = None
     started: bool = False
 
@@ -52,9 +54,21 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return response
 
 
+def request_bytes() -> bytes:
+    """The request body, refused with 413 past MAX_CONTENT_LENGTH also when it comes without
+    a Content-Length (chunked): werkzeug stops reading at the limit and hands back what it
+    read, so one more byte decides whether the body went on. Nothing past the limit is kept."""
+    raw = request.get_data(cache=True)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is None and limit is not None and len(raw) >= limit:
+        if request.environ["wsgi.input"].read(1):
+            raise RequestEntityTooLarge(f"the body exceeds QUADRA_MAX_BODY_BYTES ({limit} bytes)")
+    return raw
+
+
 def json_body(required: bool = True) -> dict[str, Any]:
     """The request's JSON object; 415 for another content type, 400 for malformed JSON."""
-    raw = request.get_data(cache=True)
+    raw = request_bytes()
     if not raw and not required:
         return {}
     if not request.is_json:

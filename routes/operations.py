@@ -8,7 +8,8 @@
 
 Before the view runs, path parameters, query parameters and the JSON body are validated
 against their models and handed to it (`body=`, `query=`, path parameters by name); a failure
-is a 400 with the model's error code. An operation that declares no body refuses one. The same
+is a 400 with the model's error code. An operation that declares no body accepts none, an
+empty one or `{}`, and refuses any field. The same
 `Operation` is what `utils.openapi` puts into the OpenAPI document.
 """
 
@@ -54,14 +55,22 @@ def operation(
                 kwargs["query"] = validate(spec.query, _query_values(spec.query))
             if spec.body is not None:
                 kwargs["body"] = validate(spec.body, json_body(required=spec.body_required))
-            elif request.method not in ("GET", "HEAD") and request.content_length:
-                raise ApiError(400, "invalid_body", "this operation takes no request body")
+            elif request.method not in ("GET", "HEAD"):
+                _refuse_body_fields()
             return view(**kwargs)
 
         wrapper.openapi_operation = spec  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
 
     return decorator
+
+
+def _refuse_body_fields() -> None:
+    """For an operation without a body: no body, an empty one or `{}` (what many clients send
+    with every POST) are fine; any field is refused."""
+    fields = json_body(required=False)
+    if fields:
+        raise ApiError(400, "invalid_body", f"this operation takes no request body; unexpected: {', '.join(sorted(fields))}")
 
 
 M = TypeVar("M", bound=BaseModel)

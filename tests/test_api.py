@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -102,11 +103,13 @@ def test_save_promote_rollback_load_round_trip(client) -> None:
     assert saved.get_json()["tags"] == ["canary"] and saved.get_json()["training_info"]["source_version"] == "1.0.0"
     assert_error(client.post("/api/model/save", json={"version": "1.1.0"}), 409, "conflict")
     promoted = client.post("/api/model/promote/1.1.0").get_json()
-    assert promoted == {"production_version": "1.1.0", "previous_version": "1.0.0"}
+    assert promoted == {"production_version": "1.1.0", "previous_version": "1.0.0", "changed": True,
+                        "message": "1.1.0 is now production"}
     assert client.post("/api/predict", json={"inputs": [SETOSA]}).get_json()["model_version"] == "1.1.0"
     assert client.post("/api/model/rollback").get_json()["production_version"] == "1.0.0"
     assert client.post("/api/predict", json={"inputs": [SETOSA]}).get_json()["model_version"] == "1.0.0"
-    assert client.post("/api/model/load/1.1.0").get_json() == {"serving_version": "1.1.0", "previous_version": "1.0.0"}
+    assert client.post("/api/model/load/1.1.0").get_json() == {"serving_version": "1.1.0", "previous_version": "1.0.0",
+                                                                "changed": True}
     versions = client.get("/api/model/versions").get_json()
     assert (versions["production_version"], versions["serving_version"]) == ("1.0.0", "1.1.0")
     history = client.get("/api/model/history").get_json()["history"]
@@ -157,6 +160,52 @@ def test_integrity_failure_is_422_and_old_version_keeps_serving(client, state_di
     assert_error(client.post("/api/model/load/1.1.0"), 422, "integrity_check_failed")
     assert client.post("/api/predict", json={"inputs": [SETOSA]}).get_json()["model_version"] == "1.0.0"
     assert client.get("/api/model/versions").get_json()["production_version"] == "1.0.0"
+
+
+@pytest.mark.parametrize("trick", ["linked file", "linked folder", "directory"])
+def test_artifacts_outside_the_models_folder_or_not_files_are_422(client, state_dir: Path, tmp_path: Path, trick: str) -> None:
+    """A byte-identical artifact outside the models folder (linked file or version folder) and
+    an artifact that is a directory: 422 on load and promote, readiness 503, nothing served."""
+    assert client.post("/api/model/save", json={"version": "1.1.0"}).status_code == 201
+    folder = state_dir / "models" / "1.1.0"
+    outside = tmp_path / "outside-1.1.0"
+    shutil.copytree(folder, outside)
+    if trick == "linked file":
+        (folder / "model.safetensors").unlink()
+        (folder / "model.safetensors").symlink_to(outside / "model.safetensors")
+    elif trick == "linked folder":
+        shutil.rmtree(folder)
+        folder.symlink_to(outside, target_is_directory=True)
+    else:
+        (folder / "model.safetensors").unlink()
+        (folder / "model.safetensors").mkdir()
+    assert_error(client.post("/api/model/load/1.1.0"), 422, "integrity_check_failed")
+    assert_error(client.post("/api/model/promote/1.1.0"), 422, "integrity_check_failed")
+    assert client.get("/api/model/versions/1.1.0?verify=true").get_json()["integrity"]["ok"] is False
+    assert client.post("/api/predict", json={"inputs": [SETOSA]}).get_json()["model_version"] == "1.0.0"
+    assert client.get("/api/health/detailed").status_code == 200  # 1.0.0, which is served, is intact
+
+
+def test_readiness_refuses_a_serving_artifact_linked_outside(client, state_dir: Path, tmp_path: Path) -> None:
+    artifact = state_dir / "models" / "1.0.0" / "model.safetensors"
+    copy = tmp_path / "model.safetensors"
+    shutil.copy(artifact, copy)
+    artifact.unlink()
+    artifact.symlink_to(copy)
+    response = client.get("/api/health/detailed")
+    assert response.status_code == 503 and any("SHA-256" in reason for reason in response.get_json()["reasons"])
+
+
+@pytest.mark.parametrize("path", ["/api/monitoring/baseline", "/api/model/rollback", "/api/model/promote/1.0.0"])
+def test_bodyless_operations_accept_an_empty_object_and_refuse_fields(client, path: str) -> None:
+    """`{}` is what many clients send with every POST: it (and an empty body) means no body."""
+    for sent in ({"json": {}}, {"data": b"", "content_type": "application/json"}, {}):
+        response = client.post(path, **sent)
+        assert response.status_code != 400, (sent, response.get_json())
+        assert response.status_code in (200, 201, 409)
+    refused = assert_error(client.post(path, json={"force": True}), 400, "invalid_body")
+    assert "force" in refused["error"]["message"]
+    assert_error(client.post(path, data="{}", content_type="text/plain"), 415, "unsupported_media_type")
 
 
 def test_delete_and_conflicts(client) -> None:

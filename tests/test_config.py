@@ -75,6 +75,13 @@ def test_bad_value_names_the_variable(name: str, value: str) -> None:
     assert message.startswith(f"{name}:") and "expected" in message and "\n" not in message
 
 
+def test_jwt_lifetimes() -> None:
+    assert Settings.from_env({}).jwt_max_ttl_seconds == 86_400
+    assert Settings.from_env({"QUADRA_JWT_TTL_SECONDS": str(7 * 86_400)}).jwt_max_ttl_seconds == 7 * 86_400
+    with pytest.raises(ConfigError, match="^QUADRA_JWT_TTL_SECONDS: must not exceed QUADRA_JWT_MAX_TTL_SECONDS"):
+        Settings.from_env({"QUADRA_JWT_TTL_SECONDS": "7200", "QUADRA_JWT_MAX_TTL_SECONDS": "3600"})
+
+
 def test_dotenv_file_is_read_and_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dotenv = tmp_path / ".env"
     dotenv.write_text("QUADRA_PORT=6001\nQUADRA_DRIFT_THRESHOLD=4\n")

@@ -141,12 +141,18 @@ def test_a_redis_outage_degrades_and_recovers(start_server, state_dir: Path, tmp
         redis_process.terminate()
         redis_process.wait(timeout=10)
         assert all(server.post("/api/predict", json={"inputs": IRIS[:1]}).status_code == 200 for _ in range(5))
-        assert server.get("/api/health/detailed").json()["checks"]["redis"] is False
+        wrong_key = [server.get("/api/model/versions", headers={"X-API-Key": f"qk_wrong{i}"}).status_code for i in range(3)]
+        assert wrong_key == [401] * 3  # the failed-authentication counter falls back too: never a 500
+        assert server.post("/api/model/save", json={}).status_code == 201  # a change notice skips Redis
+        readiness = server.get("/api/health/detailed")
+        assert readiness.status_code == 200 and readiness.json()["checks"]["redis"] is False
         redis_process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: _redis_up(url), timeout=10)
         wait_for(lambda: server.post("/api/predict", json={"inputs": IRIS[:1]}).status_code == 200
                  and any(redis_client.Redis.from_url(url).scan_iter(match="*outage*")), timeout=60)
         assert server.get("/api/health/detailed").json()["checks"]["redis"] is True
+        log = server.log()
+        assert log.count("Redis unreachable") == 1 and log.count("Redis is back") == 1, log[-3000:]
     finally:
         redis_process.terminate()
         redis_process.wait(timeout=10)

@@ -361,6 +361,44 @@ def test_concurrent_saves_from_two_processes_on_one_state_folder(state_dir: Path
     assert list((state_dir / "models" / ".staging").iterdir()) == []
 
 
+KILLED_SAVER = """
+import sys
+from pathlib import Path
+from utils.model_versioning import ModelVersionManager
+from utils.serving import build_model
+from utils.store import Store
+state = Path(sys.argv[1])
+registry = ModelVersionManager(state / "models", Store(f"sqlite:///{state / 'quadra.db'}"), True)
+big = build_model({"architecture": "mlp", "input_dim": 4, "num_classes": 3, "hidden_dims": [8192, 8192]})
+registry.save_model(big, "9.9.9")
+"""
+
+
+@pytest.mark.e2e
+def test_a_save_killed_midway_leaves_nothing_after_the_next_start(state_dir: Path, start_server) -> None:
+    """SIGKILL a process while it saves a large version; the next server start removes its
+    staging folder (and says so), keeps a live process's, and the version never appears."""
+    from utils.artifact_files import new_staging_dir
+
+    staging = state_dir / "models" / ".staging"
+    saver = subprocess.Popen([sys.executable, "-c", KILLED_SAVER, str(state_dir)], cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while not (staging.is_dir() and any(staging.iterdir())):
+        assert saver.poll() is None and time.monotonic() < deadline, "the save never started"
+        time.sleep(0.001)
+    saver.kill()
+    saver.wait(timeout=30)
+    left = list(staging.iterdir())
+    assert left, "the killed save left nothing to clean up"
+    live = new_staging_dir(state_dir / "models")  # this test process is alive: its folder stays
+
+    server = start_server(state_dir)
+    assert list(staging.iterdir()) == [live]
+    assert all(str(path) in server.log() for path in left)
+    assert "9.9.9" not in [v["version"] for v in versions(server)["versions"]]
+    assert save(server, "9.9.9").status_code == 201 and integrity(server, "9.9.9")["ok"] is True
+
+
 # -- 5. hostile predict input -------------------------------------------------------------
 
 MAX_BATCH = 8
@@ -413,6 +451,44 @@ def test_malformed_predict_input_gets_the_right_error_and_the_server_keeps_servi
     assert_valid_prediction(predict(server, [IRIS_ROW] * MAX_BATCH), rows=MAX_BATCH)  # the limit itself is fine
     assert_healthy(server, INITIAL)
     assert assert_valid_prediction(predict(server))["predictions"][0]["class"] == "setosa"
+
+
+def post_chunked(server, path: str, chunks: list[bytes]) -> tuple[int, dict[str, Any]]:
+    """POST `chunks` with Transfer-Encoding: chunked (no Content-Length) over a raw socket;
+    the answer's status and JSON body. The server may answer before the body is all sent."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=HTTP_TIMEOUT)
+    try:
+        conn.putrequest("POST", path)
+        for name, value in {**auth_headers(server), "Content-Type": "application/json",
+                            "Transfer-Encoding": "chunked"}.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        try:
+            for chunk in [*chunks, b""]:
+                conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused early: the answer is already there
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("command", ["app.py", "gunicorn"])
+def test_a_chunked_body_over_the_limit_is_413_not_read_whole(state_dir: Path, start_server, command: str) -> None:
+    """Without Content-Length the limit still holds: 413 once QUADRA_MAX_BODY_BYTES is passed
+    (werkzeug stops reading there), a chunked body within the limit is served."""
+    server = start_server(state_dir, {"QUADRA_MAX_BODY_BYTES": str(MAX_BODY)},
+                          GUNICORN_COMMAND if command == "gunicorn" else None)
+    oversized = [OVERSIZED_BODY.encode()[i:i + 1000] for i in range(0, len(OVERSIZED_BODY), 1000)] + [b" " * 1000] * 50
+    status, body = post_chunked(server, "/api/predict", oversized)
+    assert (status, body["error"]["code"]) == (413, "request_entity_too_large")
+    assert "QUADRA_MAX_BODY_BYTES" in body["error"]["message"]
+    exactly = json.dumps({"inputs": [IRIS_ROW]}).encode().ljust(MAX_BODY)
+    status, body = post_chunked(server, "/api/predict", [exactly[:2000], exactly[2000:]])
+    assert status == 200 and body["predictions"][0]["class"] == "setosa"
+    assert_healthy(server, INITIAL)
 
 
 # -- 6. gunicorn hot swap -----------------------------------------------------------------

@@ -220,6 +220,28 @@ def test_drift_is_not_evaluated_without_baseline_or_data(monitor: ModelMonitor) 
     assert monitor.reset_baseline() == 1 and monitor.baseline_metrics is None
 
 
+def test_drift_right_after_a_baseline_compares_only_newer_predictions(store: Store, tmp_path: Path) -> None:
+    """500 reference rows, a baseline, then 200 clearly shifted rows: with a window of 1000
+    the baseline's own 500 rows must not be compared with themselves and dilute the shift."""
+    monitor = ModelMonitor(tmp_path, window_size=1000, store=store, baseline_min_samples=50)
+    rng = np.random.default_rng(7)
+    record_rows(monitor, rng.normal(0.0, 1.0, (500, 4)).tolist())
+    monitor.set_baseline(["a", "b", "c", "d"])
+
+    just_after = monitor.detect_drift()
+    assert not just_after["evaluated"] and "since the baseline" in just_after["reason"]
+    assert just_after["sample_count"] == just_after["window"]["count"] == 0
+
+    record_rows(monitor, rng.normal(1.0, 1.0, (200, 4)).tolist())
+    result = monitor.detect_drift()
+    assert result["evaluated"] and result["drift_detected"] and set(result["drifted_features"]) == {"a", "b", "c", "d"}
+    assert result["sample_count"] == result["window"]["count"] == 200
+    newest = store.recent_predictions(200)
+    assert (result["window"]["first_at"], result["window"]["last_at"]) == (newest[0]["at"], newest[-1]["at"])
+    assert result["window"]["since_baseline_at"] == monitor.baseline_metrics["created_at"]
+    assert monitor.get_statistics()["window"]["count"] == 700  # statistics still cover the whole window
+
+
 def test_roll_up_keeps_totals_and_bounds_raw_records(monitor: ModelMonitor) -> None:
     record_rows(monitor, IRIS[:40])
     monitor.flush()
@@ -298,6 +320,83 @@ def test_webhook_receives_alerts_when_private_targets_are_allowed(store: Store) 
         assert [r["message"] for r in received] == ["down"] and received[0]["kind"] == "health"
     finally:
         server.shutdown()
+
+
+class _HookServer:
+    """A local HTTP server recording what webhooks POST to it (path, Host header, body)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.received: list[tuple[str, str, dict]] = []
+        received = self.received
+
+        class Hook(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                received.append((self.path, self.headers["Host"], body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+        self.port = self.server.server_port
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_webhook_connects_to_the_address_it_checked_not_a_rebound_one(
+        store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """DNS rebinding: the first answer is a public address, every later one the loopback where
+    an internal service listens. The alert's POST must go to the checked public address
+    (which fails on this closed network), never to the internal one, after one resolution.
+
+    Resolution is faked (a DNS server that changes its answer cannot run here); the alert
+    path, the connection attempt and the internal HTTP server are real."""
+    import socket
+
+    internal = _HookServer()
+    real_getaddrinfo = socket.getaddrinfo
+    answers: list[str] = []
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != "hooks.rebind.test":
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        answers.append("public" if not answers else "internal")
+        address = "93.184.216.34" if answers[-1] == "public" else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    try:
+        with caplog.at_level("INFO", logger="quadra.monitoring"):
+            AlertManager(store, f"http://hooks.rebind.test:{internal.port}/hook").raise_alert("health", "down", {})
+            deadline = time.monotonic() + 30
+            while not any("webhook" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        outcome = [r.getMessage() for r in caplog.records if "webhook" in r.getMessage()]
+        assert outcome and "not sent" in outcome[0], outcome
+        assert answers == ["public"] and internal.received == []
+    finally:
+        internal.close()
+
+
+def test_webhook_sends_the_url_host_and_path_to_the_checked_address() -> None:
+    from utils.alerts import send_webhook
+
+    hook = _HookServer()
+    try:
+        assert send_webhook(f"http://localhost:{hook.port}/alerts?team=ml", {"message": "up"}, allow_private=True) == 204
+        assert hook.received == [("/alerts?team=ml", f"localhost:{hook.port}", {"message": "up"})]
+        with pytest.raises(WebhookRefused, match="internal address"):
+            send_webhook(f"http://localhost:{hook.port}/alerts", {"message": "no"})
+        assert len(hook.received) == 1
+    finally:
+        hook.close()
 
 
 # -- health checker ---------------------------------------------------------------------

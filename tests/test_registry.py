@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
+import os
 import re
+import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from utils.model_versioning import (
     validate_version,
 )
 from utils.serving import build_model
-from utils.store import Store
+from utils.store import Store, promotions
 
 CONFIG = {"architecture": "mlp", "input_dim": 4, "num_classes": 3, "hidden_dims": [8]}
 
@@ -86,6 +88,80 @@ def test_artifacts_hold_no_pickle(registry: ModelVersionManager) -> None:
     header = json.loads(data[8 : 8 + header_length])
     assert header["__metadata__"]["format"] == "pt"
     assert b"\x80\x04" not in data[:16] and not data.startswith(b"PK")
+
+
+def _outside_copy(registry: ModelVersionManager, version: str, tmp_path: Path) -> Path:
+    """A byte-identical copy of a version's folder outside the models folder."""
+    outside = tmp_path / "outside" / version
+    outside.parent.mkdir(exist_ok=True)
+    shutil.copytree(registry.models_dir / version, outside)
+    return outside
+
+
+def _refused_everywhere(registry: ModelVersionManager, version: str, tmp_path: Path, reason: str) -> None:
+    """Load, promote, serve, verify and backup all refuse the artifact as an integrity failure."""
+    for attempt in (lambda: registry.load_model(make_model(), version), lambda: registry.promote_to_production(version),
+                    lambda: registry.set_serving_version(version), lambda: registry.backup(tmp_path / "backup.tar.gz")):
+        with pytest.raises(IntegrityCheckFailed, match=reason):
+            attempt()
+    assert registry.verify_version(version)["ok"] is False
+    assert registry.get_production_version() is None
+
+
+def test_an_artifact_linked_to_a_file_outside_the_models_folder_is_refused(registry: ModelVersionManager, tmp_path: Path) -> None:
+    registry.save_model(make_model(), "1.0.0", config=CONFIG)
+    outside = _outside_copy(registry, "1.0.0", tmp_path)
+    artifact(registry, "1.0.0").unlink()
+    artifact(registry, "1.0.0").symlink_to(outside / "model.safetensors")
+    _refused_everywhere(registry, "1.0.0", tmp_path, "outside its folder")
+
+
+def test_a_version_folder_linked_outside_the_models_folder_is_refused(registry: ModelVersionManager, tmp_path: Path) -> None:
+    registry.save_model(make_model(), "1.0.0", config=CONFIG)
+    outside = _outside_copy(registry, "1.0.0", tmp_path)
+    shutil.rmtree(registry.models_dir / "1.0.0")
+    (registry.models_dir / "1.0.0").symlink_to(outside, target_is_directory=True)
+    _refused_everywhere(registry, "1.0.0", tmp_path, "outside its folder")
+
+
+@pytest.mark.parametrize("replacement", ["directory", "fifo", "dangling link"])
+def test_an_artifact_that_is_not_a_readable_file_fails_the_integrity_check(
+        registry: ModelVersionManager, tmp_path: Path, replacement: str) -> None:
+    registry.save_model(make_model(), "1.0.0", config=CONFIG)
+    path = artifact(registry, "1.0.0")
+    path.unlink()
+    if replacement == "directory":
+        path.mkdir()
+    elif replacement == "fifo":
+        os.mkfifo(path)  # opening it must not wait for a writer
+    else:
+        path.symlink_to(tmp_path / "gone")
+    _refused_everywhere(registry, "1.0.0", tmp_path, "integrity check failed")
+
+
+def test_a_save_never_writes_through_a_link(registry: ModelVersionManager, tmp_path: Path) -> None:
+    """A leftover link where a new version's folder goes, and a linked staging folder."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (registry.models_dir / "2.0.0").symlink_to(outside, target_is_directory=True)
+    registry.save_model(make_model(), "2.0.0", config=CONFIG)
+    assert list(outside.iterdir()) == [] and not (registry.models_dir / "2.0.0").is_symlink()
+    assert registry.verify_version("2.0.0")["ok"]
+    shutil.rmtree(registry.models_dir / ".staging")
+    (registry.models_dir / ".staging").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(OSError, match="outside its folder"):
+        registry.save_model(make_model(), "2.1.0", config=CONFIG)
+    assert list(outside.iterdir()) == [] and "2.1.0" not in registry.registry["versions"]
+
+
+def test_archiving_into_a_linked_version_folder_is_refused(registry: ModelVersionManager, tmp_path: Path) -> None:
+    registry.save_model(make_model(), "1.0.0", config=CONFIG)
+    outside = _outside_copy(registry, "1.0.0", tmp_path)
+    shutil.rmtree(registry.models_dir / "1.0.0")
+    (registry.models_dir / "1.0.0").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(IntegrityCheckFailed, match="outside its folder"):
+        registry.archive_version("1.0.0")
+    assert sorted(p.name for p in outside.iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_saving_an_existing_version_is_a_conflict(registry: ModelVersionManager) -> None:
@@ -247,15 +323,55 @@ def test_promote_rollback_and_history(registry: ModelVersionManager) -> None:
         registry.rollback()
     registry.promote_to_production("1.0.0", actor="alice")
     registry.promote_to_production("1.1.0", actor="bob")
-    assert registry.promote_to_production("1.2.0") == {"production_version": "1.2.0", "previous_version": "1.1.0"}
-    assert registry.rollback(actor="carol") == {"production_version": "1.1.0", "previous_version": "1.2.0"}
-    assert registry.rollback() == {"production_version": "1.0.0", "previous_version": "1.1.0"}
+    assert registry.promote_to_production("1.2.0") == {"production_version": "1.2.0", "previous_version": "1.1.0",
+                                                        "changed": True, "message": "1.2.0 is now production"}
+    rolled_back = registry.rollback(actor="carol")
+    assert (rolled_back["production_version"], rolled_back["previous_version"], rolled_back["changed"]) == ("1.1.0", "1.2.0", True)
+    assert registry.rollback()["production_version"] == "1.0.0"
     with pytest.raises(VersionConflict):
         registry.rollback()
     assert registry.get_production_version() == registry.get_serving_version() == "1.0.0"
     history = registry.promotion_history()
     assert [(h["action"], h["to_version"]) for h in history][:3] == [("rollback", "1.0.0"), ("rollback", "1.1.0"), ("promote", "1.2.0")]
     assert history[-1]["actor"] == "alice" and history[-1]["at"].endswith("Z")
+
+
+def test_promoting_the_production_version_again_changes_nothing(registry: ModelVersionManager) -> None:
+    """Promote 2.0.0, 2.1.0, 2.1.0 again: no "2.1.0 -> 2.1.0" step, so rollbacks walk back."""
+    for version in ("1.0.0", "2.0.0", "2.1.0"):
+        registry.save_model(make_model(), version, config=CONFIG)
+    for version in ("1.0.0", "2.0.0", "2.1.0"):
+        registry.promote_to_production(version)
+    again = registry.promote_to_production("2.1.0")
+    assert again["changed"] is False and again["previous_version"] == "2.1.0" and "already" in again["message"]
+    assert [(h["from_version"], h["to_version"]) for h in registry.promotion_history()][0] == ("2.0.0", "2.1.0")
+    assert registry.rollback()["production_version"] == "2.0.0"
+    assert registry.rollback()["production_version"] == "1.0.0"
+    with pytest.raises(VersionConflict):
+        registry.rollback()
+
+
+def test_rollback_skips_repeats_recorded_by_earlier_releases(registry: ModelVersionManager) -> None:
+    """Histories written before the fix hold "2.1.0 -> 2.1.0" rows: rollback steps over them."""
+    for version in ("2.0.0", "2.1.0"):
+        registry.save_model(make_model(), version, config=CONFIG)
+        registry.store.record_deployment("promote", version, "ops", set_production=True)
+    with registry.store.write() as conn:  # what an earlier release wrote for a repeated promote
+        conn.execute(promotions.insert().values(at=0.0, actor="ops", action="promote", from_version="2.1.0",
+                                                to_version="2.1.0"))
+    assert registry.rollback() == {"production_version": "2.0.0", "previous_version": "2.1.0", "changed": True,
+                                   "message": "2.0.0 is now production"}
+
+
+def test_promoting_production_while_another_version_is_loaded_serves_it_again(registry: ModelVersionManager) -> None:
+    for version in ("1.0.0", "1.1.0"):
+        registry.save_model(make_model(), version, config=CONFIG)
+    registry.promote_to_production("1.0.0")
+    registry.set_serving_version("1.1.0")
+    assert registry.promote_to_production("1.0.0")["changed"] is False
+    assert registry.get_serving_version() == "1.0.0"
+    assert [(h["action"], h["to_version"]) for h in registry.promotion_history()][0] == ("load", "1.0.0")
+    assert registry.set_serving_version("1.0.0")["changed"] is False
 
 
 def test_load_changes_serving_not_production(registry: ModelVersionManager) -> None:

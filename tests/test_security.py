@@ -288,6 +288,38 @@ def test_forged_and_malformed_tokens_are_refused(app, anonymous) -> None:
     assert anonymous.get("/api/model/versions", headers={"Authorization": f"Bearer {valid}"}).status_code == 200
 
 
+def test_tokens_minted_for_too_long_or_with_text_times_are_refused(app, anonymous, settings) -> None:
+    """Validly signed, yet: a lifetime far beyond QUADRA_JWT_MAX_TTL_SECONDS, or time claims
+    given as numeric strings (which PyJWT alone accepts)."""
+    secret, now = auth_of(app).secret_key, int(time.time())
+    longest = settings.jwt_max_ttl_seconds
+    tokens = {
+        "three years": _claims(iat=now, exp=now + 3 * 365 * 86400),
+        "one second too long": _claims(iat=now, exp=now + longest + 1),
+        "exp as text": _claims(exp=str(now + 600)),
+        "iat as text": _claims(iat=str(now)),
+        "nbf as text": _claims(nbf=str(now - 10)),
+        "exp as boolean": _claims(exp=True),
+    }
+    for name, claims in tokens.items():
+        token = jwt.encode(claims, secret, algorithm="HS256")
+        response = anonymous.get("/api/model/versions", headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 401, name
+    at_the_limit = jwt.encode(_claims(iat=now, exp=now + longest), secret, algorithm="HS256")
+    assert anonymous.get("/api/model/versions", headers={"Authorization": f"Bearer {at_the_limit}"}).status_code == 200
+
+
+def test_token_requests_beyond_the_maximum_lifetime_are_refused(app, anonymous, api_keys, settings) -> None:
+    too_long = anonymous.post("/api/auth/token", json={"expires_in": settings.jwt_max_ttl_seconds + 1},
+                              headers={"X-API-Key": api_keys["read"]})
+    assert too_long.status_code == 400 and "QUADRA_JWT_MAX_TTL_SECONDS" in too_long.get_json()["error"]["message"]
+    longest = anonymous.post("/api/auth/token", json={"expires_in": settings.jwt_max_ttl_seconds},
+                             headers={"X-API-Key": api_keys["read"]})
+    assert longest.status_code == 200
+    with pytest.raises(ValueError, match="QUADRA_JWT_MAX_TTL_SECONDS"):
+        auth_of(app).generate_token("alice", "read", expires_in=settings.jwt_max_ttl_seconds + 1)
+
+
 def test_seed_token_api(app) -> None:
     auth = auth_of(app)
     token = auth.generate_token("alice", "admin")
@@ -421,6 +453,51 @@ def test_redis_down_falls_back_to_per_process_limits(state_dir: Path, api_keys) 
     codes = [client.get("/api/model/versions", headers={"X-API-Key": api_keys["read"]}).status_code for _ in range(4)]
     assert codes == [200, 200, 200, 429]
     app.extensions["quadra"].store.dispose()
+
+
+def test_redis_down_still_answers_401_and_throttles_failed_authentications(
+        state_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every Redis-backed path degrades alike: the failed-authentication counter falls back to
+    this process's memory too, and the outage is logged once, not per request."""
+    app = make_app(state_dir, redis_url="redis://127.0.0.1:1/0", auth_failure_limit="10 per minute")
+    client = app.test_client()
+    with caplog.at_level("INFO"):
+        wrong = [client.get("/api/model/versions", headers={"X-API-Key": f"qk_wrong{i}"}) for i in range(15)]
+        missing = client.post("/api/predict", json=SETOSA)
+    assert [r.status_code for r in wrong] == [401] * 10 + [429] * 5
+    assert wrong[0].get_json() == UNAUTHORIZED
+    assert wrong[-1].get_json()["error"]["code"] == "too_many_auth_failures"
+    assert missing.status_code == 429
+    outage_lines = [r for r in caplog.records if "Redis unreachable" in r.getMessage()]
+    assert len(outage_lines) == 1 and "per process" in outage_lines[0].getMessage()
+    assert app.test_client().get("/api/health").status_code == 200
+    app.extensions["quadra"].store.dispose()
+
+
+def test_retry_after_is_never_zero_while_refused(state_dir: Path, api_keys) -> None:
+    """A 1-second window: every refusal falls in the window's last second, where truncating
+    gave `Retry-After: 0` and a reset time already past. Waiting as told must succeed."""
+    app = make_app(state_dir, max_requests=1, rate_window=1)
+    client = app.test_client()
+    headers = {"X-API-Key": api_keys["read"]}
+    for _ in range(5):
+        client.get("/api/model/versions", headers=headers)
+        refused = client.get("/api/model/versions", headers=headers)
+        if refused.status_code != 429:
+            continue  # the window turned between the two requests
+        now = time.time()
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert int(refused.headers["X-RateLimit-Reset"]) >= now
+        time.sleep(int(refused.headers["Retry-After"]))
+        assert client.get("/api/model/versions", headers=headers).status_code == 200
+    app.extensions["quadra"].store.dispose()
+
+
+def test_seconds_until_rounds_up() -> None:
+    from utils.request_limits import seconds_until
+
+    now = time.time()
+    assert seconds_until(now + 0.2) == 1 and seconds_until(now - 5) == 1 and seconds_until(now + 2.5) == 3
 
 
 # -- hardening --------------------------------------------------------------------------

@@ -1,18 +1,23 @@
 """Alerts: one record per episode (hysteresis and a cooldown, no storms), optionally POSTed to
 a webhook. Targets on loopback, link-local, private or reserved addresses are refused unless
-QUADRA_ALERT_WEBHOOK_ALLOW_PRIVATE is set, so a webhook cannot be aimed at internal services."""
+QUADRA_ALERT_WEBHOOK_ALLOW_PRIVATE is set, so a webhook cannot be aimed at internal services.
+The host is resolved once and the request goes to the address that was checked (TLS still
+verifies the certificate against the host name), so a DNS answer that changes between the
+check and the connection (DNS rebinding) cannot reach an internal address."""
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import socket
 import threading
 import time
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import SplitResult, urlsplit
 
-import requests
+import urllib3
+from requests import certs
 
 from utils.store import Store
 
@@ -25,22 +30,49 @@ class WebhookRefused(ValueError):
     """The webhook URL resolves to an address alerts may not be sent to."""
 
 
-def check_webhook_target(url: str, allow_private: bool = False) -> None:
-    """Refuse URLs that are not http(s) or that resolve to internal addresses."""
-    parsed = urlparse(url)
+def check_webhook_target(url: str, allow_private: bool = False) -> str:
+    """Resolve the webhook's host once; returns the address to connect to. Refuses URLs that
+    are not http(s), and (unless `allow_private`) hosts with any internal address."""
+    parsed = urlsplit(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise WebhookRefused("the webhook must be an http:// or https:// URL")
-    if allow_private:
-        return
     try:
-        infos = socket.getaddrinfo(parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80))
+        infos = socket.getaddrinfo(parsed.hostname, _port(parsed), type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise WebhookRefused(f"cannot resolve {parsed.hostname}: {exc}") from None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
+    addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+    for address in addresses if not allow_private else ():
         if (address.is_loopback or address.is_link_local or address.is_private or address.is_reserved
                 or address.is_multicast or address.is_unspecified):
             raise WebhookRefused(f"{parsed.hostname} resolves to {address}, an internal address")
+    return str(addresses[0])
+
+
+def send_webhook(url: str, payload: dict[str, Any], allow_private: bool = False,
+                 timeout: float = WEBHOOK_TIMEOUT_SECONDS) -> int:
+    """POST `payload` as JSON to `url` at the address `check_webhook_target` approved, with
+    the URL's host in the Host header and, for https, in SNI and the certificate check.
+    Redirects are not followed. Returns the HTTP status."""
+    parsed = urlsplit(url)
+    address = check_webhook_target(url, allow_private)
+    pool_options: dict[str, Any] = {"timeout": urllib3.Timeout(total=timeout), "retries": False}
+    if parsed.scheme == "https":
+        pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
+            address, _port(parsed), server_hostname=parsed.hostname, assert_hostname=parsed.hostname,
+            cert_reqs="CERT_REQUIRED", ca_certs=certs.where(), **pool_options)
+    else:
+        pool = urllib3.HTTPConnectionPool(address, _port(parsed), **pool_options)
+    headers = {"Host": parsed.netloc.rpartition("@")[2], "Content-Type": "application/json"}
+    if parsed.username is not None:
+        headers.update(urllib3.util.make_headers(basic_auth=f"{parsed.username}:{parsed.password or ''}"))
+    target = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
+    with pool:
+        response = pool.urlopen("POST", target, body=json.dumps(payload), headers=headers, redirect=False)
+    return response.status
+
+
+def _port(parsed: SplitResult) -> int:
+    return parsed.port or (443 if parsed.scheme == "https" else 80)
 
 
 class AlertManager:
@@ -105,13 +137,13 @@ class AlertManager:
         log.log(logging.INFO if severity == "info" else logging.WARNING, "%s %s: %s", "notice" if severity == "info" else "ALERT", kind, message)
         if self.webhook_url:
             payload = {"id": alert_id, "kind": kind, "severity": severity, "message": message, "details": details, "at": time.time()}
-            threading.Thread(target=self._post, args=(payload,), name="quadra-alert-webhook", daemon=True).start()
+            threading.Thread(target=self._post, args=(self.webhook_url, payload), name="quadra-alert-webhook",
+                             daemon=True).start()
         return alert_id
 
-    def _post(self, payload: dict[str, Any]) -> None:
+    def _post(self, url: str, payload: dict[str, Any]) -> None:
         try:
-            check_webhook_target(self.webhook_url, self.allow_private)
-            response = requests.post(self.webhook_url, json=payload, timeout=WEBHOOK_TIMEOUT_SECONDS, allow_redirects=False)
-            log.info("alert %s sent to the webhook: HTTP %s", payload["id"], response.status_code)
-        except (WebhookRefused, requests.RequestException) as exc:
+            status = send_webhook(url, payload, self.allow_private)
+            log.info("alert %s sent to the webhook: HTTP %s", payload["id"], status)
+        except (WebhookRefused, urllib3.exceptions.HTTPError, OSError) as exc:
             log.error("alert %s not sent to the webhook: %s", payload["id"], exc)

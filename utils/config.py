@@ -178,6 +178,7 @@ class Settings:
     redis_prefix: str = "quadra"
     trusted_proxies: int = 0
     jwt_ttl_seconds: int = 3600
+    jwt_max_ttl_seconds: int = 86_400
     key_expiry_days: int = 90
     auth_cache_seconds: float = 2.0
     auth_failure_limit: str = "10 per minute"
@@ -227,6 +228,7 @@ def _read(values: Mapping[str, str], name: str, parse: Callable[[str, str], T], 
 def _build(values: Mapping[str, str]) -> Settings:
     env = _read(values, "QUADRA_ENV", _choice_parser(ENVIRONMENTS), "development")
     state_dir = Path(_read(values, "QUADRA_STATE_DIR", _parse_text, "dashboard_state"))
+    jwt_ttl = _read(values, "QUADRA_JWT_TTL_SECONDS", _int_parser(60, 86_400 * 30), 3600)
     settings = Settings(
         env=env,
         debug=_read(values, "QUADRA_DEBUG", _parse_bool, False),
@@ -259,7 +261,8 @@ def _build(values: Mapping[str, str]) -> Settings:
         store_wait_seconds=_read(values, "QUADRA_STORE_WAIT_SECONDS", _float_parser(0.0, 600.0), 30.0),
         redis_prefix=_read(values, "QUADRA_REDIS_PREFIX", _parse_prefix, "quadra"),
         trusted_proxies=_read(values, "QUADRA_TRUSTED_PROXIES", _int_parser(0, 10), 0),
-        jwt_ttl_seconds=_read(values, "QUADRA_JWT_TTL_SECONDS", _int_parser(60, 86_400 * 30), 3600),
+        jwt_ttl_seconds=jwt_ttl,
+        jwt_max_ttl_seconds=_read(values, "QUADRA_JWT_MAX_TTL_SECONDS", _int_parser(60, 86_400 * 30), max(86_400, jwt_ttl)),
         key_expiry_days=_read(values, "QUADRA_KEY_EXPIRY_DAYS", _int_parser(1, 3650), 90),
         auth_cache_seconds=_read(values, "QUADRA_AUTH_CACHE_SECONDS", _float_parser(0.0, 60.0), 2.0),
         auth_failure_limit=_read(values, "QUADRA_AUTH_FAILURE_LIMIT", _parse_rate_limit, "10 per minute"),
@@ -280,6 +283,8 @@ def _build(values: Mapping[str, str]) -> Settings:
         maintenance_retry_after=_read(values, "QUADRA_MAINTENANCE_RETRY_AFTER", _int_parser(1, 86_400), 60),
         log_level=_read(values, "QUADRA_LOG_LEVEL", _choice_parser(("debug", "info", "warning", "error")), "info"),
     )
+    if settings.jwt_ttl_seconds > settings.jwt_max_ttl_seconds:
+        raise ConfigError(f"QUADRA_JWT_TTL_SECONDS: must not exceed QUADRA_JWT_MAX_TTL_SECONDS ({settings.jwt_max_ttl_seconds})")
     check_production_safety(settings)
     return settings
 

@@ -10,7 +10,6 @@ import logging
 import sys
 from typing import Any
 
-import redis
 from flask_socketio import SocketIO, emit
 
 
@@ -31,29 +30,7 @@ DRIFT_STATE = "drift_state"
 DRIFT_HISTORY = "drift_history"
 RECENT_JOBS = 5
 RECENT_ALERTS = 20
-RESUBSCRIBE_SECONDS = 5.0
 log = logging.getLogger("quadra.events")
-
-
-def change_channel(prefix: str) -> str:
-    return f"{prefix}:changes"
-
-
-def publish_change(redis_url: str, prefix: str) -> None:
-    """Tell every pusher that state changed (best effort: pushers poll anyway)."""
-    try:
-        _publisher(redis_url).publish(change_channel(prefix), "changed")
-    except redis.RedisError as exc:
-        log.debug("could not publish a change notification: %s", exc)
-
-
-_publishers: dict[str, redis.Redis] = {}
-
-
-def _publisher(url: str) -> redis.Redis:
-    if url not in _publishers:
-        _publishers[url] = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
-    return _publishers[url]
 
 
 class EventPusher:
@@ -94,8 +71,8 @@ class EventPusher:
         if not self._started:
             self._started = True
             self.socketio.start_background_task(self._run)
-            if self.services.settings.redis_url:
-                self.socketio.start_background_task(self._listen_for_changes)
+            if self.services.notices is not None:
+                self.socketio.start_background_task(self.services.notices.listen, self.wake, self.socketio.sleep)
 
     def wake(self) -> None:
         """Push now instead of at the next tick."""
@@ -111,19 +88,6 @@ class EventPusher:
                 self.push_changes()
             except Exception:
                 log.exception("event pusher could not read the store")
-
-    def _listen_for_changes(self) -> None:
-        """Wake on every change published by any worker of any host (polling stays the fallback)."""
-        settings = self.services.settings
-        while True:
-            try:
-                pubsub = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2).pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(change_channel(settings.redis_prefix))
-                for _ in pubsub.listen():
-                    self.wake()
-            except redis.RedisError as exc:
-                log.warning("change notifications unavailable (%s); polling every %.1fs", exc, self.interval)
-                self.socketio.sleep(RESUBSCRIBE_SECONDS)
 
     def push_changes(self) -> list[str]:
         """Emit every topic whose payload changed since the last push; returns their names."""

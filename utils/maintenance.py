@@ -7,11 +7,13 @@ mode refresh (which fires mode callbacks) and the reaping of dead training jobs 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
 from typing import Any
 
+from utils.artifact_files import crash_leftovers, remove_path
 from utils.events import DRIFT_HISTORY, DRIFT_STATE
 
 MONITORING_LEASE = "monitoring-maintenance"
@@ -22,6 +24,9 @@ DRIFT_SUMMARY_FIELDS = ("drift_detected", "drift_score", "threshold", "fired", "
 ROLL_UP_SECONDS = 60.0
 JOB_REAP_SECONDS = 5.0
 JOURNAL_RECOVERY_SECONDS = 10.0
+CLEANUP_LEASE = "crash-leftovers"
+CLEANUP_LEASE_SECONDS = 60.0
+log = logging.getLogger("quadra.registry")
 
 
 def schedule_background_work(services: Any) -> None:
@@ -48,6 +53,7 @@ def schedule_background_work(services: Any) -> None:
             finally:
                 store.release_lease(JOURNAL_LEASE, owner)
 
+    remove_crash_leftovers(services, owner)
     recover_journals()
     monitor.every(JOURNAL_RECOVERY_SECONDS, recover_journals)
     monitor.every(settings.drift_check_seconds, check_drift)
@@ -56,6 +62,25 @@ def schedule_background_work(services: Any) -> None:
     monitor.every(settings.monitoring_flush_seconds, services.modes.state)
     monitor.every(JOB_REAP_SECONDS, services.jobs.reap)
     monitor.start()
+
+
+def remove_crash_leftovers(services: Any, owner: str) -> list[str]:
+    """Delete what saves and downloads of processes killed on this host left behind (staging
+    folders, temporary files), once per host at a time (workers starting together would
+    race otherwise); log each removal. Returns the removed paths."""
+    lease = f"{CLEANUP_LEASE}:{socket.gethostname()}"
+    if not services.store.try_acquire_lease(lease, owner, CLEANUP_LEASE_SECONDS):
+        return []
+    try:
+        removed = []
+        for folder in (services.registry.models_dir, services.settings.artifact_cache_dir):
+            for path in crash_leftovers(folder):
+                remove_path(path)
+                removed.append(str(path))
+                log.warning("removed %s, left by a process that stopped during a save or download", path)
+        return removed
+    finally:
+        services.store.release_lease(lease, owner)
 
 
 def record_drift_check(services: Any) -> dict[str, Any]:

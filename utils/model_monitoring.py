@@ -73,6 +73,7 @@ class DriftMetrics:
     sample_count: int
     evaluated: bool
     reason: str | None = None
+    window: dict[str, Any] = field(default_factory=dict)
     detectors: dict[str, bool] = field(default_factory=dict)
     fired: list[str] = field(default_factory=list)
     drifted_features: list[str] = field(default_factory=list)
@@ -270,13 +271,14 @@ class ModelMonitor:
         self.store.set_state(WINDOW_START, self.store.last_prediction_id())
         self.store.set_state(TOTALS, {"count": 0, "errors": 0})
 
-    def _window(self, *columns: str) -> dict[str, list[Any]]:
-        """The window's records, column by column, oldest first."""
-        return self.store.prediction_window(self.window_size, self.store.get_state(WINDOW_START) or 0, columns)
+    def _window(self, *columns: str, after_id: int = 0) -> dict[str, list[Any]]:
+        """The window's records (those after `after_id`, too), column by column, oldest first."""
+        start = max(self.store.get_state(WINDOW_START) or 0, after_id)
+        return self.store.prediction_window(self.window_size, start, columns)
 
-    def _successful(self, *columns: str) -> dict[str, list[Any]]:
+    def _successful(self, *columns: str, after_id: int = 0) -> dict[str, list[Any]]:
         """The window's successful records, column by column, oldest first."""
-        window = self._window(*columns, "success")
+        window = self._window(*columns, "success", after_id=after_id)
         success = window.pop("success")
         return {name: list(compress(values, success)) for name, values in window.items()}
 
@@ -334,6 +336,7 @@ class ModelMonitor:
     def set_baseline(self, feature_names: Sequence[str] | None = None, created_by: str = "console") -> dict[str, Any]:
         """Make the current window the reference for drift (needs `baseline_min_samples`)."""
         self.flush()
+        last_record_id = self.store.last_prediction_id()
         window = {name: values[-MAX_BASELINE_ROWS:]
                   for name, values in self._successful("confidence", "predicted_class", "features").items()}
         classes = window["predicted_class"]
@@ -357,6 +360,7 @@ class ModelMonitor:
             "feature_means": [float(v) for v in matrix.mean(axis=0)] if len(features) else [],
             "feature_stds": [float(v) for v in matrix.std(axis=0)] if len(features) else [],
             "class_distribution": _counts(classes),
+            "last_record_id": last_record_id,
         }
         sample = {"confidence": confidence.tolist(), "classes": classes, "features": features}
         baseline_id = self.store.insert_baseline(created_by, statistics, sample)
@@ -380,21 +384,30 @@ class ModelMonitor:
 
     def detect_drift(self) -> dict[str, Any]:
         """Compare the window with the baseline: confidence shift (the seed's score), input
-        drift per feature and prediction (class) drift. `drift_detected` when any fires."""
+        drift per feature and prediction (class) drift. `drift_detected` when any fires.
+
+        The window holds only predictions made after the baseline was set (at most
+        `window_size`): comparing the baseline's own rows with themselves would dilute a real
+        shift. `window` says how many rows were compared and from when."""
         self.flush()
         baseline = self.store.latest_baseline()
-        window = self._successful("confidence", "predicted_class", "features")
+        after_id = (baseline["statistics"].get("last_record_id") or 0) if baseline else 0
+        window = self._successful("confidence", "predicted_class", "features", "at", after_id=after_id)
         count = len(window["predicted_class"])
+        compared = {"count": count, "first_at": window["at"][0] if count else None,
+                    "last_at": window["at"][-1] if count else None,
+                    "since_baseline_at": baseline["created_at"] if baseline else None}
         confidence = np.array(_present(window["confidence"]), dtype=float)
         current_mean = float(confidence.mean()) if confidence.size else None
         current_std = float(confidence.std()) if confidence.size else None
         if baseline is None:
-            return self._not_evaluated("no baseline set: POST /api/monitoring/baseline", current_mean, current_std, count)
+            return self._not_evaluated("no baseline set: POST /api/monitoring/baseline", current_mean, current_std,
+                                       compared)
         stats = baseline["statistics"]
         if confidence.size < MIN_DRIFT_SAMPLES:
             return self._not_evaluated(
-                f"drift needs at least {MIN_DRIFT_SAMPLES} predictions in the window; there are {confidence.size}",
-                current_mean, current_std, count, stats, baseline,
+                f"drift needs at least {MIN_DRIFT_SAMPLES} predictions made since the baseline; there are {confidence.size}",
+                current_mean, current_std, compared, stats, baseline,
             )
         score = abs(current_mean - stats["confidence_mean"]) / max(stats["confidence_std"], STD_FLOOR)
         inputs = _input_drift(baseline, window["features"])
@@ -415,6 +428,7 @@ class ModelMonitor:
             current_std=current_std,
             sample_count=count,
             evaluated=True,
+            window=compared,
             detectors=detectors,
             fired=fired,
             drifted_features=inputs.drifted_columns if inputs else [],
@@ -424,13 +438,14 @@ class ModelMonitor:
             baseline=_baseline_summary(baseline),
         ).to_dict()
 
-    def _not_evaluated(self, reason: str, current_mean: float | None, current_std: float | None, count: int,
-                       stats: dict[str, Any] | None = None, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _not_evaluated(self, reason: str, current_mean: float | None, current_std: float | None,
+                       compared: dict[str, Any], stats: dict[str, Any] | None = None,
+                       baseline: dict[str, Any] | None = None) -> dict[str, Any]:
         return DriftMetrics(
             drift_detected=False, drift_score=0.0, threshold=self.drift_threshold,
             baseline_mean=stats["confidence_mean"] if stats else None, current_mean=current_mean,
             baseline_std=stats["confidence_std"] if stats else None, current_std=current_std,
-            sample_count=count, evaluated=False, reason=reason,
+            sample_count=compared["count"], evaluated=False, reason=reason, window=compared,
             detectors={"confidence": False, "input": False, "prediction": False},
             baseline=_baseline_summary(baseline) if baseline else None,
         ).to_dict()

@@ -18,7 +18,6 @@ import re
 import shutil
 import tarfile
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -34,6 +33,8 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from safetensors.torch import save_file
 
+from utils.artifact_files import (UnsafeArtifact, confined, fsync_dir, new_staging_dir, open_regular, remove_path,
+                                  temp_name, write_new_file)
 from utils.config import current_settings
 from utils.errors import ServiceUnavailable
 from utils.store import PRODUCTION, SERVING, Store, StoreConflict, store_for
@@ -62,6 +63,7 @@ _DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 MAX_GENERATED_ATTEMPTS = 50
+MAX_ROLLBACK_ATTEMPTS = 5
 
 
 class InvalidVersion(ValueError):
@@ -114,7 +116,7 @@ def generate_version_string(prefix: str | None = None) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
@@ -140,7 +142,7 @@ def read_private(path: Path, verify: bool) -> tuple[memoryview, str | None]:
     max(read, hash), not their sum; small ones are hashed inline, as a thread would cost more
     than it saves. A file that shrinks meanwhile comes back short, so it fails the hash or the
     parse."""
-    with open(path, "rb") as handle, ThreadPoolExecutor(max_workers=1) as hasher:
+    with open_regular(path) as handle, ThreadPoolExecutor(max_workers=1) as hasher:
         size = os.fstat(handle.fileno()).st_size
         data = memoryview(_private_buffer(size))
         digest = hashlib.sha256()
@@ -207,25 +209,10 @@ def _tensor_view(data: memoryview, offset: int, nbytes: int, dtype: torch.dtype,
     return torch.frombuffer(data, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).view(shape)
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a whole file or nothing: temp file, fsync, rename."""
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    _fsync_write(temp, text.encode())
+    """Write a whole file or nothing: new temp file, fsync, rename."""
+    temp = temp_name(path)
+    write_new_file(temp, text.encode())
     os.replace(temp, path)
 
 
@@ -236,16 +223,17 @@ def _iso(timestamp: float | None) -> str | None:
 
 
 class LocalArtifactStore:
-    """Artifacts as files under one folder: `<version>/model.safetensors` and `config.json`."""
+    """Artifacts as files under one folder: `<version>/model.safetensors` and `config.json`.
+
+    Every path is confined to the folder (utils.artifact_files): a linked artifact or version
+    folder resolving outside it is refused."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
     def new_staging_dir(self) -> Path:
-        staging = self.root / ".staging" / uuid.uuid4().hex
-        staging.mkdir(parents=True)
-        return staging
+        return new_staging_dir(self.root)
 
     def discard(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
@@ -253,38 +241,39 @@ class LocalArtifactStore:
     def publish(self, staging: Path, version: str) -> None:
         """Move a staged version folder into place with one rename.
 
-        Called while the version's row is locked in the store, so a folder already there
-        without a committed row is the leftover of a crashed save and may be replaced."""
+        Called while the version's row is locked in the store, so a folder (or link) already
+        there without a committed row is the leftover of a crashed save and may be replaced."""
         target = self.root / version
-        if target.exists():
-            shutil.rmtree(target)
+        if target.exists() or target.is_symlink():
+            remove_path(target)
         os.rename(staging, target)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def read(self, key: str, sha256: str | None = None) -> bytes:
-        return (self.root / key).read_bytes()
+        with open_regular(confined(self.root, key)) as handle:
+            return handle.read()
 
     @contextmanager
     def local_file(self, key: str, sha256: str | None = None) -> Iterator[Path]:
         """The artifact's path, to be read (and hash-checked) by the caller."""
-        yield self.root / key
+        yield confined(self.root, key)
 
     def write(self, key: str, data: bytes) -> None:
-        path = self.root / key
-        temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        _fsync_write(temp, data)
+        path = confined(self.root, key)
+        temp = temp_name(path)
+        write_new_file(temp, data)
         os.replace(temp, path)
 
     def delete(self, key: str) -> None:
         (self.root / key).unlink(missing_ok=True)
 
     def remove_version(self, version: str) -> None:
-        shutil.rmtree(self.root / version, ignore_errors=True)
+        remove_path(self.root / version)
 
     def fingerprint(self, key: str) -> tuple[Any, ...] | None:
         """Changes whenever the artifact's content may have changed (size, modification time)."""
         try:
-            stat = (self.root / key).stat()
+            stat = confined(self.root, key).stat()
         except OSError:
             return None
         return (stat.st_mtime_ns, stat.st_size)
@@ -322,9 +311,7 @@ class S3ArtifactStore:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def new_staging_dir(self) -> Path:
-        staging = self.staging_root / ".staging" / uuid.uuid4().hex
-        staging.mkdir(parents=True)
-        return staging
+        return new_staging_dir(self.staging_root)
 
     def discard(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
@@ -344,11 +331,11 @@ class S3ArtifactStore:
         """A local copy of the object, to be read (and hash-checked) by the caller: this
         host's cached copy of `sha256`, else a fresh download, which enters the cache only if
         its hash matches and is deleted afterwards if not."""
-        cached = self.cache_dir / sha256 if sha256 else None
-        if cached is not None and cached.exists():
+        cached = confined(self.cache_dir, sha256) if sha256 else None
+        if cached is not None and (cached.exists() or cached.is_symlink()):
             yield cached
             return
-        temp = self.cache_dir / f".{uuid.uuid4().hex}.download"
+        temp = temp_name(self.cache_dir / "artifact", ".download")
         try:
             if self._download(key, temp) == sha256 and cached is not None:
                 os.replace(temp, cached)
@@ -526,7 +513,7 @@ class ModelVersionManager:
             sha256 = hasher.submit(sha256_file, artifact)
             with open(artifact, "rb+") as handle:
                 os.fsync(handle.fileno())
-            _fsync_write(staging / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
+            write_new_file(staging / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
         return sha256.result(), artifact.stat().st_size
 
     # -- reading ------------------------------------------------------------------------
@@ -557,13 +544,13 @@ class ModelVersionManager:
             raise IntegrityCheckFailed(f"integrity check failed for version {version}: unreadable artifact ({exc!r})") from None
 
     def _read_artifact(self, row: dict[str, Any]) -> bytes:
-        with _missing_is_integrity_failure(row):
+        with _unreadable_is_integrity_failure(row):
             return self.artifacts.read(row["artifact_key"], None if row["archived"] else row["sha256"])
 
     @contextmanager
     def _artifact_file(self, row: dict[str, Any]) -> Iterator[Path]:
         """A local path to an unarchived version's artifact."""
-        with _missing_is_integrity_failure(row), self.artifacts.local_file(row["artifact_key"], row["sha256"]) as path:
+        with _unreadable_is_integrity_failure(row), self.artifacts.local_file(row["artifact_key"], row["sha256"]) as path:
             yield path
 
     def load_model(self, model: torch.nn.Module, version: str | None = None, verify_integrity: bool = True) -> torch.nn.Module:
@@ -634,29 +621,45 @@ class ModelVersionManager:
     # -- deploying ----------------------------------------------------------------------
 
     def promote_to_production(self, version: str, actor: str = "system") -> dict[str, Any]:
-        """Verify `version` and make it production and serving; returns what it replaced."""
+        """Verify `version` and make it production and serving; returns what it replaced.
+
+        Promoting the production version again changes nothing (`changed` is false) and
+        writes no history, so it never becomes a step that a rollback would return to."""
         self._check_deployable(version)
         previous = self.store.record_deployment("promote", version, actor, set_production=True)
         self.write_registry_mirror()
-        return {"production_version": version, "previous_version": previous}
+        return _production_change(version, previous)
 
     def set_serving_version(self, version: str, actor: str = "system") -> dict[str, Any]:
         """Serve `version` on every process without changing production (the "load" action)."""
         self._check_deployable(version)
         previous = self.store.record_deployment("load", version, actor, set_production=False)
         self.write_registry_mirror()
-        return {"serving_version": version, "previous_version": previous}
+        return {"serving_version": version, "previous_version": previous, "changed": previous != version}
 
     def rollback(self, actor: str = "system") -> dict[str, Any]:
-        """Return production to the version before the current one."""
-        stack = self.store.production_stack()
-        for candidate in reversed(stack[:-1]):
+        """Return production to the last production version different from the current one;
+        each further rollback walks one step further back."""
+        for _ in range(MAX_ROLLBACK_ATTEMPTS):
+            current = self.get_production_version()
+            candidate = self._rollback_target(current)
+            self._check_deployable(candidate)
+            try:
+                previous = self.store.record_deployment("rollback", candidate, actor, set_production=True,
+                                                        expected_production=current)
+            except StoreConflict:
+                continue  # another process changed production meanwhile: decide again
+            self.write_registry_mirror()
+            return _production_change(candidate, previous)
+        raise VersionConflict("production kept changing during the rollback; try again")
+
+    def _rollback_target(self, current: str | None) -> str:
+        for candidate in reversed(self.store.production_stack()):
+            if candidate == current:
+                continue
             row = self.store.get_version(candidate)
             if row is not None and not row["archived"]:
-                self._check_deployable(candidate)
-                previous = self.store.record_deployment("rollback", candidate, actor, set_production=True)
-                self.write_registry_mirror()
-                return {"production_version": candidate, "previous_version": previous}
+                return candidate
         raise VersionConflict("there is no previous production version to roll back to")
 
     def _check_deployable(self, version: str) -> None:
@@ -761,8 +764,8 @@ class ModelVersionManager:
     def _restore_one(self, row: dict[str, Any], data: bytes) -> None:
         staging = self.artifacts.new_staging_dir()
         try:
-            _fsync_write(staging / ARTIFACT_NAME, data)
-            _fsync_write(staging / CONFIG_NAME, json.dumps(row["config"], indent=2, sort_keys=True).encode())
+            write_new_file(staging / ARTIFACT_NAME, data)
+            write_new_file(staging / CONFIG_NAME, json.dumps(row["config"], indent=2, sort_keys=True).encode())
             restored = {**row, "archived": False, "artifact_key": f"{row['version']}/{ARTIFACT_NAME}"}
             with self.store.adding_version(restored):
                 self.artifacts.publish(staging, row["version"])
@@ -776,12 +779,22 @@ class ModelVersionManager:
         atomic_write_text(self.models_dir / REGISTRY_MIRROR, json.dumps(self.registry, indent=2, sort_keys=True))
 
 
+def _production_change(version: str, previous: str | None) -> dict[str, Any]:
+    changed = previous != version
+    return {"production_version": version, "previous_version": previous, "changed": changed,
+            "message": f"{version} is now production" if changed else f"{version} is already the production version"}
+
+
 @contextmanager
-def _missing_is_integrity_failure(row: dict[str, Any]) -> Iterator[None]:
+def _unreadable_is_integrity_failure(row: dict[str, Any]) -> Iterator[None]:
+    """A missing, unreadable or unsafe artifact (UnsafeArtifact) fails the integrity check."""
     try:
         yield
     except FileNotFoundError:
         raise IntegrityCheckFailed(f"integrity check failed for version {row['version']}: artifact is missing") from None
+    except OSError as exc:
+        reason = str(exc) if isinstance(exc, UnsafeArtifact) else f"artifact is unreadable ({exc.strerror or exc})"
+        raise IntegrityCheckFailed(f"integrity check failed for version {row['version']}: {reason}") from None
 
 
 def _check_digest(version: str, expected: str, actual: str | None) -> None:

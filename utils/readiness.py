@@ -3,7 +3,11 @@
 Checks the store, Redis and the artifact folder when configured, the seed's file checks
 (models folder, model_registry.json, free disk space), and that the model this process serves
 is loaded, is the one the store names, and still matches its recorded SHA-256. The report
-names no paths and no secrets, so it can stay public."""
+names no paths and no secrets, so it can stay public.
+
+Redis is optional for correctness: while it is down every process limits in memory and the
+dashboards poll (utils.outage), so an unreachable Redis is reported under `degraded`, not as
+a reason to take the host out of a load balancer."""
 
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ class Readiness:
             "status": "ready" if not reasons else "not_ready",
             "ready": not reasons,
             "reasons": reasons,
+            "degraded": _degradations(checks),
             "checks": checks,
             "current_version": served.version if served else None,
             "production_version": versions.get(PRODUCTION),
@@ -99,8 +104,6 @@ def _reasons(checks: dict[str, Any]) -> list[str]:
     reasons = []
     if not checks["store"]:
         reasons.append("the store is unreachable")
-    if checks.get("redis") is False:
-        reasons.append("Redis is unreachable")
     if not checks["artifact_store"]:
         reasons.append("the artifact folder is missing or not writable")
     if not checks["model_directory"] or not all(checks["required_files"].values()):
@@ -115,3 +118,10 @@ def _reasons(checks: dict[str, Any]) -> list[str]:
     elif model["expected_version"] and model["version"] != model["expected_version"]:
         reasons.append(f"serving {model['version']} while the store names {model['expected_version']}")
     return reasons
+
+
+def _degradations(checks: dict[str, Any]) -> list[str]:
+    """What works in a reduced way while the process stays ready."""
+    if checks.get("redis") is False:
+        return ["Redis is unreachable: rate limits are counted per process until it is back"]
+    return []

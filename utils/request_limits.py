@@ -6,14 +6,13 @@ blueprint and default limits with their exemption scopes on every request, which
 100 µs per prediction here, more than the rest of the governance together (bench/RESULTS.md).
 The service has one limit per caller, so one check is all it needs.
 
-When the shared storage fails (Redis down) and the fallback is on, each process counts in
-memory and retries the storage after 1, 2, 4 ... 32 seconds, as Flask-Limiter's in-memory
-fallback does; the service keeps serving meanwhile.
+A Redis outage is handled by the storage itself (`utils.fallback_storage`): each process
+counts in memory until Redis is back, so this check never fails a request because of it.
 """
 
 from __future__ import annotations
 
-import logging
+import math
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,16 +20,25 @@ from typing import Callable
 
 from flask import Flask, Response, g, request
 from limits import parse
-from limits.storage import MemoryStorage, Storage
+from limits.storage import Storage
 from limits.strategies import FixedWindowRateLimiter
 
 from utils.errors import ApiError
 
 APPLICATION_SCOPE = "global"  # the key segment naming the service-wide limit
-MAX_BACKOFF_SECONDS = 32
 
-log = logging.getLogger("quadra.security")
 parse_limit = lru_cache(maxsize=1024)(parse)
+
+
+def seconds_until(reset_at: float) -> int:
+    """Whole seconds until `reset_at`, rounded up and at least 1: a client that waits this
+    long after a refusal is never refused again by the same window."""
+    return max(1, math.ceil(reset_at - time.time()))
+
+
+def too_many(code: str, message: str, reset_at: float) -> ApiError:
+    """The 429 for a refused request, with the Retry-After that `seconds_until` gives."""
+    return ApiError(429, code, message, {"Retry-After": str(seconds_until(reset_at))})
 
 
 def counter_args(key_prefix: str, identifier: str) -> tuple[str, ...]:
@@ -56,16 +64,12 @@ class RequestLimits:
         identity: Callable[[], str],
         limit_for: Callable[[str], str],
         key_prefix: str,
-        memory_fallback: bool = False,
     ) -> None:
         self.storage = storage
         self.identity = identity
         self.limit_for = limit_for
         self.key_prefix = key_prefix
-        self._shared = FixedWindowRateLimiter(storage)
-        self._memory = FixedWindowRateLimiter(MemoryStorage()) if memory_fallback else None
-        self._failed_checks = 0
-        self._next_check: float | None = None  # set while the shared storage is down
+        self._strategy = FixedWindowRateLimiter(storage)
         self._exempt: set[str] = set()
 
     def init_app(self, app: Flask) -> None:
@@ -88,38 +92,11 @@ class RequestLimits:
         identifier = self.identity()
         item = parse_limit(self.limit_for(identifier))
         args = counter_args(self.key_prefix, identifier)
-        strategy = self._strategy()
-        try:
-            allowed = strategy.hit(item, *args)
-            stats = strategy.get_window_stats(item, *args)
-        except self.storage.base_exceptions:
-            if self._memory is None or strategy is self._memory:
-                raise
-            self._storage_failed()
-            allowed, stats = self._memory.hit(item, *args), self._memory.get_window_stats(item, *args)
+        allowed = self._strategy.hit(item, *args)
+        stats = self._strategy.get_window_stats(item, *args)
         g.rate_limit_window = Window(item.amount, stats.remaining, stats.reset_time)
         if not allowed:
-            raise ApiError(429, "too_many_requests", f"rate limit exceeded: {item}",
-                           {"Retry-After": str(max(0, int(stats.reset_time - time.time())))})
-
-    def _strategy(self) -> FixedWindowRateLimiter:
-        """The shared counters, or this process's memory while they are unreachable."""
-        if self._next_check is None or self._memory is None:
-            return self._shared
-        if time.monotonic() < self._next_check:
-            return self._memory
-        if self.storage.check():
-            log.info("rate-limit storage is back: limits are shared again")
-            self._next_check, self._failed_checks = None, 0
-            return self._shared
-        self._storage_failed()
-        return self._memory
-
-    def _storage_failed(self) -> None:
-        if self._next_check is None:
-            log.warning("rate-limit storage unreachable: each process limits in memory until it is back")
-        self._failed_checks += 1
-        self._next_check = time.monotonic() + min(MAX_BACKOFF_SECONDS, 2 ** (self._failed_checks - 1))
+            raise too_many("too_many_requests", f"rate limit exceeded: {item}", stats.reset_time)
 
     @staticmethod
     def _add_headers(response: Response) -> Response:
@@ -127,6 +104,6 @@ class RequestLimits:
         if window is not None:
             response.headers["X-RateLimit-Limit"] = str(window.limit)
             response.headers["X-RateLimit-Remaining"] = str(window.remaining)
-            response.headers["X-RateLimit-Reset"] = str(int(window.reset_at))
+            response.headers["X-RateLimit-Reset"] = str(math.ceil(window.reset_at))
         return response
 

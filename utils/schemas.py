@@ -28,7 +28,7 @@ MAX_TRAINING_ROWS = 10_000_000    # QUADRA_TRAINING_MAX_ROWS's largest value
 MAX_FEATURES = 1000
 MAX_CLASSES = 1000
 MAX_HIDDEN_LAYERS, MAX_HIDDEN_WIDTH = 8, 4096
-MAX_TOKEN_SECONDS = 24 * 3600
+MAX_TOKEN_SECONDS = 30 * 86400  # the widest QUADRA_JWT_MAX_TTL_SECONDS
 MAX_GRACE_SECONDS = 30 * 86400
 MAX_REASON = 500
 
@@ -104,7 +104,7 @@ class TokenRequest(RequestBody):
     permissions: list[Permission] | None = Field(
         None, min_length=1, max_length=3, description="omitted: all of the key's permissions")
     expires_in: Annotated[int, Field(ge=1, le=MAX_TOKEN_SECONDS)] | None = Field(
-        None, description="seconds; omitted: QUADRA_JWT_TTL_SECONDS")
+        None, description="seconds, at most QUADRA_JWT_MAX_TTL_SECONDS; omitted: QUADRA_JWT_TTL_SECONDS")
 
 
 class KeyRequest(RequestBody):
@@ -247,7 +247,8 @@ class Health(ResponseBody):
 class Readiness(ResponseBody):
     status: Literal["ready", "not_ready"]
     ready: bool
-    reasons: list[str]
+    reasons: list[str] = Field(description="why the process is not ready (empty when ready)")
+    degraded: list[str] = Field(description="what works in a reduced way while ready, e.g. Redis down")
     current_version: str | None
     production_version: str | None
     mode: ModelMode
@@ -316,11 +317,14 @@ class Deleted(ResponseBody):
 class ServingChange(ResponseBody):
     serving_version: str
     previous_version: str | None
+    changed: bool = Field(description="false when the version was already serving")
 
 
 class ProductionChange(ResponseBody):
     production_version: str
     previous_version: str | None
+    changed: bool = Field(description="false when the version already was production (nothing recorded)")
+    message: str
 
 
 class HistoryEntry(ResponseBody):
@@ -359,6 +363,15 @@ class Statistics(ResponseBody):
     model_versions: dict[str, int]
 
 
+class DriftWindow(ResponseBody):
+    """The predictions drift compared with the baseline: only those made after it was set."""
+
+    count: int
+    first_at: float | None
+    last_at: float | None
+    since_baseline_at: float | None
+
+
 class Drift(ResponseBody):
     drift_detected: bool
     drift_score: float | None
@@ -369,6 +382,7 @@ class Drift(ResponseBody):
     current_std: float | None
     sample_count: int
     evaluated: bool
+    window: DriftWindow
     detectors: dict[str, bool]
     fired: list[str]
     drifted_features: list[str]

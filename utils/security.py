@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import threading
@@ -33,8 +34,10 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from utils import audit
 from utils.config import Settings, current_settings, resolve_secret_key
 from utils.errors import ApiError
+from utils.fallback_storage import FallbackStorage
+from utils.outage import Outage
 from utils.rate_limit_storage import SCHEME as STORE_SCHEME
-from utils.request_limits import RequestLimits, counter_args, parse_limit
+from utils.request_limits import RequestLimits, counter_args, parse_limit, too_many
 from utils.store import Store, UsesConfiguredStore, store_for
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,8 +51,10 @@ JWT_ALGORITHM = "HS256"
 JWT_ISSUER = "quadra"
 JWT_AUDIENCE = "quadra-api"
 REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "jti", "sub"]
+TIME_CLAIMS = ("exp", "iat", "nbf")
 LAST_USED_WRITE_INTERVAL = 60.0
 DEFAULT_ROTATION_GRACE_SECONDS = 24 * 3600
+log = logging.getLogger("quadra.security")
 
 
 def normalize_permissions(permissions: Iterable[str]) -> list[str]:
@@ -173,11 +178,13 @@ class AuthManager(UsesConfiguredStore):
         store: Store | None = None,
         cache_seconds: float = 2.0,
         key_expiry_days: int = 90,
+        max_token_seconds: int | None = None,
     ) -> None:
         if not secret_key:
             raise ValueError("AuthManager needs a secret key")
         self.secret_key = secret_key
         self.token_expiry_seconds = int(token_expiry_hours * 3600)
+        self.max_token_seconds = max_token_seconds or self.token_expiry_seconds
         self.enabled = enabled
         self.cache_seconds = cache_seconds
         self.key_expiry_days = key_expiry_days
@@ -359,6 +366,9 @@ class AuthManager(UsesConfiguredStore):
     ) -> str:
         """A signed JWT. Tokens made for a key (`key_id`) die with the key."""
         now = int(time.time())
+        lifetime = expires_in or self.token_expiry_seconds
+        if not 0 < lifetime <= self.max_token_seconds:
+            raise ValueError(f"a token lives 1 to {self.max_token_seconds} seconds (QUADRA_JWT_MAX_TTL_SECONDS)")
         granted = normalize_permissions(permissions if permissions is not None else ROLE_PERMISSIONS.get(role, [role]))
         claims = {
             "sub": key_id or user_id,
@@ -366,7 +376,7 @@ class AuthManager(UsesConfiguredStore):
             "role": role,
             "perms": granted,
             "iat": now,
-            "exp": now + (expires_in or self.token_expiry_seconds),
+            "exp": now + lifetime,
             "iss": JWT_ISSUER,
             "aud": JWT_AUDIENCE,
             "jti": uuid.uuid4().hex,
@@ -377,9 +387,11 @@ class AuthManager(UsesConfiguredStore):
 
     def verify_token(self, token: str) -> dict[str, Any] | None:
         """The token's claims if its signature, algorithm, issuer, audience and lifetime are
-        valid, else None."""
+        valid, else None. Beyond what PyJWT checks: the time claims must be JSON numbers (PyJWT
+        takes "1999999999" too) and the lifetime (exp - iat) at most `max_token_seconds`, so a
+        validly signed token minted for years is refused."""
         try:
-            return jwt.decode(
+            claims = jwt.decode(
                 token,
                 self.secret_key,
                 algorithms=[JWT_ALGORITHM],
@@ -389,6 +401,12 @@ class AuthManager(UsesConfiguredStore):
             )
         except jwt.PyJWTError:
             return None
+        times = [claims[name] for name in TIME_CLAIMS if name in claims]
+        if not all(type(value) in (int, float) for value in times):
+            return None
+        if claims["exp"] - claims["iat"] > self.max_token_seconds:
+            return None
+        return claims
 
     def issue_token_for(self, principal: Principal, permissions: Iterable[str] | None, expires_in: int) -> dict[str, Any]:
         """A token for a key holder, carrying the key's id and at most its permissions."""
@@ -468,19 +486,19 @@ class RateLimiter:
         return self.strategy.get_window_stats(self._item(identifier), *self._args(identifier)).reset_time
 
 
-def storage_uri(settings: Settings) -> str:
-    return settings.redis_url or f"{STORE_SCHEME}://"
+def redis_outage(log_to: logging.Logger) -> Outage:
+    """How a process reports and rides out a Redis outage (one per process and app)."""
+    return Outage("Redis", "rate limits are counted per process and dashboards poll once a second", log_to)
 
 
-def storage_options(settings: Settings, store: Store | None = None) -> dict[str, Any]:
-    """Options for the counters' storage: Redis fails fast, the store backend gets the store."""
+def storage_for(settings: Settings, store: Store | None = None, outage: Outage | None = None) -> Storage:
+    """The rate-limit counters: Redis (failing fast, with the in-memory fallback) when
+    configured, else the store's own counters."""
     if settings.redis_url:
-        return {"socket_connect_timeout": 0.5, "socket_timeout": 0.5}
-    return {"store": store or store_for(settings), "sync_seconds": settings.rate_limit_sync_seconds}
-
-
-def storage_for(settings: Settings, store: Store | None = None) -> Storage:
-    return storage_from_string(storage_uri(settings), **storage_options(settings, store))
+        redis_counters = storage_from_string(settings.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        return FallbackStorage(redis_counters, outage or redis_outage(log))
+    return storage_from_string(f"{STORE_SCHEME}://", store=store or store_for(settings),
+                               sync_seconds=settings.rate_limit_sync_seconds)
 
 
 class _LazyRateLimiter(RateLimiter):
@@ -599,8 +617,7 @@ def rate_limit(view: F) -> F:
         limiter: RateLimiter = current_app.extensions["quadra_security"].rate_limiter
         identifier = f"{rate_limit_identity()}:{request.endpoint}"
         if not limiter.is_allowed(identifier):
-            retry = max(1, int(limiter.get_reset_time(identifier) - time.time()))
-            raise ApiError(429, "rate_limited", "too many requests", {"Retry-After": str(retry)})
+            raise too_many("rate_limited", "too many requests", limiter.get_reset_time(identifier))
         return view(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -628,9 +645,8 @@ class SecurityState:
             if strategy.hit(parse_limit(f"1 per {limit.get_expiry()} second"), self.settings.redis_prefix, "auth-failure-alert", ip):
                 audit.record(self.store, "anonymous", "alert.auth_failures", "alert", ip=ip, status=429,
                              details={"limit": self.settings.auth_failure_limit})
-            retry = max(1, int(strategy.get_window_stats(limit, *args).reset_time - time.time()))
-            raise ApiError(429, "too_many_auth_failures", "too many failed authentications from this address",
-                           {"Retry-After": str(retry)})
+            raise too_many("too_many_auth_failures", "too many failed authentications from this address",
+                           strategy.get_window_stats(limit, *args).reset_time)
         audit.record(self.store, "anonymous", "auth.failure", "denied", target=request.path, status=401, ip=ip,
                      details={"credentials": "presented" if presented else "missing"})
 
@@ -640,11 +656,14 @@ class SecurityState:
                      target=request.path, status=403, ip=request.remote_addr, details={"required": permission})
 
 
-def init_auth(app: Flask, settings: Settings, store: Store) -> SecurityState:
-    """Wire authentication, rate limiting, CORS, security headers and auditing into `app`."""
+def init_auth(app: Flask, settings: Settings, store: Store, outage: Outage | None = None) -> SecurityState:
+    """Wire authentication, rate limiting, CORS, security headers and auditing into `app`.
+
+    `outage` tracks Redis for this process (pass the app's, so every Redis path shares it)."""
     auth = AuthManager(
         resolve_secret_key(settings),
         token_expiry_hours=settings.jwt_ttl_seconds / 3600,
+        max_token_seconds=settings.jwt_max_ttl_seconds,
         enabled=settings.auth_enabled,
         store=store,
         cache_seconds=settings.auth_cache_seconds,
@@ -652,13 +671,12 @@ def init_auth(app: Flask, settings: Settings, store: Store) -> SecurityState:
     )
     if not settings.auth_enabled:
         app.logger.warning("AUTHENTICATION IS DISABLED (QUADRA_AUTH_ENABLED=false): every caller is admin")
-    counters = storage_for(settings, store)  # one set (and one view) per process, shared by both
+    counters = storage_for(settings, store, outage)  # one set (and one view) per process, shared by both
     limiter_for_seed = RateLimiter(
         settings.max_requests, settings.rate_window, settings.rate_limit_enabled, counters,
         key_prefix=settings.redis_prefix, limit_lookup=key_limit_lookup(auth),
     )
-    request_limits = RequestLimits(counters, rate_limit_identity, limiter_for_seed.limit_for, settings.redis_prefix,
-                                   memory_fallback=bool(settings.redis_url))
+    request_limits = RequestLimits(counters, rate_limit_identity, limiter_for_seed.limit_for, settings.redis_prefix)
     state = SecurityState(settings, store, auth, limiter_for_seed, request_limits)
     app.extensions["quadra_security"] = state
     if settings.trusted_proxies:

@@ -257,7 +257,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 PRODUCTION = "production_version"
 SERVING = "serving_version"
-_PG_UPGRADE_LOCK = 0x51_75_61_64  # arbitrary advisory-lock id for schema upgrades
+_PG_UPGRADE_LOCK = 0x51_75_61_64  # arbitrary advisory-lock ids: schema upgrades,
+_PG_DEPLOYMENT_LOCK = 0x51_75_61_65  # and changes of the serving or production version
 
 
 def _row(row: Any) -> dict[str, Any]:
@@ -415,21 +416,38 @@ class Store:
         with self.write() as conn:
             _set_state(conn, name, value, actor)
 
-    def record_deployment(self, action: str, version: str, actor: str, set_production: bool) -> str | None:
+    def record_deployment(self, action: str, version: str, actor: str, set_production: bool,
+                          expected_production: str | None = None) -> str | None:
         """Make `version` serving (and production when `set_production`), append the history
-        row in the same transaction, and return the version it replaced."""
+        row in the same transaction, and return the version it replaced.
+
+        Deployments are serialised (SQLite's write lock, a PostgreSQL advisory lock), so each
+        history row names what it really replaced. Making the production version production
+        again changes nothing and writes no history; a version that is already serving is not
+        loaded again. With `expected_production`, the change is refused (StoreConflict) if
+        another process changed production since the caller read it."""
         with self.write() as conn:
+            if not self.is_sqlite:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_DEPLOYMENT_LOCK})
             state = _states(conn, (PRODUCTION, SERVING))
-            replaced = state.get(PRODUCTION) if set_production else state.get(SERVING)
-            _set_state(conn, SERVING, version, actor)
+            if expected_production is not None and state.get(PRODUCTION) != expected_production:
+                raise StoreConflict(f"production changed to {state.get(PRODUCTION)} meanwhile")
+            serving = state.get(SERVING) or state.get(PRODUCTION)
+            replaced = state.get(PRODUCTION) if set_production else serving
+            if replaced == version:
+                if serving != version:  # production again, while another version was loaded: serve it
+                    self._insert_deployment(conn, "load", serving, version, actor)
+                return replaced
+            self._insert_deployment(conn, action, replaced, version, actor)
             if set_production:
                 _set_state(conn, PRODUCTION, version, actor)
-            conn.execute(
-                insert(promotions).values(
-                    at=time.time(), actor=actor, action=action, from_version=replaced, to_version=version
-                )
-            )
         return replaced
+
+    @staticmethod
+    def _insert_deployment(conn: Connection, action: str, replaced: str | None, version: str, actor: str) -> None:
+        _set_state(conn, SERVING, version, actor)
+        conn.execute(insert(promotions).values(at=time.time(), actor=actor, action=action, from_version=replaced,
+                                               to_version=version))
 
     def promotion_history(self, limit: int = 100) -> list[dict[str, Any]]:
         with self.read() as conn:
@@ -437,7 +455,10 @@ class Store:
         return [_row(r) for r in rows]
 
     def production_stack(self) -> list[str]:
-        """Production versions in the order they were put there; a rollback pops the top."""
+        """Production versions in the order they were put there; a rollback pops the top.
+
+        A promote of the version already on top adds nothing (earlier releases recorded such
+        repeats; they must not make a rollback stay where it is)."""
         stack: list[str] = []
         with self.read() as conn:
             rows = conn.execute(
@@ -451,7 +472,7 @@ class Store:
                     stack.pop()
                 if not stack:
                     stack.append(version)
-            else:
+            elif not stack or stack[-1] != version:
                 stack.append(version)
         return stack
 
