@@ -1,7 +1,8 @@
 """Read by gunicorn from the working directory: per-worker start-up and shutdown hooks.
 
-Only hooks live here; the seed's command line (`-w 4 --worker-class eventlet`) stays the
-place for workers, binding and worker class.
+Only hooks live here, and the one setting every command line needs (no control socket); the
+seed's command line (`-w 4 --worker-class eventlet`) stays the place for workers, binding and
+worker class.
 """
 
 import os
@@ -9,6 +10,18 @@ import shutil
 import sys
 
 from utils.config import ConfigError, Settings
+
+# No control socket (gunicorn >= 25.1 starts one by default; nothing here uses `gunicornc`).
+# Its server is a thread of the master, and with `--worker-class eventlet` that thread is
+# green: to load the worker class the master imports gunicorn's eventlet worker module, which
+# calls eventlet.monkey_patch() on import. The master then waits on a C queue.SimpleQueue that
+# never yields to eventlet's hub, so the thread first runs inside the master's halt(), where
+# Thread.join(timeout=2.0) waits for a server nobody told to stop. Python 3.11 and 3.12 return
+# from that join after 2 s; 3.13 joins through eventlet's _ThreadHandle.join, which raises
+# eventlet.timeout.Timeout: the master died before signalling its workers, leaving them all
+# running. Its default path (~/.gunicorn/gunicorn.ctl) is also one per user, so two gunicorns
+# of one user would take each other's socket. A plain setting: any worker class.
+control_socket_disable = True
 
 
 def on_starting(server):

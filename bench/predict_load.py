@@ -89,7 +89,7 @@ def run() -> str:
         state = Path(folder) / "state"
         key, model_dir = prepare(state)
         empty_config = Path(folder) / "no-hooks.conf.py"
-        empty_config.write_text("")
+        empty_config.write_text("control_socket_disable = True\n")  # as gunicorn.conf.py: a clean stop on 3.13
         full_env = {"QUADRA_STATE_DIR": str(state), "QUADRA_MAX_REQUESTS": "10000000", "QUADRA_LOG_LEVEL": "warning"}
         exact_env = {**full_env, "QUADRA_RATE_LIMIT_SYNC_SECONDS": "0"}
         bare_env = {"BARE_MODEL_DIR": str(model_dir)}
