@@ -23,7 +23,7 @@ from routes.common import Services, register_error_handlers
 from utils.alerts import AlertManager
 from utils.cli import register_cli
 from utils.config import ConfigError, Settings
-from utils.events import EventPusher, detect_async_mode, publish_change
+from utils.events import EventPusher, detect_async_mode, origin_check, publish_change
 from utils.journal import RecordJournal
 from utils.logs import configure_logging
 from utils.maintenance import schedule_background_work
@@ -67,6 +67,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     modes_manager = ModelModeManager(store=store)
     jobs = TrainingJobs(store, settings, settings.max_training_jobs, settings.training_heartbeat_timeout)
     readiness = Readiness(settings, store, model_registry, model_server, modes_manager)
+    # Before init_auth: its ProxyFix (QUADRA_TRUSTED_PROXIES) must wrap the Socket.IO endpoint
+    # too, so a socket sees the client's address and the page's forwarded origin as REST does.
+    socketio = SocketIO(
+        app,
+        async_mode=detect_async_mode(),
+        cors_allowed_origins=origin_check(settings.cors_origins),
+        transports=["websocket"],
+    )
+    app.extensions["socketio"] = socketio
     security = init_auth(app, settings, store)
     services = Services(settings, store, model_registry, model_server, security.auth, monitor, alerts,
                         modes_manager, jobs, readiness)
@@ -82,13 +91,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.before_request(lambda: start_serving(app))
     register_cli(app)
 
-    socketio = SocketIO(
-        app,
-        async_mode=detect_async_mode(),
-        cors_allowed_origins=list(settings.cors_origins) or None,
-        transports=["websocket"],
-    )
-    app.extensions["socketio"] = socketio
     services.events = EventPusher(socketio, services)
     services.events.register_handlers()
     if settings.redis_url:

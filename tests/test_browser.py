@@ -17,6 +17,7 @@ from playwright.sync_api import Page, expect
 
 from tests.conftest import ARTIFACTS, GUNICORN_COMMAND
 from tests.test_e2e_monitoring import IRIS, send, wait_until_recorded
+from tests.test_events import websocket_handshake
 
 pytestmark = pytest.mark.e2e
 DRIFT_ENV = {"QUADRA_DRIFT_CHECK_SECONDS": "1", "QUADRA_MONITORING_WINDOW": "300"}
@@ -368,6 +369,23 @@ def test_a_dropped_socket_shows_reconnecting_then_resyncs(start_server, state_di
     expect(page.locator("#connection")).to_have_text("live", timeout=15_000)
     expect(page.locator("#mode")).to_have_text("maintenance", timeout=5_000)
     assert '42["resync"]' in sent
+
+
+def test_the_page_goes_live_with_a_cors_allow_list_that_does_not_name_it(start_server, state_dir: Path,
+                                                                        open_dashboard) -> None:
+    """QUADRA_CORS_ORIGINS lists other origins (as in production): the page's own origin still
+    opens the channel; a foreign origin's handshake is still refused."""
+    server = start_server(state_dir, {"QUADRA_CORS_ORIGINS": "https://ops.example.com"}, GUNICORN_COMMAND)
+    dashboard = open_dashboard(server)  # waits for "live"
+    page = dashboard.page
+    expect(page.locator("#mode")).to_have_text("inference", timeout=5_000)
+    expect(page.locator("#health-status")).to_have_text("ready", timeout=5_000)
+    assert server.post("/api/mode/maintenance", json={"reason": "allow-list test"}).status_code == 200
+    expect(page.locator("#mode")).to_have_text("maintenance", timeout=10_000)
+    page.wait_for_function("() => Chart.getChart('chart-throughput').data.datasets[0].data.length >= 2", timeout=10_000)
+    assert dashboard.errors == []
+    assert not websocket_handshake(server.url, "https://evil.example.com")
+    assert websocket_handshake(server.url, "https://ops.example.com")
 
 
 def test_the_page_fits_a_phone_screen(start_server, state_dir: Path, open_dashboard,

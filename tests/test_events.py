@@ -86,13 +86,27 @@ def test_twenty_clients_on_four_workers_all_see_a_mode_change(start_server, stat
             listener.client.disconnect()
 
 
-def websocket_handshake(url: str, origin: str) -> bool:
+def test_the_origin_check_accepts_the_listed_origins_and_the_requests_own() -> None:
+    from utils.events import origin_check
+
+    check = origin_check(("https://ops.example.com",))
+    own = {"wsgi.url_scheme": "https", "HTTP_HOST": "Models.example.com:443"}
+    assert check("https://ops.example.com", own) and check("https://models.example.com", own)
+    assert not check("http://models.example.com", own)  # another scheme is another origin
+    assert not check("https://evil.example.com", own) and not check("null", own)
+    assert not check("https://models.example.com", {"wsgi.url_scheme": "https"})  # no Host to compare with
+    assert check(None, own)  # no Origin header: not a browser, nothing to check
+    assert origin_check(("*",))("https://anyone.example.com", own)
+
+
+def websocket_handshake(url: str, origin: str, headers: dict[str, str] | None = None) -> bool:
     """Open the Engine.IO WebSocket with a given Origin; True when the server accepts it."""
     import websocket
 
     try:
         connection = websocket.create_connection(
-            url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket", origin=origin, timeout=10)
+            url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket", origin=origin, timeout=10,
+            header=[f"{name}: {value}" for name, value in (headers or {}).items()])
     except websocket.WebSocketBadStatusException:
         return False
     accepted = connection.recv().startswith("0")  # Engine.IO "open" packet
@@ -104,10 +118,26 @@ def websocket_handshake(url: str, origin: str) -> bool:
 def test_socket_honours_the_cors_origins(start_server, state_dir: Path) -> None:
     server = start_server(state_dir, {"QUADRA_CORS_ORIGINS": "https://ops.example.com"})
     assert websocket_handshake(server.url, "https://ops.example.com")
+    assert websocket_handshake(server.url, server.url)  # the page's own origin, though not listed
     assert not websocket_handshake(server.url, "https://evil.example.com")
     default = start_server(state_dir)
     assert websocket_handshake(default.url, default.url)
     assert not websocket_handshake(default.url, "https://evil.example.com")
+
+
+FORWARDED = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "models.example.com"}
+
+
+@pytest.mark.e2e
+def test_the_own_origin_behind_a_proxy_counts_only_with_trusted_proxies(start_server, state_dir: Path) -> None:
+    listed = {"QUADRA_CORS_ORIGINS": "https://ops.example.com"}
+    proxied = start_server(state_dir, {**listed, "QUADRA_TRUSTED_PROXIES": "1"})
+    assert websocket_handshake(proxied.url, "https://models.example.com", FORWARDED)
+    assert not websocket_handshake(proxied.url, "https://models.example.com")
+    assert not websocket_handshake(proxied.url, "https://evil.example.com", FORWARDED)
+    direct = start_server(state_dir, listed)  # no proxy trusted: forwarded headers are anyone's to invent
+    assert not websocket_handshake(direct.url, "https://models.example.com", FORWARDED)
+    assert websocket_handshake(direct.url, direct.url, FORWARDED)  # its own Host still counts
 
 
 @pytest.mark.e2e

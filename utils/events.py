@@ -1,4 +1,5 @@
-"""The Socket.IO channel: the async mode, the event names and the per-worker pusher.
+"""The Socket.IO channel: the async mode, the event names, the allowed origins and the
+per-worker pusher.
 
 The app stays free of eventlet-only code: the mode follows whatever the server process has
 monkey-patched (gunicorn's eventlet or gevent worker), else plain threads (`python app.py`).
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import redis
 from flask_socketio import SocketIO, emit
@@ -33,6 +34,36 @@ RECENT_JOBS = 5
 RECENT_ALERTS = 20
 RESUBSCRIBE_SECONDS = 5.0
 log = logging.getLogger("quadra.events")
+
+
+def _normalized_origin(scheme: str, host: str) -> str:
+    """scheme://host in lower case, without the scheme's default port."""
+    scheme, host = scheme.lower(), host.lower()
+    default = {"http": ":80", "https": ":443"}.get(scheme)
+    if default and host.endswith(default):
+        host = host[: -len(default)]
+    return f"{scheme}://{host}"
+
+
+def origin_check(allowed: Iterable[str]) -> Callable[[str | None, dict[str, Any]], bool]:
+    """Engine.IO's `cors_allowed_origins`: the listed origins (QUADRA_CORS_ORIGINS) plus the
+    request's own origin, scheme://Host, which is not cross-origin. Behind QUADRA_TRUSTED_PROXIES
+    the scheme and Host are the forwarded ones: ProxyFix wraps the Socket.IO endpoint too."""
+    listed = {origin.rstrip("/").lower() for origin in allowed}
+
+    def check(origin: str | None, environ: dict[str, Any]) -> bool:
+        if not origin:
+            return True  # not a browser: Engine.IO only asks when an Origin header is present
+        origin = origin.rstrip("/").lower()
+        if "*" in listed or origin in listed:
+            return True
+        host = environ.get("HTTP_HOST")
+        if not host:
+            return False
+        scheme, _, rest = origin.partition("://")
+        return _normalized_origin(scheme, rest) == _normalized_origin(environ.get("wsgi.url_scheme", "http"), host)
+
+    return check
 
 
 def change_channel(prefix: str) -> str:
