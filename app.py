@@ -24,7 +24,7 @@ from utils.alerts import AlertManager
 from utils.cli import register_cli
 from utils.config import ConfigError, Settings
 from utils.change_notices import ChangeNotices
-from utils.events import EventPusher, detect_async_mode
+from utils.events import EventPusher, detect_async_mode, origin_check
 from utils.journal import RecordJournal
 from utils.logs import configure_logging
 from utils.maintenance import schedule_background_work
@@ -68,6 +68,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     modes_manager = ModelModeManager(store=store)
     jobs = TrainingJobs(store, settings, settings.max_training_jobs, settings.training_heartbeat_timeout)
     readiness = Readiness(settings, store, model_registry, model_server, modes_manager)
+    # Before init_auth: its ProxyFix (QUADRA_TRUSTED_PROXIES) must wrap the Socket.IO endpoint
+    # too, so a socket sees the client's address and the page's forwarded origin as REST does.
+    socketio = SocketIO(
+        app,
+        async_mode=detect_async_mode(),
+        cors_allowed_origins=origin_check(settings.cors_origins),
+        transports=["websocket"],
+    )
+    app.extensions["socketio"] = socketio
     outage = redis_outage(app.logger)
     security = init_auth(app, settings, store, outage)
     notices = ChangeNotices(settings.redis_url, settings.redis_prefix, outage) if settings.redis_url else None
@@ -85,13 +94,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.before_request(lambda: start_serving(app))
     register_cli(app)
 
-    socketio = SocketIO(
-        app,
-        async_mode=detect_async_mode(),
-        cors_allowed_origins=list(settings.cors_origins) or None,
-        transports=["websocket"],
-    )
-    app.extensions["socketio"] = socketio
     services.events = EventPusher(socketio, services)
     services.events.register_handlers()
     if notices is not None:

@@ -30,6 +30,9 @@
     identity: "none", // none (no key) | checking | known (whoami answered) | unknown (whoami failed)
     principal: null, // whoami's answer: {id, name, permissions, via, rate_limit}
     keys: [],
+    topics: new Set(), // the topics the live channel sends this page (its key's permission decides)
+    channelKey: null, // the key the channel last authenticated with
+    refusedKey: null, // a key the server refused: the channel carries on without it (public view)
   };
   const charts = {};
 
@@ -143,10 +146,12 @@
     renderKeys();
   }
 
-  /** Ask the server whom the key belongs to, enable what it allows, and load what it may see. */
+  /** Ask the server whom the key belongs to, enable what it allows, (re)open the live channel
+      with it and load what it may see. */
   async function signIn() {
     if (!apiKey.get()) {
       setIdentity("none");
+      openChannel();
       return;
     }
     setIdentity("checking");
@@ -156,11 +161,14 @@
       setIdentity("unknown");
       showMessage(error.message, "error");
       if (error.status === 401) { // a refused key: more calls would only count more failed authentications
+        state.refusedKey = apiKey.get();
+        openChannel();
         renderVersionList(error.message);
         renderKeys(error.message);
         return;
       }
     }
+    openChannel();
     await Promise.all([loadVersions(), loadKeys()]);
   }
 
@@ -174,6 +182,7 @@
       return;
     }
     apiKey.set(key);
+    state.refusedKey = null;
     showMessage("Key kept for this browser tab only.", "success");
     signIn();
   }
@@ -186,6 +195,7 @@
     state.verified.clear();
     renderVersionList("An API key (read) is needed to list versions.");
     showMessage("Key forgotten.", "info");
+    openChannel();
   }
 
   // ---------------------------------------------------------------- REST
@@ -493,8 +503,42 @@
     drift: renderDrift, training: renderTraining, alerts: renderAlerts,
   };
 
+  /** Show what needs a permission only while the channel sends it (a snapshot holds exactly
+      the topics this page may receive; an "access" event says when that changes). */
+  function setChannelTopics(topics) {
+    state.topics = new Set(topics);
+    const training = state.topics.has("training");
+    $("training-note").hidden = training;
+    $("jobs").hidden = !training;
+    $("training-figure").hidden = !training;
+    if (!training) {
+      state.jobs = [];
+      state.selectedJobId = null;
+      state.resultVersions = "";
+      $("jobs").replaceChildren(el("li", { class: "muted" }, "no training jobs yet"));
+      renderTrainingChart();
+    }
+  }
+
   function applySnapshot(snapshot) {
+    setChannelTopics(Object.keys(snapshot));
     for (const topic of TOPICS) if (snapshot[topic]) RENDER[topic](snapshot[topic]);
+  }
+
+  /** The server re-checks the channel's key: once revoked or expired, the page is public only
+      (as after a refused sign-in, without asking the server again). */
+  function applyAccess(access) {
+    setChannelTopics(access.topics);
+    if (!access.permissions.length && state.channelKey) {
+      state.refusedKey = state.channelKey; // a reconnection goes on without it
+      const note = "This key is no longer valid (revoked or expired): paste a valid key.";
+      setIdentity("unknown");
+      state.versionList = [];
+      state.verified.clear();
+      renderVersionList(note);
+      renderKeys(note);
+      showMessage(`${note} The live view is public only.`, "error");
+    }
   }
 
   // ---------------------------------------------------------------- version list (needs a key)
@@ -569,7 +613,7 @@
       load: { confirmText: `Serve version ${version} on every worker (production stays as it is)?`, path: `/api/model/load/${quote(version)}`,
         success: () => `Version ${version} is now being served.` },
       promote: { confirmText: `Promote version ${version} to production? Every worker will serve it.`, path: `/api/model/promote/${quote(version)}`,
-        success: (r) => `Version ${version} promoted to production (was ${r.previous_version || "none"}).` },
+        success: (r) => (r.changed ? `Version ${version} promoted to production (was ${r.previous_version || "none"}).` : r.message) },
     };
     return act(button, { ...verbs[action], after: loadVersions });
   }
@@ -821,26 +865,52 @@
     document.body.dataset.connection = status;
   }
 
+  let socket = null;
+
+  /** The Socket.IO auth payload, asked for at every (re)connection: the current key, unless the
+      server refused it (never in the URL, where it would reach logs). */
+  function channelAuth(callback) {
+    const key = apiKey.get();
+    state.channelKey = key && key !== state.refusedKey ? key : null;
+    callback(state.channelKey ? { apiKey: state.channelKey } : {});
+  }
+
   function connect() {
     // WebSocket only: the workers have no sticky sessions, so long-polling would break.
-    const socket = io({ transports: ["websocket"] });
+    socket = io({ transports: ["websocket"], auth: channelAuth });
     socket.on("connect", () => setConnection("live"));
     socket.on("disconnect", (reason) => {
       setConnection("reconnecting");
       if (reason === "io server disconnect") socket.connect(); // the only case socket.io does not retry itself
     });
-    socket.on("connect_error", () => setConnection("reconnecting"));
+    socket.on("connect_error", (error) => {
+      setConnection("reconnecting");
+      if (socket.active || !state.channelKey) return; // a network failure: socket.io retries by itself
+      state.refusedKey = state.channelKey; // the server refused the key: say why, go on with the public view
+      showMessage(`The live channel refused the key (${error.message}); showing the public view.`, "error");
+      socket.connect();
+    });
     socket.io.on("reconnect", () => socket.emit("resync"));
     socket.on("snapshot", applySnapshot);
+    socket.on("access", applyAccess);
     for (const topic of TOPICS) socket.on(topic, RENDER[topic]);
+  }
+
+  /** Connect, or reconnect so that the server sees the key the page now holds. */
+  function openChannel() {
+    if (!socket) {
+      connect();
+      return;
+    }
+    socket.disconnect();
+    socket.connect();
   }
 
   function start() {
     createCharts();
     bindControls();
     setConnection("connecting");
-    signIn();
-    connect();
+    signIn(); // opens the channel once it knows which key to send
   }
 
   start();

@@ -5,6 +5,7 @@ browser context; screenshots of the main states go to ARTIFACTS."""
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -17,6 +18,7 @@ from playwright.sync_api import Page, expect
 
 from tests.conftest import ARTIFACTS, GUNICORN_COMMAND
 from tests.test_e2e_monitoring import IRIS, send, wait_until_recorded
+from tests.test_events import websocket_handshake
 
 pytestmark = pytest.mark.e2e
 DRIFT_ENV = {"QUADRA_DRIFT_CHECK_SECONDS": "1", "QUADRA_MONITORING_WINDOW": "300"}
@@ -368,6 +370,82 @@ def test_a_dropped_socket_shows_reconnecting_then_resyncs(start_server, state_di
     expect(page.locator("#connection")).to_have_text("live", timeout=15_000)
     expect(page.locator("#mode")).to_have_text("maintenance", timeout=5_000)
     assert '42["resync"]' in sent
+
+
+def test_the_page_goes_live_with_a_cors_allow_list_that_does_not_name_it(start_server, state_dir: Path,
+                                                                        open_dashboard) -> None:
+    """QUADRA_CORS_ORIGINS lists other origins (as in production): the page's own origin still
+    opens the channel; a foreign origin's handshake is still refused."""
+    server = start_server(state_dir, {"QUADRA_CORS_ORIGINS": "https://ops.example.com"}, GUNICORN_COMMAND)
+    dashboard = open_dashboard(server)  # waits for "live"
+    page = dashboard.page
+    expect(page.locator("#mode")).to_have_text("inference", timeout=5_000)
+    expect(page.locator("#health-status")).to_have_text("ready", timeout=5_000)
+    assert server.post("/api/mode/maintenance", json={"reason": "allow-list test"}).status_code == 200
+    expect(page.locator("#mode")).to_have_text("maintenance", timeout=10_000)
+    page.wait_for_function("() => Chart.getChart('chart-throughput').data.datasets[0].data.length >= 2", timeout=10_000)
+    assert dashboard.errors == []
+    assert not websocket_handshake(server.url, "https://evil.example.com")
+    assert websocket_handshake(server.url, "https://ops.example.com")
+
+
+def test_the_socket_sends_the_key_in_its_auth_payload_and_follows_its_access(start_server, state_dir: Path,
+                                                                            open_dashboard) -> None:
+    """The channel authenticates with the key in the Socket.IO auth payload (never the URL),
+    reconnects on sign-in and sign-out, and drops the training jobs once the key is revoked."""
+    server = start_server(state_dir, command=GUNICORN_COMMAND)
+    created = server.post("/api/auth/keys", json={"name": "page-reader", "permissions": ["read"]}).json()
+    key = created["api_key"]
+    urls, sent = [], []
+
+    def route(ws) -> None:
+        urls.append(ws.url)
+        to_server = ws.connect_to_server()
+        ws.on_message(lambda message: (sent.append(message), to_server.send(message)))
+
+    dashboard = open_dashboard(server, before_load=lambda p: p.route_web_socket(re.compile(r"/socket\.io/"), route))
+    page = dashboard.page
+    expect(page.locator("#training-note")).to_be_visible(timeout=5_000)
+    expect(page.locator("#jobs")).to_be_hidden()
+    assert server.post("/api/mode/training", json={"reason": "browser test"}).status_code == 200
+    job_id = server.post("/api/train", json={"epochs": 2}).json()["id"]
+
+    use_key(page, key)
+    job = page.locator(f'#jobs li[data-job-id="{job_id}"]')
+    expect(job).to_be_visible(timeout=10_000)
+    expect(page.locator("#training-note")).to_be_hidden()
+    expect(page.locator("#connection")).to_have_text("live")
+    assert json.dumps({"apiKey": key}, separators=(",", ":")) in "".join(sent)  # the connect packet's auth
+    assert len(urls) >= 2 and not any(key in url for url in urls)
+    screenshot(page, "dashboard-channel-read-key")
+
+    assert server.delete(f"/api/auth/keys/{created['id']}").status_code == 200
+    expect(page.locator("#training-note")).to_be_visible(timeout=30_000)
+    expect(page.locator("#jobs")).to_be_hidden()
+    expect(page.locator("#message")).to_contain_text("revoked or expired")
+    expect(page.locator("#versions-note")).to_contain_text("no longer valid")
+    expect(page.locator("#versions")).to_be_hidden()
+    expect(page.locator("#connection")).to_have_text("live")
+    assert job_id not in page.locator("main").inner_text()
+    screenshot(page, "dashboard-channel-key-revoked")
+    assert dashboard.errors == []
+
+
+def test_a_key_the_channel_refuses_leaves_the_page_live_and_public(start_server, state_dir: Path,
+                                                                   open_dashboard) -> None:
+    """Whoami cannot answer (cut), so the page offers the key to the channel, which refuses it:
+    the page says why and carries on with the public topics."""
+    server = start_server(state_dir, command=GUNICORN_COMMAND)
+    cut_whoami = lambda page: page.route("**/api/auth/whoami", lambda route: route.abort())  # noqa: E731
+    page = open_dashboard(server, key="qk_" + "not_a_key_of_this_deployment", before_load=cut_whoami).page
+    expect(page.locator("#message")).to_contain_text("The live channel refused the key", timeout=10_000)
+    expect(page.locator("#message")).to_contain_text("not valid")
+    expect(page.locator("#connection")).to_have_text("live", timeout=10_000)
+    expect(page.locator("#training-note")).to_be_visible()
+    assert server.post("/api/mode/maintenance", json={"reason": "still live"}).status_code == 200
+    expect(page.locator("#mode")).to_have_text("maintenance", timeout=10_000)
+    failures = server.get("/api/audit", params={"action": "auth.failure"}).json()["entries"]
+    assert [entry["target"] for entry in failures].count("/socket.io/") == 1  # offered once, then not again
 
 
 def test_the_page_fits_a_phone_screen(start_server, state_dir: Path, open_dashboard,

@@ -1,4 +1,5 @@
-"""The Socket.IO channel: the async mode, the event names and the per-worker pusher.
+"""The Socket.IO channel: the async mode, the event names, who may receive which topic, the
+allowed origins and the per-worker pusher.
 
 The app stays free of eventlet-only code: the mode follows whatever the server process has
 monkey-patched (gunicorn's eventlet or gevent worker), else plain threads (`python app.py`).
@@ -8,9 +9,15 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
-from flask_socketio import SocketIO, emit
+from flask import current_app, request
+from flask_socketio import ConnectionRefusedError, SocketIO, emit, join_room
+
+from utils.errors import ApiError
+from utils.security import AUTH_DISABLED_PRINCIPAL, PERMISSIONS, Principal
 
 
 def detect_async_mode() -> str:
@@ -25,6 +32,19 @@ def detect_async_mode() -> str:
 
 
 TOPICS = ("mode", "versions", "health", "stats", "drift", "training", "alerts")
+# The permission each topic needs: that of the REST endpoint showing the same data (None: public).
+TOPIC_PERMISSIONS: dict[str, str | None] = {
+    "mode": None,        # GET /api/mode
+    "versions": None,    # GET /api/health/detailed: current_version, production_version, and the serving
+                         # version as checks.serving_model.expected_version (the version list is read)
+    "health": None,      # GET /api/health/detailed
+    "stats": None,       # GET /api/monitoring/stats
+    "drift": None,       # GET /api/monitoring/drift
+    "training": "read",  # GET /api/train
+    "alerts": None,      # GET /api/monitoring/alerts
+}
+PUBLIC_ROOM = "public"
+CREDENTIAL_FIELDS = ("apiKey", "token")  # in the Socket.IO `auth` payload; a query string is never read
 PUSH_INTERVAL_SECONDS = 1.0
 DRIFT_STATE = "drift_state"
 DRIFT_HISTORY = "drift_history"
@@ -33,39 +53,186 @@ RECENT_ALERTS = 20
 log = logging.getLogger("quadra.events")
 
 
+def room_for(permission: str | None) -> str:
+    """The room of the sockets allowed `permission` (one room per level; None: every socket)."""
+    return PUBLIC_ROOM if permission is None else f"permission:{permission}"
+
+
+def _allows(principal: Principal | None, permission: str | None) -> bool:
+    return permission is None or (principal is not None and principal.allows(permission))
+
+
+@dataclass
+class Subscriber:
+    """One socket on this worker: the credential it presented (kept to re-check it) and whom it
+    belongs to; both None for an anonymous socket."""
+
+    credential: tuple[str, str] | None = None
+    principal: Principal | None = None
+
+    @property
+    def rooms(self) -> set[str]:
+        return {PUBLIC_ROOM} | {room_for(p) for p in PERMISSIONS if _allows(self.principal, p)}
+
+    @property
+    def topics(self) -> list[str]:
+        return [topic for topic in TOPICS if _allows(self.principal, TOPIC_PERMISSIONS[topic])]
+
+
+def read_credential(auth: Any) -> tuple[str, str] | None:
+    """("apiKey" or "token", value) from a Socket.IO `auth` payload; None when it carries none."""
+    if auth is None:
+        return None
+    if not isinstance(auth, dict):
+        raise ConnectionRefusedError('the Socket.IO auth payload must be an object such as {"apiKey": "qk_..."}',
+                                     {"code": "invalid_auth"})
+    for field in CREDENTIAL_FIELDS:
+        value = auth.get(field)
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise ConnectionRefusedError(f"'{field}' in the Socket.IO auth payload must be a string", {"code": "invalid_auth"})
+        return field, value.strip()
+    return None
+
+
+def _normalized_origin(scheme: str, host: str) -> str:
+    """scheme://host in lower case, without the scheme's default port."""
+    scheme, host = scheme.lower(), host.lower()
+    default = {"http": ":80", "https": ":443"}.get(scheme)
+    if default and host.endswith(default):
+        host = host[: -len(default)]
+    return f"{scheme}://{host}"
+
+
+def origin_check(allowed: Iterable[str]) -> Callable[[str | None, dict[str, Any]], bool]:
+    """Engine.IO's `cors_allowed_origins`: the listed origins (QUADRA_CORS_ORIGINS) plus the
+    request's own origin, scheme://Host, which is not cross-origin. Behind QUADRA_TRUSTED_PROXIES
+    the scheme and Host are the forwarded ones: ProxyFix wraps the Socket.IO endpoint too."""
+    listed = {origin.rstrip("/").lower() for origin in allowed}
+
+    def check(origin: str | None, environ: dict[str, Any]) -> bool:
+        if not origin:
+            return True  # not a browser: Engine.IO only asks when an Origin header is present
+        origin = origin.rstrip("/").lower()
+        if "*" in listed or origin in listed:
+            return True
+        host = environ.get("HTTP_HOST")
+        if not host:
+            return False
+        scheme, _, rest = origin.partition("://")
+        return _normalized_origin(scheme, rest) == _normalized_origin(environ.get("wsgi.url_scheme", "http"), host)
+
+    return check
+
+
 class EventPusher:
     """This worker's pusher: about once a second it reads what changed in the store and emits
     it to the Socket.IO clients connected to this worker. Request handlers never broadcast,
     so this works the same with one worker, four, or many hosts.
 
-    Events (server to client): "snapshot" (every topic, on connect and on "resync"), then one
-    event per topic when it changes: mode, versions, health, stats, drift, training, alerts.
-    Clients can send nothing that changes state: the channel has no such handler."""
+    Events (server to client): "snapshot" (the topics the socket may receive, on connect and on
+    "resync"), then one event per topic when it changes: mode, versions, health, stats, drift,
+    training, alerts, each only to the sockets holding its permission (TOPIC_PERMISSIONS), and
+    "access" when a socket's credential stops being valid (revoked key, expired key or token).
+    A socket authenticates with {"apiKey": ...} or {"token": ...} in the Socket.IO `auth`
+    payload; without one it is anonymous, with an invalid one it is refused. Clients can send
+    nothing that changes state: the channel has no such handler."""
 
     def __init__(self, socketio: SocketIO, services: Any, interval: float = PUSH_INTERVAL_SECONDS) -> None:
         self.socketio = socketio
         self.services = services
         self.interval = interval
-        self.clients = 0
+        self.subscribers: dict[str, Subscriber] = {}
         self._last: dict[str, Any] = {}
+        self._checked_at = 0.0
         self._started = False
         self._wake = socketio.server.eio.create_event()
+
+    @property
+    def clients(self) -> int:
+        return len(self.subscribers)
 
     def register_handlers(self) -> None:
         socketio = self.socketio
 
         @socketio.on("connect")
         def on_connect(auth: Any = None) -> None:
-            self.clients += 1
-            emit("snapshot", self.snapshot())
+            subscriber = self.admit(auth)
+            self.subscribers[request.sid] = subscriber
+            for room in subscriber.rooms:
+                join_room(room)
+            emit("snapshot", self.snapshot(subscriber.topics))
 
         @socketio.on("disconnect")
         def on_disconnect(*args: Any) -> None:
-            self.clients = max(0, self.clients - 1)
+            self.subscribers.pop(request.sid, None)
 
         @socketio.on("resync")
         def on_resync(*args: Any) -> None:
-            emit("snapshot", self.snapshot())
+            subscriber = self.subscribers.get(request.sid) or Subscriber()
+            emit("snapshot", self.snapshot(subscriber.topics))
+
+    def admit(self, auth: Any) -> Subscriber:
+        """Whom a connecting socket belongs to; refuses it (ConnectionRefusedError, with the
+        reason) for invalid credentials, counted like a failed REST authentication."""
+        if not self.services.auth.enabled:
+            return Subscriber(None, AUTH_DISABLED_PRINCIPAL)
+        credential = read_credential(auth)
+        if credential is None:
+            return Subscriber()
+        principal = self._authenticate(credential)
+        if principal is None:
+            try:
+                current_app.extensions["quadra_security"].on_auth_failure(presented=True)
+            except ApiError as exc:  # too many failures from this address
+                raise ConnectionRefusedError(exc.message, {"code": exc.code}) from None
+            what = "API key" if credential[0] == "apiKey" else "token"
+            raise ConnectionRefusedError(f"the {what} in the Socket.IO auth payload is not valid (unknown, revoked or expired)",
+                                         {"code": "unauthorized"})
+        return Subscriber(credential, principal)
+
+    def _authenticate(self, credential: tuple[str, str]) -> Principal | None:
+        kind, value = credential
+        auth = self.services.auth
+        return auth.authenticate_key(value) if kind == "apiKey" else auth.authenticate_token(value)
+
+    def recheck_credentials(self) -> list[str]:
+        """Re-authenticate every socket that presented a credential (through the auth cache, so
+        at most one store read per key and QUADRA_AUTH_CACHE_SECONDS); one no longer valid leaves
+        the protected rooms and is told with an "access" event. Returns the sids that changed."""
+        changed = []
+        results: dict[tuple[str, str], Principal | None] = {}
+        for sid, subscriber in list(self.subscribers.items()):
+            credential = subscriber.credential
+            if credential is None:
+                continue
+            if credential not in results:
+                results[credential] = self._authenticate(credential)
+            if self._update_access(sid, subscriber, results[credential]):
+                changed.append(sid)
+        return changed
+
+    def _update_access(self, sid: str, subscriber: Subscriber, principal: Principal | None) -> bool:
+        old_rooms, old_topics = subscriber.rooms, subscriber.topics
+        subscriber.principal = principal
+        if principal is None:
+            subscriber.credential = None  # from now on an anonymous socket
+        server = self.socketio.server
+        for room in old_rooms - subscriber.rooms:
+            server.leave_room(sid, room, namespace="/")
+        for room in subscriber.rooms - old_rooms:
+            try:
+                server.enter_room(sid, room, namespace="/")
+            except (KeyError, ValueError):  # disconnected meanwhile
+                pass
+        if subscriber.topics == old_topics:
+            return False
+        reason = ("the credential is no longer valid (the key was revoked or has expired, or the token has expired)"
+                  if principal is None else "the credential's permissions changed")
+        self.socketio.emit("access", {"permissions": list(principal.permissions) if principal else [],
+                                      "topics": subscriber.topics, "reason": reason}, to=sid)
+        return True
 
     def start(self) -> None:
         if not self._started:
@@ -88,6 +255,12 @@ class EventPusher:
                 self.push_changes()
             except Exception:
                 log.exception("event pusher could not read the store")
+            if time.monotonic() - self._checked_at >= self.interval:  # wake-ups can come much more often
+                self._checked_at = time.monotonic()
+                try:
+                    self.recheck_credentials()
+                except Exception:
+                    log.exception("event pusher could not re-check the sockets' credentials")
 
     def push_changes(self) -> list[str]:
         """Emit every topic whose payload changed since the last push; returns their names."""
@@ -96,12 +269,12 @@ class EventPusher:
             payload = self.read(topic)
             if payload != self._last.get(topic):
                 self._last[topic] = payload
-                self.socketio.emit(topic, payload)
+                self.socketio.emit(topic, payload, to=room_for(TOPIC_PERMISSIONS[topic]))
                 changed.append(topic)
         return changed
 
-    def snapshot(self) -> dict[str, Any]:
-        return {topic: self.read(topic) for topic in TOPICS}
+    def snapshot(self, topics: Iterable[str] = TOPICS) -> dict[str, Any]:
+        return {topic: self.read(topic) for topic in topics}
 
     def read(self, topic: str) -> Any:
         svc = self.services

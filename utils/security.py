@@ -633,11 +633,14 @@ class SecurityState:
     rate_limiter: RateLimiter
     request_limits: RequestLimits
 
-    def on_auth_failure(self) -> None:
+    def on_auth_failure(self, presented: bool | None = None) -> None:
         """Audit a failed authentication; past QUADRA_AUTH_FAILURE_LIMIT per address answer
-        429 instead, and record one alert per window."""
+        429 instead, and record one alert per window. `presented`: whether credentials came
+        with the request (default: an X-API-Key or Authorization header did; a Socket.IO
+        connection brings them in its auth payload)."""
         ip = request.remote_addr or "unknown"
-        presented = "X-API-Key" in request.headers or "Authorization" in request.headers
+        if presented is None:
+            presented = "X-API-Key" in request.headers or "Authorization" in request.headers
         limit = parse_limit(self.settings.auth_failure_limit)
         args = (self.settings.redis_prefix, "auth-failures", ip)
         strategy = self.rate_limiter.strategy
