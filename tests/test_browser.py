@@ -169,10 +169,13 @@ def test_a_drift_episode_shows_the_verdict_and_the_alert(start_server, state_dir
     assert send(server, calm) == 300
     wait_until_recorded(server, 300)
     assert server.post("/api/monitoring/baseline").status_code == 201
+    expect(page.locator("#drift-verdict")).to_have_text("not evaluated", timeout=10_000)  # nothing since the baseline
+    assert send(server, calm) == 300
+    wait_until_recorded(server, 600)
     expect(page.locator("#drift-verdict")).to_have_text("no drift", timeout=10_000)
     shifted = [[row[0], row[1], row[2] + 2.5, row[3]] for row in IRIS]
     assert send(server, [shifted[i:i + 10] for i in range(0, 150, 10)] * 2) == 300
-    wait_until_recorded(server, 600)
+    wait_until_recorded(server, 900)
     expect(page.locator("#drift-verdict")).to_have_text("drift detected", timeout=15_000)
     expect(page.locator("#drift-features tr[data-feature=petal_length_cm] td").last).to_have_text("yes", timeout=5_000)
     alert = page.locator("#alerts li[data-kind=drift]")
