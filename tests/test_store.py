@@ -166,6 +166,38 @@ def test_concurrent_writers_from_several_processes(store_url: str) -> None:
     store.dispose()
 
 
+def _flush_predictions(url: str, process: int, flushes: int, start: "multiprocessing.synchronize.Barrier") -> None:
+    store = Store(url)
+    start.wait(timeout=60)
+    for flush in range(flushes):
+        rows = [{"at": time.time(), "model_version": "1.0.0", "latency_ms": 1.0, "confidence": 0.9, "predicted_class": "a",
+                 "success": flush % 5 != 0, "error": None, "features": None, "record_id": f"p{process}__{flush}__{row}"}
+                for row in range(7)]
+        assert store.insert_predictions(rows, "prediction_totals") == 7
+        store.update_state("flushes", lambda count: (count or 0) + 1)
+    store.dispose()
+
+
+def test_concurrent_prediction_flushes_from_several_processes_keep_exact_totals(store_url: str) -> None:
+    """Workers flushing at the same moment (as every old worker does when a reload stops
+    them) each add their records to the shared totals; none of the additions is lost, nor any
+    other read-modify-write of a state value (update_state)."""
+    Store(store_url).dispose()
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(4)
+    workers = [context.Process(target=_flush_predictions, args=(store_url, p, 40, start)) for p in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    store = Store(store_url)
+    assert store.last_prediction_id() and len(store.recent_predictions(10_000)) == 4 * 40 * 7
+    assert store.get_state("prediction_totals") == {"count": 4 * 40 * 7, "errors": 4 * 8 * 7}
+    assert store.get_state("flushes") == 4 * 40
+    store.dispose()
+
+
 def test_sqlite_uses_wal_and_a_busy_timeout(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'wal.db'}")
     with store.read() as conn:
