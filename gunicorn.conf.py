@@ -42,7 +42,42 @@ def post_worker_init(worker):
     from app import freeze_start_up_objects, start_serving
 
     start_serving(worker.wsgi)
+    answer_connections_accepted_before_a_stop(worker)
     freeze_start_up_objects()
+
+
+class _KnownListener:
+    """All that gunicorn's connection handler asks of its listener (its address), from memory."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def getsockname(self):
+        return self.name
+
+
+def answer_connections_accepted_before_a_stop(worker):
+    """A graceful stop (SIGTERM from a reload, `kill -HUP`, `-TTOU`, max_requests, a
+    shutdown) makes gunicorn's async workers (eventlet, gevent) close their listening socket,
+    then finish the connections they had accepted. A connection accepted just before, whose
+    handler had not started yet, first asks the closed listener its address, gets EBADF
+    ("Socket error processing request") and is closed unanswered: the client sees a reset.
+    Its handler gets the address read while the listener was open instead, and answers."""
+    from gunicorn.workers.base_async import AsyncWorker
+
+    if not isinstance(worker, AsyncWorker):
+        return
+    names = [listener.getsockname() for listener in worker.sockets]
+    handle = worker.handle
+
+    def handle_with_known_address(listener, client, addr):
+        try:
+            listener.getsockname()
+        except OSError:  # closed by the stop
+            listener = _KnownListener(names[0] if len(names) == 1 else client.getsockname())
+        return handle(listener, client, addr)
+
+    worker.handle = handle_with_known_address
 
 
 def worker_exit(server, worker):

@@ -166,6 +166,57 @@ def test_concurrent_writers_from_several_processes(store_url: str) -> None:
     store.dispose()
 
 
+def _flush_predictions(url: str, process: int, flushes: int, start: "multiprocessing.synchronize.Barrier") -> None:
+    store = Store(url)
+    start.wait(timeout=60)
+    for flush in range(flushes):
+        rows = [{"at": time.time(), "model_version": "1.0.0", "latency_ms": 1.0, "confidence": 0.9, "predicted_class": "a",
+                 "success": flush % 5 != 0, "error": None, "features": None, "record_id": f"p{process}__{flush}__{row}"}
+                for row in range(7)]
+        assert store.insert_predictions(rows, "prediction_totals") == 7
+    store.dispose()
+
+
+def _update_state(url: str, process: int, updates: int, start: "multiprocessing.synchronize.Barrier") -> None:
+    store = Store(url)
+    start.wait(timeout=60)
+    for _ in range(updates):
+        store.update_state("history", lambda history: [*(history or []), process])
+    store.dispose()
+
+
+def _run_together(target, url: str, count: int) -> None:
+    """`target(url, process, count, barrier)` in four processes started together."""
+    Store(url).dispose()
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(4)
+    workers = [context.Process(target=target, args=(url, p, count, start)) for p in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+
+
+def test_concurrent_prediction_flushes_from_several_processes_keep_exact_totals(store_url: str) -> None:
+    """Workers flushing at the same moment (as every old worker does when a reload stops
+    them) each add their records to the shared totals; none of the additions is lost."""
+    _run_together(_flush_predictions, store_url, 40)
+    store = Store(store_url)
+    assert len(store.recent_predictions(10_000)) == 4 * 40 * 7
+    assert store.get_state("prediction_totals") == {"count": 4 * 40 * 7, "errors": 4 * 8 * 7}
+    store.dispose()
+
+
+def test_concurrent_state_updates_from_several_processes_are_all_kept(store_url: str) -> None:
+    """update_state is a read-modify-write no concurrent update can undo (the alert episode
+    state and the drift history use it)."""
+    _run_together(_update_state, store_url, 40)
+    store = Store(store_url)
+    assert sorted(store.get_state("history")) == sorted(list(range(4)) * 40)
+    store.dispose()
+
+
 def test_sqlite_uses_wal_and_a_busy_timeout(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'wal.db'}")
     with store.read() as conn:

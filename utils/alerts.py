@@ -75,8 +75,14 @@ def _port(parsed: SplitResult) -> int:
     return parsed.port or (443 if parsed.scheme == "https" else 80)
 
 
+def _new_episode_state() -> dict[str, Any]:
+    return {"active": False, "since": None, "last_alert_at": 0.0, "clear_checks": 0}
+
+
 class AlertManager:
-    """Records alerts in the store; episode state lives there too, so every process agrees."""
+    """Records alerts in the store; episode state lives there too, so every process agrees
+    (each change of it is one locked read-modify-write, so two processes never both start
+    an episode or both send an alert the cooldown should have held back)."""
 
     def __init__(self, store: Store, webhook_url: str | None = None, allow_private: bool = False,
                  cooldown_seconds: float = 600.0, clear_after: int = CLEAR_AFTER_CHECKS) -> None:
@@ -94,33 +100,44 @@ class AlertManager:
         cooldown since the last one has passed); the episode ends after `clear_after`
         consecutive clear checks. Returns the new alert's id, if one was recorded."""
         now = time.time()
-        state = self.store.get_state(self._state_name(kind)) or {"active": False, "since": None, "last_alert_at": 0.0, "clear_checks": 0}
-        alert_id = None
-        if active:
-            state["clear_checks"] = 0
-            if not state["active"]:
-                state.update(active=True, since=now)
-                if now - state["last_alert_at"] >= self.cooldown_seconds:
-                    alert_id = self._record(kind, severity, message, details)
-                    state["last_alert_at"] = now
-        elif state["active"]:
-            state["clear_checks"] += 1
-            if state["clear_checks"] >= self.clear_after:
-                state.update(active=False, since=None, clear_checks=0)
-                self.store.resolve_alerts(kind)
-                log.info("%s episode resolved", kind)
-        self.store.set_state(self._state_name(kind), state, actor="alerts")
-        return alert_id
+        outcome = {"record": False, "resolve": False}
+
+        def change(stored: dict[str, Any] | None) -> dict[str, Any]:
+            state = stored or _new_episode_state()
+            if active:
+                state["clear_checks"] = 0
+                if not state["active"]:
+                    state.update(active=True, since=now)
+                    if now - state["last_alert_at"] >= self.cooldown_seconds:
+                        state["last_alert_at"] = now
+                        outcome["record"] = True
+            elif state["active"]:
+                state["clear_checks"] += 1
+                if state["clear_checks"] >= self.clear_after:
+                    state.update(active=False, since=None, clear_checks=0)
+                    outcome["resolve"] = True
+            return state
+
+        self.store.update_state(self._state_name(kind), change, actor="alerts")
+        if outcome["resolve"]:
+            self.store.resolve_alerts(kind)
+            log.info("%s episode resolved", kind)
+        return self._record(kind, severity, message, details) if outcome["record"] else None
 
     def raise_alert(self, kind: str, message: str, details: dict[str, Any], severity: str = "critical") -> int | None:
         """A one-off alert, subject to the same cooldown per kind."""
-        state = self.store.get_state(self._state_name(kind)) or {"active": False, "since": None, "last_alert_at": 0.0, "clear_checks": 0}
         now = time.time()
-        if now - state["last_alert_at"] < self.cooldown_seconds:
-            return None
-        state["last_alert_at"] = now
-        self.store.set_state(self._state_name(kind), state, actor="alerts")
-        return self._record(kind, severity, message, details)
+        outcome = {"record": False}
+
+        def change(stored: dict[str, Any] | None) -> dict[str, Any]:
+            state = stored or _new_episode_state()
+            if now - state["last_alert_at"] >= self.cooldown_seconds:
+                state["last_alert_at"] = now
+                outcome["record"] = True
+            return state
+
+        self.store.update_state(self._state_name(kind), change, actor="alerts")
+        return self._record(kind, severity, message, details) if outcome["record"] else None
 
     def notify(self, kind: str, message: str, details: dict[str, Any]) -> int:
         """An informational notice (a mode change): recorded and sent, no cooldown."""

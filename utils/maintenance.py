@@ -92,10 +92,9 @@ def record_drift_check(services: Any) -> dict[str, Any]:
                            for name, column in result["features"].items()}
     summary["checked_at"] = time.time()
     store.set_state(DRIFT_STATE, summary)
-    history = (store.get_state(DRIFT_HISTORY) or [])[-(DRIFT_HISTORY_LENGTH - 1):]
-    history.append({"at": summary["checked_at"], "drift_score": result["drift_score"],
-                    "drift_detected": result["drift_detected"], "drift_share": result["dataset_drift_share"]})
-    store.set_state(DRIFT_HISTORY, history)
+    entry = {"at": summary["checked_at"], "drift_score": result["drift_score"],
+             "drift_detected": result["drift_detected"], "drift_share": result["dataset_drift_share"]}
+    store.update_state(DRIFT_HISTORY, lambda history: [*(history or [])[-(DRIFT_HISTORY_LENGTH - 1):], entry])
     if result["evaluated"]:
         message = f"drift detected by {', '.join(result['fired'])}" if result["fired"] else "no drift"
         services.alerts.observe("drift", result["drift_detected"], message,

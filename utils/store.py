@@ -257,8 +257,9 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 PRODUCTION = "production_version"
 SERVING = "serving_version"
-_PG_UPGRADE_LOCK = 0x51_75_61_64  # arbitrary advisory-lock ids: schema upgrades,
-_PG_DEPLOYMENT_LOCK = 0x51_75_61_65  # and changes of the serving or production version
+_PG_UPGRADE_LOCK = 0x51_75_61_64  # arbitrary advisory-lock id for schema upgrades
+_PG_STATE_LOCK_SPACE = 0x51_53_54  # first key of the (int, int) advisory locks on state names
+_PG_STATE_LOCK = text("SELECT pg_advisory_xact_lock(:space, hashtext(:name))")
 
 
 def _row(row: Any) -> dict[str, Any]:
@@ -395,7 +396,7 @@ class Store:
     def delete_version(self, version: str) -> dict[str, Any] | None:
         """Delete a version unless it is in production or serving; returns the deleted row."""
         with self.write() as conn:
-            state = _states(conn, (PRODUCTION, SERVING))
+            state = _lock_states(conn, (PRODUCTION, SERVING))
             if version in state.values():
                 raise StoreConflict(f"version {version} is in use as {_role(state, version)}")
             row = conn.execute(select(model_versions).where(model_versions.c.version == version)).first()
@@ -414,22 +415,29 @@ class Store:
 
     def set_state(self, name: str, value: Any, actor: str = "system") -> None:
         with self.write() as conn:
+            _lock_states(conn, (name,))  # after an update_state in progress, never under it
             _set_state(conn, name, value, actor)
+
+    def update_state(self, name: str, change: Callable[[Any], Any], actor: str = "system") -> Any:
+        """Replace a state value with `change(current value or None)` in one transaction; a
+        concurrent update of the same name waits for this one, so neither is lost. Returns the
+        new value. `change` must not use the store (it runs inside the transaction)."""
+        with self.write() as conn:
+            value = change(_lock_states(conn, (name,)).get(name))
+            _set_state(conn, name, value, actor)
+        return value
 
     def record_deployment(self, action: str, version: str, actor: str, set_production: bool,
                           expected_production: str | None = None) -> str | None:
         """Make `version` serving (and production when `set_production`), append the history
         row in the same transaction, and return the version it replaced.
 
-        Deployments are serialised (SQLite's write lock, a PostgreSQL advisory lock), so each
-        history row names what it really replaced. Making the production version production
-        again changes nothing and writes no history; a version that is already serving is not
-        loaded again. With `expected_production`, the change is refused (StoreConflict) if
+        Deployments are serialised (`_lock_states`), so each history row names what it really
+        replaced. Making the production version production again changes nothing and writes no
+        history; a version that is already serving is not loaded again. With `expected_production`, the change is refused (StoreConflict) if
         another process changed production since the caller read it."""
         with self.write() as conn:
-            if not self.is_sqlite:
-                conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_DEPLOYMENT_LOCK})
-            state = _states(conn, (PRODUCTION, SERVING))
+            state = _lock_states(conn, (PRODUCTION, SERVING))
             if expected_production is not None and state.get(PRODUCTION) != expected_production:
                 raise StoreConflict(f"production changed to {state.get(PRODUCTION)} meanwhile")
             serving = state.get(SERVING) or state.get(PRODUCTION)
@@ -600,6 +608,7 @@ class Store:
         if not rows:
             return 0
         with self.write() as conn:
+            totals = _lock_states(conn, (total_name,)).get(total_name) or {"count": 0, "errors": 0}
             ids = [r["record_id"] for r in rows if r.get("record_id")]
             if ids:
                 known = set(conn.execute(select(predictions.c.record_id).where(predictions.c.record_id.in_(ids))).scalars())
@@ -608,7 +617,6 @@ class Store:
                 return 0
             errors = sum(1 for r in rows if not r["success"])
             conn.execute(insert(predictions), rows)
-            totals = _states(conn, (total_name,)).get(total_name) or {"count": 0, "errors": 0}
             _set_state(conn, total_name, {"count": totals["count"] + len(rows), "errors": totals["errors"] + errors}, "monitor")
         return len(rows)
 
@@ -789,6 +797,20 @@ def _states(conn: Connection, names: tuple[str, ...]) -> dict[str, Any]:
         select(service_state.c.name, service_state.c.value).where(service_state.c.name.in_(names))
     ).all()
     return {name: value for name, value in rows}
+
+
+def _lock_states(conn: Connection, names: tuple[str, ...]) -> dict[str, Any]:
+    """Read state values that this write transaction will change from what it read.
+
+    SQLite's BEGIN IMMEDIATE already lets one writer in at a time. PostgreSQL's default READ
+    COMMITTED does not: two transactions would read the same value and the later write would
+    undo the earlier one (two workers flushing at once lost a flush from the totals). There
+    each name is locked first, with a transaction-scoped advisory lock (a name with no row
+    yet can be locked too), in name order so that two lockers never deadlock."""
+    if conn.dialect.name != "sqlite":
+        for name in sorted(set(names)):
+            conn.execute(_PG_STATE_LOCK, {"space": _PG_STATE_LOCK_SPACE, "name": name})
+    return _states(conn, names)
 
 
 def _set_state(conn: Connection, name: str, value: Any, actor: str) -> None:
