@@ -223,14 +223,17 @@ def test_save_promote_rollback_load_round_trip_over_http(state_dir: Path, start_
     assert artifact(state_dir, "1.1.0").is_file() and integrity(server, "1.1.0")["ok"] is True
     assert served_version(server) == INITIAL  # saving does not deploy
 
-    assert post_ok(server, "/api/model/promote/1.1.0") == {"production_version": "1.1.0", "previous_version": INITIAL}
+    assert post_ok(server, "/api/model/promote/1.1.0") == {"production_version": "1.1.0", "previous_version": INITIAL,
+                                                           "changed": True, "message": "1.1.0 is now production"}
     assert served_version(server) == "1.1.0"
     assert_healthy(server, "1.1.0")
 
-    assert post_ok(server, "/api/model/rollback") == {"production_version": INITIAL, "previous_version": "1.1.0"}
+    assert post_ok(server, "/api/model/rollback") == {"production_version": INITIAL, "previous_version": "1.1.0",
+                                                      "changed": True, "message": f"{INITIAL} is now production"}
     assert served_version(server) == INITIAL
 
-    assert post_ok(server, "/api/model/load/1.1.0") == {"serving_version": "1.1.0", "previous_version": INITIAL}
+    assert post_ok(server, "/api/model/load/1.1.0") == {"serving_version": "1.1.0", "previous_version": INITIAL,
+                                                        "changed": True}
     assert served_version(server) == "1.1.0"
     listing = versions(server)
     assert (listing["production_version"], listing["serving_version"], listing["count"]) == (INITIAL, "1.1.0", 2)
