@@ -19,24 +19,17 @@ from flask_socketio import SocketIO
 from sqlalchemy.exc import OperationalError
 
 from routes import auth, dashboard, docs, health, modes, monitoring, predict, registry, training
-from routes.common import Services, register_error_handlers
-from utils.alerts import AlertManager
+from routes.common import register_error_handlers
 from utils.cli import register_cli
 from utils.config import ConfigError, Settings
-from utils.change_notices import ChangeNotices
 from utils.events import EventPusher, detect_async_mode, origin_check
-from utils.journal import RecordJournal
 from utils.logs import configure_logging
 from utils.maintenance import schedule_background_work
 from utils.metrics import init_metrics, shared_state
-from utils.model_modes import ModelModeManager
-from utils.model_monitoring import ModelMonitor
-from utils.model_versioning import ModelVersionManager, artifact_store_for
-from utils.security import init_auth, redis_outage
-from utils.readiness import Readiness
-from utils.serving import ModelServer, import_architecture_modules
-from utils.store import store_for
-from utils.training import TrainingJobs, ensure_initial_version
+from utils.security import install_security, redis_outage
+from utils.services import Services, build_services
+from utils.serving import import_architecture_modules
+from utils.training import ensure_initial_version
 
 BLUEPRINTS = (dashboard.bp, health.bp, auth.bp, registry.bp, predict.bp, monitoring.bp, modes.bp, training.bp, docs.bp)
 
@@ -55,21 +48,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         DEBUG=settings.debug,
         JSON_SORT_KEYS=False,
     )
-    store = store_for(settings)
-    artifacts = artifact_store_for(settings.artifact_uri, settings.models_dir, settings.artifact_cache_dir)
-    model_registry = ModelVersionManager(settings.models_dir, store, settings.verify_integrity, artifacts)
-    model_server = ModelServer(model_registry, settings.model_poll_seconds)
-    monitor = ModelMonitor(
-        settings.monitoring_dir, settings.monitoring_window, settings.drift_threshold, store,
-        settings.feature_sample_rate, settings.monitoring_flush_seconds, settings.baseline_min_samples,
-        RecordJournal(settings.monitoring_dir / "journal"),
-    )
-    alerts = AlertManager(store, settings.alert_webhook, settings.alert_webhook_allow_private, settings.alert_cooldown_seconds)
-    modes_manager = ModelModeManager(store=store)
-    jobs = TrainingJobs(store, settings, settings.max_training_jobs, settings.training_heartbeat_timeout)
-    readiness = Readiness(settings, store, model_registry, model_server, modes_manager)
-    # Before init_auth: its ProxyFix (QUADRA_TRUSTED_PROXIES) must wrap the Socket.IO endpoint
-    # too, so a socket sees the client's address and the page's forwarded origin as REST does.
+    # Before the security hooks: their ProxyFix (QUADRA_TRUSTED_PROXIES) must wrap the Socket.IO
+    # endpoint too, so a socket sees the client's address and the page's forwarded origin as REST does.
     socketio = SocketIO(
         app,
         async_mode=detect_async_mode(),
@@ -77,26 +57,23 @@ def create_app(settings: Settings | None = None) -> Flask:
         transports=["websocket"],
     )
     app.extensions["socketio"] = socketio
-    outage = redis_outage(app.logger)
-    security = init_auth(app, settings, store, outage)
-    notices = ChangeNotices(settings.redis_url, settings.redis_prefix, outage) if settings.redis_url else None
-    services = Services(settings, store, model_registry, model_server, security.auth, monitor, alerts,
-                        modes_manager, jobs, readiness, notices)
+    services = build_services(settings, redis_outage(app.logger))
+    install_security(app, services.security)
     app.extensions["quadra"] = services
     init_metrics(app, lambda: shared_state(services))
 
     register_error_handlers(app)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
-    security.request_limits.exempt(health.bp.name)
-    security.request_limits.exempt("metrics")
+    services.security.request_limits.exempt(health.bp.name)
+    services.security.request_limits.exempt("metrics")
     docs.describe_other_views(app)
     app.before_request(lambda: start_serving(app))
     register_cli(app)
 
     services.events = EventPusher(socketio, services)
     services.events.register_handlers()
-    if notices is not None:
+    if services.notices is not None:
         app.after_request(_announce_changes)
     return app
 
@@ -119,10 +96,20 @@ def start_serving(app: Flask) -> None:
     services.started = True
     bootstrap = ensure_initial_version if services.settings.bootstrap_model else None
     services.model_server.start(bootstrap)
+    services.security.start()
     schedule_background_work(services)
     services.events.start()
     if services.settings.auth_enabled and not services.settings.is_production:
         _print_bootstrap_key(services)
+
+
+def stop_serving(app: Flask) -> None:
+    """Stop what `start_serving` started and write what this process still holds (monitoring
+    records, rate-limit counts): gunicorn's worker_exit, the end of `python app.py`, tests."""
+    services: Services = app.extensions["quadra"]
+    if services.started:
+        services.stop()
+        services.started = False
 
 
 def freeze_start_up_objects() -> None:
@@ -172,8 +159,8 @@ def __getattr__(name: str) -> Any:
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    """Exit through SystemExit, so the exit hooks (the last monitoring records and rate-limit
-    counts) run; Python's default for SIGTERM ends the process without them."""
+    """Exit through SystemExit, so `main` stops serving cleanly (the last monitoring records and
+    rate-limit counts are written); Python's default for SIGTERM ends the process at once."""
     raise SystemExit(0)
 
 
@@ -184,14 +171,17 @@ def main() -> None:
     freeze_start_up_objects()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     application.logger.info("serving on http://%s:%s", settings.host, settings.port)
-    application.extensions["socketio"].run(
-        application,
-        host=settings.host,
-        port=settings.port,
-        debug=settings.debug,
-        use_reloader=False,
-        allow_unsafe_werkzeug=True,
-    )
+    try:
+        application.extensions["socketio"].run(
+            application,
+            host=settings.host,
+            port=settings.port,
+            debug=settings.debug,
+            use_reloader=False,
+            allow_unsafe_werkzeug=True,
+        )
+    finally:
+        stop_serving(application)
 
 
 if __name__ == "__main__":

@@ -81,15 +81,13 @@ def answer_connections_accepted_before_a_stop(worker):
 
 
 def worker_exit(server, worker):
-    """Write the worker's buffered monitoring records and rate-limit counts before it goes."""
-    from utils.rate_limit_storage import StoreRateLimitStorage
+    """Stop the worker's background work and write its buffered monitoring records and
+    rate-limit counts before it goes."""
+    from app import stop_serving
 
-    extensions = getattr(getattr(worker, "wsgi", None), "extensions", {})
-    if "quadra" in extensions:
-        extensions["quadra"].monitor.flush()
-        counters = extensions["quadra_security"].request_limits.storage
-        if isinstance(counters, StoreRateLimitStorage):  # Redis counts every hit at once
-            counters.close()
+    application = getattr(worker, "wsgi", None)
+    if "quadra" in getattr(application, "extensions", {}):
+        stop_serving(application)
 
 
 def child_exit(server, worker):

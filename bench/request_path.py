@@ -57,7 +57,7 @@ def per_request(call: Callable[[], None]) -> float:
 
 
 def run() -> str:
-    from app import create_app, freeze_start_up_objects, start_serving
+    from app import create_app, freeze_start_up_objects, start_serving, stop_serving
 
     with tempfile.TemporaryDirectory() as folder:
         state = Path(folder) / "state"
@@ -76,7 +76,7 @@ def run() -> str:
                 start_serving(app)
                 freeze_start_up_objects()  # as gunicorn.conf.py does for each worker
                 results.setdefault(label, {})[batch] = per_request(wsgi_call(app, body, {"X-API-Key": key}))
-                app.extensions["quadra"].monitor.flush()
+                stop_serving(app)  # its threads end before the state folder goes
     return _table(results)
 
 

@@ -3,44 +3,16 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from utils.alerts import AlertManager
-from utils.change_notices import ChangeNotices
-from utils.config import Settings
-from utils.events import EventPusher
-from utils.model_modes import ModelModeManager
-from utils.model_monitoring import ModelMonitor
-from utils.readiness import Readiness
-from utils.training import TrainingJobs
 from utils.errors import ApiError, ServiceUnavailable
-from utils.model_versioning import IntegrityCheckFailed, InvalidVersion, ModelVersionManager, VersionConflict, VersionNotFound
-from utils.security import AuthManager, current_principal
-from utils.serving import InvalidInput, ModelServer
-from utils.store import Store
-
-
-@dataclass
-class Services:
-    """The per-process objects the routes use, kept in `app.extensions["quadra"]`."""
-
-    settings: Settings
-    store: Store
-    registry: ModelVersionManager
-    model_server: ModelServer
-    auth: AuthManager
-    monitor: ModelMonitor
-    alerts: AlertManager
-    modes: ModelModeManager
-    jobs: TrainingJobs
-    readiness: Readiness
-    notices: ChangeNotices | None = None
-    events: EventPusher | None = None
-    started: bool = False
+from utils.model_versioning import IntegrityCheckFailed, InvalidVersion, VersionConflict, VersionNotFound
+from utils.security import current_principal
+from utils.serving import InvalidInput
+from utils.services import Services
 
 
 def services() -> Services:

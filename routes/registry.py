@@ -77,7 +77,7 @@ def save_model(body: SaveRequest) -> Any:
     svc = services()
     served = svc.model_server.require_current()
     source = svc.registry.get_version_info(served.version)
-    info = svc.registry.save_model(
+    saved = svc.registry.save_model(
         served.model,
         body.version,
         metrics=source["metrics"] if body.metrics is None else body.metrics,
@@ -87,7 +87,7 @@ def save_model(body: SaveRequest) -> Any:
         tags=body.tags,
         created_by=actor(),
     )
-    return jsonify(info), 201
+    return jsonify(svc.registry.get_version_info(saved.version)), 201
 
 
 @bp.post("/api/model/load/<path:version>")

@@ -131,12 +131,13 @@ def settings(state_dir: Path) -> Settings:
 
 @pytest.fixture
 def app(settings: Settings):
-    from app import create_app, start_serving
+    from app import create_app, start_serving, stop_serving
 
     application = create_app(settings)
     application.config["TESTING"] = True
     start_serving(application)
     yield application
+    stop_serving(application)
     application.extensions["quadra"].store.dispose()
 
 

@@ -38,8 +38,8 @@ def test_save_uploads_and_load_verifies_through_the_cache(s3_registry: ModelVers
     assert not (tmp_path / "models" / "1.0.0").exists()
     loaded = s3_registry.load_model(build_model(CONFIG), "1.0.0")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-    cached = tmp_path / "cache" / info["sha256"]
-    assert cached.exists() and hashlib.sha256(cached.read_bytes()).hexdigest() == info["sha256"]
+    cached = tmp_path / "cache" / info.sha256
+    assert cached.exists() and hashlib.sha256(cached.read_bytes()).hexdigest() == info.sha256
     assert s3_registry.artifacts.check() and s3_registry.verify_version("1.0.0")["ok"]
 
 
@@ -52,7 +52,7 @@ def test_tampered_object_is_refused_and_never_cached(s3_registry: ModelVersionMa
     store.client.put_object(Bucket=store.bucket, Key=key, Body=bytes(data))
     with pytest.raises(IntegrityCheckFailed):
         s3_registry.load_model(build_model(CONFIG), "1.0.0")
-    assert not (tmp_path / "cache" / info["sha256"]).exists()
+    assert not (tmp_path / "cache" / info.sha256).exists()
 
 
 def test_large_artifacts_go_up_in_parts(s3_registry: ModelVersionManager) -> None:
@@ -61,7 +61,7 @@ def test_large_artifacts_go_up_in_parts(s3_registry: ModelVersionManager) -> Non
     info = s3_registry.save_model(model, "2.0.0", config=config)
     store = s3_registry.artifacts
     head = store.client.head_object(Bucket=store.bucket, Key=store._object("2.0.0/model.safetensors"))
-    assert "-" in head["ETag"] and head["ContentLength"] == info["size_bytes"]  # a multipart ETag
+    assert "-" in head["ETag"] and head["ContentLength"] == info.size_bytes  # a multipart ETag
     assert s3_registry.verify_version("2.0.0")["ok"]
     for _ in range(2):  # the download, then the host cache
         state, _ = s3_registry.read_state_dict("2.0.0")
@@ -71,7 +71,7 @@ def test_large_artifacts_go_up_in_parts(s3_registry: ModelVersionManager) -> Non
 def test_a_tampered_host_cache_is_refused(s3_registry: ModelVersionManager, tmp_path: Path) -> None:
     info = s3_registry.save_model(build_model(CONFIG), "1.0.0", config=CONFIG)
     s3_registry.load_model(build_model(CONFIG), "1.0.0")
-    cached = tmp_path / "cache" / info["sha256"]
+    cached = tmp_path / "cache" / info.sha256
     data = bytearray(cached.read_bytes())
     data[len(data) // 2] ^= 0xFF
     cached.write_bytes(bytes(data))

@@ -49,11 +49,17 @@ def test_documented_commands_work(start_server, state_dir: Path, document: str) 
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_documented_python_snippets_work(start_server, state_dir: Path) -> None:
+def test_documented_python_snippets_work(start_server, state_dir: Path, tmp_path: Path) -> None:
+    """Each snippet runs as a script in a folder of its own whose ./dashboard_state is the
+    running service's state folder (as in a project folder), with the project importable."""
     server = start_server(state_dir)
     snippets = marked_blocks("ML_FEATURES.md", "python")
     assert snippets
-    for snippet in snippets:
-        result = subprocess.run([sys.executable, "-c", snippet], cwd=ROOT, env=run_environment(server, state_dir),
+    env = {**run_environment(server, state_dir), "PYTHONPATH": str(ROOT)}
+    for index, snippet in enumerate(snippets):
+        folder = tmp_path / f"snippet-{index}"
+        folder.mkdir()
+        (folder / "dashboard_state").symlink_to(state_dir, target_is_directory=True)
+        result = subprocess.run([sys.executable, "-c", snippet], cwd=folder, env=env,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, f"snippet failed:\n{snippet}\n{result.stderr}"

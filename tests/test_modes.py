@@ -80,11 +80,11 @@ def test_callbacks_fire_in_the_process_that_observes_the_change(store: Store) ->
 def test_guards_and_decorators_raise_the_seeds_errors(modes: ModelModeManager) -> None:
     with InferenceGuard(modes):
         pass
-    with pytest.raises(RuntimeError, match="Training is not allowed in inference mode"):
+    with pytest.raises(RuntimeError, match="Cannot perform training in inference mode"):
         with TrainingGuard(modes):
             pass
     modes.enter_maintenance_mode()
-    with pytest.raises(RuntimeError, match="Inference is not allowed in maintenance mode"):
+    with pytest.raises(RuntimeError, match="Cannot perform inference in maintenance mode"):
         with InferenceGuard(modes):
             pass
 

@@ -94,8 +94,9 @@ def test_a_failed_sync_keeps_the_hits_for_the_next(store: Store, monkeypatch: py
     assert store.counter_get(KEY)[0] == 3
 
 
-def test_the_background_sync_shares_counts_by_itself(store: Store) -> None:
+def test_the_background_sync_shares_counts_once_started_and_close_shares_the_rest(store: Store) -> None:
     a, b = worker(store, 0.05), worker(store, 0.05)
+    a.start()
     a.incr(KEY, 60)
     a.incr(KEY, 60)
     deadline = time.monotonic() + 10
@@ -103,6 +104,14 @@ def test_the_background_sync_shares_counts_by_itself(store: Store) -> None:
         assert time.monotonic() < deadline, "the hits were never shared"
         time.sleep(0.05)
     assert b.incr(KEY, 60) == 3
+    a.close()
+    assert a._syncer is None
+    b.incr(KEY, 60)
+    b.incr(KEY, 60)  # counted in b only: it was never started
+    time.sleep(0.2)
+    assert store.counter_get(KEY)[0] == 3
+    b.close()  # what a worker's exit does
+    assert store.counter_get(KEY)[0] == 5
 
 
 def test_the_storage_needs_a_store() -> None:

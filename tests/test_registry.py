@@ -72,8 +72,10 @@ def test_generate_version_string() -> None:
 def test_save_load_round_trip(registry: ModelVersionManager) -> None:
     model = make_model(1)
     info = registry.save_model(model, "1.0.0", metrics={"accuracy": 0.9}, config=CONFIG, description="first", tags=["a", "b"])
-    assert info["version"] == "1.0.0" and len(info["sha256"]) == 64 and info["size_bytes"] > 0
-    assert info["metrics"] == {"accuracy": 0.9} and info["tags"] == ["a", "b"] and not info["is_production"]
+    assert info.version == "1.0.0" and len(info.sha256) == 64 and info.size_bytes > 0
+    assert info.metrics == {"accuracy": 0.9} and info.tags == ["a", "b"] and info.description == "first"
+    assert info.file_path == str(registry.models_dir / "1.0.0" / "model.safetensors") and info.created_at.endswith("Z")
+    assert info.to_dict()["config"] == CONFIG and registry.registry == {"1.0.0": info}
     loaded = registry.load_model(make_model(2), "1.0.0")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name])
@@ -151,7 +153,7 @@ def test_a_save_never_writes_through_a_link(registry: ModelVersionManager, tmp_p
     (registry.models_dir / ".staging").symlink_to(outside, target_is_directory=True)
     with pytest.raises(OSError, match="outside its folder"):
         registry.save_model(make_model(), "2.1.0", config=CONFIG)
-    assert list(outside.iterdir()) == [] and "2.1.0" not in registry.registry["versions"]
+    assert list(outside.iterdir()) == [] and "2.1.0" not in registry.registry
 
 
 def test_archiving_into_a_linked_version_folder_is_refused(registry: ModelVersionManager, tmp_path: Path) -> None:
@@ -313,7 +315,7 @@ def test_list_filter_latest_and_registry_mirror(registry: ModelVersionManager) -
     registry.promote_to_production("1.1.0")
     mirror = json.loads((registry.models_dir / "model_registry.json").read_text())
     assert mirror["production_version"] == "1.1.0" and set(mirror["versions"]) == {"1.0.0", "1.1.0", "train-20241221-143022"}
-    assert registry.registry["production_version"] == "1.1.0"
+    assert registry.registry_document()["production_version"] == "1.1.0"
 
 
 def test_promote_rollback_and_history(registry: ModelVersionManager) -> None:
@@ -514,5 +516,5 @@ def test_generated_versions_in_the_same_second_get_a_suffix(registry: ModelVersi
     import utils.model_versioning as versioning
 
     monkeypatch.setattr(versioning, "generate_version_string", lambda prefix=None: "20261126-120000")
-    saved = [registry.save_model(make_model(), config=CONFIG)["version"] for _ in range(3)]
+    saved = [registry.save_model(make_model(), config=CONFIG).version for _ in range(3)]
     assert saved == ["20261126-120000", "20261126-120000-2", "20261126-120000-3"]

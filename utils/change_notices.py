@@ -28,6 +28,8 @@ class ChangeNotices:
         self.outage = outage
         self._publisher = redis.Redis.from_url(
             redis_url, socket_connect_timeout=CONNECT_TIMEOUT_SECONDS, socket_timeout=CONNECT_TIMEOUT_SECONDS)
+        self._subscription: redis.client.PubSub | None = None
+        self._stopped = False
 
     def publish(self) -> None:
         """Tell every pusher that state changed; skipped while Redis is down."""
@@ -42,17 +44,24 @@ class ChangeNotices:
 
     def listen(self, wake: Callable[[], None], sleep: Callable[[float], object]) -> None:
         """Call `wake` for every notice, forever; through an outage, resubscribe when the
-        back-off allows (`sleep` is the server's own, so a green thread yields)."""
-        while True:
+        back-off allows (`sleep` is the server's own, so a green thread yields), until `stop`."""
+        while not self._stopped:
             if not self.outage.should_try():
                 sleep(1.0)
                 continue
             try:
                 client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=LISTEN_CONNECT_TIMEOUT_SECONDS)
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self.channel)
+                self._subscription = client.pubsub(ignore_subscribe_messages=True)
+                self._subscription.subscribe(self.channel)
                 self.outage.succeeded()
-                for _ in pubsub.listen():
+                for _ in self._subscription.listen():
                     wake()
-            except redis.RedisError as exc:
-                self.outage.failed(exc)
+            except (redis.RedisError, AttributeError, ValueError) as exc:  # `stop` closing the read ends it so too
+                if not self._stopped:
+                    self.outage.failed(exc)
+
+    def stop(self) -> None:
+        """End `listen`: closing its subscription ends the read it waits in."""
+        self._stopped = True
+        if self._subscription is not None:
+            self._subscription.close()

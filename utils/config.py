@@ -333,6 +333,13 @@ def resolve_secret_key(settings: Settings) -> str:
     return path.read_text().strip()
 
 
+def is_service_folder(folder: str | Path | None, service_folder: Path) -> bool:
+    """The seed API's folder rule: an object built for no folder, or for the service's own
+    (`service_folder`, e.g. QUADRA_MODELS_DIR), is the service's and shares its store; one
+    built for any other folder is self-contained there."""
+    return folder is None or Path(folder).resolve() == Path(service_folder).resolve()
+
+
 _current: Settings | None = None
 
 

@@ -147,6 +147,7 @@ class EventPusher:
         self._last: dict[str, Any] = {}
         self._checked_at = 0.0
         self._started = False
+        self._stopped = False
         self._wake = socketio.server.eio.create_event()
 
     @property
@@ -241,15 +242,22 @@ class EventPusher:
             if self.services.notices is not None:
                 self.socketio.start_background_task(self.services.notices.listen, self.wake, self.socketio.sleep)
 
+    def stop(self) -> None:
+        """End the pusher's loop (and the change-notice listener) at its next tick."""
+        self._stopped = True
+        if self.services.notices is not None:
+            self.services.notices.stop()
+        self.wake()
+
     def wake(self) -> None:
         """Push now instead of at the next tick."""
         self._wake.set()
 
     def _run(self) -> None:
-        while True:
+        while not self._stopped:
             self._wake.wait(self.interval)
             self._wake.clear()
-            if not self.clients:
+            if self._stopped or not self.clients:
                 continue
             try:
                 self.push_changes()

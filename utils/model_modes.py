@@ -1,14 +1,19 @@
-"""Modes: INFERENCE (default), TRAINING, MAINTENANCE, kept in the store for every process.
+"""Modes: INFERENCE (default), TRAINING, MAINTENANCE.
 
 INFERENCE serves predictions and refuses training. TRAINING serves predictions and allows
 training jobs. MAINTENANCE refuses predictions (503) but lets operators retrain, load,
-promote, roll back and reset the baseline. A change made anywhere (a worker, the CLI, a
-console) is seen by every process within `refresh_seconds`; callbacks registered for a mode
-fire in each process when it observes the change.
+promote, roll back and reset the baseline.
+
+A manager given a store holds the deployment's mode there: a change made anywhere (a worker,
+the CLI, a console) is seen by every process within `refresh_seconds`, and callbacks fire in
+each process when it observes the change. The service's manager and this module's
+`mode_manager` are such managers. A `ModelModeManager(initial_mode=...)` built without a
+store is process-local: it starts in `initial_mode` and only this object changes it.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -38,11 +43,11 @@ class ModelMode(str, Enum):
 
 SERVES_PREDICTIONS = {ModelMode.INFERENCE, ModelMode.TRAINING}
 ALLOWS_TRAINING = {ModelMode.TRAINING, ModelMode.MAINTENANCE}
-ModeCallback = Callable[[ModelMode, ModelMode], None]
+ModeCallback = Callable[..., None]  # (old_mode, new_mode) or no arguments
 
 
-class ModelModeManager(UsesConfiguredStore):
-    """The deployment's mode. `initial_mode` applies only when the store has none yet."""
+class ModelModeManager:
+    """A mode: process-local without a store, the deployment's with one (see the module doc)."""
 
     def __init__(self, initial_mode: ModelMode | str = ModelMode.INFERENCE, store: Store | None = None,
                  refresh_seconds: float = 0.5) -> None:
@@ -54,15 +59,24 @@ class ModelModeManager(UsesConfiguredStore):
         self._read_at = 0.0
         self._lock = threading.Lock()
 
+    @property
+    def shared(self) -> bool:
+        """Whether the mode lives in a store (the deployment's) rather than in this object."""
+        return self._shared_store() is not None
+
+    def _shared_store(self) -> Store | None:
+        return self._store
+
     # -- reading ------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
         """{"mode", "reason", "changed_by", "changed_at"}, refreshed at most every refresh_seconds."""
-        if self._cached is None or time.monotonic() - self._read_at >= self.refresh_seconds:
-            stored = self.store.get_state(MODE_STATE) or {
-                "mode": self.initial_mode.value, "reason": "initial mode", "changed_by": "system", "changed_at": None,
-            }
-            self._observe(stored)
+        store = self._shared_store()
+        initial = {"mode": self.initial_mode.value, "reason": "initial mode", "changed_by": "system", "changed_at": None}
+        if store is not None and (self._cached is None or time.monotonic() - self._read_at >= self.refresh_seconds):
+            self._observe(store.get_state(MODE_STATE) or initial)
+        elif self._cached is None:
+            self._observe(initial)
         return dict(self._cached or {})
 
     @property
@@ -87,11 +101,18 @@ class ModelModeManager(UsesConfiguredStore):
     # -- changing -----------------------------------------------------------------------
 
     def set_mode(self, mode: ModelMode | str, reason: str = "", changed_by: str = "console") -> dict[str, Any]:
-        """Switch the deployment's mode; returns the new state with the previous mode."""
+        """Switch the mode; returns the new state with the previous mode. Entering the current
+        mode logs "Already in <mode> mode" and changes nothing."""
         new = ModelMode.parse(mode)
-        previous = self.mode
+        current = self.state()
+        previous = ModelMode(current["mode"])
+        if previous is new:
+            log.info("Already in %s mode", new.value)
+            return {**current, "previous_mode": previous.value}
         state = {"mode": new.value, "reason": reason, "changed_by": changed_by, "changed_at": time.time()}
-        self.store.set_state(MODE_STATE, state, actor=changed_by)
+        store = self._shared_store()
+        if store is not None:
+            store.set_state(MODE_STATE, state, actor=changed_by)
         self._observe(state)
         log.info("mode %s -> %s by %s (%s)", previous.value, new.value, changed_by, reason or "no reason given")
         return {**state, "previous_mode": previous.value}
@@ -106,7 +127,8 @@ class ModelModeManager(UsesConfiguredStore):
         return self.set_mode(ModelMode.MAINTENANCE, reason)
 
     def register_callback(self, mode: ModelMode | str, callback: ModeCallback) -> None:
-        """Call `callback(old_mode, new_mode)` when this process sees the deployment enter `mode`."""
+        """Call `callback(old_mode, new_mode)`, or `callback()` if it takes no arguments, when
+        this process sees the mode become `mode`."""
         self._callbacks[ModelMode.parse(mode)].append(callback)
 
     def _observe(self, state: dict[str, Any]) -> None:
@@ -117,12 +139,32 @@ class ModelModeManager(UsesConfiguredStore):
         if old is not None and old is not new:
             for callback in self._callbacks[new]:
                 try:
-                    callback(old, new)
+                    _call(callback, old, new)
                 except Exception:
                     log.exception("mode callback %r failed", callback)
 
 
-mode_manager = ModelModeManager()
+def _call(callback: ModeCallback, old: ModelMode, new: ModelMode) -> None:
+    """Call with (old, new) when the callback takes them, else with nothing."""
+    try:
+        takes_arguments = bool(inspect.signature(callback).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature
+        takes_arguments = True
+    if takes_arguments:
+        callback(old, new)
+    else:
+        callback()
+
+
+class _DeploymentModeManager(UsesConfiguredStore, ModelModeManager):
+    """`mode_manager`: the deployment's mode, in the store of the QUADRA_* settings (opened on
+    first use, so importing this module touches no database)."""
+
+    def _shared_store(self) -> Store | None:
+        return self.store
+
+
+mode_manager: ModelModeManager = _DeploymentModeManager()
 
 
 class InferenceGuard:
@@ -134,7 +176,7 @@ class InferenceGuard:
     def __enter__(self) -> "InferenceGuard":
         mode = self.manager.mode
         if mode not in SERVES_PREDICTIONS:
-            raise RuntimeError(f"Inference is not allowed in {mode.value} mode")
+            raise RuntimeError(f"Cannot perform inference in {mode.value} mode")
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -150,7 +192,7 @@ class TrainingGuard:
     def __enter__(self) -> "TrainingGuard":
         mode = self.manager.mode
         if mode not in ALLOWS_TRAINING:
-            raise RuntimeError(f"Training is not allowed in {mode.value} mode")
+            raise RuntimeError(f"Cannot perform training in {mode.value} mode")
         return self
 
     def __exit__(self, *exc: Any) -> None:

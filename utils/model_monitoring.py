@@ -8,9 +8,10 @@ window, one baseline and one set of totals through the store.
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
+import math
+import numbers
 import random
 import shutil
 import threading
@@ -24,10 +25,10 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from pydantic_core import from_json
 
-from utils.config import current_settings
+from utils.config import current_settings, is_service_folder
 from utils.drift import column_drift, dataset_drift
 from utils.journal import RecordBatch, RecordJournal
-from utils.store import Store, store_for
+from utils.store import Store, folder_store, store_for
 
 TOTALS = "prediction_totals"
 WINDOW_START = "monitoring_window_start"
@@ -99,37 +100,62 @@ def _groups(batches: list[RecordBatch]) -> Iterator[tuple[int, list[RecordBatch]
 
 
 def _summary(values: np.ndarray) -> dict[str, float | None]:
+    """mean, std, p50, p95, p99 and max of `values` (None for each when there are none)."""
     if values.size == 0:
-        return {"mean": None, "p50": None, "p95": None, "p99": None, "max": None}
+        return dict.fromkeys(("mean", "std", "p50", "p95", "p99", "max"))
     p50, p95, p99 = np.percentile(values, [50, 95, 99])
-    return {"mean": float(values.mean()), "p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(values.max())}
+    return {"mean": float(values.mean()), "std": float(values.std()), "p50": float(p50), "p95": float(p95),
+            "p99": float(p99), "max": float(values.max())}
+
+
+def feature_row(data: Any) -> list[float] | None:
+    """`data` as the features drift compares when it is a flat row of finite numbers (a list,
+    a tuple, a 1-D array or tensor); None for anything else, which is recorded without them."""
+    if hasattr(data, "tolist") and getattr(data, "ndim", 1) == 1:
+        data = data.tolist()
+    if not isinstance(data, (list, tuple)) or not data:
+        return None
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in data):
+        return None
+    return [float(v) for v in data]
 
 
 class ModelMonitor:
-    """The seed's monitor, backed by the shared store. Arguments left out come from QUADRA_*."""
+    """The seed's monitor over a store.
+
+    The folder rule: `ModelMonitor()` or `ModelMonitor(<QUADRA_MONITORING_DIR>)` is the
+    service's monitor (its store, so the service's window, baseline and totals), a monitor
+    built for any other folder keeps its own SQLite file there. Arguments left out come from
+    the QUADRA_* settings (window, drift threshold, baseline minimum, sampling, flush interval).
+
+    Records are buffered; `flush()` writes them, and so does every read (statistics, drift,
+    baseline). The service starts the background flusher (`start()`) and stops it at exit
+    (`stop()`, which writes what is left); a console monitor writes when it reads or is
+    flushed, stopped or left as a context manager."""
 
     def __init__(
         self,
         monitoring_dir: str | Path | None = None,
-        window_size: int = 1000,
-        drift_threshold: float = 2.0,
+        window_size: int | None = None,
+        drift_threshold: float | None = None,
         store: Store | None = None,
-        feature_sample_rate: float = 1.0,
-        flush_interval: float = 1.0,
-        baseline_min_samples: int = 100,
+        feature_sample_rate: float | None = None,
+        flush_interval: float | None = None,
+        baseline_min_samples: int | None = None,
         journal: RecordJournal | None = None,
     ) -> None:
-        if store is None or monitoring_dir is None:
-            settings = current_settings()
-            store = store or store_for(settings)
-            monitoring_dir = monitoring_dir or settings.monitoring_dir
-        self.monitoring_dir = Path(monitoring_dir)
-        self.window_size = window_size
-        self.drift_threshold = drift_threshold
+        settings = current_settings()
+        if store is None:
+            service = is_service_folder(monitoring_dir, settings.monitoring_dir)
+            store = store_for(settings) if service else folder_store(Path(monitoring_dir or "."))
+        self.monitoring_dir = Path(monitoring_dir or settings.monitoring_dir)
+        self.window_size = settings.monitoring_window if window_size is None else window_size
+        self.drift_threshold = settings.drift_threshold if drift_threshold is None else drift_threshold
         self.store = store
-        self.feature_sample_rate = feature_sample_rate
-        self.flush_interval = flush_interval
-        self.baseline_min_samples = baseline_min_samples
+        self.feature_sample_rate = settings.feature_sample_rate if feature_sample_rate is None else feature_sample_rate
+        self.flush_interval = settings.monitoring_flush_seconds if flush_interval is None else flush_interval
+        self.baseline_min_samples = (settings.baseline_min_samples if baseline_min_samples is None
+                                     else baseline_min_samples)
         self.dropped = 0
         self.journal = journal
         self._buffer: deque[RecordBatch] = deque()
@@ -138,14 +164,20 @@ class ModelMonitor:
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._flusher: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._periodic: list[tuple[float, Callable[[], None]]] = []
-        atexit.register(self.flush)
+
+    def __enter__(self) -> ModelMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     # -- recording ----------------------------------------------------------------------
 
     def record_prediction(
         self,
-        input_data: Sequence[float] | None,
+        input_data: Any,
         prediction_time: float,
         confidence: float | None = None,
         success: bool = True,
@@ -153,10 +185,14 @@ class ModelMonitor:
         predicted_class: str | None = None,
         model_version: str | None = None,
     ) -> None:
-        """Record one prediction; `prediction_time` is in seconds. Returns at once."""
-        keep_features = input_data is not None and self._keep_features()
-        self._append(RecordBatch(time.time(), model_version, prediction_time * 1000.0, [confidence], [predicted_class],
-                                 [[float(v) for v in input_data] if keep_features else None], success, error))
+        """Record one prediction; `prediction_time` is in seconds. Returns at once.
+
+        `input_data` may be anything JSON-able: a flat row of numbers (a list, tuple or 1-D
+        array) becomes the features drift compares; anything else is recorded without them."""
+        row = feature_row(input_data) if self._keep_features() else None
+        score = None if confidence is None else float(confidence)
+        self._append(RecordBatch(time.time(), model_version, float(prediction_time) * 1000.0, [score],
+                                 [None if predicted_class is None else str(predicted_class)], [row], success, error))
 
     def record_batch(self, rows: list[list[float]], results: list[dict[str, Any]], seconds: float, model_version: str) -> None:
         """Record each row of a served request (the request path's fast variant)."""
@@ -182,8 +218,6 @@ class ModelMonitor:
                 self.dropped += len(dropped)
             self._buffer.append(batch)
             self._pending += len(batch)
-        if self._flusher is None:
-            self.start()
 
     @property
     def pending(self) -> int:
@@ -233,16 +267,24 @@ class ModelMonitor:
         self._periodic.append((seconds, task))
 
     def start(self) -> None:
-        """Start the background flusher (idempotent)."""
+        """Start the background flusher, which also runs the `every` tasks (idempotent)."""
         with self._flush_lock:
             if self._flusher is None:
+                self._stopping.clear()
                 self._flusher = threading.Thread(target=self._run, name="quadra-monitor-flusher", daemon=True)
                 self._flusher.start()
 
+    def stop(self) -> None:
+        """Stop the background flusher, if any, and write what is still buffered."""
+        self._stopping.set()
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None and flusher is not threading.current_thread():
+            flusher.join(timeout=max(5.0, self.flush_interval * 2))
+        self.flush()
+
     def _run(self) -> None:
         last_run = {id(task): time.monotonic() for _, task in self._periodic}
-        while True:
-            time.sleep(self.flush_interval)
+        while not self._stopping.wait(self.flush_interval):
             self.flush()
             for seconds, task in list(self._periodic):
                 if time.monotonic() - last_run.get(id(task), 0.0) >= seconds:
@@ -317,9 +359,9 @@ class ModelMonitor:
                 "last_at": window["at"][-1] if count else None,
             },
             "latency_ms": latency_summary,
+            "prediction_time": _summary(latency / 1000.0),
             "confidence": {
                 **_summary(confidence),
-                "std": float(confidence.std()) if confidence.size else None,
                 "min": float(confidence.min()) if confidence.size else None,
                 "histogram": {"bins": CONFIDENCE_BINS, "counts": [int(c) for c in counts]},
             },
@@ -330,6 +372,18 @@ class ModelMonitor:
             "dropped_records": self.dropped,
             "timestamp": now,
         }
+
+    @property
+    def prediction_times(self) -> tuple[float, ...]:
+        """The window's prediction times in seconds, oldest first (read-only)."""
+        self.flush()
+        return tuple(ms / 1000.0 for ms in self._window("latency_ms")["latency_ms"])
+
+    @property
+    def confidences(self) -> tuple[float, ...]:
+        """The confidences of the window's successful predictions that report one, oldest first."""
+        self.flush()
+        return tuple(_present(self._successful("confidence")["confidence"]))
 
     # -- baseline -----------------------------------------------------------------------
 
@@ -505,7 +559,8 @@ def _counts(values: Iterable[Any]) -> dict[str, int]:
 
 
 class HealthChecker:
-    """The seed's file-level health check of a models folder."""
+    """The seed's file-level health check of a models folder: `healthy`, `model_dir_exists`
+    and `required_files` (name -> present) as the seed reports them, the checks beside."""
 
     def __init__(self, model_path: str | Path, required_files: Sequence[str] = ("model_registry.json",),
                  min_free_bytes: int = 100 * 1024 * 1024) -> None:
@@ -527,6 +582,9 @@ class HealthChecker:
         healthy = exists and all(files.values()) and disk_ok and registry_ok
         return {
             "status": "healthy" if healthy else "unhealthy",
+            "healthy": healthy,
+            "model_dir_exists": exists,
+            "required_files": files,
             "checks": {
                 "model_directory": exists,
                 "required_files": files,

@@ -20,6 +20,7 @@ import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -35,9 +36,9 @@ from safetensors.torch import save_file
 
 from utils.artifact_files import (UnsafeArtifact, confined, fsync_dir, new_staging_dir, open_regular, remove_path,
                                   temp_name, write_new_file)
-from utils.config import current_settings
+from utils.config import current_settings, is_service_folder
 from utils.errors import ServiceUnavailable
-from utils.store import PRODUCTION, SERVING, Store, StoreConflict, store_for
+from utils.store import PRODUCTION, SERVING, Store, StoreConflict, folder_store, store_for
 
 ARTIFACT_NAME = "model.safetensors"
 ARCHIVE_NAME = "model.safetensors.gz"
@@ -64,6 +65,8 @@ _DTYPES = {
 }
 MAX_GENERATED_ATTEMPTS = 50
 MAX_ROLLBACK_ATTEMPTS = 5
+VERSION_METADATA_FIELDS = ("version", "created_at", "created_by", "description", "tags", "metrics", "config",
+                           "training_info", "sha256", "size_bytes", "archived")
 
 
 class InvalidVersion(ValueError):
@@ -267,6 +270,10 @@ class LocalArtifactStore:
     def delete(self, key: str) -> None:
         (self.root / key).unlink(missing_ok=True)
 
+    def location(self, key: str) -> str:
+        """Where the artifact lives, for people (a path)."""
+        return str(self.root / key)
+
     def remove_version(self, version: str) -> None:
         remove_path(self.root / version)
 
@@ -368,6 +375,10 @@ class S3ArtifactStore:
         with _unavailable_on_errors():
             self.client.delete_object(Bucket=self.bucket, Key=self._object(key))
 
+    def location(self, key: str) -> str:
+        """Where the artifact lives, for people (an s3:// URI)."""
+        return f"s3://{self.bucket}/{self._object(key)}"
+
     def remove_version(self, version: str) -> None:
         with _unavailable_on_errors():
             listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._object(f"{version}/"))
@@ -409,11 +420,35 @@ def artifact_store_for(artifact_uri: str | None, models_dir: Path, cache_dir: Pa
     return LocalArtifactStore(models_dir)
 
 
-class ModelVersionManager:
-    """The registry. Every process built on the same configuration sees the same versions.
+@dataclass(frozen=True)
+class VersionMetadata:
+    """What the registry keeps about a version (what `save_model` returns, and the values of
+    `registry`); `to_dict()` for JSON."""
 
-    Arguments left out come from the QUADRA_* configuration, so `ModelVersionManager()` in a
-    console sees exactly what the running service sees."""
+    version: str
+    created_at: str
+    created_by: str
+    description: str
+    tags: list[str]
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    training_info: dict[str, Any]
+    sha256: str
+    size_bytes: int
+    archived: bool
+    file_path: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ModelVersionManager:
+    """The registry: versions in a store, artifacts in an artifact store.
+
+    The folder rule: `ModelVersionManager()` or `ModelVersionManager(<QUADRA_MODELS_DIR>)` is
+    the service's registry (its store and artifact store, so the running service sees what it
+    saves); one built for any other folder keeps its own SQLite file and artifacts there.
+    Arguments left out come from the QUADRA_* settings; the service passes all of them."""
 
     def __init__(
         self,
@@ -422,15 +457,17 @@ class ModelVersionManager:
         verify_integrity: bool | None = None,
         artifacts: ArtifactStore | None = None,
     ) -> None:
-        if models_dir is None or store is None or verify_integrity is None:
+        if store is None or models_dir is None or verify_integrity is None:
             settings = current_settings()
-            models_dir = settings.models_dir if models_dir is None else models_dir
-            store = store or store_for(settings)
             verify_integrity = settings.verify_integrity if verify_integrity is None else verify_integrity
-            artifacts = artifacts or artifact_store_for(settings.artifact_uri, Path(models_dir), settings.artifact_cache_dir)
+            if store is None and is_service_folder(models_dir, settings.models_dir):
+                store = store_for(settings)
+                artifacts = artifacts or artifact_store_for(settings.artifact_uri, settings.models_dir,
+                                                            settings.artifact_cache_dir)
+            models_dir = settings.models_dir if models_dir is None else models_dir
         self.models_dir = Path(models_dir)
         self.models_dir.mkdir(parents=True, exist_ok=True)
-        self.store = store
+        self.store = store or folder_store(self.models_dir)
         self.verify_integrity = verify_integrity
         self.artifacts = artifacts or LocalArtifactStore(self.models_dir)
         if not (self.models_dir / REGISTRY_MIRROR).exists():
@@ -448,7 +485,7 @@ class ModelVersionManager:
         description: str = "",
         tags: Iterable[str] | None = None,
         created_by: str = "system",
-    ) -> dict[str, Any]:
+    ) -> VersionMetadata:
         """Save a new version; an existing version is a VersionConflict, never an overwrite.
 
         Without `version`, a timestamp version is generated; saves in the same second get
@@ -474,7 +511,7 @@ class ModelVersionManager:
         description: str,
         tags: Iterable[str] | None,
         created_by: str,
-    ) -> dict[str, Any]:
+    ) -> VersionMetadata:
         config = dict(config if config is not None else getattr(model, "quadra_config", {}) or {})
         staging = self.artifacts.new_staging_dir()
         try:
@@ -501,7 +538,7 @@ class ModelVersionManager:
         finally:
             self.artifacts.discard(staging)
         self.write_registry_mirror()
-        return self.get_version_info(version)
+        return self._metadata(self._row(version))
 
     def _stage_artifact(
         self, staging: Path, model: torch.nn.Module, version: str, config: dict[str, Any]
@@ -603,8 +640,17 @@ class ModelVersionManager:
         return state.get(SERVING) or state.get(PRODUCTION)
 
     @property
-    def registry(self) -> dict[str, Any]:
-        """The whole registry in the seed's shape (also mirrored to model_registry.json)."""
+    def registry(self) -> dict[str, VersionMetadata]:
+        """Every version's metadata by version, oldest first (empty for a new folder)."""
+        return {row["version"]: self._metadata(row) for row in self.store.list_versions()}
+
+    def _metadata(self, row: dict[str, Any]) -> VersionMetadata:
+        public = _public(row, {})
+        return VersionMetadata(**{name: public[name] for name in VERSION_METADATA_FIELDS},
+                               file_path=self.artifacts.location(row["artifact_key"]))
+
+    def registry_document(self) -> dict[str, Any]:
+        """The registry as model_registry.json mirrors it: versions and deployment state."""
         state = self.store.get_states((PRODUCTION, SERVING))
         return {
             "versions": {r["version"]: _public(r, state) for r in self.store.list_versions()},
@@ -776,7 +822,7 @@ class ModelVersionManager:
 
     def write_registry_mirror(self) -> None:
         """Mirror the registry to model_registry.json for people and the seed's health check."""
-        atomic_write_text(self.models_dir / REGISTRY_MIRROR, json.dumps(self.registry, indent=2, sort_keys=True))
+        atomic_write_text(self.models_dir / REGISTRY_MIRROR, json.dumps(self.registry_document(), indent=2, sort_keys=True))
 
 
 def _production_change(version: str, previous: str | None) -> dict[str, Any]:

@@ -14,7 +14,6 @@ the limit is exact.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import threading
 import time
@@ -64,6 +63,7 @@ class StoreRateLimitStorage(Storage):
         self._windows: dict[str, _Window] = {}
         self._lock = threading.Lock()
         self._syncer: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     @property
     def base_exceptions(self) -> type[Exception]:
@@ -86,8 +86,6 @@ class StoreRateLimitStorage(Storage):
         count, expires_at = self.store.counter_incr(key, expiry, amount)
         with self._lock:
             self._observe(key, expiry, count, expires_at)
-        if self.sync_seconds > 0 and self._syncer is None:
-            self._start_syncer()
         return count
 
     def _observe(self, key: str, expiry: int, count: int, expires_at: float, synced: int = 0) -> None:
@@ -128,24 +126,34 @@ class StoreRateLimitStorage(Storage):
             with self._lock:
                 self._observe(key, expiry, count, expires_at, synced=pending)
 
-    def close(self) -> None:
-        """Share what is still counted only here; runs at exit, so a restart loses no hit."""
+    def share(self) -> None:
+        """`sync`, logging instead of raising a store error (the hits stay for the next)."""
         try:
             self.sync()
         except SQLAlchemyError:
             log.exception("could not share rate-limit counts")
 
-    def _start_syncer(self) -> None:
+    def start(self) -> None:
+        """Start the background sync every `sync_seconds` (idempotent; nothing to do at 0).
+        Whoever starts it closes the storage at exit."""
         with self._lock:
-            if self._syncer is None:
+            if self.sync_seconds > 0 and self._syncer is None:
+                self._stopping.clear()
                 self._syncer = threading.Thread(target=self._sync_forever, name="quadra-rate-limit-sync", daemon=True)
                 self._syncer.start()
-                atexit.register(self.close)
+
+    def close(self) -> None:
+        """Stop the background sync and share what is still counted only here, so a restart
+        loses no hit."""
+        self._stopping.set()
+        syncer, self._syncer = self._syncer, None
+        if syncer is not None and syncer is not threading.current_thread():
+            syncer.join(timeout=5.0)
+        self.share()
 
     def _sync_forever(self) -> None:
-        while True:
-            time.sleep(self.sync_seconds)
-            self.close()
+        while not self._stopping.wait(self.sync_seconds):
+            self.share()
 
     def _purge(self) -> None:
         self.store.counter_purge_expired()

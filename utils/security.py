@@ -10,11 +10,13 @@ processes; `RateLimiter` reads the same counters the per-request check (request_
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import hmac
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 import uuid
@@ -23,7 +25,8 @@ from functools import wraps
 from typing import Any, Callable, Iterable, TypeVar
 
 import jwt
-from flask import Flask, Response, current_app, g, request
+from dotenv import dotenv_values
+from flask import Flask, Response, current_app, g, has_request_context, request
 from flask_cors import CORS
 from limits import RateLimitItem
 from limits.storage import Storage, storage_from_string
@@ -37,6 +40,7 @@ from utils.errors import ApiError
 from utils.fallback_storage import FallbackStorage
 from utils.outage import Outage
 from utils.rate_limit_storage import SCHEME as STORE_SCHEME
+from utils.rate_limit_storage import StoreRateLimitStorage
 from utils.request_limits import RequestLimits, counter_args, parse_limit, too_many
 from utils.store import Store, UsesConfiguredStore, store_for
 
@@ -46,6 +50,7 @@ PERMISSIONS = ("read", "write", "admin")
 _RANK = {name: rank for rank, name in enumerate(PERMISSIONS, start=1)}
 ROLE_PERMISSIONS = {"read": ["read"], "user": ["read"], "write": ["write"], "admin": ["admin"]}
 KEY_PREFIX = "qk_"
+DEPLOYMENT_SECRET = "QUADRA_SECRET_KEY"
 MIN_KEY_LENGTH = 24
 JWT_ALGORITHM = "HS256"
 JWT_ISSUER = "quadra"
@@ -117,7 +122,14 @@ class SecretsManager:
         self._secret_key = secret_key
 
     def get_secret(self, name: str, default: str | None = None) -> str | None:
-        return os.environ.get(self._variable(name), default)
+        """`<prefix><NAME>` from the environment or `.env` (the environment wins). The
+        deployment's own secret key (`get_secret("secret_key")` with the QUADRA_ prefix) is
+        the one the service uses: in development the one kept in the state folder."""
+        variable = self._variable(name)
+        value = os.environ.get(variable, dotenv_values(".env").get(variable))
+        if value is None and variable == DEPLOYMENT_SECRET:
+            return self.secret_key
+        return default if value is None else value
 
     def set_secret(self, name: str, value: str) -> None:
         """Set a secret for this process (and the children it starts)."""
@@ -179,9 +191,13 @@ class AuthManager(UsesConfiguredStore):
         cache_seconds: float = 2.0,
         key_expiry_days: int = 90,
         max_token_seconds: int | None = None,
+        production: bool | None = None,
     ) -> None:
+        """Without `store`, keys live in the service's store (the QUADRA_* settings), so a key
+        registered here works against the running service; `production` (default: QUADRA_ENV)
+        refuses user-chosen keys shorter than 24 characters."""
         if not secret_key:
-            raise ValueError("AuthManager needs a secret key")
+            raise ValueError("AuthManager needs a secret key (secrets_manager.get_secret('secret_key') gives the service's)")
         self.secret_key = secret_key
         self.token_expiry_seconds = int(token_expiry_hours * 3600)
         self.max_token_seconds = max_token_seconds or self.token_expiry_seconds
@@ -190,6 +206,7 @@ class AuthManager(UsesConfiguredStore):
         self.key_expiry_days = key_expiry_days
         self.secrets = SecretsManager(secret_key=secret_key)
         self._store = store
+        self._production = production
         self._cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self._last_used_written: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -222,8 +239,8 @@ class AuthManager(UsesConfiguredStore):
         name = (name or "").strip()
         if not name or len(name) > 100:
             raise ValueError("a key needs a name of 1-100 characters")
-        if api_key is not None and len(api_key) < MIN_KEY_LENGTH:
-            raise ValueError(f"an API key must be at least {MIN_KEY_LENGTH} characters")
+        if api_key is not None:
+            self._check_chosen_key(api_key, name)
         api_key = api_key or self.secrets.generate_api_key()
         days = self.key_expiry_days if expires_days is None else expires_days
         now = time.time()
@@ -244,18 +261,35 @@ class AuthManager(UsesConfiguredStore):
         }
         return row, api_key
 
+    def _check_chosen_key(self, api_key: str, name: str) -> None:
+        """A key chosen by the caller (not generated) shorter than MIN_KEY_LENGTH: refused in
+        production, accepted with a warning elsewhere."""
+        if not isinstance(api_key, str) or not api_key.strip():
+            raise ValueError("an API key must be a non-empty string")
+        if len(api_key) >= MIN_KEY_LENGTH:
+            return
+        production = current_settings().is_production if self._production is None else self._production
+        if production:
+            raise ValueError(f"an API key must be at least {MIN_KEY_LENGTH} characters in production (QUADRA_ENV="
+                             "production); make one with secrets_manager.generate_api_key()")
+        log.warning("API key for %r is shorter than %d characters: accepted outside production only",
+                    name, MIN_KEY_LENGTH)
+
     def register_api_key(
         self,
         api_key: str | None = None,
-        user_id: str = "console",
+        name: str | None = None,
         permissions: Iterable[str] | None = None,
         expires_days: float | None = None,
         rate_limit: str | None = None,
+        user_id: str | None = None,
     ) -> dict[str, Any]:
-        """The seed's call: register `api_key` (or a new one) for `user_id`; the returned
-        record carries the key under "api_key"."""
+        """The seed's call: register `api_key` (or a new one) under `name` (`user_id` is the
+        seed's older name for it) with `permissions` (default read); the returned record
+        carries the key under "api_key"."""
         key, record = self.create_api_key(
-            user_id, permissions or ("read",), expires_days, rate_limit, created_by="console", api_key=api_key
+            name or user_id or "console", permissions or ("read",), expires_days, rate_limit, created_by="console",
+            api_key=api_key,
         )
         return {**record, "api_key": key}
 
@@ -340,7 +374,8 @@ class AuthManager(UsesConfiguredStore):
             self.store.update_api_key(key_id, last_used_at=now)
 
     def verify_api_key(self, api_key: str) -> dict[str, Any] | None:
-        """The seed's call: the key's public record (with "user_id" and "permissions") or None."""
+        """The seed's call: the key's public record (truthy, with "user_id" and "permissions")
+        for a valid key, None otherwise."""
         principal = self.authenticate_key(api_key)
         return self.get_api_key(principal.id) if principal else None
 
@@ -406,7 +441,7 @@ class AuthManager(UsesConfiguredStore):
             return None
         if claims["exp"] - claims["iat"] > self.max_token_seconds:
             return None
-        return claims
+        return {**claims, "user_id": claims.get("name", claims["sub"])}
 
     def issue_token_for(self, principal: Principal, permissions: Iterable[str] | None, expires_in: int) -> dict[str, Any]:
         """A token for a key holder, carrying the key's id and at most its permissions."""
@@ -437,21 +472,26 @@ class RateLimiter:
     """The seed's rate limiter over the shared counters every request is checked against.
 
     Identifiers are what the service limits by: "key:<key id>" for a key (or its tokens),
-    "ip:<address>" for anonymous callers. `get_remaining` and `get_reset_time` read the same
-    counters the HTTP layer writes, so they report what the service enforces."""
+    "ip:<address>" for anonymous callers. Without one, a call inside a request counts for the
+    request's caller (as the decorators do) and outside a request for this console's user
+    ("console:<user>@<host>"). `get_remaining` and `get_reset_time` read the same counters the
+    HTTP layer writes, so they report what the service enforces. Arguments left out come from
+    the QUADRA_* settings (limit, window, on/off, counters)."""
 
     def __init__(
         self,
-        max_requests: int = 100,
-        window_seconds: int = 60,
-        enabled: bool = True,
+        max_requests: int | None = None,
+        window_seconds: int | None = None,
+        enabled: bool | None = None,
         storage: Storage | None = None,
-        key_prefix: str = "quadra",
+        key_prefix: str | None = None,
         limit_lookup: Callable[[str], str | None] | None = None,
     ) -> None:
-        self.default_limit = f"{max_requests} per {window_seconds} second"
-        self.enabled = enabled
-        self.key_prefix = key_prefix
+        settings = current_settings() if None in (max_requests, window_seconds, enabled, key_prefix) else None
+        self.default_limit = (f"{max_requests if max_requests is not None else settings.max_requests} per "
+                              f"{window_seconds if window_seconds is not None else settings.rate_window} second")
+        self.enabled = enabled if enabled is not None else settings.rate_limit_enabled
+        self.key_prefix = key_prefix if key_prefix is not None else settings.redis_prefix
         self.limit_lookup = limit_lookup
         self._storage = storage
         self._strategy: FixedWindowRateLimiter | None = None
@@ -459,7 +499,7 @@ class RateLimiter:
     @property
     def strategy(self) -> FixedWindowRateLimiter:
         if self._strategy is None:
-            self._strategy = FixedWindowRateLimiter(self._storage or storage_for(current_settings()))
+            self._strategy = FixedWindowRateLimiter(self._storage or storage_for(current_settings(), exact=True))
         return self._strategy
 
     def limit_for(self, identifier: str) -> str:
@@ -472,18 +512,31 @@ class RateLimiter:
     def _args(self, identifier: str) -> tuple[str, ...]:
         return counter_args(self.key_prefix, identifier)
 
-    def is_allowed(self, identifier: str) -> bool:
-        """Count one request for `identifier`; False once its window is used up."""
+    def is_allowed(self, identifier: str | None = None) -> bool:
+        """Count one request for `identifier` (default: the caller); False once its window is used up."""
         if not self.enabled:
             return True
+        identifier = identifier or current_caller()
         return self.strategy.hit(self._item(identifier), *self._args(identifier))
 
-    def get_remaining(self, identifier: str) -> int:
+    def get_remaining(self, identifier: str | None = None) -> int:
+        """Requests left in the caller's current window."""
+        identifier = identifier or current_caller()
         return self.strategy.get_window_stats(self._item(identifier), *self._args(identifier)).remaining
 
-    def get_reset_time(self, identifier: str) -> float:
-        """When the current window ends (Unix time)."""
-        return self.strategy.get_window_stats(self._item(identifier), *self._args(identifier)).reset_time
+    def get_reset_time(self, identifier: str | None = None) -> float:
+        """Seconds until the caller's current window resets (0 when it has none)."""
+        identifier = identifier or current_caller()
+        reset_at = self.strategy.get_window_stats(self._item(identifier), *self._args(identifier)).reset_time
+        return max(0.0, reset_at - time.time())
+
+
+def current_caller() -> str:
+    """Who a rate-limit call counts for: the request's key or address inside a request of the
+    service, this console's user outside one."""
+    if has_request_context() and "quadra_security" in current_app.extensions:
+        return rate_limit_identity()
+    return f"console:{getpass.getuser()}@{socket.gethostname()}"
 
 
 def redis_outage(log_to: logging.Logger) -> Outage:
@@ -491,14 +544,16 @@ def redis_outage(log_to: logging.Logger) -> Outage:
     return Outage("Redis", "rate limits are counted per process and dashboards poll once a second", log_to)
 
 
-def storage_for(settings: Settings, store: Store | None = None, outage: Outage | None = None) -> Storage:
+def storage_for(settings: Settings, store: Store | None = None, outage: Outage | None = None,
+                exact: bool = False) -> Storage:
     """The rate-limit counters: Redis (failing fast, with the in-memory fallback) when
-    configured, else the store's own counters."""
+    configured, else the store's own counters, synced every QUADRA_RATE_LIMIT_SYNC_SECONDS by a
+    thread the service starts, or written at every hit when `exact` (a console has no syncer)."""
     if settings.redis_url:
         redis_counters = storage_from_string(settings.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5)
         return FallbackStorage(redis_counters, outage or redis_outage(log))
     return storage_from_string(f"{STORE_SCHEME}://", store=store or store_for(settings),
-                               sync_seconds=settings.rate_limit_sync_seconds)
+                               sync_seconds=0.0 if exact else settings.rate_limit_sync_seconds)
 
 
 class _LazyRateLimiter(RateLimiter):
@@ -512,10 +567,7 @@ class _LazyRateLimiter(RateLimiter):
             raise AttributeError(name)
         settings = current_settings()
         auth = AuthManager(resolve_secret_key(settings), enabled=settings.auth_enabled)
-        RateLimiter.__init__(
-            self, settings.max_requests, settings.rate_window, settings.rate_limit_enabled,
-            key_prefix=settings.redis_prefix, limit_lookup=key_limit_lookup(auth),
-        )
+        RateLimiter.__init__(self, limit_lookup=key_limit_lookup(auth))
         self._configured = True
         return getattr(self, name)
 
@@ -617,7 +669,7 @@ def rate_limit(view: F) -> F:
         limiter: RateLimiter = current_app.extensions["quadra_security"].rate_limiter
         identifier = f"{rate_limit_identity()}:{request.endpoint}"
         if not limiter.is_allowed(identifier):
-            raise too_many("rate_limited", "too many requests", limiter.get_reset_time(identifier))
+            raise too_many("rate_limited", "too many requests", time.time() + limiter.get_reset_time(identifier))
         return view(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -653,17 +705,25 @@ class SecurityState:
         audit.record(self.store, "anonymous", "auth.failure", "denied", target=request.path, status=401, ip=ip,
                      details={"credentials": "presented" if presented else "missing"})
 
+    def start(self) -> None:
+        """Start sharing the store-backed counters in the background (Redis needs nothing)."""
+        if isinstance(self.request_limits.storage, StoreRateLimitStorage):
+            self.request_limits.storage.start()
+
+    def stop(self) -> None:
+        """Stop that, and share what this process still counts alone (at exit)."""
+        if isinstance(self.request_limits.storage, StoreRateLimitStorage):
+            self.request_limits.storage.close()
+
     def on_forbidden(self, permission: str) -> None:
         principal = current_principal()
         audit.record(self.store, principal.label if principal else "anonymous", "auth.forbidden", "denied",
                      target=request.path, status=403, ip=request.remote_addr, details={"required": permission})
 
 
-def init_auth(app: Flask, settings: Settings, store: Store, outage: Outage | None = None) -> SecurityState:
-    """Wire authentication, rate limiting, CORS, security headers and auditing into `app`.
-
-    `outage` tracks Redis for this process (pass the app's, so every Redis path shares it)."""
-    auth = AuthManager(
+def auth_manager_for(settings: Settings, store: Store) -> AuthManager:
+    """The deployment's AuthManager: its secret, lifetimes and caches from `settings`."""
+    return AuthManager(
         resolve_secret_key(settings),
         token_expiry_hours=settings.jwt_ttl_seconds / 3600,
         max_token_seconds=settings.jwt_max_ttl_seconds,
@@ -671,27 +731,47 @@ def init_auth(app: Flask, settings: Settings, store: Store, outage: Outage | Non
         store=store,
         cache_seconds=settings.auth_cache_seconds,
         key_expiry_days=settings.key_expiry_days,
+        production=settings.is_production,
     )
-    if not settings.auth_enabled:
-        app.logger.warning("AUTHENTICATION IS DISABLED (QUADRA_AUTH_ENABLED=false): every caller is admin")
-    counters = storage_for(settings, store, outage)  # one set (and one view) per process, shared by both
+
+
+def build_security(settings: Settings, store: Store, auth: AuthManager, counters: Storage) -> SecurityState:
+    """Authentication and rate limiting over one set of counters (shared by the per-request
+    limit, the seed's RateLimiter and the failed-authentication throttle), not yet in an app."""
     limiter_for_seed = RateLimiter(
         settings.max_requests, settings.rate_window, settings.rate_limit_enabled, counters,
         key_prefix=settings.redis_prefix, limit_lookup=key_limit_lookup(auth),
     )
     request_limits = RequestLimits(counters, rate_limit_identity, limiter_for_seed.limit_for, settings.redis_prefix)
-    state = SecurityState(settings, store, auth, limiter_for_seed, request_limits)
+    return SecurityState(settings, store, auth, limiter_for_seed, request_limits)
+
+
+def install_security(app: Flask, state: SecurityState) -> None:
+    """Hook `state` into `app`: authentication, rate limits, CORS, security headers, auditing."""
+    settings = state.settings
+    if not settings.auth_enabled:
+        app.logger.warning("AUTHENTICATION IS DISABLED (QUADRA_AUTH_ENABLED=false): every caller is admin")
     app.extensions["quadra_security"] = state
     if settings.trusted_proxies:
         n = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
     app.after_request(_security_headers)
     if settings.rate_limit_enabled:
-        request_limits.init_app(app)
+        state.request_limits.init_app(app)
     if settings.cors_origins:
         CORS(app, resources={r"/api/*": {"origins": list(settings.cors_origins)}}, supports_credentials=False,
              allow_headers=["Content-Type", "X-API-Key", "Authorization"], expose_headers=EXPOSED_HEADERS, max_age=600)
     app.after_request(_audit_response)
+
+
+def init_auth(app: Flask, settings: Settings, store: Store, outage: Outage | None = None) -> SecurityState:
+    """The seed's entry point for a Flask app of your own: wire authentication, rate limiting,
+    CORS, security headers and auditing into `app` with the deployment's keys and counters.
+
+    `outage` tracks Redis for this process (pass the app's, so every Redis path shares it)."""
+    state = build_security(settings, store, auth_manager_for(settings, store), storage_for(settings, store, outage))
+    install_security(app, state)
+    state.start()
     return state
 
 

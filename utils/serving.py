@@ -197,6 +197,7 @@ class ModelServer:
         self._failed_at = 0.0
         self._lock = threading.Lock()
         self._started = False
+        self._stopping = threading.Event()
 
     @property
     def current(self) -> ServedModel | None:
@@ -222,6 +223,10 @@ class ModelServer:
             self.last_error = f"start-up load failed: {exc}"
             log.exception("serving model start-up failed")
         threading.Thread(target=self._watch, name="quadra-model-watcher", daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop watching the store (the model stays loaded)."""
+        self._stopping.set()
 
     def sync(self) -> bool:
         """Swap to the store's serving version if it changed; True when a swap happened.
@@ -250,8 +255,7 @@ class ModelServer:
         return True
 
     def _watch(self) -> None:
-        while True:
-            time.sleep(self.poll_seconds)
+        while not self._stopping.wait(self.poll_seconds):
             try:
                 self.sync()
             except Exception:

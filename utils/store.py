@@ -863,6 +863,15 @@ def store_for(settings: Settings) -> Store:
     return get_store(settings.database_url, settings.store_wait_seconds)
 
 
+FOLDER_DATABASE = "quadra.db"
+
+
+def folder_store(folder: str | Path) -> Store:
+    """The self-contained store of a folder that is not the service's (the seed API's folder
+    rule): an SQLite file inside it."""
+    return get_store(f"sqlite:///{Path(folder).resolve() / FOLDER_DATABASE}")
+
+
 def get_store(url: str, wait_seconds: float = 0.0) -> Store:
     """The process-wide Store for `url` (one engine and pool per database per process)."""
     with _stores_lock:

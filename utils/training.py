@@ -330,7 +330,7 @@ def run_job(job_id: str, database_url: str, models_dir: Path, verify_integrity: 
             model, generate_version_string("train"), metrics=metrics, training_info={**info, "job_id": job_id},
             description=f"Trained by job {job_id}", tags=["trained"], created_by=row["created_by"],
         )
-        store.update_job(job_id, status="succeeded", finished_at=time.time(), result_version=saved["version"])
+        store.update_job(job_id, status="succeeded", finished_at=time.time(), result_version=saved.version)
         return 0
     except JobCancelled:
         store.update_job(job_id, status="cancelled", finished_at=time.time())
