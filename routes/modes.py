@@ -40,7 +40,9 @@ def set_mode(mode: ModelMode, body: ModeChangeRequest) -> Any:
                            "a training job is running; cancel it first or send {\"force\": true} to cancel it and switch")
         cancelled = svc.jobs.cancel_all()
     state = svc.modes.set_mode(mode, reason, changed_by=actor())
+    changed = state["previous_mode"] != mode.value
     g.audit_details = {"reason": reason, "from": state["previous_mode"], "to": mode.value, "cancelled_jobs": cancelled}
-    svc.alerts.notify("mode", f"mode {state['previous_mode']} -> {mode.value} by {actor()}: {reason or 'no reason given'}",
-                      {"from": state["previous_mode"], "to": mode.value, "reason": reason})
-    return jsonify({**state, "cancelled_jobs": cancelled})
+    if changed:
+        svc.alerts.notify("mode", f"mode {state['previous_mode']} -> {mode.value} by {actor()}: {reason or 'no reason given'}",
+                          {"from": state["previous_mode"], "to": mode.value, "reason": reason})
+    return jsonify({**state, "changed": changed, "cancelled_jobs": cancelled})

@@ -134,6 +134,11 @@ def test_mode_endpoints(app, client, anonymous, api_keys) -> None:
     assert entry["details"]["reason"] == "high drift" and entry["target"] == "maintenance"
     notice = app.extensions["quadra"].alerts.recent(1)[0]
     assert notice["kind"] == "mode" and notice["severity"] == "info" and "high drift" in notice["message"]
+    again = client.post("/api/mode/maintenance", json={"reason": "again"}).get_json()
+    assert again["changed"] is False and again["previous_mode"] == "maintenance" and again["reason"] == "high drift"
+    assert app.extensions["quadra"].alerts.recent(1)[0]["id"] == notice["id"]  # no notice for a non-change
+    fresh = client.post("/api/mode/inference").get_json()
+    assert fresh["changed"] is True and client.post("/api/mode/inference").get_json()["changed"] is False
 
 
 def test_maintenance_refuses_predictions_with_retry_after(client) -> None:

@@ -248,6 +248,9 @@ def mode_set_command(mode: str, reason: str) -> None:
         _fail(RuntimeError("a training job is running; cancel it first (flask --app app train cancel JOB)"))
     state = services.modes.set_mode(mode, reason, changed_by="cli")
     audit.record(services.store, "cli", "modes.set_mode", "success", target=mode, details={"reason": reason, "from": state["previous_mode"]})
+    if state["previous_mode"] == mode:
+        click.echo(f"already in {mode} mode")
+        return
     services.alerts.notify("mode", f"mode {state['previous_mode']} -> {mode} by cli: {reason or 'no reason given'}",
                            {"from": state["previous_mode"], "to": mode, "reason": reason})
     click.echo(f"mode {state['previous_mode']} -> {mode}")

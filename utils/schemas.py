@@ -267,9 +267,10 @@ class ModeState(ResponseBody):
 class ModeChange(ResponseBody):
     mode: ModelMode
     previous_mode: ModelMode
+    changed: bool = Field(description="false when the service already was in that mode (nothing recorded)")
     reason: str
     changed_by: str
-    changed_at: float
+    changed_at: float | None = Field(description="when the mode last changed; null if it never did")
     cancelled_jobs: list[str]
 
 
