@@ -439,10 +439,22 @@ def test_a_key_the_channel_refuses_leaves_the_page_live_and_public(start_server,
     """Whoami cannot answer (cut), so the page offers the key to the channel, which refuses it:
     the page says why and carries on with the public topics."""
     server = start_server(state_dir, command=GUNICORN_COMMAND)
-    cut_whoami = lambda page: page.route("**/api/auth/whoami", lambda route: route.abort())  # noqa: E731
-    page = open_dashboard(server, key="qk_" + "not_a_key_of_this_deployment", before_load=cut_whoami).page
-    expect(page.locator("#message")).to_contain_text("The live channel refused the key", timeout=10_000)
-    expect(page.locator("#message")).to_contain_text("not valid")
+
+    def cut_whoami_and_keep_every_message(page: Page) -> None:
+        page.route("**/api/auth/whoami", lambda route: route.abort())
+        # REST calls with the refused key say "401" in the same status area, in a race with the
+        # channel's message: keep every message the area shows, not only the last one.
+        page.add_init_script("""addEventListener("DOMContentLoaded", () => {
+            window.shownMessages = [];
+            const area = document.getElementById("message");
+            new MutationObserver(() => window.shownMessages.push(area.textContent))
+                .observe(area, {childList: true, characterData: true, subtree: true});
+        });""")
+
+    page = open_dashboard(server, key="qk_" + "not_a_key_of_this_deployment",
+                          before_load=cut_whoami_and_keep_every_message).page
+    page.wait_for_function("() => window.shownMessages.some(m => m.includes('The live channel refused the key')"
+                           " && m.includes('not valid'))", timeout=10_000)
     expect(page.locator("#connection")).to_have_text("live", timeout=10_000)
     expect(page.locator("#training-note")).to_be_visible()
     assert server.post("/api/mode/maintenance", json={"reason": "still live"}).status_code == 200
