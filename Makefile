@@ -17,7 +17,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install pythons run serve test bench clean
+.PHONY: install pythons run serve test lint bench clean
 
 $(STAMP): requirements.txt requirements_dashboard.txt requirements-dev.txt static/package-lock.json
 	@test -n "$(PYTHON)" || { echo "no supported Python ($(SUPPORTED_PYTHONS)) found: install one or pass PYTHON=" >&2; exit 1; }
@@ -47,6 +47,11 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# Types and style (configured in pyproject.toml): zero findings, before every commit and in CI
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: install
 	command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)

@@ -98,7 +98,8 @@ def start_serving(app: Flask) -> None:
     services.model_server.start(bootstrap)
     services.security.start()
     schedule_background_work(services)
-    services.events.start()
+    if services.events is not None:
+        services.events.start()
     if services.settings.auth_enabled and not services.settings.is_production:
         _print_bootstrap_key(services)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ NOTES = Path(__file__).resolve().parent / "NOTES.md"  # what changed because of 
 def main() -> int:
     sections = [predict_load.run(), request_path.run(), monitoring.run(), registry.run()]
     header = (
-        f"# Benchmark results\n\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · Python {platform.python_version()} · "
+        f"# Benchmark results\n\n{datetime.now(UTC):%Y-%m-%d %H:%M} UTC · Python {platform.python_version()} · "
         f"torch {torch.__version__} · {platform.machine()} · {_cpu()} · `make bench`\n\n"
         "Every number comes with a baseline measured in the same run; compare the ratios, not the absolute times "
         "(these machines are noisy).\n"

@@ -98,7 +98,7 @@ class Server:
         self.log.close()
         os.unlink(self.log.name)
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ def fill(monitor: ModelMonitor, count: int, shift: float, rng: np.random.Generat
     for start in range(0, count, 1000):
         block = slice(start, start + 1000)
         monitor.record_batch(features[block].tolist(), [{"confidence": float(c), "class": str(k)}
-                                                        for c, k in zip(confidences[block], classes[block])], 0.001, "1.0.0")
+                                                        for c, k in zip(confidences[block], classes[block], strict=True)], 0.001, "1.0.0")
         monitor.flush()
 
 
@@ -73,8 +73,8 @@ def drift_costs(folder: Path) -> list[tuple[int, float, float, float]]:
         drift = best_of(3, monitor.detect_drift)
         reference = rng.normal(0.0, 1.0, (5000, FEATURES))
         current = rng.normal(0.3, 1.0, (window, FEATURES))
-        tests_only = best_of(3, lambda: dataset_drift({str(i): reference[:, i] for i in range(FEATURES)},
-                                                       {str(i): current[:, i] for i in range(FEATURES)}))
+        tests_only = best_of(3, lambda reference=reference, current=current: dataset_drift(
+            {str(i): reference[:, i] for i in range(FEATURES)}, {str(i): current[:, i] for i in range(FEATURES)}))
         stats = best_of(3, monitor.get_statistics)
         rows.append((window, drift, tests_only, stats))
         store.dispose()
@@ -95,7 +95,7 @@ def run() -> str:
         f"| recording one prediction on the request path | {per_record * 1e6:.2f} µs | one-row forward pass {forward * 1e6:.1f} µs "
         f"| {per_record / forward:.2f}× | ≤ 20 µs |",
     ]
-    for window, drift, tests_only, stats in drift_rows:
+    for window, drift, tests_only, _stats in drift_rows:
         lines.append(f"| drift over a {window:,}-record window | {drift * 1000:.0f} ms | the tests alone on in-memory arrays "
                      f"{tests_only * 1000:.1f} ms | {drift / tests_only:.1f}× | ≤ 500 ms at 100k |")
     for window, _, _, stats in drift_rows:

@@ -117,7 +117,8 @@ def _table(measured: dict, floors: dict, peer: dict[int, LoadResult], steady: Lo
         "## /api/predict under load\n",
         "wrk, 2 threads, 16 connections, 10 s per run, best of 2 alternating runs; both servers under "
         "`gunicorn -w 4 --worker-class eventlet`; the floor is one in-process forward pass on one thread.\n",
-        "| batch | service | bare Flask (ceiling) | full / bare throughput | p50 full / bare | p99 full / bare | p99 ratio | floor (forward pass) | target |",
+        "| batch | service | bare Flask (ceiling) | full / bare throughput | p50 full / bare | p99 full / bare | p99 ratio "
+        "| floor (forward pass) | target |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, label in (("full", "full service"), ("exact", "full, exact limits (`QUADRA_RATE_LIMIT_SYNC_SECONDS=0`)")):
@@ -147,7 +148,8 @@ def _table(measured: dict, floors: dict, peer: dict[int, LoadResult], steady: Lo
         "**Hot swap under load** (production flipped between two versions 10 times during a 12 s run):\n",
         "| run | requests | failed | req/s | p50 | p99 |",
         "|---|---|---|---|---|---|",
-        f"| steady | {steady.total:,} | {steady.failed} | {steady.requests_per_second:,.0f} | {steady.p50_ms:.2f} ms | {steady.p99_ms:.2f} ms |",
+        f"| steady | {steady.total:,} | {steady.failed} | {steady.requests_per_second:,.0f} | {steady.p50_ms:.2f} ms "
+        f"| {steady.p99_ms:.2f} ms |",
         f"| 10 promotes | {swapping.total:,} | {swapping.failed} | {swapping.requests_per_second:,.0f} | {swapping.p50_ms:.2f} ms "
         f"| {swapping.p99_ms:.2f} ms ({swapping.p99_ms / steady.p99_ms:.2f}× steady) |",
     ]

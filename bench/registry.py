@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -69,7 +69,8 @@ def row(registry: ModelVersionManager, root: Path, index: int, megabytes: int) -
     raw_path = root / f"raw-{megabytes}.safetensors"
     raw_save = timed(lambda: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, raw_path), SAVE_REPEATS[megabytes])
     counter = iter(range(1000))
-    save = timed(lambda: registry.save_model(model, f"{index + 1}.{next(counter)}.0", config={}), SAVE_REPEATS[megabytes])  # 1.0.0, 1.1.0, ...
+    # versions 1.0.0, 1.1.0, ...
+    save = timed(lambda: registry.save_model(model, f"{index + 1}.{next(counter)}.0", config={}), SAVE_REPEATS[megabytes])
     version = f"{index + 1}.0.0"
     raw_load = timed(lambda: model.load_state_dict(load_file(raw_path)), LOAD_REPEATS[megabytes])
     load = timed(lambda: registry.load_model(model, version), LOAD_REPEATS[megabytes])

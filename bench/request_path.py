@@ -11,8 +11,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.predict_load import IRIS, prepare
 from utils.config import Settings

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import wraps
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from flask import Blueprint, current_app, g, jsonify
 
-from routes.common import ApiError, actor, services
+from routes.common import actor, services
 from routes.operations import operation
 from utils import audit
-from utils.schemas import (ApiKey, ApiKeys, AuditLog, AuditQuery, KeyPath, KeyRequest, NewApiKey, RotateRequest,
-                           Token, TokenRequest, WhoAmI)
-from utils.security import current_principal, require_permission
+from utils.errors import Unauthorized
+from utils.openapi import Link
+from utils.schemas import ApiKey, ApiKeys, AuditLog, AuditQuery, KeyPath, KeyRequest, NewApiKey, RotateRequest, Token, TokenRequest, WhoAmI
+from utils.security import authenticated_principal, current_principal, require_permission
 
 bp = Blueprint("auth", __name__)
 KEY_NOT_FOUND = {404: "No such key"}
+KEY_ID = {"key_id": "$response.body#/id"}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -27,8 +30,8 @@ def _key_holders_only(view: F) -> F:
         principal = current_principal()
         if principal is None or principal.via != "api_key":
             current_app.extensions["quadra_security"].on_auth_failure()
-            raise ApiError(401, "unauthorized", "present a valid API key in the X-API-Key header to obtain a token",
-                           {"WWW-Authenticate": 'Bearer realm="quadra"'})
+            raise Unauthorized("present a valid API key in the X-API-Key header to obtain a token",
+                               {"WWW-Authenticate": 'Bearer realm="quadra"'})
         return view(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -41,15 +44,8 @@ def _key_holders_only(view: F) -> F:
                    403: "More permissions asked for than the key holds"})
 def issue_token(body: TokenRequest) -> Any:
     """A JWT for a caller presenting a valid API key; never more rights than the key."""
-    settings = services().settings
-    expires_in = body.expires_in or settings.jwt_ttl_seconds
-    if expires_in > settings.jwt_max_ttl_seconds:
-        raise ApiError(400, "invalid_body", f"expires_in: at most QUADRA_JWT_MAX_TTL_SECONDS ({settings.jwt_max_ttl_seconds})")
-    try:
-        token = services().auth.issue_token_for(current_principal(), body.permissions, expires_in)
-    except PermissionError as exc:
-        raise ApiError(403, "forbidden", str(exc)) from None
-    return jsonify(token)
+    expires_in = body.expires_in or services().settings.jwt_ttl_seconds
+    return jsonify(services().auth.issue_token_for(authenticated_principal(), body.permissions, expires_in))
 
 
 @bp.get("/api/auth/whoami")
@@ -58,7 +54,7 @@ def issue_token(body: TokenRequest) -> Any:
 def whoami() -> Any:
     """The caller's key id, name, permissions, how it authenticated and its own rate limit; never the key
     or its hash. Any valid credentials may ask."""
-    principal = current_principal()
+    principal = authenticated_principal()
     return jsonify({"id": principal.id, "name": principal.name, "permissions": list(principal.permissions),
                     "via": principal.via, "rate_limit": principal.rate_limit})
 
@@ -73,14 +69,12 @@ def list_keys() -> Any:
 
 @bp.post("/api/auth/keys")
 @require_permission("admin")
-@operation("Create an API key", body=KeyRequest, response=NewApiKey, status=201)
+@operation("Create an API key", body=KeyRequest, response=NewApiKey, status=201,
+           links={"RevokeKey": Link("auth.revoke_key", KEY_ID), "RotateKey": Link("auth.rotate_key", KEY_ID)})
 def create_key(body: KeyRequest) -> Any:
     """Create a key; the response is the only time the key itself is shown."""
-    try:
-        api_key, record = services().auth.create_api_key(
-            body.name, body.permissions, body.expires_days, body.rate_limit, created_by=actor())
-    except ValueError as exc:
-        raise ApiError(400, "invalid_body", str(exc)) from None
+    api_key, record = services().auth.create_api_key(
+        body.name, body.permissions, body.expires_days, body.rate_limit, created_by=actor())
     g.audit_details = {"key_id": record["id"], "permissions": record["permissions"]}
     return jsonify({**record, "api_key": api_key}), 201
 
@@ -90,10 +84,7 @@ def create_key(body: KeyRequest) -> Any:
 @operation("Revoke an API key", path=KeyPath, response=ApiKey, errors=KEY_NOT_FOUND)
 def revoke_key(key_id: str) -> Any:
     """Revocation is immediate: every worker refuses the key within QUADRA_AUTH_CACHE_SECONDS."""
-    try:
-        return jsonify(services().auth.revoke_api_key(key_id))
-    except LookupError as exc:
-        raise ApiError(404, "key_not_found", str(exc)) from None
+    return jsonify(services().auth.revoke_api_key(key_id))
 
 
 @bp.post("/api/auth/keys/<key_id>/rotate")
@@ -102,12 +93,7 @@ def revoke_key(key_id: str) -> Any:
            errors={**KEY_NOT_FOUND, 409: "The key is revoked or expired"})
 def rotate_key(key_id: str, body: RotateRequest) -> Any:
     """A replacement key; the old one keeps working for `grace_seconds` (default 24 h)."""
-    try:
-        api_key, record = services().auth.rotate_api_key(key_id, body.grace_seconds)
-    except LookupError as exc:
-        raise ApiError(404, "key_not_found", str(exc)) from None
-    except ValueError as exc:
-        raise ApiError(409, "conflict", str(exc)) from None
+    api_key, record = services().auth.rotate_api_key(key_id, body.grace_seconds)
     g.audit_details = {"new_key_id": record["id"], "grace_seconds": body.grace_seconds}
     return jsonify({**record, "api_key": api_key}), 201
 

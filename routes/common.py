@@ -8,10 +8,8 @@ from typing import Any
 from flask import Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from utils.errors import ApiError, ServiceUnavailable
-from utils.model_versioning import IntegrityCheckFailed, InvalidVersion, VersionConflict, VersionNotFound
+from utils.errors import InvalidJson, InvalidRequest, QuadraError, UnsupportedMediaType
 from utils.security import current_principal
-from utils.serving import InvalidInput
 from utils.services import Services
 
 
@@ -44,13 +42,13 @@ def json_body(required: bool = True) -> dict[str, Any]:
     if not raw and not required:
         return {}
     if not request.is_json:
-        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+        raise UnsupportedMediaType("send the body as application/json")
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
-        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+        raise InvalidJson("the body is not valid JSON") from None
     if not isinstance(body, dict):
-        raise ApiError(400, "invalid_body", "the body must be a JSON object")
+        raise InvalidRequest("the body must be a JSON object")
     return body
 
 
@@ -60,42 +58,21 @@ def actor() -> str:
     return principal.label if principal else "anonymous"
 
 
-_DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
-    InvalidVersion: (400, "invalid_version"),
-    InvalidInput: (400, "invalid_input"),
-    VersionNotFound: (404, "version_not_found"),
-    VersionConflict: (409, "conflict"),
-    IntegrityCheckFailed: (422, "integrity_check_failed"),
-}
-
-
 def error_code(exc: Exception) -> str:
     """The `code` the client is answered with for `exc`."""
-    if isinstance(exc, ApiError):
+    if isinstance(exc, QuadraError):
         return exc.code
     if isinstance(exc, HTTPException):
         return (exc.name or "error").lower().replace(" ", "_")
-    if isinstance(exc, ServiceUnavailable):
-        return exc.code
-    for exc_type, (_, code) in _DOMAIN_ERRORS.items():
-        if isinstance(exc, exc_type):
-            return code
     return "internal_error"
 
 
 def register_error_handlers(app: Flask) -> None:
     """Every error leaves as JSON in one shape; a stack trace never reaches a client."""
 
-    @app.errorhandler(ApiError)
-    def _api_error(exc: ApiError) -> Any:
+    @app.errorhandler(QuadraError)
+    def _quadra_error(exc: QuadraError) -> Any:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
-
-    @app.errorhandler(ServiceUnavailable)
-    def _unavailable(exc: ServiceUnavailable) -> Any:
-        return error_response(503, exc.code, str(exc), {"Retry-After": exc.retry_after})
-
-    for exc_type, (status, code) in _DOMAIN_ERRORS.items():
-        app.register_error_handler(exc_type, _domain_handler(status, code))
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:
@@ -106,10 +83,3 @@ def register_error_handlers(app: Flask) -> None:
     def _unexpected(exc: Exception) -> Any:
         app.logger.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal server error")
-
-
-def _domain_handler(status: int, code: str) -> Any:
-    def handle(exc: Exception) -> Any:
-        return error_response(status, code, str(exc))
-
-    return handle

@@ -32,7 +32,7 @@ OTHER_VIEWS = {
 def describe_other_views(app: Flask) -> None:
     """Attach the operations of `OTHER_VIEWS` to those views (call after registering them)."""
     for endpoint, spec in OTHER_VIEWS.items():
-        app.view_functions[endpoint].openapi_operation = spec
+        app.view_functions[endpoint].openapi_operation = spec  # type: ignore[union-attr]
 
 
 @bp.get("/api/openapi.json")

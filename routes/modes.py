@@ -6,8 +6,9 @@ from typing import Any
 
 from flask import Blueprint, g, jsonify
 
-from routes.common import ApiError, actor, services
+from routes.common import actor, services
 from routes.operations import operation
+from utils.errors import TrainingInProgress
 from utils.model_modes import ModelMode
 from utils.schemas import ModeChange, ModeChangeRequest, ModePath, ModeState
 from utils.security import require_permission
@@ -36,8 +37,7 @@ def set_mode(mode: ModelMode, body: ModeChangeRequest) -> Any:
     cancelled: list[str] = []
     if mode is ModelMode.INFERENCE and svc.jobs.active():
         if not body.force:
-            raise ApiError(409, "training_in_progress",
-                           "a training job is running; cancel it first or send {\"force\": true} to cancel it and switch")
+            raise TrainingInProgress("a training job is running; cancel it first or send {\"force\": true} to cancel it and switch")
         cancelled = svc.jobs.cancel_all()
     state = svc.modes.set_mode(mode, reason, changed_by=actor())
     changed = state["previous_mode"] != mode.value

@@ -6,9 +6,8 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
-from routes.common import ApiError, actor, services
+from routes.common import actor, services
 from routes.operations import operation
-from utils.model_monitoring import InsufficientData
 from utils.schemas import Alerts, AlertsQuery, Baseline, BaselineRemoved, Drift, Statistics
 from utils.security import require_permission
 
@@ -38,11 +37,7 @@ def set_baseline() -> Any:
     svc = services()
     served = svc.model_server.current
     names = served.config.get("feature_names") if served else None
-    try:
-        baseline = svc.monitor.set_baseline(names, created_by=actor())
-    except InsufficientData as exc:
-        raise ApiError(409, "insufficient_data", str(exc)) from None
-    return jsonify(baseline), 201
+    return jsonify(svc.monitor.set_baseline(names, created_by=actor())), 201
 
 
 @bp.delete("/api/monitoring/baseline")

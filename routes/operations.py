@@ -16,14 +16,16 @@ empty one or `{}`, and refuses any field. The same
 from __future__ import annotations
 
 import typing
+from collections.abc import Callable, Mapping
 from functools import wraps
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from flask import request
 from pydantic import BaseModel, ValidationError
 
-from routes.common import ApiError, json_body
-from utils.openapi import ErrorSpec, Operation
+from routes.common import json_body
+from utils.errors import InvalidRequest
+from utils.openapi import ErrorSpec, Link, Operation
 from utils.schemas import PathParameters, QueryParameters, RequestBody
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -41,10 +43,11 @@ def operation(
     path: type[PathParameters] | None = None,
     errors: Mapping[int, ErrorSpec] | None = None,
     security: tuple[str, ...] | None = None,
+    links: Mapping[str, Link] | None = None,
 ) -> Callable[[F], F]:
     """Validate the request against the models and document the view (see the module doc)."""
     spec = Operation(summary, response=response, status=status, media_type=media_type, body=body, query=query,
-                     path=path, errors=dict(errors or {}), security=security)
+                     path=path, errors=dict(errors or {}), security=security, links=dict(links or {}))
 
     def decorator(view: F) -> F:
         @wraps(view)
@@ -70,22 +73,21 @@ def _refuse_body_fields() -> None:
     with every POST) are fine; any field is refused."""
     fields = json_body(required=False)
     if fields:
-        raise ApiError(400, "invalid_body", f"this operation takes no request body; unexpected: {', '.join(sorted(fields))}")
+        raise InvalidRequest(f"this operation takes no request body; unexpected: {', '.join(sorted(fields))}")
 
 
 M = TypeVar("M", bound=BaseModel)
 
 
 def validate(model: type[M], data: Any) -> M:
-    """`data` as a `model`, or an ApiError naming (at most three of) the problems."""
+    """`data` as a `model`, or the model's error naming (at most three of) the problems."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         problems = exc.errors(include_url=False, include_input=False)
         first = problems[0]["loc"]
-        code = model.field_codes.get(str(first[0]), model.error_code) if first else model.error_code  # type: ignore[attr-defined]
-        message = "; ".join(_describe(problem) for problem in problems[:MAX_REPORTED_ERRORS])
-        raise ApiError(400, code, message) from None
+        error = model.field_errors.get(str(first[0]), model.error) if first else model.error  # type: ignore[attr-defined]
+        raise error("; ".join(_describe(problem) for problem in problems[:MAX_REPORTED_ERRORS])) from None
 
 
 def _describe(problem: Mapping[str, Any]) -> str:

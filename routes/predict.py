@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from functools import wraps
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from flask import Blueprint, g, jsonify
 
-from routes.common import ApiError, error_code, services
+from routes.common import error_code, services
 from routes.operations import operation
+from utils.errors import Maintenance
 from utils.schemas import PredictRequest, PredictResponse
 from utils.security import require_permission
 from utils.serving import rows_to_tensor
@@ -27,8 +29,8 @@ def _monitored(view: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         svc = services()
         if not svc.modes.serves_predictions():
-            raise ApiError(503, "maintenance", "predictions are paused: the service is in maintenance mode",
-                           {"Retry-After": str(svc.settings.maintenance_retry_after)})
+            raise Maintenance("predictions are paused: the service is in maintenance mode",
+                              svc.settings.maintenance_retry_after)
         g.prediction_started = time.perf_counter()
         served = svc.model_server.current
         try:

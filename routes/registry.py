@@ -9,11 +9,26 @@ from flask import Blueprint, jsonify
 from routes.common import actor, services
 from routes.operations import operation
 from utils.model_versioning import compare_model_versions
-from utils.schemas import (CompareQuery, Comparison, Deleted, History, HistoryQuery, ProductionChange, SaveRequest,
-                           ServingChange, VersionInfo, VersionList, VersionPath, VersionQuery, VersionsQuery)
+from utils.openapi import Link
+from utils.schemas import (
+    CompareQuery,
+    Comparison,
+    Deleted,
+    History,
+    HistoryQuery,
+    ProductionChange,
+    SaveRequest,
+    ServingChange,
+    VersionInfo,
+    VersionList,
+    VersionPath,
+    VersionQuery,
+    VersionsQuery,
+)
 from utils.security import require_permission
 
 bp = Blueprint("registry", __name__)
+VERSION = {"version": "$response.body#/version"}
 NOT_FOUND = {404: "No such version"}
 INTEGRITY = {422: "The artifact's SHA-256 does not match the recorded one: the version is not served"}
 UNAVAILABLE = {503: "The artifact store is unreachable (with Retry-After)"}
@@ -71,7 +86,9 @@ def promotion_history(query: HistoryQuery) -> Any:
 @require_permission("write")
 @operation("Save the serving model as a new version", body=SaveRequest, response=VersionInfo, status=201,
            errors={409: "The version exists",
-                   503: "The serving model is not loaded yet, or the artifact store is unreachable (with Retry-After)"})
+                   503: "The serving model is not loaded yet, or the artifact store is unreachable (with Retry-After)"},
+           links={"GetVersion": Link("registry.get_version", VERSION), "LoadVersion": Link("registry.load_version", VERSION),
+                  "PromoteVersion": Link("registry.promote_version", VERSION)})
 def save_model(body: SaveRequest) -> Any:
     """Save the model this process serves as a new version (a snapshot with new metadata)."""
     svc = services()

@@ -6,32 +6,32 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
-from routes.common import ApiError, actor, services
+from routes.common import actor, services
 from routes.operations import operation
+from utils.errors import InvalidTrainingData, WrongMode
+from utils.openapi import Link
 from utils.schemas import JobPath, JobsQuery, TrainingJob, TrainingJobs, TrainRequest
 from utils.security import require_permission
-from utils.training import TrainingCapacityReached
 
 bp = Blueprint("training", __name__)
 JOB_NOT_FOUND = {404: "No such job"}
+JOB_ID = {"job_id": "$response.body#/id"}
 
 
 @bp.post("/api/train")
 @require_permission("write")
 @operation("Start a training job", body=TrainRequest, response=TrainingJob, status=202,
-           errors={409: "Inference mode, or QUADRA_MAX_TRAINING_JOBS jobs are running already"})
+           errors={409: "Inference mode, or QUADRA_MAX_TRAINING_JOBS jobs are running already"},
+           links={"GetJob": Link("training.get_job", JOB_ID), "CancelJob": Link("training.cancel_job", JOB_ID)})
 def start_training(body: TrainRequest) -> Any:
     """Start a job on the bundled dataset, or on posted `data`; it saves a new version when done."""
     svc = services()
     if not svc.modes.allows_training():
-        raise ApiError(409, "wrong_mode", f"training is refused in {svc.modes.mode.value} mode; switch to training or maintenance mode first")
+        raise WrongMode(f"training is refused in {svc.modes.mode.value} mode; switch to training or maintenance mode first")
     data = body.data.model_dump() if body.data else None
     if data and len(data["features"]) > svc.settings.training_max_rows:
-        raise ApiError(400, "invalid_data", f"'features' may hold at most {svc.settings.training_max_rows} rows")
-    try:
-        job = svc.jobs.start(body.hyperparameters(), data, created_by=actor())
-    except TrainingCapacityReached as exc:
-        raise ApiError(409, "training_in_progress", str(exc)) from None
+        raise InvalidTrainingData(f"'features' may hold at most {svc.settings.training_max_rows} rows")
+    job = svc.jobs.start(body.hyperparameters(), data, created_by=actor())
     return jsonify(job), 202
 
 
@@ -50,10 +50,7 @@ def get_job(job_id: str) -> Any:
     """Status, epoch, loss and accuracy per epoch, and the version it saved."""
     svc = services()
     svc.jobs.reap()
-    try:
-        return jsonify(svc.jobs.get(job_id))
-    except LookupError as exc:
-        raise ApiError(404, "job_not_found", str(exc)) from None
+    return jsonify(svc.jobs.get(job_id))
 
 
 @bp.post("/api/train/<job_id>/cancel")
@@ -61,7 +58,4 @@ def get_job(job_id: str) -> Any:
 @operation("Cancel a training job", path=JobPath, response=TrainingJob, errors=JOB_NOT_FOUND)
 def cancel_job(job_id: str) -> Any:
     """The job stops at its next epoch; a finished job is returned unchanged."""
-    try:
-        return jsonify(services().jobs.cancel(job_id))
-    except LookupError as exc:
-        raise ApiError(404, "job_not_found", str(exc)) from None
+    return jsonify(services().jobs.cancel(job_id))

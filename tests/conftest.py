@@ -12,9 +12,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import quote
 
 import pytest
@@ -86,6 +86,18 @@ def store(store_url: str) -> Iterator[Store]:
 def registry(store: Store, tmp_path: Path) -> ModelVersionManager:
     """An empty registry on each backend."""
     return ModelVersionManager(tmp_path / "models", store, verify_integrity=True)
+
+
+def promtool_findings(exposition: str) -> str:
+    """What `promtool check metrics` reports about a /metrics body ("" when clean). Without
+    promtool (Debian's prometheus package) the test skips, and in CI it fails instead."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if IN_CI:
+            pytest.fail("promtool is not installed (CI=true: .ci/run installs Debian's prometheus package)")
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    checked = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True, text=True, timeout=60)
+    return (checked.stdout + checked.stderr).strip() if checked.returncode else ""
 
 
 KEYS_FILE = "test-api-keys.json"

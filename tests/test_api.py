@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -98,7 +97,9 @@ def test_versions_listing_and_detail(client) -> None:
 
 
 def test_save_promote_rollback_load_round_trip(client) -> None:
-    saved = client.post("/api/model/save", json={"version": "1.1.0", "description": "copy", "tags": ["canary"], "metrics": {"accuracy": 0.99}})
+    saved = client.post(
+        "/api/model/save", json={"version": "1.1.0", "description": "copy", "tags": ["canary"], "metrics": {"accuracy": 0.99}}
+    )
     assert saved.status_code == 201
     assert saved.get_json()["tags"] == ["canary"] and saved.get_json()["training_info"]["source_version"] == "1.0.0"
     assert_error(client.post("/api/model/save", json={"version": "1.1.0"}), 409, "conflict")
@@ -144,7 +145,8 @@ def test_save_rejects_bad_bodies(client, state_dir: Path, body: dict) -> None:
 
 @pytest.mark.parametrize("path", ["..%2F..%2Fetc", "%2e%2e", "1.0.0%00", "a" * 200, "%2Fetc%2Fpasswd", "1.0"])
 def test_path_versions_are_validated(client, path: str) -> None:
-    for method, url in (("post", f"/api/model/load/{path}"), ("post", f"/api/model/promote/{path}"), ("get", f"/api/model/versions/{path}")):
+    urls = (("post", f"/api/model/load/{path}"), ("post", f"/api/model/promote/{path}"), ("get", f"/api/model/versions/{path}"))
+    for method, url in urls:
         response = getattr(client, method)(url)
         assert response.status_code in (400, 404), url
         assert response.get_json()["error"]["code"] in ("invalid_version", "not_found")

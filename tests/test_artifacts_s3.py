@@ -37,7 +37,7 @@ def test_save_uploads_and_load_verifies_through_the_cache(s3_registry: ModelVers
     assert objects(s3_registry) == ["models/1.0.0/config.json", "models/1.0.0/model.safetensors"]
     assert not (tmp_path / "models" / "1.0.0").exists()
     loaded = s3_registry.load_model(build_model(CONFIG), "1.0.0")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True))
     cached = tmp_path / "cache" / info.sha256
     assert cached.exists() and hashlib.sha256(cached.read_bytes()).hexdigest() == info.sha256
     assert s3_registry.artifacts.check() and s3_registry.verify_version("1.0.0")["ok"]

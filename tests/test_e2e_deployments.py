@@ -67,7 +67,7 @@ def test_interleaved_concurrent_promotes_record_a_consistent_chain(server: Serve
     assert promote_concurrently(server, ["2.0.0", "2.1.0", "2.2.0"] * 12) == [200] * 36
     steps = history(server)
     assert all(step["from_version"] != step["to_version"] for step in steps)
-    assert all(later["from_version"] == earlier["to_version"] for earlier, later in zip(steps, steps[1:]))
+    assert all(later["from_version"] == earlier["to_version"] for earlier, later in zip(steps, steps[1:], strict=False))
     production = server.get("/api/model/versions").json()["production_version"]
     assert steps[-1]["to_version"] == production
     rolled_back = server.post("/api/model/rollback").json()

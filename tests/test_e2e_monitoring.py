@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import GUNICORN_COMMAND, ROOT
+from tests.conftest import GUNICORN_COMMAND, ROOT, promtool_findings
 from utils.training import load_dataset
 
 pytestmark = pytest.mark.e2e
@@ -61,10 +61,12 @@ def test_metrics_sum_every_worker(start_server, state_dir: Path) -> None:
     totals = set()
     for _ in range(8):  # whichever worker answers the scrape
         body = requests.get(f"{server.url}/metrics", timeout=10).text
-        line = next(l for l in body.splitlines() if l.startswith('quadra_http_requests_total{endpoint="predict.predict",method="POST",status="200"}'))
+        series = 'quadra_http_requests_total{endpoint="predict.predict",method="POST",status="200"}'
+        line = next(candidate for candidate in body.splitlines() if candidate.startswith(series))
         totals.add(float(line.split()[-1]))
     assert totals == {40.0}
     assert "quadra_model_info" in body and "quadra_predictions_total" in body
+    assert promtool_findings(body) == ""
 
 
 def test_shifted_load_turns_drift_on_and_the_cron_script_reports_it(start_server, state_dir: Path) -> None:

@@ -47,7 +47,7 @@ class PredictionLoad:
             except requests.RequestException as exc:
                 self.codes.append(type(exc).__name__)
 
-    def __enter__(self) -> "PredictionLoad":
+    def __enter__(self) -> PredictionLoad:
         for thread in self._threads:
             thread.start()
         return self
@@ -91,8 +91,8 @@ def test_killing_the_job_process_marks_it_failed(start_server, state_dir: Path) 
     server.post("/api/mode/training")
     job = server.post("/api/train", json={"epochs": 10000}).json()
     wait_for(lambda: server.get(f"/api/train/{job['id']}").json()["status"] == "running")
-    pid = next(int(line.split()[0]) for line in subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
-               if job["id"] in line and "utils.training" in line)
+    processes = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+    pid = next(int(line.split()[0]) for line in processes if job["id"] in line and "utils.training" in line)
     os.kill(pid, signal.SIGKILL)
     failed = finished_job(server, job["id"])
     assert failed["status"] == "failed" and failed["error"]
@@ -142,10 +142,16 @@ def test_runbook_compromised_key(start_server, state_dir: Path) -> None:
     leaked = server.post("/api/auth/keys", json={"name": "leaked", "permissions": ["read"]}).json()
     suspect = server.post("/api/auth/keys", json={"name": "ci", "permissions": ["write"]}).json()
     assert server.delete(f"/api/auth/keys/{leaked['id']}").json()["active"] is False
-    wait_for(lambda: requests.get(f"{server.url}/api/model/versions", headers={"X-API-Key": leaked["api_key"]}, timeout=10).status_code == 401, 10)
+    wait_for(
+        lambda: requests.get(f"{server.url}/api/model/versions", headers={"X-API-Key": leaked["api_key"]}, timeout=10).status_code == 401,
+        10,
+    )
     rotated = server.post(f"/api/auth/keys/{suspect['id']}/rotate", json={"grace_seconds": 2}).json()
     assert requests.get(f"{server.url}/api/model/versions", headers={"X-API-Key": suspect["api_key"]}, timeout=10).status_code == 200
-    wait_for(lambda: requests.get(f"{server.url}/api/model/versions", headers={"X-API-Key": suspect["api_key"]}, timeout=10).status_code == 401, 15)
+    wait_for(
+        lambda: requests.get(f"{server.url}/api/model/versions", headers={"X-API-Key": suspect["api_key"]}, timeout=10).status_code == 401,
+        15,
+    )
     assert requests.get(f"{server.url}/api/model/versions", headers={"X-API-Key": rotated["api_key"]}, timeout=10).status_code == 200
     actions = [e["action"] for e in server.get("/api/audit?limit=50").json()["entries"]]
     assert {"auth.revoke_key", "auth.rotate_key", "auth.failure"} <= set(actions)

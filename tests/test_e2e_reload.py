@@ -73,7 +73,7 @@ class Load:
                     else:
                         self.failures.append(failure)
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for thread in self._threads:
             thread.start()
         return self

@@ -119,7 +119,9 @@ def test_token_works_on_every_worker_and_dies_with_its_key(start_server, state_d
     assert all(requests.get(f"{server.url}/api/model/versions", headers=bearer, timeout=10).status_code == 200 for _ in range(12))
     assert server.delete(f"/api/auth/keys/{created['id']}").status_code == 200
     refused = {401, 429}  # 429 once the address's failures are throttled
-    wait_for(lambda: all(requests.get(f"{server.url}/api/model/versions", headers=bearer, timeout=10).status_code in refused for _ in range(12)))
+    wait_for(lambda: all(
+        requests.get(f"{server.url}/api/model/versions", headers=bearer, timeout=10).status_code in refused for _ in range(12)
+    ))
 
 
 def test_seed_verify_deployment_lines(start_server, state_dir: Path) -> None:

@@ -16,9 +16,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import requests
@@ -611,7 +612,7 @@ def test_version_with_trailing_newline_is_refused(state_dir: Path, start_server)
 def test_predict_values_beyond_float32_are_invalid_input(state_dir: Path, start_server, value: str) -> None:
     """A finite JSON number that the float32 model cannot represent is a 400, not NaN or a 500."""
     server = start_server(state_dir)
-    response = post_raw(server, "/api/predict", '{"inputs": [[5.1, 3.5, 1.4, %s]]}' % value)
+    response = post_raw(server, "/api/predict", f'{{"inputs": [[5.1, 3.5, 1.4, {value}]]}}')
     assert_error(response, 400, "invalid_input", value[:10])
 
 

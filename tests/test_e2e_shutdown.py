@@ -14,9 +14,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import requests
@@ -36,7 +36,7 @@ STOP_TIMEOUT = 90  # generous: gunicorn's graceful timeout is 30 s
 
 def gunicorn_for(version: str) -> Path:
     """The gunicorn of an environment on Python `version` (skip where none, fail in CI)."""
-    if version == "%d.%d" % sys.version_info[:2]:
+    if version == f"{sys.version_info.major}.{sys.version_info.minor}":
         return Path(sys.executable).parent / "gunicorn"
     venv = ROOT / ".venvs" / f"py{version}"
     if (venv / ".installed").exists():

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import make_settings
+from tests.conftest import make_settings, promtool_findings
 from utils.alerts import AlertManager, WebhookRefused, check_webhook_target
 from utils.model_monitoring import HealthChecker, InsufficientData, ModelMonitor
 from utils.store import Store
@@ -185,11 +185,11 @@ def test_shifted_inputs_are_detected_and_named(monitor: ModelMonitor) -> None:
 
 def test_confidence_drift_uses_the_seed_score(monitor: ModelMonitor) -> None:
     rng = np.random.default_rng(0)
-    for row, c in zip(IRIS * 2, rng.normal(0.9, 0.02, 300)):
+    for row, c in zip(IRIS * 2, rng.normal(0.9, 0.02, 300), strict=True):
         monitor.record_prediction(row, 0.001, confidence=float(c), predicted_class="a")
     monitor.set_baseline()
     monitor.reset_counters()
-    for row, c in zip(IRIS * 2, rng.normal(0.7, 0.02, 300)):
+    for row, c in zip(IRIS * 2, rng.normal(0.7, 0.02, 300), strict=True):
         monitor.record_prediction(row, 0.001, confidence=float(c), predicted_class="a")
     result = monitor.detect_drift()
     expected = abs(result["current_mean"] - result["baseline_mean"]) / result["baseline_std"]
@@ -473,6 +473,8 @@ def test_alerts_endpoint_and_metrics(client, anonymous, app) -> None:
     assert 'quadra_model_info{production_version="1.0.0",serving_version="1.0.0"} 1.0' in body
     assert 'quadra_mode{mode="inference"} 1.0' in body
     assert "quadra_auth_failures_total" in body and "quadra_http_request_duration_seconds_bucket" in body
+    assert "# TYPE quadra_predictions_total counter" in body
+    assert promtool_findings(body) == ""
 
 
 def test_logs_are_json_lines_under_the_monitoring_folder(app, client) -> None:

@@ -195,14 +195,19 @@ def test_swagger_ui_shows_every_operation_in_a_browser(browser, start_server, st
 
 # -- schemathesis -----------------------------------------------------------------------------
 
-CHECKS = ("not_a_server_error", "status_code_conformance", "response_schema_conformance",
-          "content_type_conformance", "ignored_auth", "negative_data_rejection", "response_headers_conformance")
+# Every check schemathesis has runs, but positive_data_acceptance: some limits are checked at
+# run time against the serving model and the settings (a row's width, a token's longest
+# lifetime, a rate limit's syntax, training labels matching their rows), so a request the
+# schema accepts can still be refused with 400 (issue 15 tracks putting them in the document).
+NOT_YET_CHECKED = ("positive_data_acceptance",)
+STATEFUL = "Stateful tests"  # the label of the stateful phase's scenarios
 
 
 @pytest.mark.e2e
 def test_schemathesis_finds_no_failure(start_server, state_dir: Path) -> None:
-    """Every operation, with the admin key, through schemathesis' examples, coverage and fuzzing
-    phases (deterministic), against a real server. 503 is the documented answer of predict in
+    """Every operation, with the admin key, through schemathesis' examples, coverage, fuzzing and
+    stateful phases (deterministic), against a real server; the stateful phase follows the
+    document's links from what POST creates to the operations that use its id. 503 is the documented answer of predict in
     maintenance mode, which the run itself switches to, so it does not count as a server error."""
     server = start_server(state_dir, {"QUADRA_AUTH_FAILURE_LIMIT": "1000000 per minute", "QUADRA_MAX_TRAINING_JOBS": "1"})
     config = schemathesis.Config.from_dict({
@@ -211,26 +216,30 @@ def test_schemathesis_finds_no_failure(start_server, state_dir: Path) -> None:
         "cache": {"enabled": False},
         "headers": {"X-API-Key": server.admin_key},
         "generation": {"max-examples": 50, "deterministic": True, "database": "none", "mode": "all"},
-        "phases": {"stateful": {"enabled": False}},
-        "checks": {"enabled": False, **{name: {"enabled": True} for name in CHECKS},
-                   "not_a_server_error": {"enabled": True, "expected-statuses": ["2xx", "3xx", "4xx", "503"]}},
+        "checks": {"not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", "503"]},
+                   **{name: {"enabled": False} for name in NOT_YET_CHECKED}},
     })
     # Loaded from a dict: loaded from its URL, schemathesis would leave out the operation serving it.
     schema = schemathesis.openapi.from_dict(server.get("/api/openapi.json").json(), config=config)
     cases: Counter[str] = Counter()
+    reached: set[str] = set()  # operations the stateful phase called, following the document's links
     failures: list[str] = []
     for event in from_schema(schema).execute():
         if isinstance(event, events.ScenarioFinished):
             cases[event.recorder.label] += len(event.recorder.cases)
-            failures += [f"{event.recorder.label}: {check.name}: {check.failure_info.failure}"
+            if event.recorder.label == STATEFUL:
+                reached |= {node.value.operation.label for node in event.recorder.cases.values()}
+            failures += [f"{event.recorder.label}: {check.name}: {check.failure_info.failure} {check.failure_info.code_sample}"
                          for checks in event.recorder.checks.values() for check in checks
                          if check.status == Status.FAILURE and check.failure_info]
         elif isinstance(event, (events.NonFatalError, events.FatalError)):
             failures.append(f"error: {getattr(event, 'value', None) or getattr(event, 'exception', None)}")
     _stop_training(server)
-    assert failures == []
+    assert failures == [], "\n".join(failures)
     labels = {f"{method} {path}" for method, path in operations(schema.raw_schema)}
-    assert set(cases) == labels and all(cases[label] > 0 for label in labels)
+    assert set(cases) == labels | {STATEFUL} and all(cases[label] > 0 for label in labels)
+    assert {"GET /api/train/{job_id}", "POST /api/train/{job_id}/cancel", "DELETE /api/auth/keys/{key_id}",
+            "GET /api/model/versions/{version}"} <= reached
     print(f"schemathesis: {len(labels)} operations, {sum(cases.values())} cases, no failure")
 
 

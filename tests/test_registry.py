@@ -483,7 +483,7 @@ def test_leftover_folder_of_a_crashed_save_does_not_block(registry: ModelVersion
     assert registry.verify_version("1.0.0")["ok"]
 
 
-def _save_in_process(url: str, models_dir: str, versions: list[str], results: "multiprocessing.Queue") -> None:
+def _save_in_process(url: str, models_dir: str, versions: list[str], results: multiprocessing.Queue) -> None:
     registry = ModelVersionManager(models_dir, Store(url), True)
     for version in versions:
         try:

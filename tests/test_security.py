@@ -222,7 +222,9 @@ def test_token_cannot_be_escalated(anonymous, api_keys) -> None:
 
 
 def test_narrower_token_from_an_admin_key(anonymous, api_keys) -> None:
-    body = anonymous.post("/api/auth/token", json={"permissions": ["read"], "expires_in": 120}, headers={"X-API-Key": api_keys["admin"]}).get_json()
+    body = anonymous.post(
+        "/api/auth/token", json={"permissions": ["read"], "expires_in": 120}, headers={"X-API-Key": api_keys["admin"]}
+    ).get_json()
     assert body["permissions"] == ["read"] and body["expires_in"] == 120
     bearer = {"Authorization": f"Bearer {body['access_token']}"}
     assert anonymous.get("/api/model/versions", headers=bearer).status_code == 200
@@ -263,7 +265,9 @@ def test_whoami_names_the_caller_never_the_key(app, anonymous, api_keys) -> None
 
 def _claims(**overrides) -> dict:
     now = int(time.time())
-    claims = {"sub": "ops", "name": "ops", "perms": ["admin"], "iat": now, "exp": now + 600, "iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "jti": "x"}
+    claims = {
+        "sub": "ops", "name": "ops", "perms": ["admin"], "iat": now, "exp": now + 600, "iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "jti": "x",
+    }
     claims.update(overrides)
     return {k: v for k, v in claims.items() if v is not None}
 
@@ -415,7 +419,10 @@ def test_anonymous_callers_are_limited_by_address_and_xff_is_ignored(state_dir: 
 def test_trusted_proxy_makes_xff_the_client_address(state_dir: Path, api_keys) -> None:
     app = make_app(state_dir, max_requests=2, rate_window=60, trusted_proxies=1)
     client = app.test_client()
-    first = [client.post("/api/predict", json=SETOSA, headers={"X-Forwarded-For": "203.0.113.7", "X-API-Key": "bad"}).status_code for _ in range(3)]
+    first = [
+        client.post("/api/predict", json=SETOSA, headers={"X-Forwarded-For": "203.0.113.7", "X-API-Key": "bad"}).status_code
+        for _ in range(3)
+    ]
     other = client.post("/api/predict", json=SETOSA, headers={"X-Forwarded-For": "203.0.113.8", "X-API-Key": "bad"})
     assert first == [401, 401, 429] and other.status_code == 401
     entry = app.extensions["quadra"].store.list_audit(1)[0]
@@ -436,7 +443,8 @@ def test_repeated_auth_failures_are_throttled_with_one_alert(state_dir: Path) ->
     codes = [client.get("/api/model/versions", headers={"X-API-Key": f"qk_guess{i}"}).status_code for i in range(6)]
     assert codes == [401, 401, 401, 429, 429, 429]
     throttled = client.get("/api/model/versions", headers={"X-API-Key": "qk_guess"})
-    assert throttled.get_json()["error"]["code"] == "too_many_auth_failures" and int(throttled.headers["Retry-After"]) > 0
+    assert throttled.get_json()["error"] == {"code": "too_many_requests", "message": "too many failed authentications from this address"}
+    assert int(throttled.headers["Retry-After"]) > 0
     actions = audit_actions(app)
     assert actions.count("alert.auth_failures") == 1 and actions.count("auth.failure") == 3
     app.extensions["quadra"].store.dispose()
@@ -468,7 +476,7 @@ def test_redis_down_still_answers_401_and_throttles_failed_authentications(
         missing = client.post("/api/predict", json=SETOSA)
     assert [r.status_code for r in wrong] == [401] * 10 + [429] * 5
     assert wrong[0].get_json() == UNAUTHORIZED
-    assert wrong[-1].get_json()["error"]["code"] == "too_many_auth_failures"
+    assert wrong[-1].get_json()["error"]["code"] == "too_many_requests"
     assert missing.status_code == 429
     outage_lines = [r for r in caplog.records if "Redis unreachable" in r.getMessage()]
     assert len(outage_lines) == 1 and "per process" in outage_lines[0].getMessage()
@@ -496,7 +504,7 @@ def test_retry_after_is_never_zero_while_refused(state_dir: Path, api_keys) -> N
 
 
 def test_seconds_until_rounds_up() -> None:
-    from utils.request_limits import seconds_until
+    from utils.errors import seconds_until
 
     now = time.time()
     assert seconds_until(now + 0.2) == 1 and seconds_until(now - 5) == 1 and seconds_until(now + 2.5) == 3
@@ -524,7 +532,10 @@ def test_cors_only_for_configured_origins(state_dir: Path) -> None:
     assert "Access-Control-Allow-Credentials" not in allowed.headers
     refused = client.get("/api/health", headers={"Origin": "https://evil.example"})
     assert "Access-Control-Allow-Origin" not in refused.headers
-    preflight = client.options("/api/predict", headers={"Origin": "https://ops.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "X-API-Key"})
+    preflight = client.options(
+        "/api/predict",
+        headers={"Origin": "https://ops.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "X-API-Key"},
+    )
     assert "x-api-key" in preflight.headers["Access-Control-Allow-Headers"].lower()
     app.extensions["quadra"].store.dispose()
 

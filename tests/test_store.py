@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Column, Integer, Table, inspect
+from sqlalchemy.exc import OperationalError
 
 from utils import store as store_module
-from utils.store import PRODUCTION, SERVING, SCHEMA_VERSION, Store, StoreConflict
+from utils.store import PRODUCTION, SCHEMA_VERSION, SERVING, Store, StoreConflict
 
 
 def version_row(version: str) -> dict:
@@ -139,7 +140,7 @@ def test_leases_are_exclusive_until_released_or_expired(store: Store) -> None:
 
 def test_unreachable_database_fails_after_bounded_wait() -> None:
     started = time.monotonic()
-    with pytest.raises(Exception):
+    with pytest.raises(OperationalError):
         Store("postgresql+psycopg://postgres@127.0.0.1:1/none?connect_timeout=1", wait_seconds=0.6)
     assert time.monotonic() - started < 30
 
@@ -166,7 +167,7 @@ def test_concurrent_writers_from_several_processes(store_url: str) -> None:
     store.dispose()
 
 
-def _flush_predictions(url: str, process: int, flushes: int, start: "multiprocessing.synchronize.Barrier") -> None:
+def _flush_predictions(url: str, process: int, flushes: int, start: multiprocessing.synchronize.Barrier) -> None:
     store = Store(url)
     start.wait(timeout=60)
     for flush in range(flushes):
@@ -177,7 +178,7 @@ def _flush_predictions(url: str, process: int, flushes: int, start: "multiproces
     store.dispose()
 
 
-def _update_state(url: str, process: int, updates: int, start: "multiprocessing.synchronize.Barrier") -> None:
+def _update_state(url: str, process: int, updates: int, start: multiprocessing.synchronize.Barrier) -> None:
     store = Store(url)
     start.wait(timeout=60)
     for _ in range(updates):

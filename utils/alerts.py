@@ -16,8 +16,8 @@ import time
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
+import certifi
 import urllib3
-from requests import certs
 
 from utils.store import Store
 
@@ -59,7 +59,7 @@ def send_webhook(url: str, payload: dict[str, Any], allow_private: bool = False,
     if parsed.scheme == "https":
         pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
             address, _port(parsed), server_hostname=parsed.hostname, assert_hostname=parsed.hostname,
-            cert_reqs="CERT_REQUIRED", ca_certs=certs.where(), **pool_options)
+            cert_reqs="CERT_REQUIRED", ca_certs=certifi.where(), **pool_options)
     else:
         pool = urllib3.HTTPConnectionPool(address, _port(parsed), **pool_options)
     headers = {"Host": parsed.netloc.rpartition("@")[2], "Content-Type": "application/json"}
@@ -151,7 +151,8 @@ class AlertManager:
 
     def _record(self, kind: str, severity: str, message: str, details: dict[str, Any]) -> int:
         alert_id = self.store.insert_alert(kind, severity, message, details)
-        log.log(logging.INFO if severity == "info" else logging.WARNING, "%s %s: %s", "notice" if severity == "info" else "ALERT", kind, message)
+        is_notice = severity == "info"
+        log.log(logging.INFO if is_notice else logging.WARNING, "%s %s: %s", "notice" if is_notice else "ALERT", kind, message)
         if self.webhook_url:
             payload = {"id": alert_id, "kind": kind, "severity": severity, "message": message, "details": details, "at": time.time()}
             threading.Thread(target=self._post, args=(self.webhook_url, payload), name="quadra-alert-webhook",

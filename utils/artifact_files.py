@@ -11,6 +11,7 @@ check is refused too, and written with O_EXCL, so a save never writes through a 
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import socket
@@ -18,7 +19,6 @@ import stat
 import time
 import uuid
 from pathlib import Path
-from typing import BinaryIO
 
 from utils.journal import process_alive
 
@@ -41,7 +41,7 @@ def confined(root: Path, relative: str | Path) -> Path:
     return path
 
 
-def open_regular(path: Path) -> BinaryIO:
+def open_regular(path: Path) -> io.BufferedReader:
     """Open `path` for reading only if it is a regular file and not itself a link (no wait
     on a FIFO); UnsafeArtifact otherwise."""
     try:

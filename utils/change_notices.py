@@ -9,7 +9,7 @@ until the back-off says to try again.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import redis
 

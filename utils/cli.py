@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -12,21 +12,30 @@ from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
 from utils import audit
+from utils.errors import QuadraError, TrainingInProgress, WrongMode
 from utils.model_modes import ModelMode
-from utils.model_monitoring import InsufficientData, ModelMonitor
+from utils.model_monitoring import ModelMonitor
 from utils.model_versioning import ModelVersionManager
 from utils.security import AuthManager
-from utils.training import Hyperparameters, TrainingCapacityReached
+from utils.training import Hyperparameters
 
-registry_cli = AppGroup("registry", help="Inspect, back up, restore and archive model versions.")
+
+class OperatorGroup(AppGroup):
+    """A command group whose commands end on a `QuadraError` as the API would answer it: its
+    message on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except QuadraError as exc:
+            raise click.ClickException(exc.message) from None
+
+
+registry_cli = OperatorGroup("registry", help="Inspect, back up, restore and archive model versions.")
 
 
 def _registry() -> ModelVersionManager:
     return current_app.extensions["quadra"].registry
-
-
-def _fail(exc: Exception) -> None:
-    raise click.ClickException(str(exc))
 
 
 @registry_cli.command("list")
@@ -46,10 +55,7 @@ def verify_command(versions: tuple[str, ...]) -> None:
     names = versions or tuple(v["version"] for v in registry.list_versions())
     bad = 0
     for name in names:
-        try:
-            result = registry.verify_version(name)
-        except (LookupError, ValueError) as exc:
-            _fail(exc)
+        result = registry.verify_version(name)
         bad += not result["ok"]
         click.echo(f"{name}: {'ok' if result['ok'] else 'MISMATCH'}")
     if bad:
@@ -68,10 +74,7 @@ def backup_command(destination: str) -> None:
 @click.argument("source", type=click.Path(exists=True, dir_okay=False))
 def restore_command(source: str) -> None:
     """Restore a backup, verifying every artifact's hash before anything is written."""
-    try:
-        result = _registry().restore(source)
-    except (LookupError, ValueError, RuntimeError) as exc:
-        _fail(exc)
+    result = _registry().restore(source)
     click.echo(f"restored {len(result['restored'])} version(s), {result['skipped']} already present")
 
 
@@ -79,10 +82,7 @@ def restore_command(source: str) -> None:
 @click.argument("version")
 def archive_command(version: str) -> None:
     """Compress an unused version's artifact (metadata and hash are kept)."""
-    try:
-        _registry().archive_version(version)
-    except (LookupError, ValueError, RuntimeError) as exc:
-        _fail(exc)
+    _registry().archive_version(version)
     click.echo(f"archived {version}")
 
 
@@ -90,10 +90,7 @@ def archive_command(version: str) -> None:
 @click.argument("version")
 def unarchive_command(version: str) -> None:
     """Restore an archived version's artifact, checked against its recorded hash."""
-    try:
-        _registry().restore_archived_version(version)
-    except (LookupError, ValueError, RuntimeError) as exc:
-        _fail(exc)
+    _registry().restore_archived_version(version)
     click.echo(f"restored {version}")
 
 
@@ -101,14 +98,11 @@ def unarchive_command(version: str) -> None:
 @click.argument("version")
 def delete_command(version: str) -> None:
     """Delete a version (refused for the production and serving versions)."""
-    try:
-        _registry().delete_version(version)
-    except (LookupError, ValueError, RuntimeError) as exc:
-        _fail(exc)
+    _registry().delete_version(version)
     click.echo(f"deleted {version}")
 
 
-keys_cli = AppGroup("keys", help="Create, list, revoke and rotate API keys.")
+keys_cli = OperatorGroup("keys", help="Create, list, revoke and rotate API keys.")
 
 
 def _auth() -> AuthManager:
@@ -122,10 +116,7 @@ def _auth() -> AuthManager:
 @click.option("--rate-limit", default=None, help="This key's own limit (its tier), e.g. '1000 per minute'.")
 def create_key_command(name: str, permissions: str, expires_days: float | None, rate_limit: str | None) -> None:
     """Create a key and print it (the only time it is shown)."""
-    try:
-        api_key, record = _auth().create_api_key(name, permissions.split(","), expires_days, rate_limit, created_by="cli")
-    except ValueError as exc:
-        _fail(exc)
+    api_key, record = _auth().create_api_key(name, permissions.split(","), expires_days, rate_limit, created_by="cli")
     audit.record(_auth().store, "cli", "keys.create", "success", target=record["id"], details={"permissions": record["permissions"]})
     click.echo(f"created {record['id']} ({record['name']}, {','.join(record['permissions'])})", err=True)
     click.echo(api_key)
@@ -137,17 +128,16 @@ def list_keys_command() -> None:
     for key in _auth().list_api_keys():
         state = "active" if key["active"] else ("revoked" if key["revoked_at"] else "expired")
         expires = _when(key["expires_at"])
-        click.echo(f"{key['id']}  {key['display']:<14} {key['name']:<24} {','.join(key['permissions']):<16} {state:<8} expires {expires}  last used {_when(key['last_used_at'])}")
+        permissions = ",".join(key["permissions"])
+        click.echo(f"{key['id']}  {key['display']:<14} {key['name']:<24} {permissions:<16} {state:<8} "
+                   f"expires {expires}  last used {_when(key['last_used_at'])}")
 
 
 @keys_cli.command("revoke")
 @click.argument("key_id")
 def revoke_key_command(key_id: str) -> None:
     """Revoke a key; every worker refuses it within QUADRA_AUTH_CACHE_SECONDS."""
-    try:
-        _auth().revoke_api_key(key_id)
-    except LookupError as exc:
-        _fail(exc)
+    _auth().revoke_api_key(key_id)
     audit.record(_auth().store, "cli", "keys.revoke", "success", target=key_id)
     click.echo(f"revoked {key_id}")
 
@@ -157,10 +147,7 @@ def revoke_key_command(key_id: str) -> None:
 @click.option("--grace-hours", type=float, default=24.0, show_default=True, help="How long the old key keeps working.")
 def rotate_key_command(key_id: str, grace_hours: float) -> None:
     """Issue a replacement key and print it; the old key dies after the grace period."""
-    try:
-        api_key, record = _auth().rotate_api_key(key_id, grace_hours * 3600)
-    except (LookupError, ValueError) as exc:
-        _fail(exc)
+    api_key, record = _auth().rotate_api_key(key_id, grace_hours * 3600)
     audit.record(_auth().store, "cli", "keys.rotate", "success", target=key_id, details={"new_key_id": record["id"]})
     click.echo(f"rotated {key_id} -> {record['id']}; the old key works for {grace_hours:g} more hour(s)", err=True)
     click.echo(api_key)
@@ -173,11 +160,12 @@ def rotate_key_command(key_id: str, grace_hours: float) -> None:
 def audit_command(limit: int, action: str | None) -> None:
     """Show the newest audit records."""
     for entry in audit.recent(current_app.extensions["quadra"].store, limit, action):
-        click.echo(f"{_when(entry['at'])}  {entry['outcome']:<8} {entry['action']:<32} {entry['actor']:<40} {entry['target'] or '-':<20} {entry['ip'] or '-'}")
+        click.echo(f"{_when(entry['at'])}  {entry['outcome']:<8} {entry['action']:<32} {entry['actor']:<40} "
+                   f"{entry['target'] or '-':<20} {entry['ip'] or '-'}")
 
 
-monitoring_cli = AppGroup("monitoring", help="Monitoring statistics, drift and the drift baseline.")
-baseline_cli = AppGroup("baseline", help="Set, show or reset the drift baseline.")
+monitoring_cli = OperatorGroup("monitoring", help="Monitoring statistics, drift and the drift baseline.")
+baseline_cli = OperatorGroup("baseline", help="Set, show or reset the drift baseline.")
 monitoring_cli.add_command(baseline_cli)
 
 
@@ -210,10 +198,7 @@ def baseline_set_command() -> None:
     registry = current_app.extensions["quadra"].registry
     serving = registry.get_serving_version()
     names = registry.get_version_info(serving)["config"].get("feature_names") if serving else None
-    try:
-        baseline = _monitor().set_baseline(names, created_by="cli")
-    except InsufficientData as exc:
-        _fail(exc)
+    baseline = _monitor().set_baseline(names, created_by="cli")
     click.echo(f"baseline {baseline['id']} set from {baseline['sample_count']} predictions")
 
 
@@ -229,7 +214,7 @@ def baseline_reset_command() -> None:
     click.echo(f"removed {_monitor().reset_baseline()} baseline(s)")
 
 
-mode_cli = AppGroup("mode", help="Show or switch the deployment's mode.")
+mode_cli = OperatorGroup("mode", help="Show or switch the deployment's mode.")
 
 
 @mode_cli.command("show")
@@ -245,9 +230,10 @@ def mode_set_command(mode: str, reason: str) -> None:
     """Switch every worker to MODE within a second (refused while a job trains, for inference)."""
     services = current_app.extensions["quadra"]
     if mode == ModelMode.INFERENCE.value and services.jobs.active():
-        _fail(RuntimeError("a training job is running; cancel it first (flask --app app train cancel JOB)"))
+        raise TrainingInProgress("a training job is running; cancel it first (flask --app app train cancel JOB)")
     state = services.modes.set_mode(mode, reason, changed_by="cli")
-    audit.record(services.store, "cli", "modes.set_mode", "success", target=mode, details={"reason": reason, "from": state["previous_mode"]})
+    audit.record(services.store, "cli", "modes.set_mode", "success", target=mode,
+                 details={"reason": reason, "from": state["previous_mode"]})
     if state["previous_mode"] == mode:
         click.echo(f"already in {mode} mode")
         return
@@ -256,7 +242,7 @@ def mode_set_command(mode: str, reason: str) -> None:
     click.echo(f"mode {state['previous_mode']} -> {mode}")
 
 
-train_cli = AppGroup("train", help="Start, follow and cancel training jobs.")
+train_cli = OperatorGroup("train", help="Start, follow and cancel training jobs.")
 
 
 @train_cli.command("start")
@@ -269,11 +255,8 @@ def train_start_command(epochs: int, learning_rate: float, batch_size: int, seed
     """Train on the bundled dataset (needs TRAINING or MAINTENANCE mode); saves, never promotes."""
     services = current_app.extensions["quadra"]
     if not services.modes.allows_training():
-        _fail(RuntimeError(f"training is refused in {services.modes.mode.value} mode; switch to training or maintenance first"))
-    try:
-        job = services.jobs.start(Hyperparameters(epochs, learning_rate, batch_size, seed), None, created_by="cli")
-    except TrainingCapacityReached as exc:
-        _fail(exc)
+        raise WrongMode(f"training is refused in {services.modes.mode.value} mode; switch to training or maintenance first")
+    job = services.jobs.start(Hyperparameters(epochs, learning_rate, batch_size, seed), None, created_by="cli")
     audit.record(services.store, "cli", "training.start_training", "success", target=job["id"])
     click.echo(job["id"])
     while wait and job["status"] in ("queued", "running"):
@@ -290,10 +273,7 @@ def train_start_command(epochs: int, learning_rate: float, batch_size: int, seed
 @train_cli.command("status")
 @click.argument("job_id")
 def train_status_command(job_id: str) -> None:
-    try:
-        _echo_json(current_app.extensions["quadra"].jobs.get(job_id))
-    except LookupError as exc:
-        _fail(exc)
+    _echo_json(current_app.extensions["quadra"].jobs.get(job_id))
 
 
 @train_cli.command("list")
@@ -305,17 +285,14 @@ def train_list_command() -> None:
 @train_cli.command("cancel")
 @click.argument("job_id")
 def train_cancel_command(job_id: str) -> None:
-    try:
-        job = current_app.extensions["quadra"].jobs.cancel(job_id)
-    except LookupError as exc:
-        _fail(exc)
+    job = current_app.extensions["quadra"].jobs.cancel(job_id)
     click.echo(f"{job_id}: {job['status']}{' (stopping at the next epoch)' if job['cancel_requested'] else ''}")
 
 
 def _when(timestamp: float | None) -> str:
     if timestamp is None:
         return "never"
-    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def register_cli(app: Flask) -> None:

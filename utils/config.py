@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, TypeVar
+from typing import TypeVar
 from urllib.parse import urlparse
 
 from dotenv import dotenv_values
@@ -208,7 +209,7 @@ class Settings:
         return self.state_dir / "artifact-cache"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: str | Path = ".env") -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: str | Path = ".env") -> Settings:
         """Read settings from `environ` (default: os.environ over the values in `.env`)."""
         if environ is None:
             values = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}

@@ -15,8 +15,9 @@ Pure numpy/scipy: no Flask, no database.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -90,7 +91,7 @@ def clean(values: Sequence[Any] | np.ndarray) -> np.ndarray:
             array = array.astype(float)
         except (TypeError, ValueError):
             # Elementwise on object arrays: `x == x` is False only for NaN.
-            return array[np.not_equal(array, None) & np.equal(array, array)].astype(str)
+            return array[np.not_equal(array, np.array(None, dtype=object)) & np.equal(array, array)].astype(str)
     elif array.dtype.kind in "biuf":
         array = array.astype(float)
     else:
@@ -240,8 +241,8 @@ def column_drift(
 
 
 def dataset_drift(
-    reference: Mapping[str, Sequence[Any]],
-    current: Mapping[str, Sequence[Any]],
+    reference: Mapping[str, Sequence[Any] | np.ndarray],
+    current: Mapping[str, Sequence[Any] | np.ndarray],
     categorical: Iterable[str] = (),
     share_threshold: float = 0.5,
 ) -> DatasetDrift:

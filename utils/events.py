@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from flask import current_app, request
 from flask_socketio import ConnectionRefusedError, SocketIO, emit, join_room
 
-from utils.errors import ApiError
+from utils.errors import TooManyRequests
 from utils.security import AUTH_DISABLED_PRINCIPAL, PERMISSIONS, Principal
 
 
@@ -160,18 +161,18 @@ class EventPusher:
         @socketio.on("connect")
         def on_connect(auth: Any = None) -> None:
             subscriber = self.admit(auth)
-            self.subscribers[request.sid] = subscriber
+            self.subscribers[_socket_id()] = subscriber
             for room in subscriber.rooms:
                 join_room(room)
             emit("snapshot", self.snapshot(subscriber.topics))
 
         @socketio.on("disconnect")
         def on_disconnect(*args: Any) -> None:
-            self.subscribers.pop(request.sid, None)
+            self.subscribers.pop(_socket_id(), None)
 
         @socketio.on("resync")
         def on_resync(*args: Any) -> None:
-            subscriber = self.subscribers.get(request.sid) or Subscriber()
+            subscriber = self.subscribers.get(_socket_id()) or Subscriber()
             emit("snapshot", self.snapshot(subscriber.topics))
 
     def admit(self, auth: Any) -> Subscriber:
@@ -186,7 +187,7 @@ class EventPusher:
         if principal is None:
             try:
                 current_app.extensions["quadra_security"].on_auth_failure(presented=True)
-            except ApiError as exc:  # too many failures from this address
+            except TooManyRequests as exc:  # too many failures from this address
                 raise ConnectionRefusedError(exc.message, {"code": exc.code}) from None
             what = "API key" if credential[0] == "apiKey" else "token"
             raise ConnectionRefusedError(f"the {what} in the Socket.IO auth payload is not valid (unknown, revoked or expired)",
@@ -287,7 +288,8 @@ class EventPusher:
     def read(self, topic: str) -> Any:
         svc = self.services
         if topic == "mode":
-            return {**svc.modes.state(), "serves_predictions": svc.modes.serves_predictions(), "allows_training": svc.modes.allows_training()}
+            modes = svc.modes
+            return {**modes.state(), "serves_predictions": modes.serves_predictions(), "allows_training": modes.allows_training()}
         if topic == "versions":
             served = svc.model_server.current
             return {"serving_version": svc.registry.get_serving_version(), "production_version": svc.registry.get_production_version(),
@@ -306,3 +308,8 @@ class EventPusher:
         if topic == "alerts":
             return {"alerts": svc.alerts.recent(RECENT_ALERTS)}
         raise ValueError(f"unknown topic {topic}")
+
+
+def _socket_id() -> str:
+    """The Socket.IO session id Flask-SocketIO puts on the request of an event handler."""
+    return str(request.sid)  # type: ignore[attr-defined]

@@ -10,7 +10,8 @@ not copied back: when Redis answers again, its own counts apply.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from limits.storage import MemoryStorage, Storage
 

@@ -16,9 +16,10 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic_core import to_json
 
@@ -46,11 +47,12 @@ class RecordBatch:
 
     def records(self) -> list[dict[str, Any]]:
         """One store row per record."""
+        rows = zip(self.confidences, self.classes, self.features, strict=False)  # a replayed line may be short
         return [
             {"at": self.at, "model_version": self.model_version, "latency_ms": self.latency_ms, "confidence": confidence,
              "predicted_class": predicted_class, "success": self.success, "error": self.error, "features": features,
              "record_id": self._record_id(index)}
-            for index, (confidence, predicted_class, features) in enumerate(zip(self.confidences, self.classes, self.features))
+            for index, (confidence, predicted_class, features) in enumerate(rows)
         ]
 
     def _record_id(self, index: int) -> str | None:

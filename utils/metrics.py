@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from flask import Flask, Response, g, request
 from prometheus_client import (
@@ -22,7 +23,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from utils.events import DRIFT_STATE
@@ -40,16 +41,21 @@ RATE_LIMITED = Counter("quadra_rate_limited_total", "Requests refused by the rat
 
 
 class StoreCollector:
-    """Shared state as gauges, read from the store on every scrape."""
+    """Shared state as counters and gauges, read from the store on every scrape."""
 
     def __init__(self, read_state: Callable[[], dict[str, Any]]) -> None:
         self.read_state = read_state
 
     def collect(self) -> Iterator[Any]:
         state = self.read_state()
+        counters = {
+            "quadra_predictions": ("Predictions recorded (all workers; reset by reset_counters)", state["predictions"]),
+            "quadra_prediction_errors": ("Failed predictions recorded (all workers)", state["errors"]),
+        }
+        for name, (documentation, value) in counters.items():
+            if value is not None:
+                yield CounterMetricFamily(name, documentation, value=float(value))
         gauges = {
-            "quadra_predictions_total": ("Predictions recorded (all workers)", state["predictions"]),
-            "quadra_prediction_errors_total": ("Failed predictions recorded", state["errors"]),
             "quadra_prediction_confidence_mean": ("Mean confidence over the monitoring window", state["confidence_mean"]),
             "quadra_drift_score": ("Confidence drift score at the last drift check", state["drift_score"]),
             "quadra_drift_detected": ("1 when the last drift check found drift", state["drift_detected"]),

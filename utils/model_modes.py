@@ -17,10 +17,12 @@ import inspect
 import logging
 import threading
 import time
+from collections.abc import Callable
 from enum import Enum
 from functools import wraps
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
+from utils.errors import InvalidMode
 from utils.store import Store, UsesConfiguredStore
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -34,11 +36,11 @@ class ModelMode(str, Enum):
     MAINTENANCE = "maintenance"
 
     @classmethod
-    def parse(cls, value: "ModelMode | str") -> "ModelMode":
+    def parse(cls, value: ModelMode | str) -> ModelMode:
         try:
             return cls(value.value if isinstance(value, ModelMode) else str(value).lower())
         except ValueError:
-            raise ValueError(f"unknown mode {value!r}; expected one of {', '.join(m.value for m in cls)}") from None
+            raise InvalidMode(f"unknown mode {value!r}; expected one of {', '.join(m.value for m in cls)}") from None
 
 
 SERVES_PREDICTIONS = {ModelMode.INFERENCE, ModelMode.TRAINING}
@@ -173,7 +175,7 @@ class InferenceGuard:
     def __init__(self, manager: ModelModeManager | None = None) -> None:
         self.manager = manager or mode_manager
 
-    def __enter__(self) -> "InferenceGuard":
+    def __enter__(self) -> InferenceGuard:
         mode = self.manager.mode
         if mode not in SERVES_PREDICTIONS:
             raise RuntimeError(f"Cannot perform inference in {mode.value} mode")
@@ -189,7 +191,7 @@ class TrainingGuard:
     def __init__(self, manager: ModelModeManager | None = None) -> None:
         self.manager = manager or mode_manager
 
-    def __enter__(self) -> "TrainingGuard":
+    def __enter__(self) -> TrainingGuard:
         mode = self.manager.mode
         if mode not in ALLOWS_TRAINING:
             raise RuntimeError(f"Cannot perform training in {mode.value} mode")

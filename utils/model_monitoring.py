@@ -17,16 +17,18 @@ import shutil
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from itertools import compress
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from pydantic_core import from_json
 
 from utils.config import current_settings, is_service_folder
-from utils.drift import column_drift, dataset_drift
+from utils.drift import DatasetDrift, column_drift, dataset_drift
+from utils.errors import InsufficientData
 from utils.journal import RecordBatch, RecordJournal
 from utils.store import Store, folder_store, store_for
 
@@ -40,10 +42,6 @@ FEATURE_BLOCK = 500
 STD_FLOOR = 1e-6
 CONFIDENCE_BINS = [0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
 log = logging.getLogger("quadra.monitoring")
-
-
-class InsufficientData(RuntimeError):
-    """Not enough recorded predictions for what was asked (a baseline, a drift check)."""
 
 
 @dataclass(frozen=True)
@@ -196,7 +194,8 @@ class ModelMonitor:
 
     def record_batch(self, rows: list[list[float]], results: list[dict[str, Any]], seconds: float, model_version: str) -> None:
         """Record each row of a served request (the request path's fast variant)."""
-        features = rows if self.feature_sample_rate >= 1.0 else [row if self._keep_features() else None for row in rows]
+        features: list[list[float] | None] = (list(rows) if self.feature_sample_rate >= 1.0
+                                              else [row if self._keep_features() else None for row in rows])
         self._append(RecordBatch(time.time(), model_version, seconds * 1000.0, [r["confidence"] for r in results],
                                  [r["class"] for r in results], features))
 
@@ -344,11 +343,12 @@ class ModelMonitor:
         recent = self.store.count_predictions_since(now - 60, self.store.get_state(WINDOW_START) or 0)
         counts, _ = np.histogram(confidence, bins=CONFIDENCE_BINS) if confidence.size else (np.zeros(len(CONFIDENCE_BINS) - 1), None)
         latency_summary = _summary(latency)
+        mean_latency_ms = latency_summary["mean"]
         return {
             "total_predictions": totals["count"],
             "error_count": totals["errors"],
             "error_rate": totals["errors"] / totals["count"] if totals["count"] else 0.0,
-            "avg_prediction_time": latency_summary["mean"] / 1000.0 if latency.size else None,
+            "avg_prediction_time": mean_latency_ms / 1000.0 if mean_latency_ms is not None else None,
             "avg_confidence": float(confidence.mean()) if confidence.size else None,
             "window_size": self.window_size,
             "window": {
@@ -511,7 +511,7 @@ class ModelMonitor:
         return self.store.roll_up_predictions(time.time() - retention_seconds)
 
 
-def _input_drift(baseline: dict[str, Any], features: list[str | None]):
+def _input_drift(baseline: dict[str, Any], features: list[str | None]) -> DatasetDrift | None:
     reference = baseline["sample"]["features"]
     current = _present(features)
     if not reference or not current:
@@ -571,7 +571,8 @@ class HealthChecker:
     def check_health(self) -> dict[str, Any]:
         exists = self.model_path.is_dir()
         files = {name: (self.model_path / name).exists() for name in self.required_files}
-        free = shutil.disk_usage(self.model_path if exists else self.model_path.parent).free if exists or self.model_path.parent.exists() else 0
+        measured = self.model_path if exists else self.model_path.parent
+        free = shutil.disk_usage(measured).free if measured.exists() else 0
         disk_ok = free >= self.min_free_bytes
         registry_ok = True
         if files.get("model_registry.json"):

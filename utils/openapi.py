@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from flask import Flask
 from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from utils.schemas import Error, PathParameters, QueryParameters, RequestBody
 
@@ -46,6 +47,15 @@ ErrorSpec = str | tuple[str, type[BaseModel]]
 
 
 @dataclass(frozen=True)
+class Link:
+    """An OpenAPI link: `operation` (an endpoint name) takes `parameters` from this response,
+    e.g. {"job_id": "$response.body#/id"}."""
+
+    operation: str
+    parameters: Mapping[str, str]
+
+
+@dataclass(frozen=True)
 class Operation:
     """What the document says about one view (its description is the view's docstring)."""
 
@@ -58,6 +68,7 @@ class Operation:
     path: type[PathParameters] | None = None
     errors: Mapping[int, ErrorSpec] = field(default_factory=dict)  # the domain's own error statuses
     security: tuple[str, ...] | None = None        # default: both schemes when a permission is required
+    links: Mapping[str, Link] = field(default_factory=dict)  # operations that use what the success body holds
 
     @property
     def body_required(self) -> bool:
@@ -81,7 +92,7 @@ def build_document(app: Flask, rate_limited: Callable[[str], bool], title: str, 
         view = app.view_functions[rule.endpoint]
         tag = rule.endpoint.rpartition(".")[0] or "service"
         tags.setdefault(tag, _first_line(inspect.getmodule(view)))
-        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             entry = _operation(rule.endpoint, method, op, view, schemas, tag, rate_limited(rule.endpoint))
             paths.setdefault(_RULE_ARGUMENT.sub(r"{\1}", rule.rule), {})[method.lower()] = entry
         if op.path is not None and set(op.path.model_fields) != set(rule.arguments):
@@ -100,7 +111,7 @@ def build_document(app: Flask, rate_limited: Callable[[str], bool], title: str, 
 def _component_schemas(operations: Iterable[Operation]) -> dict[str, Any]:
     """JSON Schemas of every model, with `$ref`s into components (request models as validated,
     response models as serialised)."""
-    models: dict[tuple[type[BaseModel], str], None] = {(Error, "serialization"): None}
+    models: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {(Error, "serialization"): None}
     for op in operations:
         for model in (op.body, op.query, op.path):
             if model is not None:
@@ -133,6 +144,9 @@ def _operation(endpoint: str, method: str, op: Operation, view: Callable[..., An
     success: dict[str, Any] = {"description": op.summary}
     schema = _ref(op.response, "serialization", schemas) if op.response else {"type": "string"}
     success["content"] = {op.media_type: {"schema": schema}}
+    if op.links:
+        success["links"] = {name: {"operationId": link.operation, "parameters": dict(link.parameters)}
+                            for name, link in op.links.items()}
     entry["responses"] = {str(op.status): success, **_error_responses(op, method, permission, security, rate_limited, schemas)}
     return entry
 

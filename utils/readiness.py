@@ -34,9 +34,10 @@ class Readiness:
     def report(self) -> dict[str, Any]:
         checks: dict[str, Any] = {"store": self._store_ok()}
         if self.settings.redis_url:
-            checks["redis"] = self._redis_ok()
+            checks["redis"] = _redis_ok(self.settings.redis_url)
         checks["artifact_store"] = self._artifacts_ok()
-        files = HealthChecker(self.registry.models_dir, [REGISTRY_MIRROR], self.settings.min_free_disk_mb * 1024 * 1024).check_health()["checks"]
+        min_free_bytes = self.settings.min_free_disk_mb * 1024 * 1024
+        files = HealthChecker(self.registry.models_dir, [REGISTRY_MIRROR], min_free_bytes).check_health()["checks"]
         checks["model_directory"] = files["model_directory"]
         checks["required_files"] = files["required_files"]
         checks["disk_space"] = files["disk_space"]
@@ -61,12 +62,6 @@ class Readiness:
             self.store.ping()
             return True
         except Exception:
-            return False
-
-    def _redis_ok(self) -> bool:
-        try:
-            return bool(redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
-        except redis.RedisError:
             return False
 
     def _artifacts_ok(self) -> bool:
@@ -125,3 +120,10 @@ def _degradations(checks: dict[str, Any]) -> list[str]:
     if checks.get("redis") is False:
         return ["Redis is unreachable: rate limits are counted per process until it is back"]
     return []
+
+
+def _redis_ok(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
+    except redis.RedisError:
+        return False

@@ -13,32 +13,20 @@ counts in memory until Redis is back, so this check never fails a request becaus
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 from flask import Flask, Response, g, request
 from limits import parse
 from limits.storage import Storage
 from limits.strategies import FixedWindowRateLimiter
 
-from utils.errors import ApiError
+from utils.errors import TooManyRequests
 
 APPLICATION_SCOPE = "global"  # the key segment naming the service-wide limit
 
 parse_limit = lru_cache(maxsize=1024)(parse)
-
-
-def seconds_until(reset_at: float) -> int:
-    """Whole seconds until `reset_at`, rounded up and at least 1: a client that waits this
-    long after a refusal is never refused again by the same window."""
-    return max(1, math.ceil(reset_at - time.time()))
-
-
-def too_many(code: str, message: str, reset_at: float) -> ApiError:
-    """The 429 for a refused request, with the Retry-After that `seconds_until` gives."""
-    return ApiError(429, code, message, {"Retry-After": str(seconds_until(reset_at))})
 
 
 def counter_args(key_prefix: str, identifier: str) -> tuple[str, ...]:
@@ -96,7 +84,7 @@ class RequestLimits:
         stats = self._strategy.get_window_stats(item, *args)
         g.rate_limit_window = Window(item.amount, stats.remaining, stats.reset_time)
         if not allowed:
-            raise too_many("too_many_requests", f"rate limit exceeded: {item}", stats.reset_time)
+            raise TooManyRequests(f"rate limit exceeded: {item}", stats.reset_time)
 
     @staticmethod
     def _add_headers(response: Response) -> Response:

@@ -4,9 +4,9 @@ One source of truth: the request models validate every request (unknown fields, 
 missing fields and oversize arrays are refused before a handler runs) and, with the response
 models, are the JSON Schemas (draft 2020-12) of the OpenAPI document at /api/openapi.json.
 
-Request models say which error `code` a failure answers with: `error_code` for the model, and
-`field_codes` for fields whose failures have a code of their own (a bad version is always
-`invalid_version`). Checks that need runtime state (the row width of the loaded model, the
+Request models say which error (of `utils.errors`) a failure raises: `error` for the model, and
+`field_errors` for fields whose failures have an error of their own (a bad version is always
+`InvalidVersion`). Checks that need runtime state (the row width of the loaded model, the
 configured batch size) stay in the handlers.
 """
 
@@ -16,8 +16,9 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from utils.errors import InvalidInput, InvalidMode, InvalidParameter, InvalidRequest, InvalidTrainingData, InvalidVersion
 from utils.model_modes import ModelMode
-from utils.model_versioning import MAX_VERSION_LENGTH, validate_version
+from utils.model_versioning import MAX_VERSION_LENGTH, VERSION_PATTERN, validate_version
 from utils.security import validate_rate_limit
 from utils.serving import FLOAT32_MAX
 from utils.training import Hyperparameters
@@ -44,7 +45,7 @@ Version = Annotated[
     str,
     AfterValidator(validate_version),
     Field(description="semantic (1.2.0, 2.1.3-beta) or a timestamp (20241221-143022, train-20241221-143022)",
-          examples=["1.2.0"], json_schema_extra={"minLength": 1, "maxLength": MAX_VERSION_LENGTH}),
+          examples=["1.2.0"], json_schema_extra={"minLength": 1, "maxLength": MAX_VERSION_LENGTH, "pattern": VERSION_PATTERN}),
 ]
 # A single URL segment: the router never hands a handler one containing "/".
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^/]+$")]
@@ -54,16 +55,16 @@ class RequestBody(BaseModel):
     """A JSON request body: unknown fields are refused and nothing is coerced (no "5" for 5)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    error_code: ClassVar[str] = "invalid_body"
-    field_codes: ClassVar[dict[str, str]] = {}
+    error: ClassVar[type[InvalidRequest]] = InvalidRequest
+    field_errors: ClassVar[dict[str, type[InvalidRequest]]] = {}
 
 
 class QueryParameters(BaseModel):
     """Query parameters: unknown ones are refused; values arrive as text and are parsed."""
 
     model_config = ConfigDict(extra="forbid")
-    error_code: ClassVar[str] = "invalid_parameter"
-    field_codes: ClassVar[dict[str, str]] = {}
+    error: ClassVar[type[InvalidRequest]] = InvalidParameter
+    field_errors: ClassVar[dict[str, type[InvalidRequest]]] = {}
 
 
 class PathParameters(QueryParameters):
@@ -76,7 +77,7 @@ class PathParameters(QueryParameters):
 class PredictRequest(RequestBody):
     """Rows to classify, each with the serving model's `input_dim` numbers."""
 
-    error_code: ClassVar[str] = "invalid_input"
+    error: ClassVar[type[InvalidRequest]] = InvalidInput
     inputs: list[Annotated[list[Float32], Field(min_length=1, max_length=MAX_FEATURES)]] = Field(
         min_length=1, max_length=MAX_BATCH_ROWS,
         description="one row per sample; at most QUADRA_MAX_BATCH_SIZE rows (1024 by default)",
@@ -87,7 +88,7 @@ class PredictRequest(RequestBody):
 class SaveRequest(RequestBody):
     """A snapshot of the serving model as a new version; every field is optional."""
 
-    field_codes: ClassVar[dict[str, str]] = {"version": "invalid_version"}
+    field_errors: ClassVar[dict[str, type[InvalidRequest]]] = {"version": InvalidVersion}
     version: Version | None = Field(None, description="omitted: a timestamp version")
     description: Annotated[str, StringConstraints(max_length=2000)] | None = None
     tags: list[Tag] = Field([], max_length=32)
@@ -131,7 +132,7 @@ class TrainingData(RequestBody):
     feature_names: list[ShortText] | None = Field(None, max_length=MAX_FEATURES)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TrainingData":
+    def _consistent(self) -> TrainingData:
         width = len(self.features[0])
         if any(len(row) != width for row in self.features):
             raise ValueError("every row of 'features' must hold the same number of values")
@@ -147,7 +148,7 @@ class TrainingData(RequestBody):
 class TrainRequest(RequestBody):
     """Hyperparameters (all optional) and, optionally, your own data (default: the bundled Iris set)."""
 
-    field_codes: ClassVar[dict[str, str]] = {"data": "invalid_data"}
+    field_errors: ClassVar[dict[str, type[InvalidRequest]]] = {"data": InvalidTrainingData}
     epochs: Annotated[int, Field(ge=1, le=10_000)] = Hyperparameters.epochs
     learning_rate: Annotated[float, Field(ge=1e-7, le=10.0)] = Hyperparameters.learning_rate
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = Hyperparameters.batch_size
@@ -197,12 +198,12 @@ class JobsQuery(QueryParameters):
 
 
 class VersionPath(PathParameters):
-    error_code: ClassVar[str] = "invalid_version"
+    error: ClassVar[type[InvalidRequest]] = InvalidVersion
     version: Version
 
 
 class ModePath(PathParameters):
-    error_code: ClassVar[str] = "invalid_mode"
+    error: ClassVar[type[InvalidRequest]] = InvalidMode
     mode: ModelMode
 
 

@@ -20,9 +20,10 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import wraps
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 import jwt
 from dotenv import dotenv_values
@@ -31,17 +32,16 @@ from flask_cors import CORS
 from limits import RateLimitItem
 from limits.storage import Storage, storage_from_string
 from limits.strategies import FixedWindowRateLimiter
-
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from utils import audit
-from utils.config import Settings, current_settings, resolve_secret_key
-from utils.errors import ApiError
+from utils.config import ConfigError, Settings, current_settings, resolve_secret_key
+from utils.errors import Forbidden, InactiveKey, InvalidRequest, KeyNotFound, TooManyRequests, Unauthorized
 from utils.fallback_storage import FallbackStorage
 from utils.outage import Outage
 from utils.rate_limit_storage import SCHEME as STORE_SCHEME
 from utils.rate_limit_storage import StoreRateLimitStorage
-from utils.request_limits import RequestLimits, counter_args, parse_limit, too_many
+from utils.request_limits import RequestLimits, counter_args, parse_limit
 from utils.store import Store, UsesConfiguredStore, store_for
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -67,7 +67,7 @@ def normalize_permissions(permissions: Iterable[str]) -> list[str]:
     names = {p.strip().lower() for p in permissions if p and p.strip()}
     unknown = names - set(PERMISSIONS)
     if unknown or not names:
-        raise ValueError(f"permissions must be a non-empty subset of {', '.join(PERMISSIONS)}")
+        raise InvalidRequest(f"permissions must be a non-empty subset of {', '.join(PERMISSIONS)}")
     return sorted(names, key=_RANK.__getitem__)
 
 
@@ -82,7 +82,7 @@ def validate_rate_limit(limit: str | None) -> str | None:
     try:
         parse_limit(limit)
     except ValueError:
-        raise ValueError(f"rate limit {limit!r} is not valid; use e.g. '1000 per minute' or '60/minute'") from None
+        raise InvalidRequest(f"rate limit {limit!r} is not valid; use e.g. '1000 per minute' or '60/minute'") from None
     return limit
 
 
@@ -238,7 +238,7 @@ class AuthManager(UsesConfiguredStore):
     ) -> tuple[dict[str, Any], str]:
         name = (name or "").strip()
         if not name or len(name) > 100:
-            raise ValueError("a key needs a name of 1-100 characters")
+            raise InvalidRequest("a key needs a name of 1-100 characters")
         if api_key is not None:
             self._check_chosen_key(api_key, name)
         api_key = api_key or self.secrets.generate_api_key()
@@ -265,12 +265,12 @@ class AuthManager(UsesConfiguredStore):
         """A key chosen by the caller (not generated) shorter than MIN_KEY_LENGTH: refused in
         production, accepted with a warning elsewhere."""
         if not isinstance(api_key, str) or not api_key.strip():
-            raise ValueError("an API key must be a non-empty string")
+            raise InvalidRequest("an API key must be a non-empty string")
         if len(api_key) >= MIN_KEY_LENGTH:
             return
         production = current_settings().is_production if self._production is None else self._production
         if production:
-            raise ValueError(f"an API key must be at least {MIN_KEY_LENGTH} characters in production (QUADRA_ENV="
+            raise InvalidRequest(f"an API key must be at least {MIN_KEY_LENGTH} characters in production (QUADRA_ENV="
                              "production); make one with secrets_manager.generate_api_key()")
         log.warning("API key for %r is shorter than %d characters: accepted outside production only",
                     name, MIN_KEY_LENGTH)
@@ -304,7 +304,7 @@ class AuthManager(UsesConfiguredStore):
     def get_api_key(self, key_id: str) -> dict[str, Any]:
         row = self.store.get_api_key(key_id)
         if row is None:
-            raise LookupError(f"API key {key_id} not found")
+            raise KeyNotFound(f"API key {key_id} not found")
         return _public_key(row)
 
     def revoke_api_key(self, key_id: str) -> dict[str, Any]:
@@ -319,9 +319,9 @@ class AuthManager(UsesConfiguredStore):
         working for `grace_seconds` (never longer than it would have)."""
         old = self.store.get_api_key(key_id)
         if old is None:
-            raise LookupError(f"API key {key_id} not found")
+            raise KeyNotFound(f"API key {key_id} not found")
         if not _public_key(old)["active"]:
-            raise ValueError(f"API key {key_id} is revoked or expired and cannot be rotated")
+            raise InactiveKey(f"API key {key_id} is revoked or expired and cannot be rotated")
         remaining_days = None if old["expires_at"] is None else max(1.0, (old["expires_at"] - time.time()) / 86400)
         new_row, api_key = self._new_key_row(
             old["name"], old["permissions"], remaining_days or self.key_expiry_days, old["rate_limit"], f"rotation of {key_id}"
@@ -403,7 +403,7 @@ class AuthManager(UsesConfiguredStore):
         now = int(time.time())
         lifetime = expires_in or self.token_expiry_seconds
         if not 0 < lifetime <= self.max_token_seconds:
-            raise ValueError(f"a token lives 1 to {self.max_token_seconds} seconds (QUADRA_JWT_MAX_TTL_SECONDS)")
+            raise InvalidRequest(f"a token lives 1 to {self.max_token_seconds} seconds (QUADRA_JWT_MAX_TTL_SECONDS)")
         granted = normalize_permissions(permissions if permissions is not None else ROLE_PERMISSIONS.get(role, [role]))
         claims = {
             "sub": key_id or user_id,
@@ -448,7 +448,7 @@ class AuthManager(UsesConfiguredStore):
         wanted = normalize_permissions(permissions) if permissions is not None else list(principal.permissions)
         excess = [p for p in wanted if not principal.allows(p)]
         if excess:
-            raise PermissionError(f"the key does not hold: {', '.join(excess)}")
+            raise Forbidden(f"the key does not hold: {', '.join(excess)}")
         token = self.generate_token(principal.name, wanted[-1], wanted, expires_in, key_id=principal.id)
         return {"access_token": token, "token_type": "Bearer", "expires_in": expires_in, "permissions": wanted}
 
@@ -487,11 +487,15 @@ class RateLimiter:
         key_prefix: str | None = None,
         limit_lookup: Callable[[str], str | None] | None = None,
     ) -> None:
-        settings = current_settings() if None in (max_requests, window_seconds, enabled, key_prefix) else None
-        self.default_limit = (f"{max_requests if max_requests is not None else settings.max_requests} per "
-                              f"{window_seconds if window_seconds is not None else settings.rate_window} second")
-        self.enabled = enabled if enabled is not None else settings.rate_limit_enabled
-        self.key_prefix = key_prefix if key_prefix is not None else settings.redis_prefix
+        if max_requests is None or window_seconds is None or enabled is None or key_prefix is None:
+            settings = current_settings()
+            max_requests = settings.max_requests if max_requests is None else max_requests
+            window_seconds = settings.rate_window if window_seconds is None else window_seconds
+            enabled = settings.rate_limit_enabled if enabled is None else enabled
+            key_prefix = settings.redis_prefix if key_prefix is None else key_prefix
+        self.default_limit = f"{max_requests} per {window_seconds} second"
+        self.enabled = enabled
+        self.key_prefix = key_prefix
         self.limit_lookup = limit_lookup
         self._storage = storage
         self._strategy: FixedWindowRateLimiter | None = None
@@ -551,9 +555,11 @@ def storage_for(settings: Settings, store: Store | None = None, outage: Outage |
     thread the service starts, or written at every hit when `exact` (a console has no syncer)."""
     if settings.redis_url:
         redis_counters = storage_from_string(settings.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        if not isinstance(redis_counters, Storage):
+            raise ConfigError(f"QUADRA_REDIS_URL: {redis_counters.STORAGE_SCHEME} is an asynchronous storage")
         return FallbackStorage(redis_counters, outage or redis_outage(log))
-    return storage_from_string(f"{STORE_SCHEME}://", store=store or store_for(settings),
-                               sync_seconds=0.0 if exact else settings.rate_limit_sync_seconds)
+    return StoreRateLimitStorage(f"{STORE_SCHEME}://", store=store or store_for(settings),
+                                 sync_seconds=0.0 if exact else settings.rate_limit_sync_seconds)
 
 
 class _LazyRateLimiter(RateLimiter):
@@ -617,6 +623,14 @@ def _authenticate_request() -> Principal | None:
     return None
 
 
+def authenticated_principal() -> Principal:
+    """The caller of a view that `require_permission` (or another check) already let through."""
+    principal = current_principal()
+    if principal is None:
+        raise _unauthorized()
+    return principal
+
+
 def rate_limit_identity() -> str:
     """What a request is rate-limited by: its key, or the client address when anonymous."""
     principal = current_principal()
@@ -624,11 +638,9 @@ def rate_limit_identity() -> str:
     return rate_key or f"ip:{request.remote_addr or 'unknown'}"
 
 
-def _unauthorized() -> ApiError:
-    return ApiError(
-        401, "unauthorized", "a valid API key (X-API-Key header) or bearer token is required",
-        {"WWW-Authenticate": 'Bearer realm="quadra"'},
-    )
+def _unauthorized() -> Unauthorized:
+    return Unauthorized("a valid API key (X-API-Key header) or bearer token is required",
+                        {"WWW-Authenticate": 'Bearer realm="quadra"'})
 
 
 def require_permission(permission: str) -> Callable[[F], F]:
@@ -646,7 +658,7 @@ def require_permission(permission: str) -> Callable[[F], F]:
                 raise _unauthorized()
             if not principal.allows(permission):
                 current_app.extensions["quadra_security"].on_forbidden(permission)
-                raise ApiError(403, "forbidden", f"this key does not have the '{permission}' permission")
+                raise Forbidden(f"this key does not have the '{permission}' permission")
             return view(*args, **kwargs)
 
         wrapper.required_permission = permission  # type: ignore[attr-defined]
@@ -669,7 +681,7 @@ def rate_limit(view: F) -> F:
         limiter: RateLimiter = current_app.extensions["quadra_security"].rate_limiter
         identifier = f"{rate_limit_identity()}:{request.endpoint}"
         if not limiter.is_allowed(identifier):
-            raise too_many("rate_limited", "too many requests", time.time() + limiter.get_reset_time(identifier))
+            raise TooManyRequests("too many requests", time.time() + limiter.get_reset_time(identifier))
         return view(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -700,8 +712,8 @@ class SecurityState:
             if strategy.hit(parse_limit(f"1 per {limit.get_expiry()} second"), self.settings.redis_prefix, "auth-failure-alert", ip):
                 audit.record(self.store, "anonymous", "alert.auth_failures", "alert", ip=ip, status=429,
                              details={"limit": self.settings.auth_failure_limit})
-            raise too_many("too_many_auth_failures", "too many failed authentications from this address",
-                           strategy.get_window_stats(limit, *args).reset_time)
+            raise TooManyRequests("too many failed authentications from this address",
+                                  strategy.get_window_stats(limit, *args).reset_time)
         audit.record(self.store, "anonymous", "auth.failure", "denied", target=request.path, status=401, ip=ip,
                      details={"credentials": "presented" if presented else "missing"})
 

@@ -11,30 +11,20 @@ import importlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from utils.errors import ServiceUnavailable
+from utils.errors import InvalidInput, ModelNotReady
 from utils.model_versioning import ModelVersionManager
 
 ArchitectureBuilder = Callable[[dict[str, Any]], nn.Module]
 ARCHITECTURES: dict[str, ArchitectureBuilder] = {}
 RETRY_FAILED_SECONDS = 30.0
 log = logging.getLogger("quadra.serving")
-
-
-class InvalidInput(ValueError):
-    """The prediction request's inputs are malformed."""
-
-
-class ModelNotReady(ServiceUnavailable):
-    """This process has no serving model loaded yet."""
-
-    code = "model_not_ready"
-    retry_after = "2"
 
 
 def register_architecture(name: str) -> Callable[[ArchitectureBuilder], ArchitectureBuilder]:
@@ -69,6 +59,8 @@ class MLPClassifier(nn.Module):
             width = hidden
         layers.append(nn.Linear(width, num_classes))
         self.net = nn.Sequential(*layers)
+        self.input_mean: torch.Tensor
+        self.input_std: torch.Tensor
         self.register_buffer("input_mean", torch.zeros(input_dim))
         self.register_buffer("input_std", torch.ones(input_dim))
 
@@ -99,7 +91,7 @@ def build_model(config: dict[str, Any]) -> nn.Module:
         if not isinstance(config.get(key), int) or config[key] < 1:
             raise ValueError(f"model config needs a positive integer {key!r}")
     model = ARCHITECTURES[name](config)
-    model.quadra_config = dict(config)
+    model.quadra_config = dict(config)  # type: ignore[assignment]  # Module.__setattr__ is typed for tensors and modules only
     return model
 
 
@@ -168,9 +160,9 @@ class ServedModel:
                 "class": names[i],
                 "class_index": i,
                 "confidence": c,
-                "probabilities": dict(zip(names, p)),
+                "probabilities": dict(zip(names, p, strict=False)),
             }
-            for i, c, p in zip(index.tolist(), confidence.tolist(), probabilities.tolist())
+            for i, c, p in zip(index.tolist(), confidence.tolist(), probabilities.tolist(), strict=True)
         ]
 
 

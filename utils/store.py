@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -41,7 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import CursorResult, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 if TYPE_CHECKING:
@@ -266,6 +267,14 @@ def _row(row: Any) -> dict[str, Any]:
     return dict(row._mapping)
 
 
+def _inserted_id(result: CursorResult[Any]) -> int:
+    """The integer primary key an INSERT made."""
+    key = result.inserted_primary_key
+    if key is None:
+        raise RuntimeError("the INSERT reported no primary key")
+    return int(key[0])
+
+
 # `prediction_window` reads features as their JSON text (None when not kept), and rows in
 # blocks smaller than the garbage collector's first threshold (700), so they die young.
 _WINDOW_SELECT = {"features": "NULLIF(CAST(features AS TEXT), 'null')"}
@@ -277,7 +286,7 @@ def _window_column(name: str) -> str:
     return _WINDOW_SELECT.get(name, predictions.c[name].name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _window_statement(columns: tuple[str, ...]) -> TextClause:
     """The window query for a set of columns, built once: plain SQL, no result processing per row."""
     selected = ", ".join(_window_column(name) for name in columns)
@@ -577,7 +586,7 @@ class Store:
         (and on every request with QUADRA_RATE_LIMIT_SYNC_SECONDS=0)."""
         with self.write() as conn:
             row = conn.execute(_COUNTER_INCR, {"key": key, "amount": amount, "now": time.time(), "expiry": expiry}).one()
-        return int(row.count), float(row.expires_at)
+        return int(row._mapping["count"]), float(row.expires_at)
 
     def counter_get(self, key: str) -> tuple[int, float]:
         """(count, expires_at) of a live counter, (0, now) when absent or expired."""
@@ -586,7 +595,7 @@ class Store:
             row = conn.execute(_COUNTER_GET, {"key": key}).first()
         if row is None or row.expires_at <= now:
             return 0, now
-        return int(row.count), float(row.expires_at)
+        return int(row._mapping["count"]), float(row.expires_at)
 
     def counter_clear(self, key: str | None = None) -> int:
         """Delete one counter, or every counter when `key` is None; returns how many."""
@@ -640,11 +649,11 @@ class Store:
         with self.read() as conn:
             result = conn.execute(_window_statement(columns), {"after_id": after_id, "limit": limit})
             for rows in result.partitions(_WINDOW_BLOCK):
-                for column, block in zip(values, zip(*rows)):
+                for column, block in zip(values, zip(*rows, strict=True), strict=True):
                     column.extend(block)
         for column in values:
             column.reverse()
-        window = dict(zip(columns, values))
+        window = dict(zip(columns, values, strict=True))
         if "success" in window:  # SQLite returns booleans as 0/1
             window["success"] = list(map(bool, window["success"]))
         return window
@@ -710,7 +719,7 @@ class Store:
         with self.write() as conn:
             result = conn.execute(insert(baselines).values(
                 created_at=time.time(), created_by=created_by, statistics=statistics, sample=sample))
-            return int(result.inserted_primary_key[0])
+            return _inserted_id(result)
 
     def latest_baseline(self) -> dict[str, Any] | None:
         with self.read() as conn:
@@ -725,7 +734,7 @@ class Store:
         with self.write() as conn:
             result = conn.execute(insert(alerts).values(
                 at=time.time(), kind=kind, severity=severity, message=message, details=details))
-            return int(result.inserted_primary_key[0])
+            return _inserted_id(result)
 
     def resolve_alerts(self, kind: str) -> int:
         with self.write() as conn:
@@ -777,6 +786,8 @@ class Store:
         with self.write() as conn:
             row = conn.execute(select(training_jobs.c.progress, training_jobs.c.cancel_requested)
                                .where(training_jobs.c.id == job_id)).first()
+            if row is None:  # the job's row is gone: nothing to report to, so stop
+                return True
             conn.execute(update(training_jobs).where(training_jobs.c.id == job_id)
                          .values(progress=[*row.progress, entry], heartbeat_at=time.time()))
             return bool(row.cancel_requested)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import builtins
 import csv
 import logging
 import os
@@ -12,17 +13,19 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from utils.config import Settings
+from utils.errors import JobNotFound, TrainingCapacityReached
 from utils.journal import process_alive
 from utils.model_versioning import ArtifactStore, ModelVersionManager, artifact_store_for, generate_version_string
-from utils.serving import build_model
+from utils.serving import MLPClassifier, build_model
 
 if TYPE_CHECKING:
     from utils.store import Store
@@ -87,6 +90,8 @@ def train_classifier(
         "class_names": dataset.class_names,
     }
     model = build_model(config)
+    if not isinstance(model, MLPClassifier):
+        raise TypeError("training builds the 'mlp' architecture")
     model.set_normalization(x_train.mean(dim=0), x_train.std(dim=0))
     optimizer = torch.optim.Adam(model.parameters(), lr=params.learning_rate)
     loss_fn = nn.CrossEntropyLoss()
@@ -180,10 +185,6 @@ class JobCancelled(Exception):
     """Raised inside a job's process when a cancel was requested."""
 
 
-class TrainingCapacityReached(RuntimeError):
-    """The configured number of jobs is already queued or running."""
-
-
 def dataset_from_payload(data: dict[str, Any]) -> Dataset:
     """Build a Dataset from posted {"features": [[...]], "labels": [...], "feature_names": [...]}
     (already validated by the route)."""
@@ -251,7 +252,7 @@ class TrainingJobs:
         log.info("training job %s started by %s (pid %d)", job_id, created_by, process.pid)
         return self.get(job_id)
 
-    def _watch(self, job_id: str, process: subprocess.Popen) -> None:
+    def _watch(self, job_id: str, process: subprocess.Popen[bytes]) -> None:
         """Reap the child; if it died without finishing its job, the job failed."""
         code = process.wait()
         if self.store.update_job(job_id, only_if_active=True, status="failed", finished_at=time.time(),
@@ -261,14 +262,14 @@ class TrainingJobs:
     def get(self, job_id: str) -> dict[str, Any]:
         row = self.store.get_job(job_id)
         if row is None:
-            raise LookupError(f"training job {job_id} not found")
+            raise JobNotFound(f"training job {job_id} not found")
         return public_job(row)
 
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
         self.reap()
         return [public_job(r) for r in self.store.list_jobs(limit)]
 
-    def active(self) -> list[dict[str, Any]]:
+    def active(self) -> builtins.list[dict[str, Any]]:
         self.reap()
         return [public_job(r) for r in self.store.list_jobs(active_only=True)]
 
@@ -276,14 +277,14 @@ class TrainingJobs:
         """Ask a job to stop at its next epoch (a queued job stops at once)."""
         row = self.store.get_job(job_id)
         if row is None:
-            raise LookupError(f"training job {job_id} not found")
+            raise JobNotFound(f"training job {job_id} not found")
         if row["status"] == "queued" and row["pid"] is None:
             self.store.update_job(job_id, only_if_active=True, status="cancelled", finished_at=time.time())
         else:
             self.store.update_job(job_id, only_if_active=True, cancel_requested=True)
         return self.get(job_id)
 
-    def cancel_all(self) -> list[str]:
+    def cancel_all(self) -> builtins.list[str]:
         return [self.cancel(job["id"])["id"] for job in self.active()]
 
     def reap(self) -> int:
