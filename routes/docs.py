@@ -6,9 +6,11 @@ from typing import Any
 
 from flask import Blueprint, Flask, current_app, jsonify, render_template
 
+from routes.common import services
 from routes.operations import operation
-from utils.openapi import Operation, build_document
+from utils.openapi import Operation, RuntimeLimit, build_document, with_runtime_limits
 from utils.schemas import OpenApiDocument
+from utils.services import Services
 
 bp = Blueprint("docs", __name__)
 TITLE = "Quadra"
@@ -38,13 +40,30 @@ def describe_other_views(app: Flask) -> None:
 @bp.get("/api/openapi.json")
 @operation("This OpenAPI document", response=OpenApiDocument)
 def openapi_document() -> Any:
-    """Generated from the schemas that validate the requests, so it cannot drift from them."""
+    """Generated from the schemas that validate the requests, so it cannot drift from them, and
+    narrowed by this process's settings and serving model (a row's width, the largest batch, a
+    token's longest lifetime), which the server checks too."""
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     document = app.extensions.get("quadra_openapi")
     if document is None:
         document = app.extensions["quadra_openapi"] = build_document(
             app, app.extensions["quadra_security"].request_limits.applies_to, TITLE, DESCRIPTION)
-    return jsonify(document)
+    return jsonify(with_runtime_limits(document, runtime_limits(services())))
+
+
+def runtime_limits(svc: Services) -> list[RuntimeLimit]:
+    """What the server enforces beyond the static schemas."""
+    settings = svc.settings
+    limits = [
+        RuntimeLimit("TokenRequest", ("expires_in",), {"maximum": settings.jwt_max_ttl_seconds}),
+        RuntimeLimit("PredictRequest", ("inputs",), {"maxItems": settings.max_batch_size}),
+        RuntimeLimit("TrainingData", ("features",), {"maxItems": settings.training_max_rows}),
+    ]
+    served = svc.model_server.current
+    if served is not None:
+        width = {"minItems": served.input_dim, "maxItems": served.input_dim}
+        limits.append(RuntimeLimit("PredictRequest", ("inputs", "items"), width))
+    return limits
 
 
 @bp.get("/api/docs")

@@ -270,3 +270,18 @@ def test_cli_registry_commands(app, client, tmp_path: Path) -> None:
     failed = runner.invoke(args=["registry", "verify"])
     assert failed.exit_code != 0 and "MISMATCH" in failed.output
     assert runner.invoke(args=["registry", "verify", "../x"]).exit_code != 0
+
+
+def test_inputs_that_overflow_the_model_still_get_a_distribution(client) -> None:
+    """float32's extremes pass the schema; where they overflow the network, logits are clamped."""
+    extreme = 3.4028234663852886e38
+    response = client.post("/api/predict", json={"inputs": [[extreme, -extreme, extreme, -extreme], [extreme] * 4]})
+    assert response.status_code == 200
+    for prediction in response.get_json()["predictions"]:
+        assert 0.0 <= prediction["confidence"] <= 1.0
+        assert abs(sum(prediction["probabilities"].values()) - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize(("expires_in", "status"), [(60.0, 200), (60, 200), (60.5, 400), ("60", 400), (True, 400)])
+def test_integer_fields_take_json_integers_written_with_a_fraction_of_zero(client, expires_in: object, status: int) -> None:
+    assert client.post("/api/auth/token", json={"expires_in": expires_in}).status_code == status

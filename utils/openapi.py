@@ -10,6 +10,7 @@ permission, being rate limited) plus the domain errors it names.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -202,3 +203,32 @@ def _ref(model: type[BaseModel], mode: str, schemas: dict[str, Any]) -> dict[str
 
 def _first_line(module: Any) -> str:
     return (inspect.getdoc(module) or "").split("\n", 1)[0]
+
+
+@dataclass(frozen=True)
+class RuntimeLimit:
+    """A bound the server checks against its settings or its serving model, which the static
+    schemas cannot know: `constraints` are written into the component `schema` at `path`
+    (property names; "items" steps into an array's items)."""
+
+    schema: str
+    path: tuple[str, ...]
+    constraints: Mapping[str, Any]
+
+
+def with_runtime_limits(document: dict[str, Any], limits: Iterable[RuntimeLimit]) -> dict[str, Any]:
+    """A copy of `document` whose schemas also say what `limits` enforce, so that a request the
+    document accepts is one the server accepts."""
+    narrowed = copy.deepcopy(document)
+    for limit in limits:
+        node = narrowed["components"]["schemas"][limit.schema]
+        for step in limit.path:
+            node = _non_null(node)
+            node = node["items"] if step == "items" else node["properties"][step]
+        _non_null(node).update(limit.constraints)
+    return narrowed
+
+
+def _non_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema of an optional value's non-null variant (the schema itself otherwise)."""
+    return next((variant for variant in schema.get("anyOf", ()) if variant.get("type") != "null"), schema)

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
 from utils.errors import InvalidInput, InvalidMode, InvalidParameter, InvalidRequest, InvalidTrainingData, InvalidVersion
 from utils.model_modes import ModelMode
 from utils.model_versioning import MAX_VERSION_LENGTH, VERSION_PATTERN, validate_version
-from utils.security import validate_rate_limit
+from utils.security import RATE_LIMIT_PATTERN, validate_rate_limit
 from utils.serving import FLOAT32_MAX
 from utils.training import Hyperparameters
 
@@ -47,6 +47,16 @@ Version = Annotated[
     Field(description="semantic (1.2.0, 2.1.3-beta) or a timestamp (20241221-143022, train-20241221-143022)",
           examples=["1.2.0"], json_schema_extra={"minLength": 1, "maxLength": MAX_VERSION_LENGTH, "pattern": VERSION_PATTERN}),
 ]
+
+
+def _whole_number(value: Any) -> Any:
+    """JSON Schema counts 2.0 as an integer, so the strict models accept it as 2 (and still
+    refuse 2.5, "2" and true)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+WholeNumber = BeforeValidator(_whole_number)  # after an int's Field(...), so its bounds stay in the schema
+RateLimit = Annotated[ShortText, StringConstraints(pattern=RATE_LIMIT_PATTERN), AfterValidator(validate_rate_limit)]
 # A single URL segment: the router never hands a handler one containing "/".
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^/]+$")]
 
@@ -104,7 +114,7 @@ class ModeChangeRequest(RequestBody):
 class TokenRequest(RequestBody):
     permissions: list[Permission] | None = Field(
         None, min_length=1, max_length=3, description="omitted: all of the key's permissions")
-    expires_in: Annotated[int, Field(ge=1, le=MAX_TOKEN_SECONDS)] | None = Field(
+    expires_in: Annotated[int, Field(ge=1, le=MAX_TOKEN_SECONDS), WholeNumber] | None = Field(
         None, description="seconds, at most QUADRA_JWT_MAX_TTL_SECONDS; omitted: QUADRA_JWT_TTL_SECONDS")
 
 
@@ -113,7 +123,7 @@ class KeyRequest(RequestBody):
     permissions: list[Permission] = Field(["read"], min_length=1, max_length=3)
     expires_days: Annotated[float, Field(gt=0, le=3650)] | None = Field(
         None, description="omitted: QUADRA_KEY_EXPIRY_DAYS")
-    rate_limit: Annotated[ShortText, AfterValidator(validate_rate_limit)] | None = Field(
+    rate_limit: RateLimit | None = Field(
         None, description="the key's own limit, e.g. '1000 per minute'; omitted: the service-wide limit")
 
 
@@ -149,11 +159,11 @@ class TrainRequest(RequestBody):
     """Hyperparameters (all optional) and, optionally, your own data (default: the bundled Iris set)."""
 
     field_errors: ClassVar[dict[str, type[InvalidRequest]]] = {"data": InvalidTrainingData}
-    epochs: Annotated[int, Field(ge=1, le=10_000)] = Hyperparameters.epochs
+    epochs: Annotated[int, Field(ge=1, le=10_000), WholeNumber] = Hyperparameters.epochs
     learning_rate: Annotated[float, Field(ge=1e-7, le=10.0)] = Hyperparameters.learning_rate
-    batch_size: Annotated[int, Field(ge=1, le=100_000)] = Hyperparameters.batch_size
-    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = Hyperparameters.seed
-    hidden_dims: list[Annotated[int, Field(ge=1, le=MAX_HIDDEN_WIDTH)]] = Field(
+    batch_size: Annotated[int, Field(ge=1, le=100_000), WholeNumber] = Hyperparameters.batch_size
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1), WholeNumber] = Hyperparameters.seed
+    hidden_dims: list[Annotated[int, Field(ge=1, le=MAX_HIDDEN_WIDTH), WholeNumber]] = Field(
         list(Hyperparameters.hidden_dims), min_length=1, max_length=MAX_HIDDEN_LAYERS)
     data: TrainingData | None = None
 

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 import socket
 import threading
@@ -76,10 +77,27 @@ def permits(granted: Iterable[str], required: str) -> bool:
     return max((_RANK.get(p, 0) for p in granted), default=0) >= _RANK[required]
 
 
+def _any_case(word: str) -> str:
+    return "".join(f"[{letter.lower()}{letter.upper()}]" for letter in word)
+
+
+_BLANK = r"[ \t]*"
+_UNIT = "(?:" + "|".join(map(_any_case, ("second", "minute", "hour", "day", "month", "year"))) + ")"
+_ONE_LIMIT = (f"{_BLANK}[0-9]{{1,9}}{_BLANK}(?:/|{_any_case('per')}){_BLANK}(?:[1-9][0-9]{{0,8}}{_BLANK})?"
+              f"{_UNIT}[sS]?{_BLANK}")
+# The rate-limit strings a key may carry: the `limits` notation ("1000 per minute", "60/minute",
+# "10 per 5 seconds", several joined by , ; or |), written so that JSON Schema (ECMA-262),
+# pydantic and Python read it alike; the OpenAPI document carries it.
+RATE_LIMIT_PATTERN = f"^{_ONE_LIMIT}(?:[,;|]{_ONE_LIMIT})*$"
+_RATE_LIMIT = re.compile(RATE_LIMIT_PATTERN)
+
+
 def validate_rate_limit(limit: str | None) -> str | None:
     if limit is None:
         return None
     try:
+        if not _RATE_LIMIT.fullmatch(limit):
+            raise ValueError(limit)
         parse_limit(limit)
     except ValueError:
         raise InvalidRequest(f"rate limit {limit!r} is not valid; use e.g. '1000 per minute' or '60/minute'") from None

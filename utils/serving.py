@@ -151,8 +151,12 @@ class ServedModel:
         return list(names) if names else [str(i) for i in range(int(self.config["num_classes"]))]
 
     def predict(self, inputs: torch.Tensor) -> list[dict[str, Any]]:
+        """Class, confidence and probabilities per row. Inputs far outside what the model was
+        trained on (float32 values near 3.4e38) can overflow its arithmetic: such logits are
+        clamped to the float32 range (NaN to 0) first, so every answer is a distribution."""
         with torch.inference_mode():
-            probabilities = torch.softmax(self.model(inputs), dim=1)
+            logits = torch.nan_to_num(self.model(inputs), nan=0.0)
+            probabilities = torch.softmax(logits, dim=1)
         confidence, index = probabilities.max(dim=1)
         names = self.class_names
         return [
