@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from utils.model_versioning import LOAD_CHUNK, ModelVersionManager
+from utils.model_versioning import ModelVersionManager
+from utils.safetensors_reader import LOAD_CHUNK
 from utils.store import Store
 
 SIZES_MB = (1, 100, 1024)

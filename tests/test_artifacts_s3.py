@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.model_versioning import IntegrityCheckFailed, ModelVersionManager, S3ArtifactStore
+from utils.errors import IntegrityCheckFailed
+from utils.model_versioning import ModelVersionManager
+from utils.registry_backup import backup
+from utils.s3_artifacts import S3ArtifactStore
 from utils.serving import build_model
 from utils.store import Store
 
@@ -88,6 +91,6 @@ def test_archive_delete_and_backup_on_s3(s3_registry: ModelVersionManager, tmp_p
     assert "models/1.1.0/model.safetensors.gz" in objects(s3_registry)
     s3_registry.restore_archived_version("1.1.0")
     assert s3_registry.verify_version("1.1.0")["ok"]
-    assert s3_registry.backup(tmp_path / "b.tar.gz")["versions"] == 2
+    assert backup(s3_registry, tmp_path / "b.tar.gz")["versions"] == 2
     s3_registry.delete_version("1.1.0")
     assert not any(key.startswith("models/1.1.0/") for key in objects(s3_registry))

@@ -25,6 +25,7 @@ from utils.model_versioning import (
     generate_version_string,
     validate_version,
 )
+from utils.registry_backup import backup, restore
 from utils.serving import build_model
 from utils.store import Store, promotions
 
@@ -103,7 +104,7 @@ def _outside_copy(registry: ModelVersionManager, version: str, tmp_path: Path) -
 def _refused_everywhere(registry: ModelVersionManager, version: str, tmp_path: Path, reason: str) -> None:
     """Load, promote, serve, verify and backup all refuse the artifact as an integrity failure."""
     for attempt in (lambda: registry.load_model(make_model(), version), lambda: registry.promote_to_production(version),
-                    lambda: registry.set_serving_version(version), lambda: registry.backup(tmp_path / "backup.tar.gz")):
+                    lambda: registry.set_serving_version(version), lambda: backup(registry, tmp_path / "backup.tar.gz")):
         with pytest.raises(IntegrityCheckFailed, match=reason):
             attempt()
     assert registry.verify_version(version)["ok"] is False
@@ -434,24 +435,24 @@ def test_backup_and_restore_to_an_empty_registry(registry: ModelVersionManager, 
     registry.save_model(make_model(5), "1.1.0", config=CONFIG)
     registry.promote_to_production("1.0.0")
     registry.archive_version("1.1.0")
-    backup = tmp_path / "registry.tar.gz"
-    assert registry.backup(backup)["versions"] == 2
+    archive = tmp_path / "registry.tar.gz"
+    assert backup(registry, archive)["versions"] == 2
 
     fresh = ModelVersionManager(tmp_path / "fresh-models", Store(f"sqlite:///{tmp_path / 'fresh.db'}"), True)
-    result = fresh.restore(backup)
+    result = restore(fresh, archive)
     assert result == {"restored": ["1.0.0", "1.1.0"], "skipped": 0}
     assert fresh.get_production_version() == "1.0.0"
     assert all(fresh.verify_version(v)["ok"] for v in ("1.0.0", "1.1.0"))
     assert fresh.get_version_info("1.0.0")["metrics"] == {"accuracy": 0.8}
-    assert fresh.restore(backup) == {"restored": [], "skipped": 2}
+    assert restore(fresh, archive) == {"restored": [], "skipped": 2}
 
 
 def test_restore_refuses_a_tampered_backup(registry: ModelVersionManager, tmp_path: Path) -> None:
     registry.save_model(make_model(), "1.0.0", config=CONFIG)
-    backup = tmp_path / "registry.tar.gz"
-    registry.backup(backup)
+    archive = tmp_path / "registry.tar.gz"
+    backup(registry, archive)
     tampered = tmp_path / "tampered.tar.gz"
-    with tarfile.open(backup) as src, tarfile.open(tampered, "w:gz") as dst:
+    with tarfile.open(archive) as src, tarfile.open(tampered, "w:gz") as dst:
         for member in src.getmembers():
             data = src.extractfile(member).read()
             if member.name.endswith("model.safetensors"):
@@ -460,7 +461,7 @@ def test_restore_refuses_a_tampered_backup(registry: ModelVersionManager, tmp_pa
             dst.addfile(member, io.BytesIO(data))
     fresh = ModelVersionManager(tmp_path / "fresh-models", Store(f"sqlite:///{tmp_path / 'fresh.db'}"), True)
     with pytest.raises(IntegrityCheckFailed):
-        fresh.restore(tampered)
+        restore(fresh, tampered)
     assert fresh.list_versions() == []
 
 

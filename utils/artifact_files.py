@@ -22,6 +22,10 @@ from pathlib import Path
 
 from utils.journal import process_alive
 
+ARTIFACT_NAME = "model.safetensors"
+ARCHIVE_NAME = "model.safetensors.gz"
+CONFIG_NAME = "config.json"
+
 STAGING = ".staging"
 TEMP_SUFFIXES = (".tmp", ".download")
 ORPHAN_GRACE_SECONDS = 3600.0  # leftovers not named after a process are removed when this old
@@ -126,3 +130,10 @@ def _abandoned(path: Path) -> bool:
         return time.time() - path.lstat().st_mtime > ORPHAN_GRACE_SECONDS
     except FileNotFoundError:
         return False
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a whole file or nothing: new temp file, fsync, rename."""
+    temp = temp_name(path)
+    write_new_file(temp, text.encode())
+    os.replace(temp, path)

@@ -11,7 +11,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
-from utils import audit
+from utils import audit, registry_backup
 from utils.errors import QuadraError, TrainingInProgress, WrongMode
 from utils.model_modes import ModelMode
 from utils.model_monitoring import ModelMonitor
@@ -66,7 +66,7 @@ def verify_command(versions: tuple[str, ...]) -> None:
 @click.argument("destination", type=click.Path(dir_okay=False, writable=True))
 def backup_command(destination: str) -> None:
     """Write every version and the deployment state to a .tar.gz."""
-    result = _registry().backup(destination)
+    result = registry_backup.backup(_registry(), destination)
     click.echo(f"backed up {result['versions']} version(s) to {result['path']}")
 
 
@@ -74,7 +74,7 @@ def backup_command(destination: str) -> None:
 @click.argument("source", type=click.Path(exists=True, dir_okay=False))
 def restore_command(source: str) -> None:
     """Restore a backup, verifying every artifact's hash before anything is written."""
-    result = _registry().restore(source)
+    result = registry_backup.restore(_registry(), source)
     click.echo(f"restored {len(result['restored'])} version(s), {result['skipped']} already present")
 
 

@@ -12,13 +12,16 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import current_app, request
 from flask_socketio import ConnectionRefusedError, SocketIO, emit, join_room
 
 from utils.errors import TooManyRequests
 from utils.security import AUTH_DISABLED_PRINCIPAL, PERMISSIONS, Principal
+
+if TYPE_CHECKING:  # utils.services builds an EventPusher, so it is imported for types only
+    from utils.services import Services
 
 
 def detect_async_mode() -> str:
@@ -140,7 +143,7 @@ class EventPusher:
     payload; without one it is anonymous, with an invalid one it is refused. Clients can send
     nothing that changes state: the channel has no such handler."""
 
-    def __init__(self, socketio: SocketIO, services: Any, interval: float = PUSH_INTERVAL_SECONDS) -> None:
+    def __init__(self, socketio: SocketIO, services: Services, interval: float = PUSH_INTERVAL_SECONDS) -> None:
         self.socketio = socketio
         self.services = services
         self.interval = interval

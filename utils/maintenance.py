@@ -1,4 +1,4 @@
-"""Background work on each process's monitoring thread.
+"""Background work on each process's scheduler (`utils.scheduler`).
 
 Drift checks (with their alerts and history), roll-ups and journal recovery run on one
 process of the deployment at a time, under leases in the store; the model health check, the
@@ -15,6 +15,7 @@ from typing import Any
 
 from utils.artifact_files import crash_leftovers, remove_path
 from utils.events import DRIFT_HISTORY, DRIFT_STATE
+from utils.services import Services
 
 MONITORING_LEASE = "monitoring-maintenance"
 JOURNAL_LEASE = "journal-recovery"
@@ -29,10 +30,10 @@ CLEANUP_LEASE_SECONDS = 60.0
 log = logging.getLogger("quadra.registry")
 
 
-def schedule_background_work(services: Any) -> None:
-    """Register the periodic tasks and start the monitoring thread."""
+def schedule_background_work(services: Services) -> None:
+    """Register the periodic tasks and start the scheduler."""
     owner = f"{socket.gethostname()}:{os.getpid()}"
-    settings, monitor, store = services.settings, services.monitor, services.store
+    settings, monitor, store, scheduler = services.settings, services.monitor, services.store, services.scheduler
 
     def check_drift() -> None:
         if store.try_acquire_lease(MONITORING_LEASE, owner, settings.drift_check_seconds * 3):
@@ -55,16 +56,17 @@ def schedule_background_work(services: Any) -> None:
 
     remove_crash_leftovers(services, owner)
     recover_journals()
-    monitor.every(JOURNAL_RECOVERY_SECONDS, recover_journals)
-    monitor.every(settings.drift_check_seconds, check_drift)
-    monitor.every(ROLL_UP_SECONDS, roll_up)
-    monitor.every(settings.drift_check_seconds, check_model)
-    monitor.every(settings.monitoring_flush_seconds, services.modes.state)
-    monitor.every(JOB_REAP_SECONDS, services.jobs.reap)
-    monitor.start()
+    scheduler.every(settings.monitoring_flush_seconds, monitor.flush)
+    scheduler.every(JOURNAL_RECOVERY_SECONDS, recover_journals)
+    scheduler.every(settings.drift_check_seconds, check_drift)
+    scheduler.every(ROLL_UP_SECONDS, roll_up)
+    scheduler.every(settings.drift_check_seconds, check_model)
+    scheduler.every(settings.monitoring_flush_seconds, services.modes.state)
+    scheduler.every(JOB_REAP_SECONDS, services.jobs.reap)
+    scheduler.start()
 
 
-def remove_crash_leftovers(services: Any, owner: str) -> list[str]:
+def remove_crash_leftovers(services: Services, owner: str) -> list[str]:
     """Delete what saves and downloads of processes killed on this host left behind (staging
     folders, temporary files), once per host at a time (workers starting together would
     race otherwise); log each removal. Returns the removed paths."""
@@ -83,7 +85,7 @@ def remove_crash_leftovers(services: Any, owner: str) -> list[str]:
         services.store.release_lease(lease, owner)
 
 
-def record_drift_check(services: Any) -> dict[str, Any]:
+def record_drift_check(services: Services) -> dict[str, Any]:
     """Check drift, keep the verdict and its history for the dashboard, feed the alerts."""
     store = services.store
     result = services.monitor.detect_drift()

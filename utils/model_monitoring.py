@@ -17,7 +17,7 @@ import shutil
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from itertools import compress
 from pathlib import Path
@@ -124,12 +124,12 @@ class ModelMonitor:
     The folder rule: `ModelMonitor()` or `ModelMonitor(<QUADRA_MONITORING_DIR>)` is the
     service's monitor (its store, so the service's window, baseline and totals), a monitor
     built for any other folder keeps its own SQLite file there. Arguments left out come from
-    the QUADRA_* settings (window, drift threshold, baseline minimum, sampling, flush interval).
+    the QUADRA_* settings (window, drift threshold, baseline minimum, sampling).
 
     Records are buffered; `flush()` writes them, and so does every read (statistics, drift,
-    baseline). The service starts the background flusher (`start()`) and stops it at exit
-    (`stop()`, which writes what is left); a console monitor writes when it reads or is
-    flushed, stopped or left as a context manager."""
+    baseline). The service flushes every QUADRA_MONITORING_FLUSH_SECONDS on its scheduler and
+    at exit; a console monitor writes when it reads or is flushed, stopped or left as a
+    context manager."""
 
     def __init__(
         self,
@@ -138,7 +138,6 @@ class ModelMonitor:
         drift_threshold: float | None = None,
         store: Store | None = None,
         feature_sample_rate: float | None = None,
-        flush_interval: float | None = None,
         baseline_min_samples: int | None = None,
         journal: RecordJournal | None = None,
     ) -> None:
@@ -151,7 +150,6 @@ class ModelMonitor:
         self.drift_threshold = settings.drift_threshold if drift_threshold is None else drift_threshold
         self.store = store
         self.feature_sample_rate = settings.feature_sample_rate if feature_sample_rate is None else feature_sample_rate
-        self.flush_interval = settings.monitoring_flush_seconds if flush_interval is None else flush_interval
         self.baseline_min_samples = (settings.baseline_min_samples if baseline_min_samples is None
                                      else baseline_min_samples)
         self.dropped = 0
@@ -161,9 +159,6 @@ class ModelMonitor:
         self._journal_files: list[Path] = []
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
-        self._flusher: threading.Thread | None = None
-        self._stopping = threading.Event()
-        self._periodic: list[tuple[float, Callable[[], None]]] = []
 
     def __enter__(self) -> ModelMonitor:
         return self
@@ -261,37 +256,10 @@ class ModelMonitor:
             log.warning("recovered %d prediction records from the journals of stopped processes", recovered)
         return recovered
 
-    def every(self, seconds: float, task: Callable[[], None]) -> None:
-        """Run `task` about every `seconds` on the flusher thread (maintenance, drift checks)."""
-        self._periodic.append((seconds, task))
-
-    def start(self) -> None:
-        """Start the background flusher, which also runs the `every` tasks (idempotent)."""
-        with self._flush_lock:
-            if self._flusher is None:
-                self._stopping.clear()
-                self._flusher = threading.Thread(target=self._run, name="quadra-monitor-flusher", daemon=True)
-                self._flusher.start()
-
     def stop(self) -> None:
-        """Stop the background flusher, if any, and write what is still buffered."""
-        self._stopping.set()
-        flusher, self._flusher = self._flusher, None
-        if flusher is not None and flusher is not threading.current_thread():
-            flusher.join(timeout=max(5.0, self.flush_interval * 2))
+        """Write what is still buffered (the end of a console session, a test, a worker). The
+        service flushes on its scheduler (`utils.scheduler`); this object runs no thread."""
         self.flush()
-
-    def _run(self) -> None:
-        last_run = {id(task): time.monotonic() for _, task in self._periodic}
-        while not self._stopping.wait(self.flush_interval):
-            self.flush()
-            for seconds, task in list(self._periodic):
-                if time.monotonic() - last_run.get(id(task), 0.0) >= seconds:
-                    last_run[id(task)] = time.monotonic()
-                    try:
-                        task()
-                    except Exception:
-                        log.exception("monitoring task %s failed", getattr(task, "__name__", task))
 
     # -- totals and window --------------------------------------------------------------
 

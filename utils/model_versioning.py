@@ -1,4 +1,4 @@
-"""The model registry: versions, integrity, promotion, rollback, archive, backup and restore.
+"""The model registry: versions, integrity, promotion, rollback and archive.
 
 Metadata lives in the store (shared by every process); artifacts are safetensors files (no
 pickle) in an artifact store. Every artifact's SHA-256 is recorded at save and checked before
@@ -9,39 +9,29 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
-import math
-import mmap
 import os
 import re
-import shutil
-import tarfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-import boto3
 import torch
-from boto3.s3.transfer import TransferConfig
-from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError
 from safetensors.torch import save_file
 
-from utils.artifact_files import UnsafeArtifact, confined, fsync_dir, new_staging_dir, open_regular, remove_path, temp_name, write_new_file
+from utils.artifact_files import ARCHIVE_NAME, ARTIFACT_NAME, CONFIG_NAME, UnsafeArtifact, atomic_write_text, write_new_file
+from utils.artifact_store import ArtifactStore, artifact_store_for
 from utils.config import current_settings, is_service_folder
-from utils.errors import ArtifactStoreUnavailable, IntegrityCheckFailed, InvalidRequest, InvalidVersion, VersionConflict, VersionNotFound
+from utils.errors import IntegrityCheckFailed, InvalidVersion, VersionConflict, VersionNotFound
+from utils.local_artifacts import LocalArtifactStore
+from utils.safetensors_reader import read_private, sha256_file, tensors_from_buffer
 from utils.store import PRODUCTION, SERVING, Store, StoreConflict, folder_store, store_for
 
-ARTIFACT_NAME = "model.safetensors"
-ARCHIVE_NAME = "model.safetensors.gz"
-CONFIG_NAME = "config.json"
 REGISTRY_MIRROR = "model_registry.json"
 MAX_VERSION_LENGTH = 64
 _SEMVER_BODY = r"(0|[1-9]\d{0,5})\.(0|[1-9]\d{0,5})\.(0|[1-9]\d{0,5})(-[0-9A-Za-z]+(\.[0-9A-Za-z]+)*)?"
@@ -51,19 +41,6 @@ _TIMESTAMP = re.compile(f"^{_TIMESTAMP_BODY}$", re.ASCII)
 # The same rule for JSON Schema (ECMA-262, where \d is ASCII), with MAX_VERSION_LENGTH beside it.
 VERSION_PATTERN = f"^(?:{_SEMVER_BODY}|{_TIMESTAMP_BODY})$"
 _PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-_CHUNK = 1024 * 1024
-# hashlib gets the full SHA-NI rate (1.78 GB/s on the benchmark machine, as `openssl speed
-# -evp sha256`) from updates of 256 KiB to 16 MiB; one update over a whole 1 GB buffer gets
-# 1.2-1.5 GB/s, and 64 KiB updates 1.5 GB/s.
-LOAD_CHUNK = 4 * 1024 * 1024
-_SMALL_ARTIFACT = 16 * 1024 * 1024
-_HEADER_LENGTH_BYTES = 8
-_DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
-    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64,
-    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 MAX_GENERATED_ATTEMPTS = 50
 MAX_ROLLBACK_ATTEMPTS = 5
 VERSION_METADATA_FIELDS = ("version", "created_at", "created_by", "description", "tags", "metrics", "config",
@@ -97,309 +74,10 @@ def generate_version_string(prefix: str | None = None) -> str:
     return f"{prefix}-{stamp}"
 
 
-def sha256_file(path: Path) -> str:
-    with open_regular(path) as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def _private_buffer(size: int) -> bytearray | mmap.mmap:
-    """Fresh memory for a whole artifact. Small ones come from the heap, which reuses memory
-    already faulted in. Large ones get an anonymous mapping on transparent huge pages where
-    the kernel grants them: faulting in 4 KiB pages costs more than copying the bytes (reading
-    1 GB: 700-1,000 ms against 220-370 ms with huge pages, on the benchmark machine)."""
-    if size <= _SMALL_ARTIFACT:
-        return bytearray(size)
-    buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        buffer.madvise(mmap.MADV_HUGEPAGE)
-    return buffer
-
-
-def read_private(path: Path, verify: bool) -> tuple[memoryview, str | None]:
-    """Read `path` once into private memory; with `verify`, also its SHA-256.
-
-    The hash is taken over these very bytes, which no other process can write, so what was
-    checked is what gets used. For large artifacts a second thread hashes each chunk while
-    this one reads the next (hashlib releases the GIL on large updates), so the cost is about
-    max(read, hash), not their sum; small ones are hashed inline, as a thread would cost more
-    than it saves. A file that shrinks meanwhile comes back short, so it fails the hash or the
-    parse."""
-    with open_regular(path) as handle, ThreadPoolExecutor(max_workers=1) as hasher:
-        size = os.fstat(handle.fileno()).st_size
-        data = memoryview(_private_buffer(size))
-        digest = hashlib.sha256()
-        def hash_in_background(chunk: memoryview) -> None:
-            hasher.submit(digest.update, chunk)
-
-        hash_chunk = hash_in_background if size > _SMALL_ARTIFACT else digest.update
-        filled = _read_into(handle, data, hash_chunk if verify else None)
-    return data[:filled], digest.hexdigest() if verify else None
-
-
-def _read_into(handle: io.BufferedReader, data: memoryview, consume: Callable[[memoryview], object] | None) -> int:
-    """Fill `data` from `handle` chunk by chunk, handing each chunk to `consume`; returns the
-    number of bytes read."""
-    filled = 0
-    while filled < len(data) and (count := handle.readinto(data[filled:filled + LOAD_CHUNK])):
-        if consume is not None:
-            consume(data[filled:filled + count])
-        filled += count
-    return filled
-
-
-def tensors_from_buffer(data: memoryview) -> dict[str, torch.Tensor]:
-    """The tensors of the safetensors file held in `data`, as views of it (no copy).
-
-    safetensors can only build tensors in place from a file it maps itself, which would let
-    the file change after it was hashed, and `safetensors.torch.load(bytes)` copies every
-    tensor. This reads the same format (8-byte little-endian header length, JSON header,
-    tensor data back to back) and checks it as safetensors does: known dtypes, byte sizes that
-    match the shapes, tensors tiling the data area with no gap or overlap. Raises ValueError,
-    KeyError or TypeError for anything else."""
-    if len(data) < _HEADER_LENGTH_BYTES:
-        raise ValueError("too short for a safetensors header")
-    base = _HEADER_LENGTH_BYTES + int.from_bytes(data[:_HEADER_LENGTH_BYTES], "little")
-    if base > len(data):
-        raise ValueError("the header runs past the end of the file")
-    header = json.loads(bytes(data[_HEADER_LENGTH_BYTES:base]))
-    if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
-    header.pop("__metadata__", None)
-    layouts = sorted(((name, *_tensor_layout(spec)) for name, spec in header.items()), key=lambda item: item[1:3])
-    end = 0
-    for _, begin, stop, _, _ in layouts:
-        if begin != end:
-            raise ValueError("tensor data has a gap or an overlap")
-        end = stop
-    if base + end != len(data):
-        raise ValueError("tensor data does not fill the file")
-    return {name: _tensor_view(data, base + begin, stop - begin, dtype, shape) for name, begin, stop, dtype, shape in layouts}
-
-
-def _tensor_layout(spec: Any) -> tuple[int, int, torch.dtype, list[int]]:
-    if not isinstance(spec, dict) or spec.get("dtype") not in _DTYPES:
-        raise ValueError(f"not a tensor entry of a known dtype: {spec!r:.100}")
-    dtype, shape = _DTYPES[spec["dtype"]], spec["shape"]
-    begin, end = spec["data_offsets"]
-    if not all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end)):
-        raise ValueError("shapes and offsets must be non-negative integers")
-    if end - begin != math.prod(shape) * dtype.itemsize:
-        raise ValueError("a tensor's byte size does not match its shape")
-    return begin, end, dtype, shape
-
-
-def _tensor_view(data: memoryview, offset: int, nbytes: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    if nbytes == 0:  # torch.frombuffer refuses empty tensors
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(data, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).view(shape)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a whole file or nothing: new temp file, fsync, rename."""
-    temp = temp_name(path)
-    write_new_file(temp, text.encode())
-    os.replace(temp, path)
-
-
-def _iso(timestamp: float | None) -> str | None:
+def iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
     return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
-
-
-class LocalArtifactStore:
-    """Artifacts as files under one folder: `<version>/model.safetensors` and `config.json`.
-
-    Every path is confined to the folder (utils.artifact_files): a linked artifact or version
-    folder resolving outside it is refused."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def new_staging_dir(self) -> Path:
-        return new_staging_dir(self.root)
-
-    def discard(self, staging: Path) -> None:
-        shutil.rmtree(staging, ignore_errors=True)
-
-    def publish(self, staging: Path, version: str) -> None:
-        """Move a staged version folder into place with one rename.
-
-        Called while the version's row is locked in the store, so a folder (or link) already
-        there without a committed row is the leftover of a crashed save and may be replaced."""
-        target = self.root / version
-        if target.exists() or target.is_symlink():
-            remove_path(target)
-        os.rename(staging, target)
-        fsync_dir(self.root)
-
-    def read(self, key: str, sha256: str | None = None) -> bytes:
-        with open_regular(confined(self.root, key)) as handle:
-            return handle.read()
-
-    @contextmanager
-    def local_file(self, key: str, sha256: str | None = None) -> Iterator[Path]:
-        """The artifact's path, to be read (and hash-checked) by the caller."""
-        yield confined(self.root, key)
-
-    def write(self, key: str, data: bytes) -> None:
-        path = confined(self.root, key)
-        temp = temp_name(path)
-        write_new_file(temp, data)
-        os.replace(temp, path)
-
-    def delete(self, key: str) -> None:
-        (self.root / key).unlink(missing_ok=True)
-
-    def location(self, key: str) -> str:
-        """Where the artifact lives, for people (a path)."""
-        return str(self.root / key)
-
-    def remove_version(self, version: str) -> None:
-        remove_path(self.root / version)
-
-    def fingerprint(self, key: str) -> tuple[Any, ...] | None:
-        """Changes whenever the artifact's content may have changed (size, modification time)."""
-        try:
-            stat = confined(self.root, key).stat()
-        except OSError:
-            return None
-        return (stat.st_mtime_ns, stat.st_size)
-
-    def check(self) -> bool:
-        return self.root.is_dir() and os.access(self.root, os.W_OK)
-
-
-class S3ArtifactStore:
-    """Artifacts in an S3-compatible bucket under `prefix/<version>/`.
-
-    Uploads go in parts above MULTIPART_THRESHOLD; downloads are streamed to disk with the
-    SHA-256 computed on the way, and only an artifact whose hash matches the recorded one is
-    kept in this host's cache (`cache_dir/<sha256>`), so later loads skip the download. The
-    endpoint and credentials come from boto3's usual sources (AWS_ENDPOINT_URL,
-    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION)."""
-
-    MULTIPART_THRESHOLD = 16 * 1024 * 1024
-
-    def __init__(self, uri: str, staging_root: Path, cache_dir: Path, client: Any = None) -> None:
-        parsed = urlparse(uri)
-        if parsed.scheme != "s3" or not parsed.netloc:
-            raise ValueError(f"not an s3://bucket/prefix URI: {uri!r}")
-        self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
-        self.client = client or boto3.client(
-            "s3", region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-            config=BotoConfig(connect_timeout=2, read_timeout=30, retries={"max_attempts": 2, "mode": "standard"}),
-        )
-        self.transfer = TransferConfig(multipart_threshold=self.MULTIPART_THRESHOLD, multipart_chunksize=self.MULTIPART_THRESHOLD)
-        self.staging_root = Path(staging_root)
-        self.cache_dir = Path(cache_dir)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-
-    def _object(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def new_staging_dir(self) -> Path:
-        return new_staging_dir(self.staging_root)
-
-    def discard(self, staging: Path) -> None:
-        shutil.rmtree(staging, ignore_errors=True)
-
-    def publish(self, staging: Path, version: str) -> None:
-        """Upload the staged files; the artifact last, so a listed artifact has its config."""
-        with _unavailable_on_errors():
-            for name in (CONFIG_NAME, ARTIFACT_NAME):
-                self.client.upload_file(str(staging / name), self.bucket, self._object(f"{version}/{name}"), Config=self.transfer)
-
-    def read(self, key: str, sha256: str | None = None) -> bytes:
-        with self.local_file(key, sha256) as path:
-            return path.read_bytes()
-
-    @contextmanager
-    def local_file(self, key: str, sha256: str | None = None) -> Iterator[Path]:
-        """A local copy of the object, to be read (and hash-checked) by the caller: this
-        host's cached copy of `sha256`, else a fresh download, which enters the cache only if
-        its hash matches and is deleted afterwards if not."""
-        cached = confined(self.cache_dir, sha256) if sha256 else None
-        if cached is not None and (cached.exists() or cached.is_symlink()):
-            yield cached
-            return
-        temp = temp_name(self.cache_dir / "artifact", ".download")
-        try:
-            if self._download(key, temp) == sha256 and cached is not None:
-                os.replace(temp, cached)
-                yield cached
-            else:
-                yield temp
-        finally:
-            temp.unlink(missing_ok=True)
-
-    def _download(self, key: str, destination: Path) -> str:
-        """Stream the object to `destination`; returns its SHA-256."""
-        try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._object(key))["Body"]
-        except self.client.exceptions.NoSuchKey:
-            raise FileNotFoundError(key) from None
-        except (ClientError, BotoCoreError) as exc:
-            raise ArtifactStoreUnavailable(f"the artifact store is unreachable: {exc}") from None
-        digest = hashlib.sha256()
-        with _unavailable_on_errors(), open(destination, "wb") as handle:
-            for chunk in body.iter_chunks(_CHUNK):
-                digest.update(chunk)
-                handle.write(chunk)
-        return digest.hexdigest()
-
-    def write(self, key: str, data: bytes) -> None:
-        with _unavailable_on_errors():
-            self.client.put_object(Bucket=self.bucket, Key=self._object(key), Body=data)
-
-    def delete(self, key: str) -> None:
-        with _unavailable_on_errors():
-            self.client.delete_object(Bucket=self.bucket, Key=self._object(key))
-
-    def location(self, key: str) -> str:
-        """Where the artifact lives, for people (an s3:// URI)."""
-        return f"s3://{self.bucket}/{self._object(key)}"
-
-    def remove_version(self, version: str) -> None:
-        with _unavailable_on_errors():
-            listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._object(f"{version}/"))
-            for item in listing.get("Contents", []):
-                self.client.delete_object(Bucket=self.bucket, Key=item["Key"])
-
-    def fingerprint(self, key: str) -> tuple[Any, ...] | None:
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._object(key))
-        except (ClientError, BotoCoreError):
-            return None
-        return (head["ETag"], head["ContentLength"])
-
-    def check(self) -> bool:
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-            return True
-        except (ClientError, BotoCoreError):
-            return False
-
-
-@contextmanager
-def _unavailable_on_errors() -> Iterator[None]:
-    try:
-        yield
-    except (ClientError, BotoCoreError) as exc:
-        raise ArtifactStoreUnavailable(f"the artifact store is unreachable: {exc}") from None
-
-
-ArtifactStore = LocalArtifactStore | S3ArtifactStore
-
-
-def artifact_store_for(artifact_uri: str | None, models_dir: Path, cache_dir: Path) -> ArtifactStore:
-    """The configured artifact store: S3 for s3:// URIs, else a local folder."""
-    if artifact_uri and artifact_uri.startswith("s3://"):
-        return S3ArtifactStore(artifact_uri, models_dir, cache_dir)
-    if artifact_uri:
-        return LocalArtifactStore(Path(urlparse(artifact_uri).path if artifact_uri.startswith("file://") else artifact_uri))
-    return LocalArtifactStore(models_dir)
 
 
 @dataclass(frozen=True)
@@ -556,13 +234,13 @@ class ModelVersionManager:
         with self._artifact_file(row) as path:
             data, actual = read_private(path, check)
         if check:
-            _check_digest(version, row["sha256"], actual)
+            check_digest(version, row["sha256"], actual)
         try:
             return tensors_from_buffer(data), row
         except (ValueError, KeyError, TypeError) as exc:
             raise IntegrityCheckFailed(f"integrity check failed for version {version}: unreadable artifact ({exc!r})") from None
 
-    def _read_artifact(self, row: dict[str, Any]) -> bytes:
+    def read_artifact(self, row: dict[str, Any]) -> bytes:
         with _unreadable_is_integrity_failure(row):
             return self.artifacts.read(row["artifact_key"], None if row["archived"] else row["sha256"])
 
@@ -595,7 +273,7 @@ class ModelVersionManager:
     def _artifact_sha256(self, row: dict[str, Any]) -> str:
         """The SHA-256 of the artifact's plain (uncompressed) bytes."""
         if row["archived"]:
-            return hashlib.sha256(gzip.decompress(self._read_artifact(row))).hexdigest()
+            return hashlib.sha256(gzip.decompress(self.read_artifact(row))).hexdigest()
         with self._artifact_file(row) as path:
             return sha256_file(path)
 
@@ -638,12 +316,12 @@ class ModelVersionManager:
             "versions": {r["version"]: _public(r, state) for r in self.store.list_versions()},
             "production_version": state.get(PRODUCTION),
             "serving_version": state.get(SERVING) or state.get(PRODUCTION),
-            "updated_at": _iso(time.time()),
+            "updated_at": iso(time.time()),
         }
 
     def promotion_history(self, limit: int = 100) -> list[dict[str, Any]]:
         return [
-            {**h, "at": _iso(h["at"])} for h in self.store.promotion_history(limit)
+            {**h, "at": iso(h["at"])} for h in self.store.promotion_history(limit)
         ]
 
     # -- deploying ----------------------------------------------------------------------
@@ -717,8 +395,8 @@ class ModelVersionManager:
             return self.get_version_info(version)
         if version in self.store.get_states((PRODUCTION, SERVING)).values():
             raise VersionConflict(f"version {version} is in use and cannot be archived")
-        data = self._read_artifact(row)
-        _check_digest(version, row["sha256"], hashlib.sha256(data).hexdigest())
+        data = self.read_artifact(row)
+        check_digest(version, row["sha256"], hashlib.sha256(data).hexdigest())
         key = f"{version}/{ARCHIVE_NAME}"
         self.artifacts.write(key, gzip.compress(data, compresslevel=6))
         self.store.update_version(version, archived=True, artifact_key=key)
@@ -731,74 +409,14 @@ class ModelVersionManager:
         row = self._row(version)
         if not row["archived"]:
             return self.get_version_info(version)
-        data = gzip.decompress(self._read_artifact(row))
-        _check_digest(version, row["sha256"], hashlib.sha256(data).hexdigest())
+        data = gzip.decompress(self.read_artifact(row))
+        check_digest(version, row["sha256"], hashlib.sha256(data).hexdigest())
         key = f"{version}/{ARTIFACT_NAME}"
         self.artifacts.write(key, data)
         self.store.update_version(version, archived=False, artifact_key=key)
         self.artifacts.delete(row["artifact_key"])
         self.write_registry_mirror()
         return self.get_version_info(version)
-
-    # -- backup and restore -------------------------------------------------------------
-
-    def backup(self, destination: str | Path) -> dict[str, Any]:
-        """Write every version (metadata and artifact) and the deployment state to a tar.gz."""
-        destination = Path(destination)
-        rows = self.store.list_versions()
-        manifest = {
-            "format": "quadra-registry-backup/1",
-            "created_at": _iso(time.time()),
-            "state": self.store.get_states((PRODUCTION, SERVING)),
-            "versions": rows,
-        }
-        temp = destination.with_name(f".{destination.name}.tmp")
-        with tarfile.open(temp, "w:gz") as archive:
-            _add_bytes(archive, "manifest.json", json.dumps(manifest, indent=2).encode())
-            for row in rows:
-                _add_bytes(archive, f"artifacts/{row['artifact_key']}", self._read_artifact(row))
-        os.replace(temp, destination)
-        return {"path": str(destination), "versions": len(rows)}
-
-    def restore(self, source: str | Path) -> dict[str, Any]:
-        """Restore a backup into this registry, checking every artifact against its hash first.
-
-        Versions already present with the same hash are kept; the same version with another
-        hash is a conflict and nothing is written."""
-        with tarfile.open(source, "r:gz") as archive:
-            manifest = json.loads(_read_member(archive, "manifest.json"))
-            if manifest.get("format") != "quadra-registry-backup/1":
-                raise InvalidRequest("not a Quadra registry backup")
-            payloads = {}
-            for row in manifest["versions"]:
-                validate_version(row["version"])
-                data = _read_member(archive, f"artifacts/{row['artifact_key']}")
-                plain = gzip.decompress(data) if row["archived"] else data
-                _check_digest(row["version"], row["sha256"], hashlib.sha256(plain).hexdigest())
-                existing = self.store.get_version(row["version"])
-                if existing is not None and existing["sha256"] != row["sha256"]:
-                    raise VersionConflict(f"version {row['version']} exists with a different hash")
-                if existing is None:
-                    payloads[row["version"]] = (row, plain)
-        for row, plain in payloads.values():
-            self._restore_one(row, plain)
-        state = manifest.get("state", {})
-        for name in (PRODUCTION, SERVING):
-            if state.get(name):
-                self.store.set_state(name, state[name], actor="restore")
-        self.write_registry_mirror()
-        return {"restored": sorted(payloads), "skipped": len(manifest["versions"]) - len(payloads)}
-
-    def _restore_one(self, row: dict[str, Any], data: bytes) -> None:
-        staging = self.artifacts.new_staging_dir()
-        try:
-            write_new_file(staging / ARTIFACT_NAME, data)
-            write_new_file(staging / CONFIG_NAME, json.dumps(row["config"], indent=2, sort_keys=True).encode())
-            restored = {**row, "archived": False, "artifact_key": f"{row['version']}/{ARTIFACT_NAME}"}
-            with self.store.adding_version(restored):
-                self.artifacts.publish(staging, row["version"])
-        finally:
-            self.artifacts.discard(staging)
 
     # -- mirror -------------------------------------------------------------------------
 
@@ -825,7 +443,7 @@ def _unreadable_is_integrity_failure(row: dict[str, Any]) -> Iterator[None]:
         raise IntegrityCheckFailed(f"integrity check failed for version {row['version']}: {reason}") from None
 
 
-def _check_digest(version: str, expected: str, actual: str | None) -> None:
+def check_digest(version: str, expected: str, actual: str | None) -> None:
     if actual != expected:
         raise IntegrityCheckFailed(
             f"integrity check failed for version {version}: expected sha256 {expected}, got {actual}"
@@ -836,7 +454,7 @@ def _public(row: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
     serving = state.get(SERVING) or state.get(PRODUCTION)
     return {
         "version": row["version"],
-        "created_at": _iso(row["created_at"]),
+        "created_at": iso(row["created_at"]),
         "created_by": row["created_by"],
         "description": row["description"],
         "tags": row["tags"],
@@ -849,24 +467,6 @@ def _public(row: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
         "is_production": row["version"] == state.get(PRODUCTION),
         "is_serving": row["version"] == serving,
     }
-
-
-def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = int(time.time())
-    archive.addfile(info, io.BytesIO(data))
-
-
-def _read_member(archive: tarfile.TarFile, name: str) -> bytes:
-    try:
-        member = archive.getmember(name)
-    except KeyError:
-        raise InvalidRequest(f"backup is missing {name}") from None
-    handle = archive.extractfile(member)
-    if handle is None:
-        raise InvalidRequest(f"backup entry {name} is not a file")
-    return handle.read()
 
 
 LOWER_IS_BETTER = ("loss", "error", "latency", "mae", "mse", "rmse")

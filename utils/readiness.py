@@ -17,10 +17,10 @@ from typing import Any
 import redis
 
 from utils.config import Settings
-from utils.errors import ServiceUnavailable
+from utils.errors import ServiceUnavailable, VersionNotFound
 from utils.model_modes import ModelModeManager
 from utils.model_monitoring import HealthChecker
-from utils.model_versioning import REGISTRY_MIRROR, ModelVersionManager, VersionNotFound
+from utils.model_versioning import REGISTRY_MIRROR, ModelVersionManager
 from utils.serving import ModelServer
 from utils.store import PRODUCTION, SERVING, Store
 

@@ -9,15 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from utils.alerts import AlertManager
+from utils.artifact_store import artifact_store_for
 from utils.change_notices import ChangeNotices
 from utils.config import Settings
 from utils.events import EventPusher
 from utils.journal import RecordJournal
 from utils.model_modes import ModelModeManager
 from utils.model_monitoring import ModelMonitor
-from utils.model_versioning import ModelVersionManager, artifact_store_for
+from utils.model_versioning import ModelVersionManager
 from utils.outage import Outage
 from utils.readiness import Readiness
+from utils.scheduler import Scheduler
 from utils.security import AuthManager, SecurityState, auth_manager_for, build_security, storage_for
 from utils.serving import ModelServer
 from utils.store import Store, store_for
@@ -38,6 +40,7 @@ class Services:
     jobs: TrainingJobs
     readiness: Readiness
     security: SecurityState
+    scheduler: Scheduler
     notices: ChangeNotices | None = None
     events: EventPusher | None = None
     started: bool = False
@@ -51,6 +54,7 @@ class Services:
         records and rate-limit counts): a worker's exit, the end of `python app.py`, a test."""
         if self.events is not None:
             self.events.stop()
+        self.scheduler.stop()
         self.model_server.stop()
         self.monitor.stop()
         self.security.stop()
@@ -65,7 +69,7 @@ def build_services(settings: Settings, redis_outage: Outage) -> Services:
     model_server = ModelServer(registry, settings.model_poll_seconds)
     monitor = ModelMonitor(
         settings.monitoring_dir, settings.monitoring_window, settings.drift_threshold, store,
-        settings.feature_sample_rate, settings.monitoring_flush_seconds, settings.baseline_min_samples,
+        settings.feature_sample_rate, settings.baseline_min_samples,
         RecordJournal(settings.monitoring_dir / "journal"),
     )
     alerts = AlertManager(store, settings.alert_webhook, settings.alert_webhook_allow_private, settings.alert_cooldown_seconds)
@@ -75,4 +79,6 @@ def build_services(settings: Settings, redis_outage: Outage) -> Services:
     security = build_security(settings, store, auth_manager_for(settings, store),
                               storage_for(settings, store, redis_outage))
     notices = ChangeNotices(settings.redis_url, settings.redis_prefix, redis_outage) if settings.redis_url else None
-    return Services(settings, store, registry, model_server, monitor, alerts, modes, jobs, readiness, security, notices)
+    scheduler = Scheduler(settings.monitoring_flush_seconds)
+    return Services(settings, store, registry, model_server, monitor, alerts, modes, jobs, readiness, security, scheduler,
+                    notices)

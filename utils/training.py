@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from utils.artifact_store import ArtifactStore, artifact_store_for
 from utils.config import Settings
 from utils.errors import JobNotFound, TrainingCapacityReached
 from utils.journal import process_alive
-from utils.model_versioning import ArtifactStore, ModelVersionManager, artifact_store_for, generate_version_string
+from utils.model_versioning import ModelVersionManager, generate_version_string
 from utils.serving import MLPClassifier, build_model
 
 if TYPE_CHECKING:

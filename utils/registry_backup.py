@@ -1,0 +1,101 @@
+"""Backing up a registry to one .tar.gz (every version's metadata and artifact, and which
+version is production and serving) and restoring it, every artifact checked against its
+recorded hash before anything is written."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+from utils.artifact_files import ARTIFACT_NAME, CONFIG_NAME, write_new_file
+from utils.errors import InvalidRequest, VersionConflict
+from utils.model_versioning import ModelVersionManager, check_digest, iso, validate_version
+from utils.store import PRODUCTION, SERVING
+
+BACKUP_FORMAT = "quadra-registry-backup/1"
+
+
+def backup(registry: ModelVersionManager, destination: str | Path) -> dict[str, Any]:
+    """Write every version (metadata and artifact) and the deployment state to a tar.gz."""
+    destination = Path(destination)
+    rows = registry.store.list_versions()
+    manifest = {
+        "format": BACKUP_FORMAT,
+        "created_at": iso(time.time()),
+        "state": registry.store.get_states((PRODUCTION, SERVING)),
+        "versions": rows,
+    }
+    temp = destination.with_name(f".{destination.name}.tmp")
+    with tarfile.open(temp, "w:gz") as archive:
+        _add_bytes(archive, "manifest.json", json.dumps(manifest, indent=2).encode())
+        for row in rows:
+            _add_bytes(archive, f"artifacts/{row['artifact_key']}", registry.read_artifact(row))
+    os.replace(temp, destination)
+    return {"path": str(destination), "versions": len(rows)}
+
+
+def restore(registry: ModelVersionManager, source: str | Path) -> dict[str, Any]:
+    """Restore a backup into this registry, checking every artifact against its hash first.
+
+    Versions already present with the same hash are kept; the same version with another
+    hash is a conflict and nothing is written."""
+    with tarfile.open(source, "r:gz") as archive:
+        manifest = json.loads(_read_member(archive, "manifest.json"))
+        if manifest.get("format") != BACKUP_FORMAT:
+            raise InvalidRequest("not a Quadra registry backup")
+        payloads = {}
+        for row in manifest["versions"]:
+            validate_version(row["version"])
+            data = _read_member(archive, f"artifacts/{row['artifact_key']}")
+            plain = gzip.decompress(data) if row["archived"] else data
+            check_digest(row["version"], row["sha256"], hashlib.sha256(plain).hexdigest())
+            existing = registry.store.get_version(row["version"])
+            if existing is not None and existing["sha256"] != row["sha256"]:
+                raise VersionConflict(f"version {row['version']} exists with a different hash")
+            if existing is None:
+                payloads[row["version"]] = (row, plain)
+    for row, plain in payloads.values():
+        _restore_one(registry, row, plain)
+    state = manifest.get("state", {})
+    for name in (PRODUCTION, SERVING):
+        if state.get(name):
+            registry.store.set_state(name, state[name], actor="restore")
+    registry.write_registry_mirror()
+    return {"restored": sorted(payloads), "skipped": len(manifest["versions"]) - len(payloads)}
+
+
+def _restore_one(registry: ModelVersionManager, row: dict[str, Any], data: bytes) -> None:
+    staging = registry.artifacts.new_staging_dir()
+    try:
+        write_new_file(staging / ARTIFACT_NAME, data)
+        write_new_file(staging / CONFIG_NAME, json.dumps(row["config"], indent=2, sort_keys=True).encode())
+        restored = {**row, "archived": False, "artifact_key": f"{row['version']}/{ARTIFACT_NAME}"}
+        with registry.store.adding_version(restored):
+            registry.artifacts.publish(staging, row["version"])
+    finally:
+        registry.artifacts.discard(staging)
+
+
+def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = int(time.time())
+    archive.addfile(info, io.BytesIO(data))
+
+
+def _read_member(archive: tarfile.TarFile, name: str) -> bytes:
+    try:
+        member = archive.getmember(name)
+    except KeyError:
+        raise InvalidRequest(f"backup is missing {name}") from None
+    handle = archive.extractfile(member)
+    if handle is None:
+        raise InvalidRequest(f"backup entry {name} is not a file")
+    return handle.read()
