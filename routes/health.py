@@ -10,6 +10,7 @@ from flask import Blueprint, jsonify
 from routes.common import services
 from routes.operations import operation
 from utils.schemas import Health, Readiness
+from utils.timestamps import iso_utc
 
 bp = Blueprint("health", __name__)
 _STARTED = time.time()
@@ -26,7 +27,7 @@ def health() -> Any:
             "model_loaded": served is not None,
             "model_version": served.version if served else None,
             "uptime_seconds": round(time.time() - _STARTED, 3),
-            "timestamp": time.time(),
+            "timestamp": iso_utc(time.time()),
         }
     )
 

@@ -65,12 +65,16 @@
   const fixed = (value, digits = 2) => (isNumber(value) ? value.toFixed(digits) : "–");
   const percent = (value, digits = 1) => (isNumber(value) ? `${(value * 100).toFixed(digits)}%` : "–");
   const count = (value) => (isNumber(value) ? value.toLocaleString("en-US") : "–");
-  const clock = (seconds) =>
-    isNumber(seconds) ? new Date(seconds * 1000).toLocaleTimeString("en-GB", { hour12: false }) : "–";
+  /** Milliseconds of an API timestamp (ISO 8601 UTC), NaN when there is none. */
+  const epochMs = (iso) => (typeof iso === "string" ? Date.parse(iso) : NaN);
+  const clock = (iso) => {
+    const ms = epochMs(iso);
+    return Number.isNaN(ms) ? "–" : new Date(ms).toLocaleTimeString("en-GB", { hour12: false });
+  };
 
-  function dateTime(value) {
-    const date = new Date(isNumber(value) ? value * 1000 : value);
-    return Number.isNaN(date.getTime()) ? "–" : date.toLocaleString("en-GB", { dateStyle: "short", timeStyle: "short" });
+  function dateTime(iso) {
+    const ms = epochMs(iso);
+    return Number.isNaN(ms) ? "–" : new Date(ms).toLocaleString("en-GB", { dateStyle: "short", timeStyle: "short" });
   }
 
   function pValue(value) {
@@ -401,7 +405,7 @@
     setText("latency-p95", isNumber(stats.latency_ms?.p95) ? `${fixed(stats.latency_ms.p95)} ms` : "–");
     const classes = Object.entries(stats.class_distribution || {});
     setText("class-distribution", classes.length ? `Classes in window: ${classes.map(([name, n]) => `${name} ${n}`).join(" · ")}` : "");
-    const at = (stats.timestamp || Date.now() / 1000) * 1000;
+    const at = epochMs(stats.timestamp) || Date.now();
     const latency = stats.latency_ms || {};
     const confidence = stats.confidence || {};
     appendPoint("chart-throughput", at, [stats.throughput_per_second]);
@@ -428,8 +432,8 @@
         el("td", {}, pValue(f.p_value)), el("td", {}, f.drift_detected ? "yes" : "no"))));
     const history = drift.history || [];
     replacePoints("chart-drift", [
-      history.map((h) => ({ x: h.at * 1000, y: h.drift_score })),
-      history.map((h) => ({ x: h.at * 1000, y: drift.threshold })),
+      history.map((h) => ({ x: epochMs(h.at), y: h.drift_score })),
+      history.map((h) => ({ x: epochMs(h.at), y: drift.threshold })),
     ]);
   }
 
@@ -492,7 +496,7 @@
         el("div", { class: "alert-head" },
           el("span", { class: `pill pill-${tone[alert.severity] || "wait"}` }, alert.severity),
           el("strong", {}, alert.kind),
-          el("time", { datetime: new Date(alert.at * 1000).toISOString() }, dateTime(alert.at)),
+          el("time", { datetime: alert.at }, dateTime(alert.at)),
           alert.resolved_at ? el("span", { class: "muted small" }, `resolved ${clock(alert.resolved_at)}`) : null),
         el("p", {}, alert.message)))
       : [el("li", { class: "muted" }, "no alerts")]));
@@ -724,7 +728,7 @@
     $("keys").hidden = Boolean(text);
     $("keys-note").hidden = !text;
     if (text) setText("keys-note", text);
-    const newestFirst = [...state.keys].sort((a, b) => b.created_at - a.created_at);
+    const newestFirst = [...state.keys].sort((a, b) => epochMs(b.created_at) - epochMs(a.created_at));
     $("keys").querySelector("tbody").replaceChildren(...newestFirst.map(keyRow));
   }
 

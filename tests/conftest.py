@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
 
@@ -86,6 +87,11 @@ def store(store_url: str) -> Iterator[Store]:
 def registry(store: Store, tmp_path: Path) -> ModelVersionManager:
     """An empty registry on each backend."""
     return ModelVersionManager(tmp_path / "models", store, verify_integrity=True)
+
+
+def epoch(iso: str) -> float:
+    """An API timestamp (ISO 8601 UTC) as epoch seconds."""
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 def promtool_findings(exposition: str) -> str:

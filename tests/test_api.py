@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -285,3 +287,36 @@ def test_inputs_that_overflow_the_model_still_get_a_distribution(client) -> None
 @pytest.mark.parametrize(("expires_in", "status"), [(60.0, 200), (60, 200), (60.5, 400), ("60", 400), (True, 400)])
 def test_integer_fields_take_json_integers_written_with_a_fraction_of_zero(client, expires_in: object, status: int) -> None:
     assert client.post("/api/auth/token", json={"expires_in": expires_in}).status_code == status
+
+
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$")
+
+
+def timestamps_in(value: object, key: str = "") -> list[tuple[str, object]]:
+    """Every (key, value) of a JSON document whose key names a time (`at`, `*_at`, `timestamp`)."""
+    if isinstance(value, dict):
+        return [found for k, v in value.items() for found in timestamps_in(v, k)]
+    if isinstance(value, list):
+        return [found for item in value for found in timestamps_in(item, key)]
+    return [(key, value)] if key in ("at", "timestamp") or key.endswith("_at") else []
+
+
+def test_every_timestamp_the_api_shows_is_iso_8601_utc(app, client) -> None:
+    services = app.extensions["quadra"]
+    services.store.insert_job_if_capacity({"id": "job_iso", "status": "cancelled", "created_at": time.time(), "created_by": "t",
+                                           "params": {}, "data": None, "total_epochs": 1, "cancel_requested": False,
+                                           "progress": [{"epoch": 1, "at": time.time()}]}, 5)
+    client.post("/api/predict", json={"inputs": [[5.1, 3.5, 1.4, 0.2]] * 40})
+    client.post("/api/monitoring/baseline")
+    client.post("/api/mode/maintenance", json={"reason": "iso"})
+    services.alerts.raise_alert("health", "iso test", {})
+    services.alerts.observe("drift", False, "no drift", {})
+    found = []
+    for path in ("/api/health", "/api/health/detailed", "/api/mode", "/api/model/versions", "/api/model/versions/1.0.0",
+                 "/api/model/history", "/api/auth/keys", "/api/audit", "/api/monitoring/stats", "/api/monitoring/drift",
+                 "/api/monitoring/alerts", "/api/train", "/api/train/job_iso"):
+        found += timestamps_in(client.get(path).get_json())
+    names = {name for name, _ in found}
+    assert {"timestamp", "changed_at", "created_at", "at", "expires_at", "last_used_at", "first_at", "started_at"} <= names
+    not_iso = [(name, value) for name, value in found if value is not None and not ISO_UTC.match(str(value))]
+    assert not_iso == []

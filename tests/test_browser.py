@@ -16,7 +16,7 @@ import pytest
 import requests
 from playwright.sync_api import Page, expect
 
-from tests.conftest import ARTIFACTS, GUNICORN_COMMAND
+from tests.conftest import ARTIFACTS, GUNICORN_COMMAND, epoch
 from tests.test_e2e_monitoring import IRIS, send, wait_until_recorded
 from tests.test_events import websocket_handshake
 
@@ -334,7 +334,7 @@ def test_rotating_a_key_keeps_both_keys_working_for_the_grace_period(start_serve
         for _ in range(4):
             assert server.get("/api/model/versions", headers={"X-API-Key": key}).status_code == 200
     old = next(k for k in server.get("/api/auth/keys").json()["keys"] if k["id"] == old_id)
-    assert old["rotated_to"] == new["id"] and old["expires_at"] == pytest.approx(time.time() + 3600, abs=60)
+    assert old["rotated_to"] == new["id"] and epoch(old["expires_at"]) == pytest.approx(time.time() + 3600, abs=60)
     expect(page.locator(f'#keys tr[data-key-id="{old_id}"]')).to_contain_text(f"replaced by {new['id']}", timeout=5_000)
     expect(page.locator(f'#keys tr[data-key-id="{new["id"]}"] [data-key-state]')).to_have_text("active")
     assert new_key not in stored(page)
@@ -436,7 +436,9 @@ def test_the_socket_sends_the_key_in_its_auth_payload_and_follows_its_access(sta
     expect(page.locator("#connection")).to_have_text("live")
     assert job_id not in page.locator("main").inner_text()
     screenshot(page, "dashboard-channel-key-revoked")
-    assert dashboard.errors == []
+    # A REST call the page made with the key between its revocation and the channel's notice is
+    # answered 401, which Chromium logs as a failed resource load: the network's word, not the page's.
+    assert [error for error in dashboard.errors if "status of 401" not in error] == []
 
 
 def keep_every_message(page: Page) -> None:

@@ -128,3 +128,30 @@ def test_cli_commands_answer_domain_errors_like_the_api(app) -> None:
                           (["registry", "delete", "9.9.9"], "9.9.9")):
         result = runner.invoke(args=args)
         assert result.exit_code == 1 and result.output.startswith("Error: ") and message in result.output, (args, result.output)
+
+
+def test_restoring_a_file_that_is_not_a_backup_is_a_clear_cli_error(app, tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    not_tar = tmp_path / "notes.tar.gz"
+    not_tar.write_text("hello")
+    bad_manifest = tmp_path / "bad.tar.gz"
+    with tarfile.open(bad_manifest, "w:gz") as archive:
+        info = tarfile.TarInfo("manifest.json")
+        info.size = 3
+        archive.addfile(info, io.BytesIO(b"{]["))
+    runner = app.test_cli_runner()
+    for source in (not_tar, bad_manifest):
+        result = runner.invoke(args=["registry", "restore", str(source)])
+        assert result.exit_code == 1 and result.output.startswith("Error: not a Quadra registry backup"), result.output
+    assert "1.0.0" in runner.invoke(args=["registry", "list"]).output
+
+
+def test_a_key_with_a_limit_an_earlier_release_accepted_still_rotates(app, client) -> None:
+    created = client.post("/api/auth/keys", json={"name": "legacy", "permissions": ["read"]}).get_json()
+    app.extensions["quadra"].store.update_api_key(created["id"], rate_limit="10 per 05 minutes")
+    rotated = client.post(f"/api/auth/keys/{created['id']}/rotate", json={"grace_seconds": 60})
+    assert rotated.status_code == 201 and rotated.get_json()["rate_limit"] == "10 per 05 minutes"
+    refused = client.post("/api/auth/keys", json={"name": "new", "permissions": ["read"], "rate_limit": "10 per 05 minutes"})
+    assert refused.status_code == 400 and "is not valid; use e.g." in refused.get_json()["error"]["message"]

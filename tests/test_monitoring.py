@@ -14,6 +14,7 @@ from tests.conftest import make_settings, promtool_findings
 from utils.alerts import AlertManager, WebhookRefused, check_webhook_target
 from utils.model_monitoring import HealthChecker, InsufficientData, ModelMonitor
 from utils.store import Store
+from utils.timestamps import iso_utc
 from utils.training import load_dataset
 
 IRIS = load_dataset().features.tolist()
@@ -139,7 +140,7 @@ def test_statistics_and_drift_over_a_window_larger_than_a_read_block(store: Stor
     confidence = [r["confidence"] for r in window if r["success"] and r["confidence"] is not None]
     stats = monitor.get_statistics()
     assert stats["window"]["count"] == 1500 and stats["window"]["errors"] == sum(1 for r in window if not r["success"])
-    assert (stats["window"]["first_at"], stats["window"]["last_at"]) == (window[0]["at"], window[-1]["at"])
+    assert (stats["window"]["first_at"], stats["window"]["last_at"]) == (iso_utc(window[0]["at"]), iso_utc(window[-1]["at"]))
     assert stats["confidence"]["mean"] == pytest.approx(np.mean(confidence))
     assert stats["latency_ms"]["p95"] == pytest.approx(np.percentile([r["latency_ms"] for r in window], 95))
     assert stats["model_versions"] == Counter(str(r["model_version"]) for r in window) and "None" in stats["model_versions"]
@@ -237,7 +238,7 @@ def test_drift_right_after_a_baseline_compares_only_newer_predictions(store: Sto
     assert result["evaluated"] and result["drift_detected"] and set(result["drifted_features"]) == {"a", "b", "c", "d"}
     assert result["sample_count"] == result["window"]["count"] == 200
     newest = store.recent_predictions(200)
-    assert (result["window"]["first_at"], result["window"]["last_at"]) == (newest[0]["at"], newest[-1]["at"])
+    assert (result["window"]["first_at"], result["window"]["last_at"]) == (iso_utc(newest[0]["at"]), iso_utc(newest[-1]["at"]))
     assert result["window"]["since_baseline_at"] == monitor.baseline_metrics["created_at"]
     assert monitor.get_statistics()["window"]["count"] == 700  # statistics still cover the whole window
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -32,7 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from sqlalchemy import create_engine
 
-from tests.conftest import make_settings
+from tests.conftest import epoch, make_settings
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "release-2026-11-30"
 MANIFEST = json.loads((FIXTURE / "expected.json").read_text())
@@ -53,13 +52,6 @@ def schema_version(app: Any) -> tuple[int, int]:
     from utils.store import SCHEMA_VERSION
 
     return app.extensions["quadra"].store.schema_version(), SCHEMA_VERSION
-
-
-def epoch(value: float | str) -> float:
-    """A timestamp as seconds, whether the API answers a number or an ISO 8601 string."""
-    if isinstance(value, str):
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    return float(value)
 
 
 def load_dump(postgres_url: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from tests.conftest import make_settings
+from tests.conftest import epoch, make_settings
 from utils.security import (
     JWT_AUDIENCE,
     JWT_ISSUER,
@@ -128,7 +128,7 @@ def test_keys_are_stored_only_as_keyed_hashes(app, client) -> None:
     assert api_key not in text and row["key_hash"] not in text and "key_hash" not in text
     mine = next(k for k in listed if k["id"] == created["id"])
     assert mine["display"] == f"{api_key[:7]}…{api_key[-4:]}" and mine["permissions"] == ["read", "write"]
-    assert mine["expires_at"] == pytest.approx(time.time() + 90 * 86400, abs=60)
+    assert epoch(mine["expires_at"]) == pytest.approx(time.time() + 90 * 86400, abs=60)
 
 
 def test_key_made_in_a_console_works_at_once_and_revocation_within_seconds(app, anonymous, settings) -> None:

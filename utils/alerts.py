@@ -20,6 +20,7 @@ import certifi
 import urllib3
 
 from utils.store import Store
+from utils.timestamps import iso_utc
 
 CLEAR_AFTER_CHECKS = 3
 WEBHOOK_TIMEOUT_SECONDS = 5.0
@@ -147,14 +148,17 @@ class AlertManager:
         return bool((self.store.get_state(self._state_name(kind)) or {}).get("active"))
 
     def recent(self, limit: int = 50) -> list[dict[str, Any]]:
-        return self.store.list_alerts(limit)
+        """The newest alerts first; `at` and `resolved_at` in ISO 8601 UTC."""
+        return [{**alert, "at": iso_utc(alert["at"]), "resolved_at": iso_utc(alert["resolved_at"])}
+                for alert in self.store.list_alerts(limit)]
 
     def _record(self, kind: str, severity: str, message: str, details: dict[str, Any]) -> int:
         alert_id = self.store.insert_alert(kind, severity, message, details)
         is_notice = severity == "info"
         log.log(logging.INFO if is_notice else logging.WARNING, "%s %s: %s", "notice" if is_notice else "ALERT", kind, message)
         if self.webhook_url:
-            payload = {"id": alert_id, "kind": kind, "severity": severity, "message": message, "details": details, "at": time.time()}
+            payload = {"id": alert_id, "kind": kind, "severity": severity, "message": message, "details": details,
+                       "at": iso_utc(time.time())}
             threading.Thread(target=self._post, args=(self.webhook_url, payload), name="quadra-alert-webhook",
                              daemon=True).start()
         return alert_id

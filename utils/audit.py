@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from utils.store import Store
+from utils.timestamps import iso_utc
 
 
 def audit_row(
@@ -34,4 +35,5 @@ def record(store: Store, actor: str, action: str, outcome: str, **fields: Any) -
 
 
 def recent(store: Store, limit: int = 100, action: str | None = None, actor: str | None = None) -> list[dict[str, Any]]:
-    return store.list_audit(limit, action, actor)
+    """The newest records first; `at` in ISO 8601 UTC."""
+    return [{**entry, "at": iso_utc(entry["at"])} for entry in store.list_audit(limit, action, actor)]

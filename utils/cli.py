@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -289,10 +288,11 @@ def train_cancel_command(job_id: str) -> None:
     click.echo(f"{job_id}: {job['status']}{' (stopping at the next epoch)' if job['cancel_requested'] else ''}")
 
 
-def _when(timestamp: float | None) -> str:
+def _when(timestamp: str | None) -> str:
+    """An API timestamp (ISO 8601 UTC) to the second, or "never"."""
     if timestamp is None:
         return "never"
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return timestamp.partition(".")[0].removesuffix("Z") + "Z"
 
 
 def register_cli(app: Flask) -> None:

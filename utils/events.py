@@ -19,6 +19,7 @@ from flask_socketio import ConnectionRefusedError, SocketIO, emit, join_room
 
 from utils.errors import TooManyRequests
 from utils.security import AUTH_DISABLED_PRINCIPAL, PERMISSIONS, Principal
+from utils.timestamps import iso_utc
 
 if TYPE_CHECKING:  # utils.services builds an EventPusher, so it is imported for types only
     from utils.services import Services
@@ -304,8 +305,10 @@ class EventPusher:
         if topic == "stats":
             return svc.monitor.get_statistics()
         if topic == "drift":
-            return {**(svc.store.get_state(DRIFT_STATE) or {"evaluated": False, "drift_detected": False}),
-                    "threshold": svc.settings.drift_threshold, "history": svc.store.get_state(DRIFT_HISTORY) or []}
+            state = svc.store.get_state(DRIFT_STATE) or {"evaluated": False, "drift_detected": False}
+            history = [{**entry, "at": iso_utc(entry["at"])} for entry in svc.store.get_state(DRIFT_HISTORY) or []]
+            return {**state, "checked_at": iso_utc(state.get("checked_at")), "threshold": svc.settings.drift_threshold,
+                    "history": history}
         if topic == "training":
             return {"jobs": svc.jobs.list(RECENT_JOBS)}
         if topic == "alerts":

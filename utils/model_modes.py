@@ -22,8 +22,9 @@ from enum import Enum
 from functools import wraps
 from typing import Any, TypeVar
 
-from utils.errors import InvalidMode
+from utils.errors import InvalidMode, WrongMode
 from utils.store import Store, UsesConfiguredStore
+from utils.timestamps import iso_utc
 
 F = TypeVar("F", bound=Callable[..., Any])
 MODE_STATE = "mode"
@@ -72,14 +73,15 @@ class ModelModeManager:
     # -- reading ------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        """{"mode", "reason", "changed_by", "changed_at"}, refreshed at most every refresh_seconds."""
+        """{"mode", "reason", "changed_by", "changed_at"} (ISO 8601 UTC, None if the mode never
+        changed), refreshed at most every refresh_seconds."""
         store = self._shared_store()
         initial = {"mode": self.initial_mode.value, "reason": "initial mode", "changed_by": "system", "changed_at": None}
         if store is not None and (self._cached is None or time.monotonic() - self._read_at >= self.refresh_seconds):
             self._observe(store.get_state(MODE_STATE) or initial)
         elif self._cached is None:
             self._observe(initial)
-        return dict(self._cached or {})
+        return _public(self._cached or {})
 
     @property
     def mode(self) -> ModelMode:
@@ -117,7 +119,7 @@ class ModelModeManager:
             store.set_state(MODE_STATE, state, actor=changed_by)
         self._observe(state)
         log.info("mode %s -> %s by %s (%s)", previous.value, new.value, changed_by, reason or "no reason given")
-        return {**state, "previous_mode": previous.value}
+        return {**_public(state), "previous_mode": previous.value}
 
     def enter_inference_mode(self, reason: str = "") -> dict[str, Any]:
         return self.set_mode(ModelMode.INFERENCE, reason)
@@ -144,6 +146,11 @@ class ModelModeManager:
                     _call(callback, old, new)
                 except Exception:
                     log.exception("mode callback %r failed", callback)
+
+
+def _public(state: dict[str, Any]) -> dict[str, Any]:
+    """A stored mode state as the API shows it (changed_at in ISO 8601 UTC)."""
+    return {**state, "changed_at": iso_utc(state.get("changed_at"))}
 
 
 def _call(callback: ModeCallback, old: ModelMode, new: ModelMode) -> None:
@@ -178,7 +185,7 @@ class InferenceGuard:
     def __enter__(self) -> InferenceGuard:
         mode = self.manager.mode
         if mode not in SERVES_PREDICTIONS:
-            raise RuntimeError(f"Cannot perform inference in {mode.value} mode")
+            raise WrongMode(f"Cannot perform inference in {mode.value} mode")
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -194,7 +201,7 @@ class TrainingGuard:
     def __enter__(self) -> TrainingGuard:
         mode = self.manager.mode
         if mode not in ALLOWS_TRAINING:
-            raise RuntimeError(f"Cannot perform training in {mode.value} mode")
+            raise WrongMode(f"Cannot perform training in {mode.value} mode")
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -202,7 +209,7 @@ class TrainingGuard:
 
 
 def require_mode(*modes: ModelMode | str, manager: ModelModeManager | None = None) -> Callable[[F], F]:
-    """Run the function only in one of `modes`; RuntimeError otherwise."""
+    """Run the function only in one of `modes`; WrongMode (a RuntimeError) otherwise."""
     allowed = {ModelMode.parse(m) for m in modes}
 
     def decorator(function: F) -> F:
@@ -211,7 +218,7 @@ def require_mode(*modes: ModelMode | str, manager: ModelModeManager | None = Non
             current = (manager or mode_manager).mode
             if current not in allowed:
                 names = " or ".join(sorted(m.value for m in allowed))
-                raise RuntimeError(f"This operation requires {names} mode; the current mode is {current.value}")
+                raise WrongMode(f"This operation requires {names} mode; the current mode is {current.value}")
             return function(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]

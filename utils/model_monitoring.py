@@ -1,8 +1,8 @@
 """Monitoring: every prediction recorded, rolling-window statistics, drift against a stored
 baseline, and the seed's HealthChecker.
 
-Recording is cheap on the request path: a record is appended to an in-process buffer and a
-background flusher writes batches to the store (and on shutdown). All processes share one
+Recording is cheap on the request path: a record is appended to an in-process buffer, which
+`flush()` writes to the store in batches (the service's scheduler calls it, and so does shutdown). All processes share one
 window, one baseline and one set of totals through the store.
 """
 
@@ -31,6 +31,7 @@ from utils.drift import DatasetDrift, column_drift, dataset_drift
 from utils.errors import InsufficientData
 from utils.journal import RecordBatch, RecordJournal
 from utils.store import Store, folder_store, store_for
+from utils.timestamps import iso_utc
 
 TOTALS = "prediction_totals"
 WINDOW_START = "monitoring_window_start"
@@ -137,6 +138,7 @@ class ModelMonitor:
         window_size: int | None = None,
         drift_threshold: float | None = None,
         store: Store | None = None,
+        *,
         feature_sample_rate: float | None = None,
         baseline_min_samples: int | None = None,
         journal: RecordJournal | None = None,
@@ -323,8 +325,8 @@ class ModelMonitor:
                 "count": count,
                 "errors": errors,
                 "error_rate": errors / count if count else 0.0,
-                "first_at": window["at"][0] if count else None,
-                "last_at": window["at"][-1] if count else None,
+                "first_at": iso_utc(window["at"][0]) if count else None,
+                "last_at": iso_utc(window["at"][-1]) if count else None,
             },
             "latency_ms": latency_summary,
             "prediction_time": _summary(latency / 1000.0),
@@ -338,7 +340,7 @@ class ModelMonitor:
             "throughput_per_second": recent / 60.0,
             "pending_records": self.pending,
             "dropped_records": self.dropped,
-            "timestamp": now,
+            "timestamp": iso_utc(now),
         }
 
     @property
@@ -400,7 +402,7 @@ class ModelMonitor:
         baseline = self.store.latest_baseline()
         if baseline is None:
             return None
-        return {"id": baseline["id"], "created_at": baseline["created_at"], "created_by": baseline["created_by"], **baseline["statistics"]}
+        return {**_baseline_summary(baseline), **baseline["statistics"]}
 
     # -- drift --------------------------------------------------------------------------
 
@@ -416,9 +418,9 @@ class ModelMonitor:
         after_id = (baseline["statistics"].get("last_record_id") or 0) if baseline else 0
         window = self._successful("confidence", "predicted_class", "features", "at", after_id=after_id)
         count = len(window["predicted_class"])
-        compared = {"count": count, "first_at": window["at"][0] if count else None,
-                    "last_at": window["at"][-1] if count else None,
-                    "since_baseline_at": baseline["created_at"] if baseline else None}
+        compared = {"count": count, "first_at": iso_utc(window["at"][0]) if count else None,
+                    "last_at": iso_utc(window["at"][-1]) if count else None,
+                    "since_baseline_at": iso_utc(baseline["created_at"]) if baseline else None}
         confidence = np.array(_present(window["confidence"]), dtype=float)
         current_mean = float(confidence.mean()) if confidence.size else None
         current_std = float(confidence.std()) if confidence.size else None
@@ -492,7 +494,7 @@ def _input_drift(baseline: dict[str, Any], features: list[str | None]) -> Datase
 
 
 def _baseline_summary(baseline: dict[str, Any]) -> dict[str, Any]:
-    return {"id": baseline["id"], "created_at": baseline["created_at"], "created_by": baseline["created_by"],
+    return {"id": baseline["id"], "created_at": iso_utc(baseline["created_at"]), "created_by": baseline["created_by"],
             "sample_count": baseline["statistics"]["sample_count"]}
 
 

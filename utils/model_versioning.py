@@ -31,6 +31,7 @@ from utils.errors import IntegrityCheckFailed, InvalidVersion, VersionConflict, 
 from utils.local_artifacts import LocalArtifactStore
 from utils.safetensors_reader import read_private, sha256_file, tensors_from_buffer
 from utils.store import PRODUCTION, SERVING, Store, StoreConflict, folder_store, store_for
+from utils.timestamps import iso_utc
 
 REGISTRY_MIRROR = "model_registry.json"
 MAX_VERSION_LENGTH = 64
@@ -72,12 +73,6 @@ def generate_version_string(prefix: str | None = None) -> str:
     if not _PREFIX.fullmatch(prefix):
         raise InvalidVersion("prefix must be lowercase letters, digits or _ and start with a letter")
     return f"{prefix}-{stamp}"
-
-
-def iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -316,12 +311,12 @@ class ModelVersionManager:
             "versions": {r["version"]: _public(r, state) for r in self.store.list_versions()},
             "production_version": state.get(PRODUCTION),
             "serving_version": state.get(SERVING) or state.get(PRODUCTION),
-            "updated_at": iso(time.time()),
+            "updated_at": iso_utc(time.time()),
         }
 
     def promotion_history(self, limit: int = 100) -> list[dict[str, Any]]:
         return [
-            {**h, "at": iso(h["at"])} for h in self.store.promotion_history(limit)
+            {**h, "at": iso_utc(h["at"])} for h in self.store.promotion_history(limit)
         ]
 
     # -- deploying ----------------------------------------------------------------------
@@ -454,7 +449,7 @@ def _public(row: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
     serving = state.get(SERVING) or state.get(PRODUCTION)
     return {
         "version": row["version"],
-        "created_at": iso(row["created_at"]),
+        "created_at": iso_utc(row["created_at"]),
         "created_by": row["created_by"],
         "description": row["description"],
         "tags": row["tags"],

@@ -23,6 +23,7 @@ from utils.model_monitoring import HealthChecker
 from utils.model_versioning import REGISTRY_MIRROR, ModelVersionManager
 from utils.serving import ModelServer
 from utils.store import PRODUCTION, SERVING, Store
+from utils.timestamps import iso_utc
 
 
 class Readiness:
@@ -54,7 +55,7 @@ class Readiness:
             "current_version": served.version if served else None,
             "production_version": versions.get(PRODUCTION),
             "mode": self.modes.mode.value if checks["store"] else None,
-            "timestamp": time.time(),
+            "timestamp": iso_utc(time.time()),
         }
 
     def _store_ok(self) -> bool:

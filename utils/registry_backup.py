@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from utils.artifact_files import ARTIFACT_NAME, CONFIG_NAME, write_new_file
-from utils.errors import InvalidRequest, VersionConflict
-from utils.model_versioning import ModelVersionManager, check_digest, iso, validate_version
+from utils.errors import InvalidRequest, QuadraError, VersionConflict
+from utils.model_versioning import ModelVersionManager, check_digest, validate_version
 from utils.store import PRODUCTION, SERVING
+from utils.timestamps import iso_utc
 
 BACKUP_FORMAT = "quadra-registry-backup/1"
 
@@ -28,7 +29,7 @@ def backup(registry: ModelVersionManager, destination: str | Path) -> dict[str, 
     rows = registry.store.list_versions()
     manifest = {
         "format": BACKUP_FORMAT,
-        "created_at": iso(time.time()),
+        "created_at": iso_utc(time.time()),
         "state": registry.store.get_states((PRODUCTION, SERVING)),
         "versions": rows,
     }
@@ -46,6 +47,25 @@ def restore(registry: ModelVersionManager, source: str | Path) -> dict[str, Any]
 
     Versions already present with the same hash are kept; the same version with another
     hash is a conflict and nothing is written."""
+    try:
+        manifest, payloads = _read_backup(registry, source)
+    except QuadraError:
+        raise
+    except (tarfile.TarError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InvalidRequest(f"not a Quadra registry backup ({type(exc).__name__}: {exc})") from None
+    for row, plain in payloads.values():
+        _restore_one(registry, row, plain)
+    state = manifest.get("state", {})
+    for name in (PRODUCTION, SERVING):
+        if state.get(name):
+            registry.store.set_state(name, state[name], actor="restore")
+    registry.write_registry_mirror()
+    return {"restored": sorted(payloads), "skipped": len(manifest["versions"]) - len(payloads)}
+
+
+def _read_backup(registry: ModelVersionManager, source: str | Path) -> tuple[dict[str, Any], dict[str, tuple[dict[str, Any], bytes]]]:
+    """The backup's manifest and the versions to restore (those this registry lacks), each
+    artifact checked against its recorded hash."""
     with tarfile.open(source, "r:gz") as archive:
         manifest = json.loads(_read_member(archive, "manifest.json"))
         if manifest.get("format") != BACKUP_FORMAT:
@@ -61,14 +81,7 @@ def restore(registry: ModelVersionManager, source: str | Path) -> dict[str, Any]
                 raise VersionConflict(f"version {row['version']} exists with a different hash")
             if existing is None:
                 payloads[row["version"]] = (row, plain)
-    for row, plain in payloads.values():
-        _restore_one(registry, row, plain)
-    state = manifest.get("state", {})
-    for name in (PRODUCTION, SERVING):
-        if state.get(name):
-            registry.store.set_state(name, state[name], actor="restore")
-    registry.write_registry_mirror()
-    return {"restored": sorted(payloads), "skipped": len(manifest["versions"]) - len(payloads)}
+    return manifest, payloads
 
 
 def _restore_one(registry: ModelVersionManager, row: dict[str, Any], data: bytes) -> None:

@@ -1,7 +1,8 @@
 """The process's background thread: periodic tasks (flushing monitoring records, drift checks,
 roll-ups, journal recovery, reaping jobs), each about every so many seconds.
 
-The service owns its lifecycle (`app.start_serving` starts it, `Services.stop` stops it); a
+The service owns its lifecycle (`utils.maintenance.schedule_background_work`, called by
+`app.start_serving`, registers the tasks and starts it; `Services.stop` stops it); a
 failing task is logged and retried at its next turn, never ends the thread.
 """
 

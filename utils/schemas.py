@@ -56,7 +56,9 @@ def _whole_number(value: Any) -> Any:
 
 
 WholeNumber = BeforeValidator(_whole_number)  # after an int's Field(...), so its bounds stay in the schema
-RateLimit = Annotated[ShortText, StringConstraints(pattern=RATE_LIMIT_PATTERN), AfterValidator(validate_rate_limit)]
+RateLimit = Annotated[ShortText, AfterValidator(validate_rate_limit), Field(json_schema_extra={"pattern": RATE_LIMIT_PATTERN})]
+# Every time the API shows: ISO 8601 in UTC (utils.timestamps.iso_utc).
+Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"}, examples=["2026-11-30T15:50:00.123456Z"])]
 # A single URL segment: the router never hands a handler one containing "/".
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^/]+$")]
 
@@ -252,7 +254,7 @@ class Health(ResponseBody):
     model_loaded: bool
     model_version: str | None
     uptime_seconds: float
-    timestamp: float
+    timestamp: Timestamp
 
 
 class Readiness(ResponseBody):
@@ -270,7 +272,7 @@ class ModeState(ResponseBody):
     mode: ModelMode
     reason: str
     changed_by: str
-    changed_at: float | None
+    changed_at: Timestamp | None
     serves_predictions: bool
     allows_training: bool
 
@@ -281,7 +283,7 @@ class ModeChange(ResponseBody):
     changed: bool = Field(description="false when the service already was in that mode (nothing recorded)")
     reason: str
     changed_by: str
-    changed_at: float | None = Field(description="when the mode last changed; null if it never did")
+    changed_at: Timestamp | None = Field(description="when the mode last changed; null if it never did")
     cancelled_jobs: list[str]
 
 
@@ -302,7 +304,7 @@ class VersionInfo(ResponseBody):
     version: str
     sha256: str
     size_bytes: int
-    created_at: str
+    created_at: Timestamp
     created_by: str | None
     description: str | None
     tags: list[str]
@@ -343,7 +345,7 @@ class HistoryEntry(ResponseBody):
     id: int
     action: str
     actor: str | None
-    at: str
+    at: Timestamp
     from_version: str | None
     to_version: str | None
 
@@ -373,15 +375,16 @@ class Statistics(ResponseBody):
     avg_confidence: float | None
     class_distribution: dict[str, int]
     model_versions: dict[str, int]
+    timestamp: Timestamp = Field(description="when the statistics were computed")
 
 
 class DriftWindow(ResponseBody):
     """The predictions drift compared with the baseline: only those made after it was set."""
 
     count: int
-    first_at: float | None
-    last_at: float | None
-    since_baseline_at: float | None
+    first_at: Timestamp | None
+    last_at: Timestamp | None
+    since_baseline_at: Timestamp | None
 
 
 class Drift(ResponseBody):
@@ -416,8 +419,8 @@ class Alert(ResponseBody):
     kind: str
     severity: str
     message: str
-    at: float
-    resolved_at: float | None
+    at: Timestamp
+    resolved_at: Timestamp | None
     details: dict[str, Any] | None
 
 
@@ -433,11 +436,11 @@ class ApiKey(ResponseBody):
     display: str = Field(description="a prefix and the last four characters")
     permissions: list[Permission]
     rate_limit: str | None
-    created_at: float
+    created_at: Timestamp
     created_by: str | None
-    expires_at: float | None
-    last_used_at: float | None
-    revoked_at: float | None
+    expires_at: Timestamp | None
+    last_used_at: Timestamp | None
+    revoked_at: Timestamp | None
     rotated_to: str | None
     active: bool
 
@@ -471,7 +474,7 @@ class Token(ResponseBody):
 
 class AuditEntry(ResponseBody):
     id: int
-    at: float
+    at: Timestamp
     actor: str | None
     action: str
     outcome: str
@@ -497,6 +500,10 @@ class TrainingJob(ResponseBody):
     result_version: str | None
     error: str | None
     cancel_requested: bool
+    created_at: Timestamp
+    created_by: str
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
 
 
 class TrainingJobs(ResponseBody):

@@ -44,6 +44,7 @@ from utils.rate_limit_storage import SCHEME as STORE_SCHEME
 from utils.rate_limit_storage import StoreRateLimitStorage
 from utils.request_limits import RequestLimits, counter_args, parse_limit
 from utils.store import Store, UsesConfiguredStore, store_for
+from utils.timestamps import iso_utc
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -187,11 +188,11 @@ def _public_key(row: dict[str, Any]) -> dict[str, Any]:
         "display": f"{row['prefix']}…{row['last4']}",
         "permissions": row["permissions"],
         "rate_limit": row["rate_limit"],
-        "created_at": row["created_at"],
+        "created_at": iso_utc(row["created_at"]),
         "created_by": row["created_by"],
-        "expires_at": row["expires_at"],
-        "last_used_at": row["last_used_at"],
-        "revoked_at": row["revoked_at"],
+        "expires_at": iso_utc(row["expires_at"]),
+        "last_used_at": iso_utc(row["last_used_at"]),
+        "revoked_at": iso_utc(row["revoked_at"]),
         "rotated_to": row["rotated_to"],
         "active": row["revoked_at"] is None and not expired,
     }
@@ -342,8 +343,9 @@ class AuthManager(UsesConfiguredStore):
             raise InactiveKey(f"API key {key_id} is revoked or expired and cannot be rotated")
         remaining_days = None if old["expires_at"] is None else max(1.0, (old["expires_at"] - time.time()) / 86400)
         new_row, api_key = self._new_key_row(
-            old["name"], old["permissions"], remaining_days or self.key_expiry_days, old["rate_limit"], f"rotation of {key_id}"
+            old["name"], old["permissions"], remaining_days or self.key_expiry_days, None, f"rotation of {key_id}"
         )
+        new_row["rate_limit"] = old["rate_limit"]  # as it was accepted, also by an earlier release's looser check
         grace_end = time.time() + max(0.0, grace_seconds)
         old_end = grace_end if old["expires_at"] is None else min(old["expires_at"], grace_end)
         self.store.rotate_api_key(key_id, new_row, old_end)
@@ -409,6 +411,15 @@ class AuthManager(UsesConfiguredStore):
 
     # -- tokens -------------------------------------------------------------------------
 
+    def _token_lifetime(self, expires_in: int | None) -> int:
+        """`expires_in` (default: the configured lifetime), refused beyond QUADRA_JWT_MAX_TTL_SECONDS."""
+        lifetime = expires_in or self.token_expiry_seconds
+        if lifetime < 1:
+            raise InvalidRequest("expires_in: at least 1 second")
+        if lifetime > self.max_token_seconds:
+            raise InvalidRequest(f"expires_in: at most QUADRA_JWT_MAX_TTL_SECONDS ({self.max_token_seconds})")
+        return lifetime
+
     def generate_token(
         self,
         user_id: str,
@@ -419,9 +430,7 @@ class AuthManager(UsesConfiguredStore):
     ) -> str:
         """A signed JWT. Tokens made for a key (`key_id`) die with the key."""
         now = int(time.time())
-        lifetime = expires_in or self.token_expiry_seconds
-        if not 0 < lifetime <= self.max_token_seconds:
-            raise InvalidRequest(f"a token lives 1 to {self.max_token_seconds} seconds (QUADRA_JWT_MAX_TTL_SECONDS)")
+        lifetime = self._token_lifetime(expires_in)
         granted = normalize_permissions(permissions if permissions is not None else ROLE_PERMISSIONS.get(role, [role]))
         claims = {
             "sub": key_id or user_id,
@@ -463,6 +472,7 @@ class AuthManager(UsesConfiguredStore):
 
     def issue_token_for(self, principal: Principal, permissions: Iterable[str] | None, expires_in: int) -> dict[str, Any]:
         """A token for a key holder, carrying the key's id and at most its permissions."""
+        self._token_lifetime(expires_in)
         wanted = normalize_permissions(permissions) if permissions is not None else list(principal.permissions)
         excess = [p for p in wanted if not principal.allows(p)]
         if excess:

@@ -69,8 +69,8 @@ def build_services(settings: Settings, redis_outage: Outage) -> Services:
     model_server = ModelServer(registry, settings.model_poll_seconds)
     monitor = ModelMonitor(
         settings.monitoring_dir, settings.monitoring_window, settings.drift_threshold, store,
-        settings.feature_sample_rate, settings.baseline_min_samples,
-        RecordJournal(settings.monitoring_dir / "journal"),
+        feature_sample_rate=settings.feature_sample_rate, baseline_min_samples=settings.baseline_min_samples,
+        journal=RecordJournal(settings.monitoring_dir / "journal"),
     )
     alerts = AlertManager(store, settings.alert_webhook, settings.alert_webhook_allow_private, settings.alert_cooldown_seconds)
     modes = ModelModeManager(store=store)

@@ -27,6 +27,7 @@ from utils.errors import JobNotFound, TrainingCapacityReached
 from utils.journal import process_alive
 from utils.model_versioning import ModelVersionManager, generate_version_string
 from utils.serving import MLPClassifier, build_model
+from utils.timestamps import iso_utc
 
 if TYPE_CHECKING:
     from utils.store import Store
@@ -199,14 +200,14 @@ def dataset_from_payload(data: dict[str, Any]) -> Dataset:
 
 def public_job(row: dict[str, Any]) -> dict[str, Any]:
     """A job as the API shows it (the posted data itself is not echoed)."""
-    progress = row["progress"] or []
+    progress = [{**entry, "at": iso_utc(entry.get("at"))} for entry in row["progress"] or []]
     return {
         "id": row["id"],
         "status": row["status"],
-        "created_at": row["created_at"],
+        "created_at": iso_utc(row["created_at"]),
         "created_by": row["created_by"],
-        "started_at": row["started_at"],
-        "finished_at": row["finished_at"],
+        "started_at": iso_utc(row["started_at"]),
+        "finished_at": iso_utc(row["finished_at"]),
         "params": row["params"],
         "custom_data_rows": len(row["data"]["labels"]) if row["data"] else None,
         "epoch": progress[-1]["epoch"] if progress else 0,
