@@ -135,3 +135,19 @@ def test_env_example_documents_every_variable_and_loads(monkeypatch: pytest.Monk
             monkeypatch.delenv(key)
     settings = Settings.from_env(dotenv_path=root / ".env.example")
     assert settings.auth_failure_limit == "10 per minute" and settings.port == 5000
+
+
+def test_each_setting_is_declared_once_with_its_variable_parser_and_default() -> None:
+    """Every field names its own variable; unset, a setting is its field's default (or, for the
+    folders, the database and the longest token lifetime, follows the settings it derives from)."""
+    from dataclasses import fields
+
+    specs = fields(Settings)
+    variables = [spec.metadata["variable"] for spec in specs]
+    assert len(set(variables)) == len(specs) and all(variable.startswith("QUADRA_") for variable in variables)
+    from_env = Settings.from_env({})
+    derived = {"models_dir", "monitoring_dir", "database_url", "jwt_max_ttl_seconds"}
+    assert all(getattr(from_env, spec.name) == spec.default for spec in specs if spec.name not in derived)
+    moved = Settings.from_env({"QUADRA_STATE_DIR": "/srv/quadra", "QUADRA_JWT_TTL_SECONDS": str(2 * 86_400)})
+    assert (moved.models_dir, moved.monitoring_dir) == (Path("/srv/quadra/models"), Path("/srv/quadra/monitoring"))
+    assert moved.database_url == "sqlite:////srv/quadra/quadra.db" and moved.jwt_max_ttl_seconds == 2 * 86_400

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -309,3 +310,19 @@ def _baseline_exit_hooks(env: dict[str, str]) -> int:
               "print(atexit._ncallbacks())")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     return int(result.stdout)
+
+
+def test_record_metrics_records_a_prediction_made_elsewhere_as_given(tmp_path: Path) -> None:
+    from utils.model_monitoring import PredictionMetrics
+
+    monitor = ModelMonitor(tmp_path / "monitoring", baseline_min_samples=10)
+    made_at = time.time() - 30
+    monitor.record_metrics(PredictionMetrics(at=made_at, latency_ms=12.5, success=True, confidence=0.8,
+                                             predicted_class="setosa", model_version="2.0.0", features=[1.0, 2.0]))
+    monitor.record_metrics(PredictionMetrics(at=made_at, latency_ms=3.0, success=False, error="timeout"))
+    stats = monitor.get_statistics()
+    assert (stats["total_predictions"], stats["error_count"]) == (2, 1)
+    assert stats["model_versions"]["2.0.0"] == 1 and stats["class_distribution"] == {"setosa": 1}
+    row = [r for r in monitor.store.recent_predictions(10) if r["success"]][0]
+    assert (row["at"], row["latency_ms"], row["features"]) == (pytest.approx(made_at), 12.5, [1.0, 2.0])
+    monitor.stop()

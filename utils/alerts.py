@@ -144,9 +144,6 @@ class AlertManager:
         """An informational notice (a mode change): recorded and sent, no cooldown."""
         return self._record(kind, "info", message, details)
 
-    def is_active(self, kind: str) -> bool:
-        return bool((self.store.get_state(self._state_name(kind)) or {}).get("active"))
-
     def recent(self, limit: int = 50) -> list[dict[str, Any]]:
         """The newest alerts first; `at` and `resolved_at` in ISO 8601 UTC."""
         return [{**alert, "at": iso_utc(alert["at"]), "resolved_at": iso_utc(alert["resolved_at"])}

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from dotenv import dotenv_values
@@ -144,60 +144,69 @@ def _parse_artifact_uri(name: str, raw: str) -> str:
     return value
 
 
+def _parse_path(name: str, raw: str) -> Path:
+    return Path(_parse_text(name, raw))
+
+
+def setting(variable: str, parse: Callable[[str, str], Any], default: Any) -> Any:
+    """A Settings field: read from `variable` by `parse`, `default` when unset; declared once."""
+    return field(default=default, metadata={"variable": variable, "parse": parse})
+
+
 @dataclass(frozen=True)
 class Settings:
     """The service's configuration. Build it with `Settings.from_env()`; tests may pass values."""
 
-    env: str = "development"
-    debug: bool = False
-    state_dir: Path = Path("dashboard_state")
-    secret_key: str = ""
-    auth_enabled: bool = True
-    rate_limit_enabled: bool = True
-    max_requests: int = 100
-    rate_window: int = 60
-    rate_limit_sync_seconds: float = 0.1
-    models_dir: Path = Path("dashboard_state/models")
-    monitoring_dir: Path = Path("dashboard_state/monitoring")
-    drift_threshold: float = 2.0
-    monitoring_window: int = 1000
-    verify_integrity: bool = True
-    database_url: str = ""
-    redis_url: str | None = None
-    artifact_uri: str | None = None
-    cors_origins: tuple[str, ...] = ()
-    host: str = "127.0.0.1"
-    port: int = 5000
-    max_batch_size: int = 1024
-    max_body_bytes: int = 2 * 1024 * 1024
-    torch_threads: int = 1
-    model_poll_seconds: float = 0.5
-    bootstrap_model: bool = True
-    log_level: str = "info"
-    architecture_modules: tuple[str, ...] = ()
-    store_wait_seconds: float = 30.0
-    redis_prefix: str = "quadra"
-    trusted_proxies: int = 0
-    jwt_ttl_seconds: int = 3600
-    jwt_max_ttl_seconds: int = 86_400
-    key_expiry_days: int = 90
-    auth_cache_seconds: float = 2.0
-    auth_failure_limit: str = "10 per minute"
-    monitoring_retention_hours: float = 24.0
-    feature_sample_rate: float = 1.0
-    monitoring_flush_seconds: float = 1.0
-    baseline_min_samples: int = 100
-    drift_check_seconds: float = 10.0
-    alert_webhook: str | None = None
-    alert_webhook_allow_private: bool = False
-    alert_cooldown_seconds: float = 600.0
-    log_max_bytes: int = 10 * 1024 * 1024
-    max_training_jobs: int = 1
-    training_heartbeat_timeout: float = 60.0
-    training_max_rows: int = 50_000
-    min_free_disk_mb: int = 100
-    maintenance_retry_after: int = 60
-    log_backups: int = 5
+    env: str = setting("QUADRA_ENV", _choice_parser(ENVIRONMENTS), "development")
+    debug: bool = setting("QUADRA_DEBUG", _parse_bool, False)
+    state_dir: Path = setting("QUADRA_STATE_DIR", _parse_path, Path("dashboard_state"))
+    secret_key: str = setting("QUADRA_SECRET_KEY", _parse_text, "")
+    auth_enabled: bool = setting("QUADRA_AUTH_ENABLED", _parse_bool, True)
+    rate_limit_enabled: bool = setting("QUADRA_RATE_LIMIT_ENABLED", _parse_bool, True)
+    max_requests: int = setting("QUADRA_MAX_REQUESTS", _int_parser(1, 10_000_000), 100)
+    rate_window: int = setting("QUADRA_RATE_WINDOW", _int_parser(1, 86_400), 60)
+    rate_limit_sync_seconds: float = setting("QUADRA_RATE_LIMIT_SYNC_SECONDS", _float_parser(0.0, 10.0), 0.1)
+    models_dir: Path = setting("QUADRA_MODELS_DIR", _parse_path, Path("dashboard_state/models"))
+    monitoring_dir: Path = setting("QUADRA_MONITORING_DIR", _parse_path, Path("dashboard_state/monitoring"))
+    drift_threshold: float = setting("QUADRA_DRIFT_THRESHOLD", _float_parser(0.01, 1000.0), 2.0)
+    monitoring_window: int = setting("QUADRA_MONITORING_WINDOW", _int_parser(10, 10_000_000), 1000)
+    verify_integrity: bool = setting("QUADRA_VERIFY_INTEGRITY", _parse_bool, True)
+    database_url: str = setting("QUADRA_DATABASE_URL", _parse_database_url, "")
+    redis_url: str | None = setting("QUADRA_REDIS_URL", _parse_redis_url, None)
+    artifact_uri: str | None = setting("QUADRA_ARTIFACT_URI", _parse_artifact_uri, None)
+    cors_origins: tuple[str, ...] = setting("QUADRA_CORS_ORIGINS", _parse_origins, ())
+    host: str = setting("QUADRA_HOST", _parse_text, "127.0.0.1")
+    port: int = setting("QUADRA_PORT", _int_parser(1, 65535), 5000)
+    max_batch_size: int = setting("QUADRA_MAX_BATCH_SIZE", _int_parser(1, 100_000), 1024)
+    max_body_bytes: int = setting("QUADRA_MAX_BODY_BYTES", _int_parser(1024, 1024**3), 2 * 1024 * 1024)
+    torch_threads: int = setting("QUADRA_TORCH_THREADS", _int_parser(1, 256), 1)
+    model_poll_seconds: float = setting("QUADRA_MODEL_POLL_SECONDS", _float_parser(0.05, 60.0), 0.5)
+    bootstrap_model: bool = setting("QUADRA_BOOTSTRAP_MODEL", _parse_bool, True)
+    log_level: str = setting("QUADRA_LOG_LEVEL", _choice_parser(("debug", "info", "warning", "error")), "info")
+    architecture_modules: tuple[str, ...] = setting("QUADRA_ARCHITECTURE_MODULES", _parse_modules, ())
+    store_wait_seconds: float = setting("QUADRA_STORE_WAIT_SECONDS", _float_parser(0.0, 600.0), 30.0)
+    redis_prefix: str = setting("QUADRA_REDIS_PREFIX", _parse_prefix, "quadra")
+    trusted_proxies: int = setting("QUADRA_TRUSTED_PROXIES", _int_parser(0, 10), 0)
+    jwt_ttl_seconds: int = setting("QUADRA_JWT_TTL_SECONDS", _int_parser(60, 86_400 * 30), 3600)
+    jwt_max_ttl_seconds: int = setting("QUADRA_JWT_MAX_TTL_SECONDS", _int_parser(60, 86_400 * 30), 86_400)
+    key_expiry_days: int = setting("QUADRA_KEY_EXPIRY_DAYS", _int_parser(1, 3650), 90)
+    auth_cache_seconds: float = setting("QUADRA_AUTH_CACHE_SECONDS", _float_parser(0.0, 60.0), 2.0)
+    auth_failure_limit: str = setting("QUADRA_AUTH_FAILURE_LIMIT", _parse_rate_limit, "10 per minute")
+    monitoring_retention_hours: float = setting("QUADRA_MONITORING_RETENTION_HOURS", _float_parser(0.01, 24 * 3650), 24.0)
+    feature_sample_rate: float = setting("QUADRA_FEATURE_SAMPLE_RATE", _float_parser(0.0, 1.0), 1.0)
+    monitoring_flush_seconds: float = setting("QUADRA_MONITORING_FLUSH_SECONDS", _float_parser(0.05, 60.0), 1.0)
+    baseline_min_samples: int = setting("QUADRA_BASELINE_MIN_SAMPLES", _int_parser(10, 1_000_000), 100)
+    drift_check_seconds: float = setting("QUADRA_DRIFT_CHECK_SECONDS", _float_parser(1.0, 86_400.0), 10.0)
+    alert_webhook: str | None = setting("QUADRA_ALERT_WEBHOOK", _parse_http_url, None)
+    alert_webhook_allow_private: bool = setting("QUADRA_ALERT_WEBHOOK_ALLOW_PRIVATE", _parse_bool, False)
+    alert_cooldown_seconds: float = setting("QUADRA_ALERT_COOLDOWN_SECONDS", _float_parser(0.0, 86_400.0 * 7), 600.0)
+    log_max_bytes: int = setting("QUADRA_LOG_MAX_BYTES", _int_parser(1024, 10 * 1024**3), 10 * 1024 * 1024)
+    max_training_jobs: int = setting("QUADRA_MAX_TRAINING_JOBS", _int_parser(1, 64), 1)
+    training_heartbeat_timeout: float = setting("QUADRA_TRAINING_HEARTBEAT_TIMEOUT", _float_parser(10.0, 86_400.0), 60.0)
+    training_max_rows: int = setting("QUADRA_TRAINING_MAX_ROWS", _int_parser(10, 10_000_000), 50_000)
+    min_free_disk_mb: int = setting("QUADRA_MIN_FREE_DISK_MB", _int_parser(0, 10_000_000), 100)
+    maintenance_retry_after: int = setting("QUADRA_MAINTENANCE_RETRY_AFTER", _int_parser(1, 86_400), 60)
+    log_backups: int = setting("QUADRA_LOG_BACKUPS", _int_parser(0, 1000), 5)
 
     @property
     def is_production(self) -> bool:
@@ -226,64 +235,22 @@ def _read(values: Mapping[str, str], name: str, parse: Callable[[str, str], T], 
     return parse(name, raw)
 
 
+# Defaults that follow other settings when their own variable is unset (fields are read in order).
+_DERIVED_DEFAULTS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "models_dir": lambda read: read["state_dir"] / "models",
+    "monitoring_dir": lambda read: read["state_dir"] / "monitoring",
+    "database_url": lambda read: f"sqlite:///{read['state_dir'] / 'quadra.db'}",
+    "jwt_max_ttl_seconds": lambda read: max(86_400, read["jwt_ttl_seconds"]),
+}
+
+
 def _build(values: Mapping[str, str]) -> Settings:
-    env = _read(values, "QUADRA_ENV", _choice_parser(ENVIRONMENTS), "development")
-    state_dir = Path(_read(values, "QUADRA_STATE_DIR", _parse_text, "dashboard_state"))
-    jwt_ttl = _read(values, "QUADRA_JWT_TTL_SECONDS", _int_parser(60, 86_400 * 30), 3600)
-    settings = Settings(
-        env=env,
-        debug=_read(values, "QUADRA_DEBUG", _parse_bool, False),
-        state_dir=state_dir,
-        secret_key=_read(values, "QUADRA_SECRET_KEY", _parse_text, ""),
-        auth_enabled=_read(values, "QUADRA_AUTH_ENABLED", _parse_bool, True),
-        rate_limit_enabled=_read(values, "QUADRA_RATE_LIMIT_ENABLED", _parse_bool, True),
-        max_requests=_read(values, "QUADRA_MAX_REQUESTS", _int_parser(1, 10_000_000), 100),
-        rate_window=_read(values, "QUADRA_RATE_WINDOW", _int_parser(1, 86_400), 60),
-        rate_limit_sync_seconds=_read(values, "QUADRA_RATE_LIMIT_SYNC_SECONDS", _float_parser(0.0, 10.0), 0.1),
-        models_dir=Path(_read(values, "QUADRA_MODELS_DIR", _parse_text, str(state_dir / "models"))),
-        monitoring_dir=Path(_read(values, "QUADRA_MONITORING_DIR", _parse_text, str(state_dir / "monitoring"))),
-        drift_threshold=_read(values, "QUADRA_DRIFT_THRESHOLD", _float_parser(0.01, 1000.0), 2.0),
-        monitoring_window=_read(values, "QUADRA_MONITORING_WINDOW", _int_parser(10, 10_000_000), 1000),
-        verify_integrity=_read(values, "QUADRA_VERIFY_INTEGRITY", _parse_bool, True),
-        database_url=_read(
-            values, "QUADRA_DATABASE_URL", _parse_database_url, f"sqlite:///{state_dir / 'quadra.db'}"
-        ),
-        redis_url=_read(values, "QUADRA_REDIS_URL", _parse_redis_url, None),
-        artifact_uri=_read(values, "QUADRA_ARTIFACT_URI", _parse_artifact_uri, None),
-        cors_origins=_read(values, "QUADRA_CORS_ORIGINS", _parse_origins, ()),
-        host=_read(values, "QUADRA_HOST", _parse_text, "127.0.0.1"),
-        port=_read(values, "QUADRA_PORT", _int_parser(1, 65535), 5000),
-        max_batch_size=_read(values, "QUADRA_MAX_BATCH_SIZE", _int_parser(1, 100_000), 1024),
-        max_body_bytes=_read(values, "QUADRA_MAX_BODY_BYTES", _int_parser(1024, 1024**3), 2 * 1024 * 1024),
-        torch_threads=_read(values, "QUADRA_TORCH_THREADS", _int_parser(1, 256), 1),
-        model_poll_seconds=_read(values, "QUADRA_MODEL_POLL_SECONDS", _float_parser(0.05, 60.0), 0.5),
-        bootstrap_model=_read(values, "QUADRA_BOOTSTRAP_MODEL", _parse_bool, True),
-        architecture_modules=_read(values, "QUADRA_ARCHITECTURE_MODULES", _parse_modules, ()),
-        store_wait_seconds=_read(values, "QUADRA_STORE_WAIT_SECONDS", _float_parser(0.0, 600.0), 30.0),
-        redis_prefix=_read(values, "QUADRA_REDIS_PREFIX", _parse_prefix, "quadra"),
-        trusted_proxies=_read(values, "QUADRA_TRUSTED_PROXIES", _int_parser(0, 10), 0),
-        jwt_ttl_seconds=jwt_ttl,
-        jwt_max_ttl_seconds=_read(values, "QUADRA_JWT_MAX_TTL_SECONDS", _int_parser(60, 86_400 * 30), max(86_400, jwt_ttl)),
-        key_expiry_days=_read(values, "QUADRA_KEY_EXPIRY_DAYS", _int_parser(1, 3650), 90),
-        auth_cache_seconds=_read(values, "QUADRA_AUTH_CACHE_SECONDS", _float_parser(0.0, 60.0), 2.0),
-        auth_failure_limit=_read(values, "QUADRA_AUTH_FAILURE_LIMIT", _parse_rate_limit, "10 per minute"),
-        monitoring_retention_hours=_read(values, "QUADRA_MONITORING_RETENTION_HOURS", _float_parser(0.01, 24 * 3650), 24.0),
-        feature_sample_rate=_read(values, "QUADRA_FEATURE_SAMPLE_RATE", _float_parser(0.0, 1.0), 1.0),
-        monitoring_flush_seconds=_read(values, "QUADRA_MONITORING_FLUSH_SECONDS", _float_parser(0.05, 60.0), 1.0),
-        baseline_min_samples=_read(values, "QUADRA_BASELINE_MIN_SAMPLES", _int_parser(10, 1_000_000), 100),
-        drift_check_seconds=_read(values, "QUADRA_DRIFT_CHECK_SECONDS", _float_parser(1.0, 86_400.0), 10.0),
-        alert_webhook=_read(values, "QUADRA_ALERT_WEBHOOK", _parse_http_url, None),
-        alert_webhook_allow_private=_read(values, "QUADRA_ALERT_WEBHOOK_ALLOW_PRIVATE", _parse_bool, False),
-        alert_cooldown_seconds=_read(values, "QUADRA_ALERT_COOLDOWN_SECONDS", _float_parser(0.0, 86_400.0 * 7), 600.0),
-        log_max_bytes=_read(values, "QUADRA_LOG_MAX_BYTES", _int_parser(1024, 10 * 1024**3), 10 * 1024 * 1024),
-        log_backups=_read(values, "QUADRA_LOG_BACKUPS", _int_parser(0, 1000), 5),
-        max_training_jobs=_read(values, "QUADRA_MAX_TRAINING_JOBS", _int_parser(1, 64), 1),
-        training_heartbeat_timeout=_read(values, "QUADRA_TRAINING_HEARTBEAT_TIMEOUT", _float_parser(10.0, 86_400.0), 60.0),
-        training_max_rows=_read(values, "QUADRA_TRAINING_MAX_ROWS", _int_parser(10, 10_000_000), 50_000),
-        min_free_disk_mb=_read(values, "QUADRA_MIN_FREE_DISK_MB", _int_parser(0, 10_000_000), 100),
-        maintenance_retry_after=_read(values, "QUADRA_MAINTENANCE_RETRY_AFTER", _int_parser(1, 86_400), 60),
-        log_level=_read(values, "QUADRA_LOG_LEVEL", _choice_parser(("debug", "info", "warning", "error")), "info"),
-    )
+    read: dict[str, Any] = {}
+    for spec in fields(Settings):
+        derived = _DERIVED_DEFAULTS.get(spec.name)
+        default = derived(read) if derived else spec.default
+        read[spec.name] = _read(values, spec.metadata["variable"], spec.metadata["parse"], default)
+    settings = Settings(**read)
     if settings.jwt_ttl_seconds > settings.jwt_max_ttl_seconds:
         raise ConfigError(f"QUADRA_JWT_TTL_SECONDS: must not exceed QUADRA_JWT_MAX_TTL_SECONDS ({settings.jwt_max_ttl_seconds})")
     check_production_safety(settings)

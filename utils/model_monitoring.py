@@ -47,7 +47,8 @@ log = logging.getLogger("quadra.monitoring")
 
 @dataclass(frozen=True)
 class PredictionMetrics:
-    """One recorded prediction (a row of a request, or a failed request)."""
+    """One prediction as the Python API hands it to `ModelMonitor.record_metrics` (the service
+    itself records with `record_batch`); `at` in epoch seconds, `latency_ms` in milliseconds."""
 
     at: float
     latency_ms: float
@@ -188,6 +189,13 @@ class ModelMonitor:
         score = None if confidence is None else float(confidence)
         self._append(RecordBatch(time.time(), model_version, float(prediction_time) * 1000.0, [score],
                                  [None if predicted_class is None else str(predicted_class)], [row], success, error))
+
+    def record_metrics(self, metrics: PredictionMetrics) -> None:
+        """Record one prediction described by a `PredictionMetrics` (for the Python API: a
+        prediction made elsewhere, with its own time and features, kept as given)."""
+        features = list(metrics.features) if metrics.features is not None and self._keep_features() else None
+        self._append(RecordBatch(metrics.at, metrics.model_version, metrics.latency_ms, [metrics.confidence],
+                                 [metrics.predicted_class], [features], metrics.success, metrics.error))
 
     def record_batch(self, rows: list[list[float]], results: list[dict[str, Any]], seconds: float, model_version: str) -> None:
         """Record each row of a served request (the request path's fast variant)."""

@@ -98,29 +98,6 @@ def build_model(config: dict[str, Any]) -> nn.Module:
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def is_float32(value: Any) -> bool:
-    """A JSON number (not a bool) that float32 holds as a finite value; NaN fails the range test."""
-    return type(value) in (int, float) and -FLOAT32_MAX <= value <= FLOAT32_MAX
-
-
-def parse_inputs(payload: Any, input_dim: int, max_batch: int) -> torch.Tensor:
-    """Validate `{"inputs": [[...], ...]}` and return a float32 tensor [batch, input_dim]."""
-    if not isinstance(payload, dict):
-        raise InvalidInput("body must be a JSON object with an 'inputs' field")
-    unknown = set(payload) - {"inputs"}
-    if unknown:
-        raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
-    rows = payload.get("inputs")
-    if not isinstance(rows, list) or not rows:
-        raise InvalidInput("'inputs' must be a non-empty list of rows")
-    for i, row in enumerate(rows):
-        if not isinstance(row, list):
-            raise InvalidInput(f"inputs[{i}] must be a list of {input_dim} numbers")
-        if not all(is_float32(value) for value in row):
-            raise InvalidInput(f"inputs[{i}] must contain only finite numbers within float32 range")
-    return rows_to_tensor(rows, input_dim, max_batch)
-
-
 def rows_to_tensor(rows: list[list[float]], input_dim: int, max_batch: int) -> torch.Tensor:
     """The checks that depend on the served model and the configuration (batch size, row
     width); the values themselves must already be valid numbers."""
