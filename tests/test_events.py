@@ -57,7 +57,7 @@ def test_with_authentication_disabled_everyone_gets_every_topic(state_dir: Path)
 
     application = create_app(make_settings(state_dir, auth_enabled=False))
     start_serving(application)
-    client = application.extensions["socketio"].test_client(application, auth={"apiKey": "qk_anything_at_all_here"})
+    client = application.extensions["socketio"].test_client(application, auth={"apiKey": "qk_" + "unknown"})
     assert set(client.get_received()[0]["args"][0]) == set(TOPICS)
     client.disconnect()
     application.extensions["quadra"].store.dispose()
