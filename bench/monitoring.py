@@ -77,7 +77,7 @@ def drift_costs(folder: Path) -> list[tuple[int, float, float, float]]:
             {str(i): reference[:, i] for i in range(FEATURES)}, {str(i): current[:, i] for i in range(FEATURES)}))
         stats = best_of(3, monitor.get_statistics)
         rows.append((window, drift, tests_only, stats))
-        store.dispose()
+        store.database.dispose()
     return rows
 
 
@@ -86,7 +86,7 @@ def run() -> str:
         store = Store(f"sqlite:///{Path(folder) / 'record.db'}")
         journal = RecordJournal(Path(folder) / "journal")
         per_record, forward = recording_cost(ModelMonitor(folder, store=store, journal=journal))
-        store.dispose()
+        store.database.dispose()
         drift_rows = drift_costs(Path(folder))
     lines = [
         "## Monitoring\n",

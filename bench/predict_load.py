@@ -39,7 +39,7 @@ def prepare(state: Path) -> tuple[str, Path]:
     store = Store(settings.database_url)
     ensure_initial_version(ModelVersionManager(settings.models_dir, store, True))
     key, _ = AuthManager(resolve_secret_key(settings), store=store).create_api_key("bench", ["admin"])
-    store.dispose()
+    store.database.dispose()
     return key, settings.models_dir / "1.0.0"
 
 

@@ -93,7 +93,7 @@ def run() -> str:
         registry = ModelVersionManager(root / "models", store, verify_integrity=True)
         lines += [row(registry, root, index, megabytes) for index, megabytes in enumerate(SIZES_MB)]
         rate = hash_rate((root / f"raw-{SIZES_MB[-1]}.safetensors").read_bytes())
-        store.dispose()
+        store.database.dispose()
     lines.append(
         f"\nSHA-256 throughput on this machine: {rate:.2f} GB/s (hashlib, {LOAD_CHUNK // 2**20} MiB updates); "
         f"hashing alone takes {SIZES_MB[-1] * 2**20 / rate / 1e6:,.0f} ms for {SIZES_MB[-1]:,} MB, a floor under load + verify.\n"

@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import pytest
 import requests
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, text, update
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from utils.config import Settings, resolve_secret_key  # noqa: E402
 from utils.model_versioning import ModelVersionManager  # noqa: E402
 from utils.security import AuthManager  # noqa: E402
-from utils.store import Store  # noqa: E402
+from utils.store import Store, tables  # noqa: E402
 from utils.training import ensure_initial_version  # noqa: E402
 
 POSTGRES_URL = os.environ.get("QUADRA_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -80,7 +80,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def store(store_url: str) -> Iterator[Store]:
     store = Store(store_url)
     yield store
-    store.dispose()
+    store.database.dispose()
 
 
 @pytest.fixture
@@ -92,6 +92,12 @@ def registry(store: Store, tmp_path: Path) -> ModelVersionManager:
 def epoch(iso: str) -> float:
     """An API timestamp (ISO 8601 UTC) as epoch seconds."""
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def set_key_columns(store: Store, key_id: str, **values: object) -> None:
+    """Write a key's columns directly, as an earlier release or the passing of time would."""
+    with store.database.write() as conn:
+        conn.execute(update(tables.api_keys).where(tables.api_keys.c.id == key_id).values(**values))
 
 
 def promtool_findings(exposition: str) -> str:
@@ -119,7 +125,7 @@ def seeded_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     auth = AuthManager(resolve_secret_key(Settings.from_env({"QUADRA_STATE_DIR": str(state)})), store=store)
     keys = {permission: auth.create_api_key(f"test-{permission}", [permission])[0] for permission in ("read", "write", "admin")}
     (state / KEYS_FILE).write_text(json.dumps(keys))
-    store.dispose()
+    store.database.dispose()
     return state
 
 
@@ -156,7 +162,7 @@ def app(settings: Settings):
     start_serving(application)
     yield application
     stop_serving(application)
-    application.extensions["quadra"].store.dispose()
+    application.extensions["quadra"].store.database.dispose()
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_settings
+from utils.store import JobRow
 
 SETOSA = [5.1, 3.5, 1.4, 0.2]
 VIRGINICA = [6.7, 3.0, 5.2, 2.3]
@@ -76,7 +77,7 @@ def test_batch_and_body_limits(state_dir: Path, api_keys: dict[str, str]) -> Non
     assert_error(client.post("/api/predict", json={"inputs": [SETOSA] * 5}), 400, "invalid_input")
     assert client.post("/api/predict", json={"inputs": [SETOSA] * 4}).status_code == 200
     assert_error(client.post("/api/predict", json={"inputs": [SETOSA] * 400}), 413, "request_entity_too_large")
-    app.extensions["quadra"].store.dispose()
+    app.extensions["quadra"].store.database.dispose()
 
 
 def test_unknown_route_and_method(client) -> None:
@@ -239,7 +240,7 @@ def test_not_ready_is_503_with_retry_after(tmp_path: Path) -> None:
     assert response.headers["Retry-After"] == "2"
     assert_error(client.post("/api/model/save"), 503, "model_not_ready")
     assert client.get("/api/health").get_json()["model_loaded"] is False
-    app.extensions["quadra"].store.dispose()
+    app.extensions["quadra"].store.database.dispose()
 
 
 def test_unexpected_errors_hide_the_trace(app, client, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -303,9 +304,8 @@ def timestamps_in(value: object, key: str = "") -> list[tuple[str, object]]:
 
 def test_every_timestamp_the_api_shows_is_iso_8601_utc(app, client) -> None:
     services = app.extensions["quadra"]
-    services.store.insert_job_if_capacity({"id": "job_iso", "status": "cancelled", "created_at": time.time(), "created_by": "t",
-                                           "params": {}, "data": None, "total_epochs": 1, "cancel_requested": False,
-                                           "progress": [{"epoch": 1, "at": time.time()}]}, 5)
+    services.store.jobs.insert_if_capacity(JobRow(id="job_iso", status="cancelled", created_at=time.time(), created_by="t",
+                                                  params={}, total_epochs=1, progress=[{"epoch": 1, "at": time.time()}]), 5)
     client.post("/api/predict", json={"inputs": [[5.1, 3.5, 1.4, 0.2]] * 40})
     client.post("/api/monitoring/baseline")
     client.post("/api/mode/maintenance", json={"reason": "iso"})

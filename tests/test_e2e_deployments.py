@@ -26,7 +26,7 @@ def server(request: pytest.FixtureRequest, start_server, state_dir: Path, tmp_pa
     secret = f"deployments-{uuid.uuid4().hex}{uuid.uuid4().hex}"
     store = Store(url)
     admin_key, _ = AuthManager(secret, store=store).create_api_key("deployments-admin", ["admin"])
-    store.dispose()
+    store.database.dispose()
     started = start_server(tmp_path / "pg-state", {"QUADRA_DATABASE_URL": url, "QUADRA_SECRET_KEY": secret},
                            GUNICORN_COMMAND)
     started.session.headers["X-API-Key"] = admin_key

@@ -52,7 +52,7 @@ def cluster(start_server, tmp_path: Path, postgres_url: str, redis_url: str, red
     secret = f"multi-host-{uuid.uuid4().hex}{uuid.uuid4().hex}"
     store = Store(postgres_url)
     admin_key, _ = AuthManager(secret, store=store).create_api_key("cluster-admin", ["admin"])
-    store.dispose()
+    store.database.dispose()
     env = {
         "QUADRA_DATABASE_URL": postgres_url, "QUADRA_REDIS_URL": redis_url, "QUADRA_REDIS_PREFIX": redis_prefix,
         "QUADRA_ARTIFACT_URI": s3_uri, "QUADRA_SECRET_KEY": secret, "AWS_ENDPOINT_URL": s3_server["endpoint"],

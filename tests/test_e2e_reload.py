@@ -24,7 +24,8 @@ from tests.test_e2e_server import logged_swaps, worker_pids
 from utils.config import Settings, resolve_secret_key
 from utils.journal import process_alive
 from utils.security import AuthManager
-from utils.store import PRODUCTION, SERVING, Store, model_versions, predictions
+from utils.store import Store
+from utils.store.tables import model_versions, predictions
 from utils.training import load_dataset
 
 pytestmark = pytest.mark.e2e
@@ -99,14 +100,13 @@ def backend_env(backend: str, request: pytest.FixtureRequest, state_dir: Path) -
         return buffered, sqlite_url, keys["admin"]
     url = request.getfixturevalue("postgres_url")
     seeded, store = Store(sqlite_url), Store(url)
-    with seeded.read() as source, store.write() as target:
+    with seeded.database.read() as source, store.database.write() as target:
         target.execute(insert(model_versions), [dict(row._mapping) for row in source.execute(select(model_versions))])
-    for name, value in seeded.get_states((PRODUCTION, SERVING)).items():
-        store.set_state(name, value)
+    store.versions.restore_deployment(seeded.versions.deployment(), actor="test")
     secret = resolve_secret_key(Settings.from_env({"QUADRA_STATE_DIR": str(state_dir)}))
     admin_key, _ = AuthManager(secret, store=store).create_api_key("reload-admin", ["admin"])
-    seeded.dispose()
-    store.dispose()
+    seeded.database.dispose()
+    store.database.dispose()
     return {**buffered, "QUADRA_DATABASE_URL": url}, url, admin_key
 
 
@@ -114,10 +114,10 @@ def recorded_rows(database_url: str) -> int:
     """The prediction records in the store, counted directly."""
     store = Store(database_url)
     try:
-        with store.read() as conn:
+        with store.database.read() as conn:
             return int(conn.execute(select(func.count()).select_from(predictions)).scalar_one())
     finally:
-        store.dispose()
+        store.database.dispose()
 
 
 def total_predictions(server) -> int:

@@ -42,10 +42,10 @@ def shared_count(state_dir: Path) -> int:
     """The request counters' total in the service's database."""
     store = Store(Settings.from_env({"QUADRA_STATE_DIR": str(state_dir)}).database_url)
     try:
-        with store.read() as conn:
+        with store.database.read() as conn:
             return conn.execute(text("SELECT coalesce(sum(count), 0) FROM rate_limits")).scalar_one()
     finally:
-        store.dispose()
+        store.database.dispose()
 
 
 def wait_for(predicate, timeout: float = 15.0) -> None:

@@ -22,7 +22,6 @@ import pytest
 import requests
 
 from tests.conftest import IN_CI, KEYS_FILE, ROOT, ServerProcess, free_port
-from utils.model_monitoring import TOTALS
 from utils.store import Store
 
 pytestmark = pytest.mark.e2e
@@ -150,8 +149,8 @@ def test_sigterm_stops_the_master_and_every_worker_and_loses_no_record(version: 
 
     store = Store(f"sqlite:///{state_dir / 'quadra.db'}")
     try:
-        totals = store.get_state(TOTALS) or {"count": 0}
-        rows = store.count_predictions_since(0.0)
+        totals = store.predictions.totals()
+        rows = store.predictions.count_since(0.0)
     finally:
-        store.dispose()
-    assert (totals["count"], rows) == (answered, answered)
+        store.database.dispose()
+    assert (totals.count, rows) == (answered, answered)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from tests.conftest import set_key_columns
 from utils import errors
 from utils.cli import OperatorGroup
 from utils.errors import QuadraError
@@ -150,7 +151,7 @@ def test_restoring_a_file_that_is_not_a_backup_is_a_clear_cli_error(app, tmp_pat
 
 def test_a_key_with_a_limit_an_earlier_release_accepted_still_rotates(app, client) -> None:
     created = client.post("/api/auth/keys", json={"name": "legacy", "permissions": ["read"]}).get_json()
-    app.extensions["quadra"].store.update_api_key(created["id"], rate_limit="10 per 05 minutes")
+    set_key_columns(app.extensions["quadra"].store, created["id"], rate_limit="10 per 05 minutes")
     rotated = client.post(f"/api/auth/keys/{created['id']}/rotate", json={"grace_seconds": 60})
     assert rotated.status_code == 201 and rotated.get_json()["rate_limit"] == "10 per 05 minutes"
     refused = client.post("/api/auth/keys", json={"name": "new", "permissions": ["read"], "rate_limit": "10 per 05 minutes"})

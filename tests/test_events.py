@@ -60,7 +60,7 @@ def test_with_authentication_disabled_everyone_gets_every_topic(state_dir: Path)
     client = application.extensions["socketio"].test_client(application, auth={"apiKey": "qk_" + "unknown"})
     assert set(client.get_received()[0]["args"][0]) == set(TOPICS)
     client.disconnect()
-    application.extensions["quadra"].store.dispose()
+    application.extensions["quadra"].store.database.dispose()
 
 
 def test_sockets_of_a_revoked_key_lose_the_protected_topics(app) -> None:

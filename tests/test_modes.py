@@ -20,7 +20,7 @@ from utils.model_modes import (
     require_mode,
     training_only,
 )
-from utils.store import Store
+from utils.store import JobRow, Store
 
 SETOSA = {"inputs": [[5.1, 3.5, 1.4, 0.2]]}
 
@@ -129,9 +129,9 @@ def test_mode_endpoints(app, client, anonymous, api_keys) -> None:
     assert client.post("/api/mode/turbo").status_code == 400
     assert client.post("/api/mode/inference", json={"reason": 5}).status_code == 400
     assert client.post("/api/mode/inference", json={"why": "x"}).status_code == 400
-    audit = app.extensions["quadra"].store.list_audit(5)
-    entry = next(e for e in audit if e["action"] == "modes.set_mode" and e["outcome"] == "success")
-    assert entry["details"]["reason"] == "high drift" and entry["target"] == "maintenance"
+    audit = app.extensions["quadra"].store.audit.list(5)
+    entry = next(e for e in audit if e.action == "modes.set_mode" and e.outcome == "success")
+    assert entry.details["reason"] == "high drift" and entry.target == "maintenance"
     notice = app.extensions["quadra"].alerts.recent(1)[0]
     assert notice["kind"] == "mode" and notice["severity"] == "info" and "high drift" in notice["message"]
     again = client.post("/api/mode/maintenance", json={"reason": "again"}).get_json()
@@ -239,7 +239,7 @@ def test_a_killed_job_is_marked_failed(app, client) -> None:
     while client.get(f"/api/train/{job['id']}").get_json()["status"] != "running":
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    pid = app.extensions["quadra"].store.get_job(job["id"])["pid"]
+    pid = app.extensions["quadra"].store.jobs.get(job["id"]).pid
     os.kill(pid, signal.SIGKILL)
     failed = wait_job(client, job["id"])
     assert failed["status"] == "failed" and "exited" in failed["error"] or "gone" in failed["error"]
@@ -249,9 +249,8 @@ def test_a_killed_job_is_marked_failed(app, client) -> None:
 def test_silent_jobs_are_reaped(app) -> None:
     jobs = app.extensions["quadra"].jobs
     store = app.extensions["quadra"].store
-    store.insert_job_if_capacity({"id": "job_stale", "status": "running", "created_at": time.time() - 1000, "created_by": "t",
-                                  "params": {}, "data": None, "progress": [], "total_epochs": 1, "heartbeat_at": time.time() - 1000,
-                                  "cancel_requested": False}, 5)
+    store.jobs.insert_if_capacity(JobRow(id="job_stale", status="running", created_at=time.time() - 1000, created_by="t",
+                                         params={}, total_epochs=1, heartbeat_at=time.time() - 1000), 5)
     assert jobs.reap() == 1
     assert jobs.get("job_stale")["status"] == "failed" and "heartbeat" in jobs.get("job_stale")["error"]
 
@@ -279,7 +278,7 @@ def test_readiness_is_503_when_disk_is_short(state_dir: Path) -> None:
     response = app.test_client().get("/api/health/detailed")
     assert response.status_code == 503 and response.headers["Retry-After"] == "5"
     assert any("disk" in reason for reason in response.get_json()["reasons"])
-    app.extensions["quadra"].store.dispose()
+    app.extensions["quadra"].store.database.dispose()
 
 
 def test_readiness_is_503_when_the_serving_artifact_is_corrupted(anonymous, state_dir: Path) -> None:
@@ -302,7 +301,7 @@ def test_readiness_with_redis_down_is_degraded_not_unready(state_dir: Path) -> N
     body = response.get_json()
     assert response.status_code == 200 and body["ready"] is True  # limits fall back per process: still serving
     assert body["checks"]["redis"] is False and any("Redis is unreachable" in d for d in body["degraded"])
-    app.extensions["quadra"].store.dispose()
+    app.extensions["quadra"].store.database.dispose()
 
 
 def test_cli_mode_and_training(app) -> None:

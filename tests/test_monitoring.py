@@ -40,8 +40,8 @@ def test_records_are_buffered_then_flushed_exactly_once(monitor: ModelMonitor) -
     assert monitor.pending == 11 and monitor.total_predictions == 11 and monitor.error_count == 1
     assert monitor.flush() == 11 and monitor.flush() == 0
     assert monitor.total_predictions == 11 and monitor.error_count == 1
-    rows = monitor.store.recent_predictions(100)
-    assert len(rows) == 11 and rows[0]["features"] == IRIS[0] and rows[-1]["error"] == "invalid_input"
+    rows = monitor.store.predictions.recent(100)
+    assert len(rows) == 11 and rows[0].features == IRIS[0] and rows[-1].error == "invalid_input"
 
 
 def test_flush_keeps_records_when_the_store_fails(monitor: ModelMonitor, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,7 +50,7 @@ def test_flush_keeps_records_when_the_store_fails(monitor: ModelMonitor, monkeyp
     def broken(*args, **kwargs):
         raise RuntimeError("database down")
 
-    monkeypatch.setattr(monitor.store, "insert_predictions", broken)
+    monkeypatch.setattr(monitor.store.predictions, "insert", broken)
     assert monitor.flush() == 0 and monitor.pending == 5
     monkeypatch.undo()
     assert monitor.flush() == 5 and monitor.pending == 0
@@ -86,8 +86,8 @@ def test_feature_sampling_keeps_counts_exact(store: Store, tmp_path: Path) -> No
     monitor = ModelMonitor(tmp_path, window_size=1000, store=store, feature_sample_rate=0.2)
     record_rows(monitor, IRIS * 4)
     monitor.flush()
-    rows = store.recent_predictions(1000)
-    with_features = sum(1 for r in rows if r["features"] is not None)
+    rows = store.predictions.recent(1000)
+    with_features = sum(1 for r in rows if r.features is not None)
     assert len(rows) == 600 and monitor.total_predictions == 600
     assert 60 < with_features < 180
 
@@ -114,42 +114,42 @@ def test_prediction_window_is_recent_predictions_column_by_column(store: Store, 
     record_mixed(monitor, 1200)
     columns = ("at", "latency_ms", "confidence", "predicted_class", "success", "model_version", "features")
     for limit, after_id in ((1100, 0), (1100, 250), (5, 0), (10, 10_000)):
-        rows = store.recent_predictions(limit, after_id)
-        window = store.prediction_window(limit, after_id, columns)
-        assert window["features"] == [None if r["features"] is None else json.dumps(r["features"]) for r in rows]
+        rows = store.predictions.recent(limit, after_id)
+        window = store.predictions.window(limit, after_id, columns)
+        assert window["features"] == [None if r.features is None else json.dumps(r.features) for r in rows]
         for name in columns[:-1]:
-            assert window[name] == [r[name] for r in rows]
+            assert window[name] == [getattr(r, name) for r in rows]
         assert all(type(value) is bool for value in window["success"])
     with pytest.raises(KeyError):
-        store.prediction_window(10, 0, ("confidence; DROP TABLE predictions",))
+        store.predictions.window(10, 0, ("confidence; DROP TABLE predictions",))
 
 
 def test_statistics_and_drift_over_a_window_larger_than_a_read_block(store: Store, tmp_path: Path) -> None:
     monitor = ModelMonitor(tmp_path, window_size=1500, store=store, baseline_min_samples=50)
     record_mixed(monitor, 1800, unscored=False)  # a baseline needs a confidence for every record
     baseline = monitor.set_baseline()
-    rows = [r for r in store.recent_predictions(1500) if r["success"]]
-    kept = [r["features"] for r in rows if r["features"] is not None]
+    rows = [r for r in store.predictions.recent(1500) if r.success]
+    kept = [r.features for r in rows if r.features is not None]
     assert baseline["sample_count"] == len(rows)
-    assert baseline["class_distribution"] == Counter(str(r["predicted_class"]) for r in rows)
+    assert baseline["class_distribution"] == Counter(str(r.predicted_class) for r in rows)
     assert baseline["feature_means"] == pytest.approx(np.mean(kept, axis=0).tolist())
-    assert store.latest_baseline()["sample"]["features"] == kept
+    assert store.baselines.latest().sample["features"] == kept
     monitor.reset_counters()
     record_mixed(monitor, 1700, shift=0.5)
-    window = store.recent_predictions(1500)
-    confidence = [r["confidence"] for r in window if r["success"] and r["confidence"] is not None]
+    window = store.predictions.recent(1500)
+    confidence = [r.confidence for r in window if r.success and r.confidence is not None]
     stats = monitor.get_statistics()
-    assert stats["window"]["count"] == 1500 and stats["window"]["errors"] == sum(1 for r in window if not r["success"])
-    assert (stats["window"]["first_at"], stats["window"]["last_at"]) == (iso_utc(window[0]["at"]), iso_utc(window[-1]["at"]))
+    assert stats["window"]["count"] == 1500 and stats["window"]["errors"] == sum(1 for r in window if not r.success)
+    assert (stats["window"]["first_at"], stats["window"]["last_at"]) == (iso_utc(window[0].at), iso_utc(window[-1].at))
     assert stats["confidence"]["mean"] == pytest.approx(np.mean(confidence))
-    assert stats["latency_ms"]["p95"] == pytest.approx(np.percentile([r["latency_ms"] for r in window], 95))
-    assert stats["model_versions"] == Counter(str(r["model_version"]) for r in window) and "None" in stats["model_versions"]
-    assert stats["class_distribution"] == Counter(str(r["predicted_class"]) for r in window if r["success"])
+    assert stats["latency_ms"]["p95"] == pytest.approx(np.percentile([r.latency_ms for r in window], 95))
+    assert stats["model_versions"] == Counter(str(r.model_version) for r in window) and "None" in stats["model_versions"]
+    assert stats["class_distribution"] == Counter(str(r.predicted_class) for r in window if r.success)
     assert "None" in stats["class_distribution"]
     drift = monitor.detect_drift()
     assert drift["sample_count"] == 1500 - stats["window"]["errors"] and drift["current_mean"] == pytest.approx(np.mean(confidence))
     sizes = {name: column["current_size"] for name, column in drift["features"].items()}
-    assert sizes == dict.fromkeys(baseline["feature_names"], sum(1 for r in window if r["success"] and r["features"] is not None))
+    assert sizes == dict.fromkeys(baseline["feature_names"], sum(1 for r in window if r.success and r.features is not None))
     assert drift["detectors"]["input"] and not drift["detectors"]["prediction"]
 
 
@@ -237,8 +237,8 @@ def test_drift_right_after_a_baseline_compares_only_newer_predictions(store: Sto
     result = monitor.detect_drift()
     assert result["evaluated"] and result["drift_detected"] and set(result["drifted_features"]) == {"a", "b", "c", "d"}
     assert result["sample_count"] == result["window"]["count"] == 200
-    newest = store.recent_predictions(200)
-    assert (result["window"]["first_at"], result["window"]["last_at"]) == (iso_utc(newest[0]["at"]), iso_utc(newest[-1]["at"]))
+    newest = store.predictions.recent(200)
+    assert (result["window"]["first_at"], result["window"]["last_at"]) == (iso_utc(newest[0].at), iso_utc(newest[-1].at))
     assert result["window"]["since_baseline_at"] == monitor.baseline_metrics["created_at"]
     assert monitor.get_statistics()["window"]["count"] == 700  # statistics still cover the whole window
 
@@ -248,15 +248,15 @@ def test_roll_up_keeps_totals_and_bounds_raw_records(monitor: ModelMonitor) -> N
     monitor.flush()
     time.sleep(0.05)
     assert monitor.roll_up(retention_seconds=0.01) == 40
-    assert monitor.store.recent_predictions(100) == []
-    rollups = monitor.store.rollups()
-    assert sum(r["count"] for r in rollups) == 40 and rollups[0]["class_counts"] == {"a": 40}
+    assert monitor.store.predictions.recent(100) == []
+    rollups = monitor.store.rollups.list()
+    assert sum(r.count for r in rollups) == 40 and rollups[0].class_counts == {"a": 40}
     assert monitor.total_predictions == 40
     record_rows(monitor, IRIS[:10])
     monitor.flush()
     time.sleep(0.05)
     monitor.roll_up(retention_seconds=0.01)
-    assert sum(r["count"] for r in monitor.store.rollups()) == 50
+    assert sum(r.count for r in monitor.store.rollups.list()) == 50
 
 
 # -- alerts -----------------------------------------------------------------------------
@@ -432,8 +432,8 @@ def test_predictions_over_http_are_recorded_and_public_stats(app, client, anonym
     assert set(distribution) == {"setosa", "versicolor", "virginica"} and sum(distribution.values()) == 150
     assert distribution["setosa"] == 50
     assert stats["model_versions"] == {"1.0.0": 151}
-    errors = [r for r in app.extensions["quadra"].store.recent_predictions(1000) if not r["success"]]
-    assert [e["error"] for e in errors] == ["invalid_input"]
+    errors = [r for r in app.extensions["quadra"].store.predictions.recent(1000) if not r.success]
+    assert [e.error for e in errors] == ["invalid_input"]
 
 
 def test_baseline_and_drift_over_http(state_dir: Path, api_keys) -> None:
@@ -457,7 +457,7 @@ def test_baseline_and_drift_over_http(state_dir: Path, api_keys) -> None:
     assert "sepal_width_cm" not in drift["drifted_features"]
     assert client.delete("/api/monitoring/baseline").get_json() == {"removed": 1}
     assert client.post("/api/monitoring/baseline", json={"x": 1}).status_code == 400
-    app.extensions["quadra"].store.dispose()
+    app.extensions["quadra"].store.database.dispose()
 
 
 def test_alerts_endpoint_and_metrics(client, anonymous, app) -> None:
@@ -523,7 +523,7 @@ def test_journal_survives_a_killed_process_and_replays_exactly_once(store: Store
     replay = ModelMonitor(tmp_path, store=store, journal=RecordJournal(folder))
     assert replay.recover_journals() == 3
     assert monitor.flush() == 0  # the same records, already replayed: not counted twice
-    assert replay.total_predictions == 8 and len(store.recent_predictions(100)) == 8
+    assert replay.total_predictions == 8 and len(store.predictions.recent(100)) == 8
     assert not (folder / f"{dead_owner}.jsonl").exists() and (folder / f"otherhost{SEPARATOR}1{SEPARATOR}1.jsonl").exists()
 
 
@@ -547,10 +547,10 @@ def test_a_requests_rows_are_one_journal_line_and_replay_as_rows_with_their_ids(
     replay = ModelMonitor(tmp_path, store=store, journal=RecordJournal(folder))
     assert replay.recover_journals() == 34  # the killed process's 33 records (same ids) and one of an older release
     assert monitor.flush() == 0  # already replayed under the same ids: not counted twice
-    stored = store.recent_predictions(100)
-    assert [r["confidence"] for r in stored[:32]] == [r["confidence"] for r in results]
-    assert [r["features"] for r in stored[:32]] == IRIS[:32] and stored[32]["error"] == "invalid_input"
-    assert len({r["record_id"] for r in stored}) == 34 and replay.total_predictions == 34
+    stored = store.predictions.recent(100)
+    assert [r.confidence for r in stored[:32]] == [r["confidence"] for r in results]
+    assert [r.features for r in stored[:32]] == IRIS[:32] and stored[32].error == "invalid_input"
+    assert len({r.record_id for r in stored}) == 34 and replay.total_predictions == 34
 
 
 def test_a_baseline_ignores_records_without_a_confidence(monitor: ModelMonitor) -> None:
@@ -576,7 +576,7 @@ def test_a_full_buffer_drops_the_oldest_requests_and_says_so(monitor: ModelMonit
         monitor.record_batch(IRIS[4 * i:4 * i + 4], [{"confidence": 0.9, "class": "a"}] * 4, 0.001, "1.0.0")
     assert monitor.pending == 8 and monitor.dropped == 4
     assert monitor.flush() == 8 and monitor.get_statistics()["dropped_records"] == 4
-    assert [r["features"] for r in monitor.store.recent_predictions(10)] == IRIS[4:12]
+    assert [r.features for r in monitor.store.predictions.recent(10)] == IRIS[4:12]
 
 
 def test_journal_keeps_records_through_a_failed_flush(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -588,7 +588,7 @@ def test_journal_keeps_records_through_a_failed_flush(store: Store, tmp_path: Pa
     def broken(*args, **kwargs):
         raise RuntimeError("database down")
 
-    monkeypatch.setattr(store, "insert_predictions", broken)
+    monkeypatch.setattr(store.predictions, "insert", broken)
     assert monitor.flush() == 0 and monitor.pending == 4
     assert len(list((tmp_path / "journal").glob("*.pending"))) == 1
     monkeypatch.undo()

@@ -175,7 +175,7 @@ def test_runtime_limits_are_checked_after_the_schema(state_dir: Path, api_keys: 
     data = {"features": [[float(i)] for i in range(11)], "labels": ["a", "b"] * 5 + ["a"]}
     response = client.post("/api/train", json={"data": data})
     assert response.status_code == 400 and response.get_json()["error"]["code"] == "invalid_data"
-    app.extensions["quadra"].store.dispose()
+    app.extensions["quadra"].store.database.dispose()
 
 
 def test_valid_requests_get_their_parsed_values(client) -> None:

@@ -259,7 +259,7 @@ def test_monitor_records_any_input_and_reports_the_seed_statistics(tmp_path: Pat
     for index, data in enumerate(inputs):
         monitor.record_prediction(data, 0.001 * (index + 1), confidence=np.float32(0.5 + index / 40), predicted_class=index % 3)
     assert monitor.flush() == len(inputs)
-    features = [row["features"] for row in monitor.store.recent_predictions(100) if row["features"] is not None]
+    features = [row.features for row in monitor.store.predictions.recent(100) if row.features is not None]
     assert features == [[5.1, 3.5, 1.4, 0.2], [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]]
     stats = monitor.get_statistics()
     assert stats["total_predictions"] == len(inputs)
@@ -323,6 +323,6 @@ def test_record_metrics_records_a_prediction_made_elsewhere_as_given(tmp_path: P
     stats = monitor.get_statistics()
     assert (stats["total_predictions"], stats["error_count"]) == (2, 1)
     assert stats["model_versions"]["2.0.0"] == 1 and stats["class_distribution"] == {"setosa": 1}
-    row = [r for r in monitor.store.recent_predictions(10) if r["success"]][0]
-    assert (row["at"], row["latency_ms"], row["features"]) == (pytest.approx(made_at), 12.5, [1.0, 2.0])
+    row = [r for r in monitor.store.predictions.recent(10) if r.success][0]
+    assert (row.at, row.latency_ms, row.features) == (pytest.approx(made_at), 12.5, [1.0, 2.0])
     monitor.stop()

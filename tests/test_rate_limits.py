@@ -25,7 +25,7 @@ def worker(store: Store, sync_seconds: float = 60.0) -> StoreRateLimitStorage:
 def test_exact_mode_writes_every_hit(store: Store) -> None:
     a, b = worker(store, 0), worker(store, 0)
     assert [a.incr(KEY, 60), b.incr(KEY, 60), a.incr(KEY, 60)] == [1, 2, 3]
-    assert store.counter_get(KEY)[0] == 3 and a.get(KEY) == 3
+    assert store.counters.get(KEY)[0] == 3 and a.get(KEY) == 3
     assert b.get(KEY) == 2  # the window its own last write returned, reused briefly for the headers
 
 
@@ -34,12 +34,12 @@ def test_workers_count_locally_and_share_every_hit_at_sync(store: Store) -> None
     assert a.incr(KEY, 60) == 1  # a window's first hit is written at once
     assert b.incr(KEY, 60) == 2  # so the next worker starts from the shared count
     assert [a.incr(KEY, 60) for _ in range(3)] == [2, 3, 4]  # counted here only...
-    assert store.counter_get(KEY)[0] == 2
+    assert store.counters.get(KEY)[0] == 2
     assert [b.incr(KEY, 60) for _ in range(2)] == [3, 4]
     a.sync()
-    assert store.counter_get(KEY)[0] == 5 and a.get(KEY) == 5  # ...until the sync, which reads back the total
+    assert store.counters.get(KEY)[0] == 5 and a.get(KEY) == 5  # ...until the sync, which reads back the total
     b.sync()
-    assert store.counter_get(KEY)[0] == 7 and b.get(KEY) == 7  # no hit lost
+    assert store.counters.get(KEY)[0] == 7 and b.get(KEY) == 7  # no hit lost
     a.sync()
     assert a.get(KEY) == 7
 
@@ -54,7 +54,7 @@ def test_a_worker_never_counts_more_than_the_shared_total(store: Store) -> None:
     for _ in range(2):  # the second sync forgets the now quiet windows
         for w in workers:
             w.sync()
-    assert store.counter_get(limit.key_for("key:k"))[0] == 10
+    assert store.counters.get(limit.key_for("key:k"))[0] == 10
     assert not any(s.hit(limit, "key:k") for s in strategies)  # the next hit reads the total: refused
 
 
@@ -65,14 +65,14 @@ def test_a_quiet_window_is_forgotten_and_its_next_hit_written_at_once(store: Sto
     b.incr(KEY, 60)
     b.incr(KEY, 60)
     b.sync()
-    assert a.incr(KEY, 60) == 4 and store.counter_get(KEY)[0] == 4
+    assert a.incr(KEY, 60) == 4 and store.counters.get(KEY)[0] == 4
 
 
 def test_a_new_window_starts_when_the_old_one_ends(store: Store) -> None:
     a = worker(store)
     assert [a.incr(KEY, 1), a.incr(KEY, 1)] == [1, 2]
     time.sleep(max(0.0, a.get_expiry(KEY) - time.time()) + 0.05)
-    assert a.incr(KEY, 1) == 1 and store.counter_get(KEY)[0] == 1
+    assert a.incr(KEY, 1) == 1 and store.counters.get(KEY)[0] == 1
 
 
 def test_a_failed_sync_keeps_the_hits_for_the_next(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,17 +81,16 @@ def test_a_failed_sync_keeps_the_hits_for_the_next(store: Store, monkeypatch: py
     a.incr(KEY, 60)
     a.incr(KEY, 60)
     a.incr(KEY, 60)
-    real_incr = store.counter_incr
 
     def unavailable(*args: object) -> None:
         raise OperationalError("counter_incr", {}, Exception("database is locked"))
 
-    monkeypatch.setattr(store, "counter_incr", unavailable)
+    monkeypatch.setattr(store.counters, "incr", unavailable)
     with pytest.raises(OperationalError):
         a.sync()
-    monkeypatch.setattr(store, "counter_incr", real_incr)
+    monkeypatch.undo()
     a.sync()
-    assert store.counter_get(KEY)[0] == 3
+    assert store.counters.get(KEY)[0] == 3
 
 
 def test_the_background_sync_shares_counts_once_started_and_close_shares_the_rest(store: Store) -> None:
@@ -100,7 +99,7 @@ def test_the_background_sync_shares_counts_once_started_and_close_shares_the_res
     a.incr(KEY, 60)
     a.incr(KEY, 60)
     deadline = time.monotonic() + 10
-    while store.counter_get(KEY)[0] < 2:
+    while store.counters.get(KEY)[0] < 2:
         assert time.monotonic() < deadline, "the hits were never shared"
         time.sleep(0.05)
     assert b.incr(KEY, 60) == 3
@@ -109,9 +108,9 @@ def test_the_background_sync_shares_counts_once_started_and_close_shares_the_res
     b.incr(KEY, 60)
     b.incr(KEY, 60)  # counted in b only: it was never started
     time.sleep(0.2)
-    assert store.counter_get(KEY)[0] == 3
+    assert store.counters.get(KEY)[0] == 3
     b.close()  # what a worker's exit does
-    assert store.counter_get(KEY)[0] == 5
+    assert store.counters.get(KEY)[0] == 5
 
 
 def test_the_storage_needs_a_store() -> None:

@@ -27,7 +27,8 @@ from utils.model_versioning import (
 )
 from utils.registry_backup import backup, restore
 from utils.serving import build_model
-from utils.store import Store, promotions
+from utils.store import Store
+from utils.store.tables import promotions
 
 CONFIG = {"architecture": "mlp", "input_dim": 4, "num_classes": 3, "hidden_dims": [8]}
 
@@ -358,8 +359,8 @@ def test_rollback_skips_repeats_recorded_by_earlier_releases(registry: ModelVers
     """Histories written before the fix hold "2.1.0 -> 2.1.0" rows: rollback steps over them."""
     for version in ("2.0.0", "2.1.0"):
         registry.save_model(make_model(), version, config=CONFIG)
-        registry.store.record_deployment("promote", version, "ops", set_production=True)
-    with registry.store.write() as conn:  # what an earlier release wrote for a repeated promote
+        registry.store.versions.deploy("promote", version, "ops", set_production=True)
+    with registry.store.database.write() as conn:  # what an earlier release wrote for a repeated promote
         conn.execute(promotions.insert().values(at=0.0, actor="ops", action="promote", from_version="2.1.0",
                                                 to_version="2.1.0"))
     assert registry.rollback() == {"production_version": "2.0.0", "previous_version": "2.1.0", "changed": True,

@@ -51,7 +51,7 @@ def schema_version(app: Any) -> tuple[int, int]:
     The one place that names the store's Python API: adjust it if the store moves."""
     from utils.store import SCHEMA_VERSION
 
-    return app.extensions["quadra"].store.schema_version(), SCHEMA_VERSION
+    return app.extensions["quadra"].store.database.schema_version(), SCHEMA_VERSION
 
 
 def load_dump(postgres_url: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from tests.conftest import epoch, make_settings
+from tests.conftest import epoch, make_settings, set_key_columns
 from utils.security import (
     JWT_AUDIENCE,
     JWT_ISSUER,
@@ -37,7 +37,7 @@ def auth_of(app) -> AuthManager:
 
 
 def audit_actions(app) -> list[str]:
-    return [e["action"] for e in app.extensions["quadra"].store.list_audit(200)]
+    return [e.action for e in app.extensions["quadra"].store.audit.list(200)]
 
 
 # -- who gets in -----------------------------------------------------------------------
@@ -48,7 +48,7 @@ def test_missing_garbage_revoked_expired_and_query_string_keys_get_the_same_401(
     revoked, record = auth.create_api_key("to-revoke", ["admin"])
     auth.revoke_api_key(record["id"])
     expired, record = auth.create_api_key("to-expire", ["admin"])
-    app.extensions["quadra"].store.update_api_key(record["id"], expires_at=time.time() - 1)
+    set_key_columns(app.extensions["quadra"].store, record["id"], expires_at=time.time() - 1)
     attempts = [
         anonymous.get("/api/model/versions"),
         anonymous.get("/api/model/versions", headers={"X-API-Key": "qk_garbage"}),
@@ -80,9 +80,9 @@ def test_missing_garbage_revoked_expired_and_query_string_keys_get_the_same_401(
 def test_read_key_is_forbidden_on_write_and_admin_endpoints(app, anonymous, api_keys, method: str, path: str, body) -> None:
     response = getattr(anonymous, method)(path, json=body, headers={"X-API-Key": api_keys["read"]})
     assert response.status_code == 403 and response.get_json()["error"]["code"] == "forbidden"
-    entry = app.extensions["quadra"].store.list_audit(1)[0]
-    assert entry["action"] == "auth.forbidden" and entry["outcome"] == "denied" and entry["actor"].startswith("test-read")
-    assert entry["target"] == path and entry["ip"] == "127.0.0.1"
+    entry = app.extensions["quadra"].store.audit.list(1)[0]
+    assert entry.action == "auth.forbidden" and entry.outcome == "denied" and entry.actor.startswith("test-read")
+    assert entry.target == path and entry.ip == "127.0.0.1"
 
 
 def test_permissions_rank_read_write_admin(anonymous, api_keys) -> None:
@@ -104,13 +104,13 @@ def test_write_and_admin_actions_are_audited(app, client) -> None:
     client.post("/api/model/save", json={"version": "3.0.0"})
     client.post("/api/model/promote/3.0.0")
     client.post("/api/model/promote/9.9.9")
-    entries = app.extensions["quadra"].store.list_audit(3)
-    assert [(e["action"], e["outcome"], e["target"], e["status"]) for e in entries] == [
+    entries = app.extensions["quadra"].store.audit.list(3)
+    assert [(e.action, e.outcome, e.target, e.status) for e in entries] == [
         ("registry.promote_version", "failure", "9.9.9", 404),
         ("registry.promote_version", "success", "3.0.0", 200),
         ("registry.save_model", "success", None, 201),
     ]
-    assert all(e["actor"].startswith("test-admin (key_") for e in entries)
+    assert all(e.actor.startswith("test-admin (key_") for e in entries)
 
 
 # -- keys -------------------------------------------------------------------------------
@@ -120,12 +120,12 @@ def test_keys_are_stored_only_as_keyed_hashes(app, client) -> None:
     created = client.post("/api/auth/keys", json={"name": "ci-bot", "permissions": ["read", "write"]}).get_json()
     api_key = created["api_key"]
     assert api_key.startswith("qk_") and len(api_key) >= 40
-    row = app.extensions["quadra"].store.get_api_key(created["id"])
+    row = app.extensions["quadra"].store.keys.get(created["id"])
     secret = app.extensions["quadra"].auth.secret_key
-    assert row["key_hash"] == SecretsManager(secret_key=secret).hash_api_key(api_key) != api_key
+    assert row.key_hash == SecretsManager(secret_key=secret).hash_api_key(api_key) != api_key
     listed = client.get("/api/auth/keys").get_json()["keys"]
     text = str(listed)
-    assert api_key not in text and row["key_hash"] not in text and "key_hash" not in text
+    assert api_key not in text and row.key_hash not in text and "key_hash" not in text
     mine = next(k for k in listed if k["id"] == created["id"])
     assert mine["display"] == f"{api_key[:7]}…{api_key[-4:]}" and mine["permissions"] == ["read", "write"]
     assert epoch(mine["expires_at"]) == pytest.approx(time.time() + 90 * 86400, abs=60)
@@ -187,11 +187,11 @@ def test_bootstrap_key_only_when_there_is_no_key(tmp_path: Path, capsys: pytest.
     api_key = next(line.strip() for line in printed.splitlines() if line.strip().startswith("qk_"))
     client = app.test_client()
     assert client.get("/api/auth/keys", headers={"X-API-Key": api_key}).status_code == 200
-    app.extensions["quadra"].store.dispose()
+    app.extensions["quadra"].store.database.dispose()
     again = make_app(tmp_path / "fresh")
     assert "bootstrap" not in capsys.readouterr().err
     assert len(auth_of(again).list_api_keys()) == 1
-    again.extensions["quadra"].store.dispose()
+    again.extensions["quadra"].store.database.dispose()
 
 
 # -- tokens -----------------------------------------------------------------------------
@@ -248,8 +248,8 @@ def test_whoami_names_the_caller_never_the_key(app, anonymous, api_keys) -> None
     assert set(body) == {"id", "name", "permissions", "via", "rate_limit"}
     assert body["id"].startswith("key_") and body["name"] == "test-admin"
     assert body["permissions"] == ["admin"] and body["via"] == "api_key" and body["rate_limit"] is None
-    row = app.extensions["quadra"].store.get_api_key(body["id"])
-    assert api_keys["admin"] not in admin.get_data(as_text=True) and row["key_hash"] not in admin.get_data(as_text=True)
+    row = app.extensions["quadra"].store.keys.get(body["id"])
+    assert api_keys["admin"] not in admin.get_data(as_text=True) and row.key_hash not in admin.get_data(as_text=True)
 
     reader = anonymous.get("/api/auth/whoami", headers={"X-API-Key": api_keys["read"]}).get_json()
     assert reader["name"] == "test-read" and reader["permissions"] == ["read"] and reader["via"] == "api_key"
@@ -373,7 +373,7 @@ def test_limit_exceeded_gives_429_with_headers_then_resets(state_dir: Path, api_
     assert statuses[0].headers["X-RateLimit-Remaining"] == "4" and "Retry-After" not in statuses[0].headers
     time.sleep(2.2)
     assert client.post("/api/predict", json=SETOSA, headers=headers).status_code == 200
-    app.extensions["quadra"].store.dispose()
+    app.extensions["quadra"].store.database.dispose()
 
 
 def test_limit_is_per_key_and_honours_a_keys_own_tier(state_dir: Path, api_keys) -> None:
@@ -384,7 +384,7 @@ def test_limit_is_per_key_and_honours_a_keys_own_tier(state_dir: Path, api_keys)
     assert codes(api_keys["read"], 4) == [200, 200, 200, 429]
     assert codes(api_keys["write"], 3) == [200, 200, 200]
     assert codes(premium, 11) == [200] * 10 + [429]
-    app.extensions["quadra"].store.dispose()
+    app.extensions["quadra"].store.database.dispose()
 
 
 def test_seed_rate_limiter_reports_the_services_counters(state_dir: Path, api_keys) -> None:
@@ -405,7 +405,7 @@ def test_seed_rate_limiter_reports_the_services_counters(state_dir: Path, api_ke
     assert console.is_allowed(identifier) and console.get_remaining(identifier) == 5
     security.request_limits.storage.sync()  # nothing counted here since: the next request reads the shared count
     assert client.get("/api/model/versions", headers={"X-API-Key": api_keys["read"]}).headers["X-RateLimit-Remaining"] == "4"
-    app.extensions["quadra"].store.dispose()
+    app.extensions["quadra"].store.database.dispose()
 
 
 def test_anonymous_callers_are_limited_by_address_and_xff_is_ignored(state_dir: Path) -> None:
@@ -413,7 +413,7 @@ def test_anonymous_callers_are_limited_by_address_and_xff_is_ignored(state_dir: 
     client = app.test_client()
     codes = [client.get("/api/model/versions", headers={"X-Forwarded-For": f"10.0.0.{i}"}).status_code for i in range(5)]
     assert codes == [401, 401, 401, 429, 429]
-    app.extensions["quadra"].store.dispose()
+    app.extensions["quadra"].store.database.dispose()
 
 
 def test_trusted_proxy_makes_xff_the_client_address(state_dir: Path, api_keys) -> None:
@@ -425,16 +425,16 @@ def test_trusted_proxy_makes_xff_the_client_address(state_dir: Path, api_keys) -
     ]
     other = client.post("/api/predict", json=SETOSA, headers={"X-Forwarded-For": "203.0.113.8", "X-API-Key": "bad"})
     assert first == [401, 401, 429] and other.status_code == 401
-    entry = app.extensions["quadra"].store.list_audit(1)[0]
-    assert entry["ip"] == "203.0.113.8"
-    app.extensions["quadra"].store.dispose()
+    entry = app.extensions["quadra"].store.audit.list(1)[0]
+    assert entry.ip == "203.0.113.8"
+    app.extensions["quadra"].store.database.dispose()
 
 
 def test_health_is_never_rate_limited(state_dir: Path) -> None:
     app = make_app(state_dir, max_requests=1, rate_window=60)
     client = app.test_client()
     assert all(client.get("/api/health").status_code == 200 for _ in range(5))
-    app.extensions["quadra"].store.dispose()
+    app.extensions["quadra"].store.database.dispose()
 
 
 def test_repeated_auth_failures_are_throttled_with_one_alert(state_dir: Path) -> None:
@@ -447,14 +447,14 @@ def test_repeated_auth_failures_are_throttled_with_one_alert(state_dir: Path) ->
     assert int(throttled.headers["Retry-After"]) > 0
     actions = audit_actions(app)
     assert actions.count("alert.auth_failures") == 1 and actions.count("auth.failure") == 3
-    app.extensions["quadra"].store.dispose()
+    app.extensions["quadra"].store.database.dispose()
 
 
 def test_rate_limiting_can_be_disabled(state_dir: Path, api_keys) -> None:
     app = make_app(state_dir, max_requests=1, rate_limit_enabled=False)
     client = app.test_client()
     assert all(client.get("/api/model/versions", headers={"X-API-Key": api_keys["read"]}).status_code == 200 for _ in range(3))
-    app.extensions["quadra"].store.dispose()
+    app.extensions["quadra"].store.database.dispose()
 
 
 def test_redis_down_falls_back_to_per_process_limits(state_dir: Path, api_keys) -> None:
@@ -462,7 +462,7 @@ def test_redis_down_falls_back_to_per_process_limits(state_dir: Path, api_keys) 
     client = app.test_client()
     codes = [client.get("/api/model/versions", headers={"X-API-Key": api_keys["read"]}).status_code for _ in range(4)]
     assert codes == [200, 200, 200, 429]
-    app.extensions["quadra"].store.dispose()
+    app.extensions["quadra"].store.database.dispose()
 
 
 def test_redis_down_still_answers_401_and_throttles_failed_authentications(
@@ -481,7 +481,7 @@ def test_redis_down_still_answers_401_and_throttles_failed_authentications(
     outage_lines = [r for r in caplog.records if "Redis unreachable" in r.getMessage()]
     assert len(outage_lines) == 1 and "per process" in outage_lines[0].getMessage()
     assert app.test_client().get("/api/health").status_code == 200
-    app.extensions["quadra"].store.dispose()
+    app.extensions["quadra"].store.database.dispose()
 
 
 def test_retry_after_is_never_zero_while_refused(state_dir: Path, api_keys) -> None:
@@ -500,7 +500,7 @@ def test_retry_after_is_never_zero_while_refused(state_dir: Path, api_keys) -> N
         assert int(refused.headers["X-RateLimit-Reset"]) >= now
         time.sleep(int(refused.headers["Retry-After"]))
         assert client.get("/api/model/versions", headers=headers).status_code == 200
-    app.extensions["quadra"].store.dispose()
+    app.extensions["quadra"].store.database.dispose()
 
 
 def test_seconds_until_rounds_up() -> None:
@@ -537,7 +537,7 @@ def test_cors_only_for_configured_origins(state_dir: Path) -> None:
         headers={"Origin": "https://ops.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "X-API-Key"},
     )
     assert "x-api-key" in preflight.headers["Access-Control-Allow-Headers"].lower()
-    app.extensions["quadra"].store.dispose()
+    app.extensions["quadra"].store.database.dispose()
 
 
 def test_auth_disabled_outside_production_is_loud(state_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -545,7 +545,7 @@ def test_auth_disabled_outside_production_is_loud(state_dir: Path, caplog: pytes
     assert "AUTHENTICATION IS DISABLED" in caplog.text
     client = app.test_client()
     assert client.post("/api/model/save", json={"version": "5.0.0"}).status_code == 201
-    app.extensions["quadra"].store.dispose()
+    app.extensions["quadra"].store.database.dispose()
 
 
 def test_keys_never_reach_the_log(app, client, caplog: pytest.LogCaptureFixture) -> None:

@@ -128,7 +128,7 @@ def test_model_server_keeps_serving_when_the_new_version_is_corrupt(sqlite_regis
     sqlite_registry.promote_to_production("1.0.0")
     server = ModelServer(sqlite_registry, poll_seconds=60)
     server.start()
-    sqlite_registry.store.set_state("serving_version", "1.1.0")
+    sqlite_registry.store.versions.deploy("load", "1.1.0", "test", set_production=False)  # unchecked
     path = sqlite_registry.models_dir / "1.1.0" / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-1] + b"\x00")
     assert server.sync() is False

@@ -13,6 +13,7 @@ import logging
 import socket
 import threading
 import time
+from dataclasses import asdict
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
@@ -119,9 +120,9 @@ class AlertManager:
                     outcome["resolve"] = True
             return state
 
-        self.store.update_state(self._state_name(kind), change, actor="alerts")
+        self.store.state.update(self._state_name(kind), change, actor="alerts")
         if outcome["resolve"]:
-            self.store.resolve_alerts(kind)
+            self.store.alerts.resolve(kind)
             log.info("%s episode resolved", kind)
         return self._record(kind, severity, message, details) if outcome["record"] else None
 
@@ -137,7 +138,7 @@ class AlertManager:
                 outcome["record"] = True
             return state
 
-        self.store.update_state(self._state_name(kind), change, actor="alerts")
+        self.store.state.update(self._state_name(kind), change, actor="alerts")
         return self._record(kind, severity, message, details) if outcome["record"] else None
 
     def notify(self, kind: str, message: str, details: dict[str, Any]) -> int:
@@ -146,11 +147,11 @@ class AlertManager:
 
     def recent(self, limit: int = 50) -> list[dict[str, Any]]:
         """The newest alerts first; `at` and `resolved_at` in ISO 8601 UTC."""
-        return [{**alert, "at": iso_utc(alert["at"]), "resolved_at": iso_utc(alert["resolved_at"])}
-                for alert in self.store.list_alerts(limit)]
+        return [{**asdict(alert), "at": iso_utc(alert.at), "resolved_at": iso_utc(alert.resolved_at)}
+                for alert in self.store.alerts.list(limit)]
 
     def _record(self, kind: str, severity: str, message: str, details: dict[str, Any]) -> int:
-        alert_id = self.store.insert_alert(kind, severity, message, details)
+        alert_id = self.store.alerts.insert(kind, severity, message, details)
         is_notice = severity == "info"
         log.log(logging.INFO if is_notice else logging.WARNING, "%s %s: %s", "notice" if is_notice else "ALERT", kind, message)
         if self.webhook_url:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any
 
-from utils.store import Store
+from utils.store import AuditRow, Store
 from utils.timestamps import iso_utc
 
 
@@ -17,23 +18,15 @@ def audit_row(
     status: int | None = None,
     ip: str | None = None,
     details: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    return {
-        "at": time.time(),
-        "actor": actor[:200],
-        "action": action[:100],
-        "target": target[:200] if target else None,
-        "outcome": outcome,
-        "status": status,
-        "ip": ip[:64] if ip else None,
-        "details": details or {},
-    }
+) -> AuditRow:
+    return AuditRow(at=time.time(), actor=actor[:200], action=action[:100], target=target[:200] if target else None,
+                    outcome=outcome, status=status, ip=ip[:64] if ip else None, details=details or {})
 
 
 def record(store: Store, actor: str, action: str, outcome: str, **fields: Any) -> None:
-    store.record_audit(audit_row(actor, action, outcome, **fields))
+    store.audit.record(audit_row(actor, action, outcome, **fields))
 
 
 def recent(store: Store, limit: int = 100, action: str | None = None, actor: str | None = None) -> list[dict[str, Any]]:
     """The newest records first; `at` in ISO 8601 UTC."""
-    return [{**entry, "at": iso_utc(entry["at"])} for entry in store.list_audit(limit, action, actor)]
+    return [{**asdict(entry), "at": iso_utc(entry.at)} for entry in store.audit.list(limit, action, actor)]

@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from flask import current_app, request
@@ -51,8 +51,6 @@ TOPIC_PERMISSIONS: dict[str, str | None] = {
 PUBLIC_ROOM = "public"
 CREDENTIAL_FIELDS = ("apiKey", "token")  # in the Socket.IO `auth` payload; a query string is never read
 PUSH_INTERVAL_SECONDS = 1.0
-DRIFT_STATE = "drift_state"
-DRIFT_HISTORY = "drift_history"
 RECENT_JOBS = 5
 RECENT_ALERTS = 20
 log = logging.getLogger("quadra.events")
@@ -305,9 +303,10 @@ class EventPusher:
         if topic == "stats":
             return svc.monitor.get_statistics()
         if topic == "drift":
-            state = svc.store.get_state(DRIFT_STATE) or {"evaluated": False, "drift_detected": False}
-            history = [{**entry, "at": iso_utc(entry["at"])} for entry in svc.store.get_state(DRIFT_HISTORY) or []]
-            return {**state, "checked_at": iso_utc(state.get("checked_at")), "threshold": svc.settings.drift_threshold,
+            check = svc.store.drift_checks.latest()
+            state = asdict(check) if check else {"evaluated": False, "drift_detected": False, "checked_at": None}
+            history = [{**asdict(entry), "at": iso_utc(entry.at)} for entry in svc.store.drift_checks.history()]
+            return {**state, "checked_at": iso_utc(state["checked_at"]), "threshold": svc.settings.drift_threshold,
                     "history": history}
         if topic == "training":
             return {"jobs": svc.jobs.list(RECENT_JOBS)}

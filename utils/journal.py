@@ -19,9 +19,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pydantic_core import to_json
+
+from utils.store import PredictionRecord
 
 SEPARATOR = "__"
 
@@ -45,7 +46,7 @@ class RecordBatch:
     def __len__(self) -> int:
         return len(self.confidences)
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[PredictionRecord]:
         """One store row per record."""
         rows = zip(self.confidences, self.classes, self.features, strict=False)  # a replayed line may be short
         return [
@@ -127,7 +128,7 @@ class RecordJournal:
         return found
 
     @staticmethod
-    def read(path: Path) -> Iterator[dict[str, Any]]:
+    def read(path: Path) -> Iterator[PredictionRecord]:
         """The records of a journal file (a line holds one request's records, or one record as
         earlier releases wrote them); a torn last line (killed mid-write) is skipped."""
         with open(path, encoding="utf-8") as handle:

@@ -11,17 +11,14 @@ import logging
 import os
 import socket
 import time
-from typing import Any
 
 from utils.artifact_files import crash_leftovers, remove_path
-from utils.events import DRIFT_HISTORY, DRIFT_STATE
 from utils.services import Services
+from utils.store import DriftCheck
 
 MONITORING_LEASE = "monitoring-maintenance"
 JOURNAL_LEASE = "journal-recovery"
 DRIFT_HISTORY_LENGTH = 120
-DRIFT_SUMMARY_FIELDS = ("drift_detected", "drift_score", "threshold", "fired", "drifted_features", "evaluated", "reason",
-                        "dataset_drift_share")
 ROLL_UP_SECONDS = 60.0
 JOB_REAP_SECONDS = 5.0
 JOURNAL_RECOVERY_SECONDS = 10.0
@@ -36,11 +33,11 @@ def schedule_background_work(services: Services) -> None:
     settings, monitor, store, scheduler = services.settings, services.monitor, services.store, services.scheduler
 
     def check_drift() -> None:
-        if store.try_acquire_lease(MONITORING_LEASE, owner, settings.drift_check_seconds * 3):
+        if store.leases.try_acquire(MONITORING_LEASE, owner, settings.drift_check_seconds * 3):
             record_drift_check(services)
 
     def roll_up() -> None:
-        if store.try_acquire_lease(MONITORING_LEASE, owner, settings.drift_check_seconds * 3):
+        if store.leases.try_acquire(MONITORING_LEASE, owner, settings.drift_check_seconds * 3):
             monitor.roll_up(settings.monitoring_retention_hours * 3600)
 
     def check_model() -> None:
@@ -48,11 +45,11 @@ def schedule_background_work(services: Services) -> None:
             services.alerts.raise_alert("health", services.model_server.last_error, {"process": owner})
 
     def recover_journals() -> None:
-        if store.try_acquire_lease(JOURNAL_LEASE, owner, JOURNAL_RECOVERY_SECONDS * 3):
+        if store.leases.try_acquire(JOURNAL_LEASE, owner, JOURNAL_RECOVERY_SECONDS * 3):
             try:
                 monitor.recover_journals()
             finally:
-                store.release_lease(JOURNAL_LEASE, owner)
+                store.leases.release(JOURNAL_LEASE, owner)
 
     remove_crash_leftovers(services, owner)
     recover_journals()
@@ -71,7 +68,7 @@ def remove_crash_leftovers(services: Services, owner: str) -> list[str]:
     folders, temporary files), once per host at a time (workers starting together would
     race otherwise); log each removal. Returns the removed paths."""
     lease = f"{CLEANUP_LEASE}:{socket.gethostname()}"
-    if not services.store.try_acquire_lease(lease, owner, CLEANUP_LEASE_SECONDS):
+    if not services.store.leases.try_acquire(lease, owner, CLEANUP_LEASE_SECONDS):
         return []
     try:
         removed = []
@@ -82,23 +79,23 @@ def remove_crash_leftovers(services: Services, owner: str) -> list[str]:
                 log.warning("removed %s, left by a process that stopped during a save or download", path)
         return removed
     finally:
-        services.store.release_lease(lease, owner)
+        services.store.leases.release(lease, owner)
 
 
-def record_drift_check(services: Services) -> dict[str, Any]:
+def record_drift_check(services: Services) -> DriftCheck:
     """Check drift, keep the verdict and its history for the dashboard, feed the alerts."""
-    store = services.store
     result = services.monitor.detect_drift()
-    summary = {key: result[key] for key in DRIFT_SUMMARY_FIELDS}
-    summary["features"] = {name: {k: column[k] for k in ("test", "statistic", "p_value", "drift_detected")}
-                           for name, column in result["features"].items()}
-    summary["checked_at"] = time.time()
-    store.set_state(DRIFT_STATE, summary)
-    entry = {"at": summary["checked_at"], "drift_score": result["drift_score"],
-             "drift_detected": result["drift_detected"], "drift_share": result["dataset_drift_share"]}
-    store.update_state(DRIFT_HISTORY, lambda history: [*(history or [])[-(DRIFT_HISTORY_LENGTH - 1):], entry])
+    check = DriftCheck(
+        evaluated=result["evaluated"], drift_detected=result["drift_detected"], checked_at=time.time(),
+        drift_score=result["drift_score"], threshold=result["threshold"], fired=tuple(result["fired"]),
+        drifted_features=tuple(result["drifted_features"]), reason=result["reason"],
+        dataset_drift_share=result["dataset_drift_share"],
+        features={name: {k: column[k] for k in ("test", "statistic", "p_value", "drift_detected")}
+                  for name, column in result["features"].items()},
+    )
+    services.store.drift_checks.record(check, keep=DRIFT_HISTORY_LENGTH)
     if result["evaluated"]:
         message = f"drift detected by {', '.join(result['fired'])}" if result["fired"] else "no drift"
         services.alerts.observe("drift", result["drift_detected"], message,
                                 {k: result[k] for k in ("drift_score", "threshold", "fired", "drifted_features")})
-    return summary
+    return check

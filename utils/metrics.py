@@ -26,7 +26,6 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from utils.events import DRIFT_STATE
 from utils.model_modes import ModelMode
 
 disable_created_metrics()
@@ -111,14 +110,14 @@ def _process_registry() -> CollectorRegistry:
 
 def shared_state(services: Any) -> dict[str, Any]:
     """What /metrics reports from the store: the same whichever worker answers."""
-    drift = services.store.get_state(DRIFT_STATE) or {}
+    drift = services.store.drift_checks.latest()
     registry = services.registry
     return {
         "predictions": services.monitor.total_predictions,
         "errors": services.monitor.error_count,
         "confidence_mean": services.monitor.window_confidence_mean(),
-        "drift_score": drift.get("drift_score"),
-        "drift_detected": (1.0 if drift.get("drift_detected") else 0.0) if drift else None,
+        "drift_score": drift.drift_score if drift else None,
+        "drift_detected": (1.0 if drift.drift_detected else 0.0) if drift else None,
         "serving_version": registry.get_serving_version(),
         "production_version": registry.get_production_version(),
         "mode": services.modes.mode.value,

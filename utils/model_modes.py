@@ -78,7 +78,7 @@ class ModelModeManager:
         store = self._shared_store()
         initial = {"mode": self.initial_mode.value, "reason": "initial mode", "changed_by": "system", "changed_at": None}
         if store is not None and (self._cached is None or time.monotonic() - self._read_at >= self.refresh_seconds):
-            self._observe(store.get_state(MODE_STATE) or initial)
+            self._observe(store.state.get(MODE_STATE) or initial)
         elif self._cached is None:
             self._observe(initial)
         return _public(self._cached or {})
@@ -116,7 +116,7 @@ class ModelModeManager:
         state = {"mode": new.value, "reason": reason, "changed_by": changed_by, "changed_at": time.time()}
         store = self._shared_store()
         if store is not None:
-            store.set_state(MODE_STATE, state, actor=changed_by)
+            store.state.set(MODE_STATE, state, actor=changed_by)
         self._observe(state)
         log.info("mode %s -> %s by %s (%s)", previous.value, new.value, changed_by, reason or "no reason given")
         return {**_public(state), "previous_mode": previous.value}

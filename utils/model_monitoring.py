@@ -30,11 +30,9 @@ from utils.config import current_settings, is_service_folder
 from utils.drift import DatasetDrift, column_drift, dataset_drift
 from utils.errors import InsufficientData
 from utils.journal import RecordBatch, RecordJournal
-from utils.store import Store, folder_store, store_for
+from utils.store import BaselineRow, Store, folder_store, store_for
 from utils.timestamps import iso_utc
 
-TOTALS = "prediction_totals"
-WINDOW_START = "monitoring_window_start"
 MAX_FLUSH_BATCH = 5000
 MAX_BUFFERED = 200_000
 MIN_DRIFT_SAMPLES = 30
@@ -240,7 +238,7 @@ class ModelMonitor:
                     self._journal_files.append(self.journal.rotate())
             for start, group in _groups(batches):
                 try:
-                    written += self.store.insert_predictions([r for batch in group for r in batch.records()], TOTALS)
+                    written += self.store.predictions.insert([r for batch in group for r in batch.records()])
                 except Exception:
                     unwritten = batches[start:]
                     with self._lock:
@@ -260,7 +258,7 @@ class ModelMonitor:
         for path in RecordJournal.orphans(self.journal.folder):
             records = list(RecordJournal.read(path))
             for start in range(0, len(records), MAX_FLUSH_BATCH):
-                recovered += self.store.insert_predictions(records[start:start + MAX_FLUSH_BATCH], TOTALS)
+                recovered += self.store.predictions.insert(records[start:start + MAX_FLUSH_BATCH])
             path.unlink(missing_ok=True)
         if recovered:
             log.warning("recovered %d prediction records from the journals of stopped processes", recovered)
@@ -273,27 +271,23 @@ class ModelMonitor:
 
     # -- totals and window --------------------------------------------------------------
 
-    def _totals(self) -> dict[str, int]:
-        return self.store.get_state(TOTALS) or {"count": 0, "errors": 0}
-
     @property
     def total_predictions(self) -> int:
-        return self._totals()["count"] + self._pending
+        return self.store.predictions.totals().count + self._pending
 
     @property
     def error_count(self) -> int:
-        return self._totals()["errors"] + sum(len(batch) for batch in list(self._buffer) if not batch.success)
+        return self.store.predictions.totals().errors + sum(len(batch) for batch in list(self._buffer) if not batch.success)
 
     def reset_counters(self) -> None:
         """Zero the totals and start a new window; the records themselves are kept."""
         self.flush()
-        self.store.set_state(WINDOW_START, self.store.last_prediction_id())
-        self.store.set_state(TOTALS, {"count": 0, "errors": 0})
+        self.store.predictions.reset_window(actor="monitor")
 
     def _window(self, *columns: str, after_id: int = 0) -> dict[str, list[Any]]:
         """The window's records (those after `after_id`, too), column by column, oldest first."""
-        start = max(self.store.get_state(WINDOW_START) or 0, after_id)
-        return self.store.prediction_window(self.window_size, start, columns)
+        start = max(self.store.predictions.window_start(), after_id)
+        return self.store.predictions.window(self.window_size, start, columns)
 
     def _successful(self, *columns: str, after_id: int = 0) -> dict[str, list[Any]]:
         """The window's successful records, column by column, oldest first."""
@@ -316,16 +310,16 @@ class ModelMonitor:
         latency = np.array(window["latency_ms"], dtype=float)
         confidence = np.array(_present(compress(window["confidence"], success)), dtype=float)
         errors = count - sum(success)
-        totals = self._totals()
+        totals = self.store.predictions.totals()
         now = time.time()
-        recent = self.store.count_predictions_since(now - 60, self.store.get_state(WINDOW_START) or 0)
+        recent = self.store.predictions.count_since(now - 60, self.store.predictions.window_start())
         counts, _ = np.histogram(confidence, bins=CONFIDENCE_BINS) if confidence.size else (np.zeros(len(CONFIDENCE_BINS) - 1), None)
         latency_summary = _summary(latency)
         mean_latency_ms = latency_summary["mean"]
         return {
-            "total_predictions": totals["count"],
-            "error_count": totals["errors"],
-            "error_rate": totals["errors"] / totals["count"] if totals["count"] else 0.0,
+            "total_predictions": totals.count,
+            "error_count": totals.errors,
+            "error_rate": totals.errors / totals.count if totals.count else 0.0,
             "avg_prediction_time": mean_latency_ms / 1000.0 if mean_latency_ms is not None else None,
             "avg_confidence": float(confidence.mean()) if confidence.size else None,
             "window_size": self.window_size,
@@ -368,7 +362,7 @@ class ModelMonitor:
     def set_baseline(self, feature_names: Sequence[str] | None = None, created_by: str = "console") -> dict[str, Any]:
         """Make the current window the reference for drift (needs `baseline_min_samples`)."""
         self.flush()
-        last_record_id = self.store.last_prediction_id()
+        last_record_id = self.store.predictions.last_id()
         window = {name: values[-MAX_BASELINE_ROWS:]
                   for name, values in self._successful("confidence", "predicted_class", "features").items()}
         classes = window["predicted_class"]
@@ -395,22 +389,22 @@ class ModelMonitor:
             "last_record_id": last_record_id,
         }
         sample = {"confidence": confidence.tolist(), "classes": classes, "features": features}
-        baseline_id = self.store.insert_baseline(created_by, statistics, sample)
+        baseline_id = self.store.baselines.insert(created_by, statistics, sample)
         log.info("baseline %d set by %s from %d predictions", baseline_id, created_by, len(classes))
         return {"id": baseline_id, **statistics}
 
     def reset_baseline(self) -> int:
         """Forget every baseline; drift is not evaluated until a new one is set."""
-        removed = self.store.delete_baselines()
+        removed = self.store.baselines.delete_all()
         log.info("baselines reset (%d removed)", removed)
         return removed
 
     @property
     def baseline_metrics(self) -> dict[str, Any] | None:
-        baseline = self.store.latest_baseline()
+        baseline = self.store.baselines.latest()
         if baseline is None:
             return None
-        return {**_baseline_summary(baseline), **baseline["statistics"]}
+        return {**_baseline_summary(baseline), **baseline.statistics}
 
     # -- drift --------------------------------------------------------------------------
 
@@ -422,20 +416,20 @@ class ModelMonitor:
         `window_size`): comparing the baseline's own rows with themselves would dilute a real
         shift. `window` says how many rows were compared and from when."""
         self.flush()
-        baseline = self.store.latest_baseline()
-        after_id = (baseline["statistics"].get("last_record_id") or 0) if baseline else 0
+        baseline = self.store.baselines.latest()
+        after_id = (baseline.statistics.get("last_record_id") or 0) if baseline else 0
         window = self._successful("confidence", "predicted_class", "features", "at", after_id=after_id)
         count = len(window["predicted_class"])
         compared = {"count": count, "first_at": iso_utc(window["at"][0]) if count else None,
                     "last_at": iso_utc(window["at"][-1]) if count else None,
-                    "since_baseline_at": iso_utc(baseline["created_at"]) if baseline else None}
+                    "since_baseline_at": iso_utc(baseline.created_at) if baseline else None}
         confidence = np.array(_present(window["confidence"]), dtype=float)
         current_mean = float(confidence.mean()) if confidence.size else None
         current_std = float(confidence.std()) if confidence.size else None
         if baseline is None:
             return self._not_evaluated("no baseline set: POST /api/monitoring/baseline", current_mean, current_std,
                                        compared)
-        stats = baseline["statistics"]
+        stats = baseline.statistics
         if confidence.size < MIN_DRIFT_SAMPLES:
             return self._not_evaluated(
                 f"drift needs at least {MIN_DRIFT_SAMPLES} predictions made since the baseline; there are {confidence.size}",
@@ -443,7 +437,7 @@ class ModelMonitor:
             )
         score = abs(current_mean - stats["confidence_mean"]) / max(stats["confidence_std"], STD_FLOOR)
         inputs = _input_drift(baseline, window["features"])
-        prediction = column_drift("predicted_class", baseline["sample"]["classes"], window["predicted_class"], categorical=True)
+        prediction = column_drift("predicted_class", baseline.sample["classes"], window["predicted_class"], categorical=True)
         detectors = {
             "confidence": score > self.drift_threshold,
             "input": bool(inputs and inputs.dataset_drift),
@@ -472,7 +466,7 @@ class ModelMonitor:
 
     def _not_evaluated(self, reason: str, current_mean: float | None, current_std: float | None,
                        compared: dict[str, Any], stats: dict[str, Any] | None = None,
-                       baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+                       baseline: BaselineRow | None = None) -> dict[str, Any]:
         return DriftMetrics(
             drift_detected=False, drift_score=0.0, threshold=self.drift_threshold,
             baseline_mean=stats["confidence_mean"] if stats else None, current_mean=current_mean,
@@ -486,24 +480,24 @@ class ModelMonitor:
 
     def roll_up(self, retention_seconds: float) -> int:
         """Fold raw records older than the retention into per-minute rows."""
-        return self.store.roll_up_predictions(time.time() - retention_seconds)
+        return self.store.rollups.roll_up(time.time() - retention_seconds)
 
 
-def _input_drift(baseline: dict[str, Any], features: list[str | None]) -> DatasetDrift | None:
-    reference = baseline["sample"]["features"]
+def _input_drift(baseline: BaselineRow, features: list[str | None]) -> DatasetDrift | None:
+    reference = baseline.sample["features"]
     current = _present(features)
     if not reference or not current:
         return None
-    names = baseline["statistics"]["feature_names"]
+    names = baseline.statistics["feature_names"]
     ref, cur = np.array(reference, dtype=float), _feature_matrix(current)
     if ref.shape[1] != cur.shape[1]:
         return None
     return dataset_drift({n: ref[:, i] for i, n in enumerate(names)}, {n: cur[:, i] for i, n in enumerate(names)})
 
 
-def _baseline_summary(baseline: dict[str, Any]) -> dict[str, Any]:
-    return {"id": baseline["id"], "created_at": iso_utc(baseline["created_at"]), "created_by": baseline["created_by"],
-            "sample_count": baseline["statistics"]["sample_count"]}
+def _baseline_summary(baseline: BaselineRow) -> dict[str, Any]:
+    return {"id": baseline.id, "created_at": iso_utc(baseline.created_at), "created_by": baseline.created_by,
+            "sample_count": baseline.statistics["sample_count"]}
 
 
 def _present(values: Iterable[Any]) -> list[Any]:

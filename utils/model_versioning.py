@@ -30,7 +30,7 @@ from utils.config import current_settings, is_service_folder
 from utils.errors import IntegrityCheckFailed, InvalidVersion, VersionConflict, VersionNotFound
 from utils.local_artifacts import LocalArtifactStore
 from utils.safetensors_reader import read_private, sha256_file, tensors_from_buffer
-from utils.store import PRODUCTION, SERVING, Store, StoreConflict, folder_store, store_for
+from utils.store import Deployment, Store, StoreConflict, VersionRow, folder_store, store_for
 from utils.timestamps import iso_utc
 
 REGISTRY_MIRROR = "model_registry.json"
@@ -171,22 +171,14 @@ class ModelVersionManager:
         staging = self.artifacts.new_staging_dir()
         try:
             sha256, size = self._stage_artifact(staging, model, version, config)
-            row = {
-                "version": version,
-                "created_at": time.time(),
-                "created_by": created_by,
-                "description": description or "",
-                "tags": sorted(set(tags or ())),
-                "metrics": dict(metrics or {}),
-                "config": config,
-                "training_info": dict(training_info or {}),
-                "artifact_key": f"{version}/{ARTIFACT_NAME}",
-                "sha256": sha256,
-                "size_bytes": size,
-                "archived": False,
-            }
+            row = VersionRow(
+                version=version, created_at=time.time(), created_by=created_by, description=description or "",
+                tags=sorted(set(tags or ())), metrics=dict(metrics or {}), config=config,
+                training_info=dict(training_info or {}), artifact_key=f"{version}/{ARTIFACT_NAME}", sha256=sha256,
+                size_bytes=size, archived=False,
+            )
             try:
-                with self.store.adding_version(row):
+                with self.store.versions.adding(row):
                     self.artifacts.publish(staging, version)
             except StoreConflict as exc:
                 raise VersionConflict(str(exc)) from None
@@ -210,39 +202,39 @@ class ModelVersionManager:
 
     # -- reading ------------------------------------------------------------------------
 
-    def _row(self, version: str) -> dict[str, Any]:
+    def _row(self, version: str) -> VersionRow:
         validate_version(version)
-        row = self.store.get_version(version)
+        row = self.store.versions.get(version)
         if row is None:
             raise VersionNotFound(f"version {version} not found")
         return row
 
-    def read_state_dict(self, version: str, verify_integrity: bool | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def read_state_dict(self, version: str, verify_integrity: bool | None = None) -> tuple[dict[str, torch.Tensor], VersionRow]:
         """The tensors of `version` and its metadata row, hash-checked unless told otherwise.
 
         The artifact is read once into private memory and hashed on the way; the tensors are
         views of that memory, built only once the hash has matched."""
         row = self._row(version)
-        if row["archived"]:
+        if row.archived:
             raise VersionConflict(f"version {version} is archived; restore it first")
         check = self.verify_integrity if verify_integrity is None else verify_integrity
         with self._artifact_file(row) as path:
             data, actual = read_private(path, check)
         if check:
-            check_digest(version, row["sha256"], actual)
+            check_digest(version, row.sha256, actual)
         try:
             return tensors_from_buffer(data), row
         except (ValueError, KeyError, TypeError) as exc:
             raise IntegrityCheckFailed(f"integrity check failed for version {version}: unreadable artifact ({exc!r})") from None
 
-    def read_artifact(self, row: dict[str, Any]) -> bytes:
+    def read_artifact(self, row: VersionRow) -> bytes:
         with _unreadable_is_integrity_failure(row):
-            return self.artifacts.read(row["artifact_key"], None if row["archived"] else row["sha256"])
+            return self.artifacts.read(row.artifact_key, None if row.archived else row.sha256)
 
     @contextmanager
-    def _artifact_file(self, row: dict[str, Any]) -> Iterator[Path]:
+    def _artifact_file(self, row: VersionRow) -> Iterator[Path]:
         """A local path to an unarchived version's artifact."""
-        with _unreadable_is_integrity_failure(row), self.artifacts.local_file(row["artifact_key"], row["sha256"]) as path:
+        with _unreadable_is_integrity_failure(row), self.artifacts.local_file(row.artifact_key, row.sha256) as path:
             yield path
 
     def load_model(self, model: torch.nn.Module, version: str | None = None, verify_integrity: bool = True) -> torch.nn.Module:
@@ -263,11 +255,11 @@ class ModelVersionManager:
             actual = self._artifact_sha256(row)
         except (IntegrityCheckFailed, OSError, EOFError):
             actual = None
-        return {"version": version, "ok": actual == row["sha256"], "expected": row["sha256"], "actual": actual}
+        return {"version": version, "ok": actual == row.sha256, "expected": row.sha256, "actual": actual}
 
-    def _artifact_sha256(self, row: dict[str, Any]) -> str:
+    def _artifact_sha256(self, row: VersionRow) -> str:
         """The SHA-256 of the artifact's plain (uncompressed) bytes."""
-        if row["archived"]:
+        if row.archived:
             return hashlib.sha256(gzip.decompress(self.read_artifact(row))).hexdigest()
         with self._artifact_file(row) as path:
             return sha256_file(path)
@@ -275,49 +267,46 @@ class ModelVersionManager:
     def list_versions(self, tags: str | Iterable[str] | None = None) -> list[dict[str, Any]]:
         """All versions, oldest first; with `tags`, only those carrying every tag given."""
         wanted = {tags} if isinstance(tags, str) else set(tags or ())
-        state = self.store.get_states((PRODUCTION, SERVING))
-        rows = [r for r in self.store.list_versions() if wanted <= set(r["tags"])]
-        return [_public(r, state) for r in rows]
+        deployment = self.store.versions.deployment()
+        rows = [r for r in self.store.versions.list() if wanted <= set(r.tags)]
+        return [_public(r, deployment) for r in rows]
 
     def get_version_info(self, version: str) -> dict[str, Any]:
-        return _public(self._row(version), self.store.get_states((PRODUCTION, SERVING)))
+        return _public(self._row(version), self.store.versions.deployment())
 
     def get_latest_version(self) -> str | None:
-        rows = self.store.list_versions()
-        return rows[-1]["version"] if rows else None
+        rows = self.store.versions.list()
+        return rows[-1].version if rows else None
 
     def get_production_version(self) -> str | None:
-        return self.store.get_state(PRODUCTION)
+        return self.store.versions.deployment().production
 
     def get_serving_version(self) -> str | None:
         """What the service serves: the last loaded version, else production."""
-        state = self.store.get_states((PRODUCTION, SERVING))
-        return state.get(SERVING) or state.get(PRODUCTION)
+        return self.store.versions.deployment().serving
 
     @property
     def registry(self) -> dict[str, VersionMetadata]:
         """Every version's metadata by version, oldest first (empty for a new folder)."""
-        return {row["version"]: self._metadata(row) for row in self.store.list_versions()}
+        return {row.version: self._metadata(row) for row in self.store.versions.list()}
 
-    def _metadata(self, row: dict[str, Any]) -> VersionMetadata:
-        public = _public(row, {})
+    def _metadata(self, row: VersionRow) -> VersionMetadata:
+        public = _public(row, Deployment(production=None, serving=None))
         return VersionMetadata(**{name: public[name] for name in VERSION_METADATA_FIELDS},
-                               file_path=self.artifacts.location(row["artifact_key"]))
+                               file_path=self.artifacts.location(row.artifact_key))
 
     def registry_document(self) -> dict[str, Any]:
         """The registry as model_registry.json mirrors it: versions and deployment state."""
-        state = self.store.get_states((PRODUCTION, SERVING))
+        deployment = self.store.versions.deployment()
         return {
-            "versions": {r["version"]: _public(r, state) for r in self.store.list_versions()},
-            "production_version": state.get(PRODUCTION),
-            "serving_version": state.get(SERVING) or state.get(PRODUCTION),
+            "versions": {r.version: _public(r, deployment) for r in self.store.versions.list()},
+            "production_version": deployment.production,
+            "serving_version": deployment.serving,
             "updated_at": iso_utc(time.time()),
         }
 
     def promotion_history(self, limit: int = 100) -> list[dict[str, Any]]:
-        return [
-            {**h, "at": iso_utc(h["at"])} for h in self.store.promotion_history(limit)
-        ]
+        return [{**asdict(h), "at": iso_utc(h.at)} for h in self.store.versions.history(limit)]
 
     # -- deploying ----------------------------------------------------------------------
 
@@ -327,14 +316,14 @@ class ModelVersionManager:
         Promoting the production version again changes nothing (`changed` is false) and
         writes no history, so it never becomes a step that a rollback would return to."""
         self._check_deployable(version)
-        previous = self.store.record_deployment("promote", version, actor, set_production=True)
+        previous = self.store.versions.deploy("promote", version, actor, set_production=True)
         self.write_registry_mirror()
         return _production_change(version, previous)
 
     def set_serving_version(self, version: str, actor: str = "system") -> dict[str, Any]:
         """Serve `version` on every process without changing production (the "load" action)."""
         self._check_deployable(version)
-        previous = self.store.record_deployment("load", version, actor, set_production=False)
+        previous = self.store.versions.deploy("load", version, actor, set_production=False)
         self.write_registry_mirror()
         return {"serving_version": version, "previous_version": previous, "changed": previous != version}
 
@@ -346,7 +335,7 @@ class ModelVersionManager:
             candidate = self._rollback_target(current)
             self._check_deployable(candidate)
             try:
-                previous = self.store.record_deployment("rollback", candidate, actor, set_production=True,
+                previous = self.store.versions.deploy("rollback", candidate, actor, set_production=True,
                                                         expected_production=current)
             except StoreConflict:
                 continue  # another process changed production meanwhile: decide again
@@ -355,25 +344,25 @@ class ModelVersionManager:
         raise VersionConflict("production kept changing during the rollback; try again")
 
     def _rollback_target(self, current: str | None) -> str:
-        for candidate in reversed(self.store.production_stack()):
+        for candidate in reversed(self.store.versions.production_stack()):
             if candidate == current:
                 continue
-            row = self.store.get_version(candidate)
-            if row is not None and not row["archived"]:
+            row = self.store.versions.get(candidate)
+            if row is not None and not row.archived:
                 return candidate
         raise VersionConflict("there is no previous production version to roll back to")
 
     def _check_deployable(self, version: str) -> None:
         if self.verify_integrity:
             self.read_state_dict(version, verify_integrity=True)
-        elif self._row(version)["archived"]:
+        elif self._row(version).archived:
             raise VersionConflict(f"version {version} is archived; restore it first")
 
     def delete_version(self, version: str) -> None:
         """Delete a version and its artifact; refused for the production and serving versions."""
         validate_version(version)
         try:
-            row = self.store.delete_version(version)
+            row = self.store.versions.delete(version)
         except StoreConflict as exc:
             raise VersionConflict(str(exc)) from None
         if row is None:
@@ -386,30 +375,30 @@ class ModelVersionManager:
     def archive_version(self, version: str) -> dict[str, Any]:
         """Compress an unused version's artifact; its metadata and recorded hash stay."""
         row = self._row(version)
-        if row["archived"]:
+        if row.archived:
             return self.get_version_info(version)
-        if version in self.store.get_states((PRODUCTION, SERVING)).values():
+        if self.store.versions.deployment().role_of(version) is not None:
             raise VersionConflict(f"version {version} is in use and cannot be archived")
         data = self.read_artifact(row)
-        check_digest(version, row["sha256"], hashlib.sha256(data).hexdigest())
+        check_digest(version, row.sha256, hashlib.sha256(data).hexdigest())
         key = f"{version}/{ARCHIVE_NAME}"
         self.artifacts.write(key, gzip.compress(data, compresslevel=6))
-        self.store.update_version(version, archived=True, artifact_key=key)
-        self.artifacts.delete(row["artifact_key"])
+        self.store.versions.move_artifact(version, key, archived=True)
+        self.artifacts.delete(row.artifact_key)
         self.write_registry_mirror()
         return self.get_version_info(version)
 
     def restore_archived_version(self, version: str) -> dict[str, Any]:
         """Decompress an archived artifact, check it against the recorded hash, make it loadable."""
         row = self._row(version)
-        if not row["archived"]:
+        if not row.archived:
             return self.get_version_info(version)
         data = gzip.decompress(self.read_artifact(row))
-        check_digest(version, row["sha256"], hashlib.sha256(data).hexdigest())
+        check_digest(version, row.sha256, hashlib.sha256(data).hexdigest())
         key = f"{version}/{ARTIFACT_NAME}"
         self.artifacts.write(key, data)
-        self.store.update_version(version, archived=False, artifact_key=key)
-        self.artifacts.delete(row["artifact_key"])
+        self.store.versions.move_artifact(version, key, archived=False)
+        self.artifacts.delete(row.artifact_key)
         self.write_registry_mirror()
         return self.get_version_info(version)
 
@@ -427,15 +416,15 @@ def _production_change(version: str, previous: str | None) -> dict[str, Any]:
 
 
 @contextmanager
-def _unreadable_is_integrity_failure(row: dict[str, Any]) -> Iterator[None]:
+def _unreadable_is_integrity_failure(row: VersionRow) -> Iterator[None]:
     """A missing, unreadable or unsafe artifact (UnsafeArtifact) fails the integrity check."""
     try:
         yield
     except FileNotFoundError:
-        raise IntegrityCheckFailed(f"integrity check failed for version {row['version']}: artifact is missing") from None
+        raise IntegrityCheckFailed(f"integrity check failed for version {row.version}: artifact is missing") from None
     except OSError as exc:
         reason = str(exc) if isinstance(exc, UnsafeArtifact) else f"artifact is unreadable ({exc.strerror or exc})"
-        raise IntegrityCheckFailed(f"integrity check failed for version {row['version']}: {reason}") from None
+        raise IntegrityCheckFailed(f"integrity check failed for version {row.version}: {reason}") from None
 
 
 def check_digest(version: str, expected: str, actual: str | None) -> None:
@@ -445,23 +434,11 @@ def check_digest(version: str, expected: str, actual: str | None) -> None:
         )
 
 
-def _public(row: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
-    serving = state.get(SERVING) or state.get(PRODUCTION)
-    return {
-        "version": row["version"],
-        "created_at": iso_utc(row["created_at"]),
-        "created_by": row["created_by"],
-        "description": row["description"],
-        "tags": row["tags"],
-        "metrics": row["metrics"],
-        "config": row["config"],
-        "training_info": row["training_info"],
-        "sha256": row["sha256"],
-        "size_bytes": row["size_bytes"],
-        "archived": row["archived"],
-        "is_production": row["version"] == state.get(PRODUCTION),
-        "is_serving": row["version"] == serving,
-    }
+def _public(row: VersionRow, deployment: Deployment) -> dict[str, Any]:
+    public = asdict(row)
+    del public["artifact_key"]
+    return {**public, "created_at": iso_utc(row.created_at), "is_production": row.version == deployment.production,
+            "is_serving": row.version == deployment.serving}
 
 
 LOWER_IS_BETTER = ("loss", "error", "latency", "mae", "mse", "rmse")

@@ -83,7 +83,7 @@ class StoreRateLimitStorage(Storage):
         self._increments += 1
         if self._increments % PURGE_EVERY == 0:
             self._purge()
-        count, expires_at = self.store.counter_incr(key, expiry, amount)
+        count, expires_at = self.store.counters.incr(key, expiry, amount)
         with self._lock:
             self._observe(key, expiry, count, expires_at)
         return count
@@ -105,7 +105,7 @@ class StoreRateLimitStorage(Storage):
         if window is not None and time.time() < window.expires_at:
             if self.sync_seconds > 0 or time.monotonic() - window.written_at < RECENT_SECONDS:
                 return window.count, window.expires_at
-        return self.store.counter_get(key)
+        return self.store.counters.get(key)
 
     def get(self, key: str) -> int:
         return self._window(key)[0]
@@ -122,7 +122,7 @@ class StoreRateLimitStorage(Storage):
             self._windows = {k: w for k, w in self._windows.items() if w.pending and now < w.expires_at}
             batch = [(key, window.expiry, window.pending) for key, window in self._windows.items()]
         for key, expiry, pending in batch:
-            count, expires_at = self.store.counter_incr(key, expiry, pending)
+            count, expires_at = self.store.counters.incr(key, expiry, pending)
             with self._lock:
                 self._observe(key, expiry, count, expires_at, synced=pending)
 
@@ -156,14 +156,14 @@ class StoreRateLimitStorage(Storage):
             self.share()
 
     def _purge(self) -> None:
-        self.store.counter_purge_expired()
+        self.store.counters.purge_expired()
         with self._lock:
             now = time.time()
             self._windows = {k: w for k, w in self._windows.items() if now < w.expires_at}
 
     def check(self) -> bool:
         try:
-            self.store.ping()
+            self.store.database.ping()
             return True
         except SQLAlchemyError:
             return False
@@ -171,9 +171,9 @@ class StoreRateLimitStorage(Storage):
     def reset(self) -> int | None:
         with self._lock:
             self._windows.clear()
-        return self.store.counter_clear()
+        return self.store.counters.clear()
 
     def clear(self, key: str) -> None:
         with self._lock:
             self._windows.pop(key, None)
-        self.store.counter_clear(key)
+        self.store.counters.clear(key)

@@ -22,7 +22,7 @@ from utils.model_modes import ModelModeManager
 from utils.model_monitoring import HealthChecker
 from utils.model_versioning import REGISTRY_MIRROR, ModelVersionManager
 from utils.serving import ModelServer
-from utils.store import PRODUCTION, SERVING, Store
+from utils.store import Deployment, Store
 from utils.timestamps import iso_utc
 
 
@@ -42,8 +42,8 @@ class Readiness:
         checks["model_directory"] = files["model_directory"]
         checks["required_files"] = files["required_files"]
         checks["disk_space"] = files["disk_space"]
-        versions = self.store.get_states((PRODUCTION, SERVING)) if checks["store"] else {}
-        checks["serving_model"] = self._serving_model(versions.get(SERVING) or versions.get(PRODUCTION))
+        deployment = self.store.versions.deployment() if checks["store"] else Deployment(production=None, serving=None)
+        checks["serving_model"] = self._serving_model(deployment.serving)
         reasons = _reasons(checks)
         served = self.model_server.current
         return {
@@ -53,14 +53,14 @@ class Readiness:
             "degraded": _degradations(checks),
             "checks": checks,
             "current_version": served.version if served else None,
-            "production_version": versions.get(PRODUCTION),
+            "production_version": deployment.production,
             "mode": self.modes.mode.value if checks["store"] else None,
             "timestamp": iso_utc(time.time()),
         }
 
     def _store_ok(self) -> bool:
         try:
-            self.store.ping()
+            self.store.database.ping()
             return True
         except Exception:
             return False
@@ -79,10 +79,10 @@ class Readiness:
 
     def _artifact_matches(self, version: str, sha256: str) -> bool:
         """Re-hash the artifact only when its fingerprint (size and mtime, or ETag) changed."""
-        row = self.store.get_version(version)
-        if row is None or row["sha256"] != sha256:
+        row = self.store.versions.get(version)
+        if row is None or row.sha256 != sha256:
             return False
-        key = self.registry.artifacts.fingerprint(row["artifact_key"])
+        key = self.registry.artifacts.fingerprint(row.artifact_key)
         if key is None:
             return False
         cached = self._verified.get(version)

@@ -11,13 +11,14 @@ import json
 import os
 import tarfile
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from utils.artifact_files import ARTIFACT_NAME, CONFIG_NAME, write_new_file
 from utils.errors import InvalidRequest, QuadraError, VersionConflict
 from utils.model_versioning import ModelVersionManager, check_digest, validate_version
-from utils.store import PRODUCTION, SERVING
+from utils.store import Deployment, VersionRow
 from utils.timestamps import iso_utc
 
 BACKUP_FORMAT = "quadra-registry-backup/1"
@@ -26,18 +27,19 @@ BACKUP_FORMAT = "quadra-registry-backup/1"
 def backup(registry: ModelVersionManager, destination: str | Path) -> dict[str, Any]:
     """Write every version (metadata and artifact) and the deployment state to a tar.gz."""
     destination = Path(destination)
-    rows = registry.store.list_versions()
+    rows = registry.store.versions.list()
+    deployment = registry.store.versions.deployment()
     manifest = {
         "format": BACKUP_FORMAT,
         "created_at": iso_utc(time.time()),
-        "state": registry.store.get_states((PRODUCTION, SERVING)),
-        "versions": rows,
+        "state": {"production_version": deployment.production, "serving_version": deployment.serving},
+        "versions": [asdict(row) for row in rows],
     }
     temp = destination.with_name(f".{destination.name}.tmp")
     with tarfile.open(temp, "w:gz") as archive:
         _add_bytes(archive, "manifest.json", json.dumps(manifest, indent=2).encode())
         for row in rows:
-            _add_bytes(archive, f"artifacts/{row['artifact_key']}", registry.read_artifact(row))
+            _add_bytes(archive, f"artifacts/{row.artifact_key}", registry.read_artifact(row))
     os.replace(temp, destination)
     return {"path": str(destination), "versions": len(rows)}
 
@@ -55,15 +57,14 @@ def restore(registry: ModelVersionManager, source: str | Path) -> dict[str, Any]
         raise InvalidRequest(f"not a Quadra registry backup ({type(exc).__name__}: {exc})") from None
     for row, plain in payloads.values():
         _restore_one(registry, row, plain)
-    state = manifest.get("state", {})
-    for name in (PRODUCTION, SERVING):
-        if state.get(name):
-            registry.store.set_state(name, state[name], actor="restore")
+    state = manifest.get("state") or {}
+    registry.store.versions.restore_deployment(
+        Deployment(production=state.get("production_version"), serving=state.get("serving_version")), actor="restore")
     registry.write_registry_mirror()
     return {"restored": sorted(payloads), "skipped": len(manifest["versions"]) - len(payloads)}
 
 
-def _read_backup(registry: ModelVersionManager, source: str | Path) -> tuple[dict[str, Any], dict[str, tuple[dict[str, Any], bytes]]]:
+def _read_backup(registry: ModelVersionManager, source: str | Path) -> tuple[dict[str, Any], dict[str, tuple[VersionRow, bytes]]]:
     """The backup's manifest and the versions to restore (those this registry lacks), each
     artifact checked against its recorded hash."""
     with tarfile.open(source, "r:gz") as archive:
@@ -71,27 +72,27 @@ def _read_backup(registry: ModelVersionManager, source: str | Path) -> tuple[dic
         if manifest.get("format") != BACKUP_FORMAT:
             raise InvalidRequest("not a Quadra registry backup")
         payloads = {}
-        for row in manifest["versions"]:
-            validate_version(row["version"])
-            data = _read_member(archive, f"artifacts/{row['artifact_key']}")
-            plain = gzip.decompress(data) if row["archived"] else data
-            check_digest(row["version"], row["sha256"], hashlib.sha256(plain).hexdigest())
-            existing = registry.store.get_version(row["version"])
-            if existing is not None and existing["sha256"] != row["sha256"]:
-                raise VersionConflict(f"version {row['version']} exists with a different hash")
+        for entry in manifest["versions"]:
+            row = VersionRow(**{name: entry[name] for name in VersionRow.__dataclass_fields__})
+            validate_version(row.version)
+            data = _read_member(archive, f"artifacts/{row.artifact_key}")
+            plain = gzip.decompress(data) if row.archived else data
+            check_digest(row.version, row.sha256, hashlib.sha256(plain).hexdigest())
+            existing = registry.store.versions.get(row.version)
+            if existing is not None and existing.sha256 != row.sha256:
+                raise VersionConflict(f"version {row.version} exists with a different hash")
             if existing is None:
-                payloads[row["version"]] = (row, plain)
+                payloads[row.version] = (row, plain)
     return manifest, payloads
 
 
-def _restore_one(registry: ModelVersionManager, row: dict[str, Any], data: bytes) -> None:
+def _restore_one(registry: ModelVersionManager, row: VersionRow, data: bytes) -> None:
     staging = registry.artifacts.new_staging_dir()
     try:
         write_new_file(staging / ARTIFACT_NAME, data)
-        write_new_file(staging / CONFIG_NAME, json.dumps(row["config"], indent=2, sort_keys=True).encode())
-        restored = {**row, "archived": False, "artifact_key": f"{row['version']}/{ARTIFACT_NAME}"}
-        with registry.store.adding_version(restored):
-            registry.artifacts.publish(staging, row["version"])
+        write_new_file(staging / CONFIG_NAME, json.dumps(row.config, indent=2, sort_keys=True).encode())
+        with registry.store.versions.adding(replace(row, archived=False, artifact_key=f"{row.version}/{ARTIFACT_NAME}")):
+            registry.artifacts.publish(staging, row.version)
     finally:
         registry.artifacts.discard(staging)
 

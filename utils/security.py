@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -43,7 +43,7 @@ from utils.outage import Outage
 from utils.rate_limit_storage import SCHEME as STORE_SCHEME
 from utils.rate_limit_storage import StoreRateLimitStorage
 from utils.request_limits import RequestLimits, counter_args, parse_limit
-from utils.store import Store, UsesConfiguredStore, store_for
+from utils.store import ApiKeyRow, Store, UsesConfiguredStore, store_for
 from utils.timestamps import iso_utc
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -177,25 +177,27 @@ class SecretsManager:
 secrets_manager = SecretsManager()
 
 
-def _public_key(row: dict[str, Any]) -> dict[str, Any]:
+def _public_key(row: ApiKeyRow) -> dict[str, Any]:
     """A key as it may be shown: never the hash, only a prefix and the last four characters."""
-    now = time.time()
-    expired = row["expires_at"] is not None and row["expires_at"] <= now
     return {
-        "id": row["id"],
-        "name": row["name"],
-        "user_id": row["name"],
-        "display": f"{row['prefix']}…{row['last4']}",
-        "permissions": row["permissions"],
-        "rate_limit": row["rate_limit"],
-        "created_at": iso_utc(row["created_at"]),
-        "created_by": row["created_by"],
-        "expires_at": iso_utc(row["expires_at"]),
-        "last_used_at": iso_utc(row["last_used_at"]),
-        "revoked_at": iso_utc(row["revoked_at"]),
-        "rotated_to": row["rotated_to"],
-        "active": row["revoked_at"] is None and not expired,
+        "id": row.id,
+        "name": row.name,
+        "user_id": row.name,
+        "display": f"{row.prefix}…{row.last4}",
+        "permissions": row.permissions,
+        "rate_limit": row.rate_limit,
+        "created_at": iso_utc(row.created_at),
+        "created_by": row.created_by,
+        "expires_at": iso_utc(row.expires_at),
+        "last_used_at": iso_utc(row.last_used_at),
+        "revoked_at": iso_utc(row.revoked_at),
+        "rotated_to": row.rotated_to,
+        "active": _is_active(row, time.time()),
     }
+
+
+def _is_active(row: ApiKeyRow, now: float) -> bool:
+    return row.revoked_at is None and (row.expires_at is None or row.expires_at > now)
 
 
 class AuthManager(UsesConfiguredStore):
@@ -226,7 +228,7 @@ class AuthManager(UsesConfiguredStore):
         self.secrets = SecretsManager(secret_key=secret_key)
         self._store = store
         self._production = production
-        self._cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._cache: dict[str, tuple[float, ApiKeyRow | None]] = {}
         self._last_used_written: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -243,7 +245,7 @@ class AuthManager(UsesConfiguredStore):
     ) -> tuple[str, dict[str, Any]]:
         """Create a key; returns (the key, shown only now, and its public record)."""
         row, api_key = self._new_key_row(name, permissions, expires_days, rate_limit, created_by, api_key)
-        self.store.insert_api_key(row)
+        self.store.keys.insert(row)
         return api_key, _public_key(row)
 
     def _new_key_row(
@@ -254,7 +256,7 @@ class AuthManager(UsesConfiguredStore):
         rate_limit: str | None,
         created_by: str,
         api_key: str | None = None,
-    ) -> tuple[dict[str, Any], str]:
+    ) -> tuple[ApiKeyRow, str]:
         name = (name or "").strip()
         if not name or len(name) > 100:
             raise InvalidRequest("a key needs a name of 1-100 characters")
@@ -263,21 +265,12 @@ class AuthManager(UsesConfiguredStore):
         api_key = api_key or self.secrets.generate_api_key()
         days = self.key_expiry_days if expires_days is None else expires_days
         now = time.time()
-        row = {
-            "id": f"key_{uuid.uuid4().hex[:12]}",
-            "name": name,
-            "key_hash": self.secrets.hash_api_key(api_key),
-            "prefix": api_key[:7],
-            "last4": api_key[-4:],
-            "permissions": normalize_permissions(permissions),
-            "rate_limit": validate_rate_limit(rate_limit),
-            "created_at": now,
-            "created_by": created_by,
-            "expires_at": now + days * 86400 if days else None,
-            "last_used_at": None,
-            "revoked_at": None,
-            "rotated_to": None,
-        }
+        row = ApiKeyRow(
+            id=f"key_{uuid.uuid4().hex[:12]}", name=name, key_hash=self.secrets.hash_api_key(api_key),
+            prefix=api_key[:7], last4=api_key[-4:], permissions=normalize_permissions(permissions),
+            rate_limit=validate_rate_limit(rate_limit), created_at=now, created_by=created_by,
+            expires_at=now + days * 86400 if days else None, last_used_at=None, revoked_at=None, rotated_to=None,
+        )
         return row, api_key
 
     def _check_chosen_key(self, api_key: str, name: str) -> None:
@@ -315,50 +308,49 @@ class AuthManager(UsesConfiguredStore):
     def create_bootstrap_key(self) -> str | None:
         """An admin key if the store has no key at all (first start); None otherwise."""
         row, api_key = self._new_key_row("bootstrap-admin", ["admin"], None, None, "bootstrap")
-        return api_key if self.store.insert_first_api_key(row) else None
+        return api_key if self.store.keys.insert_first(row) else None
 
     def list_api_keys(self) -> list[dict[str, Any]]:
-        return [_public_key(r) for r in self.store.list_api_keys()]
+        return [_public_key(r) for r in self.store.keys.list()]
 
     def get_api_key(self, key_id: str) -> dict[str, Any]:
-        row = self.store.get_api_key(key_id)
+        row = self.store.keys.get(key_id)
         if row is None:
             raise KeyNotFound(f"API key {key_id} not found")
         return _public_key(row)
 
     def revoke_api_key(self, key_id: str) -> dict[str, Any]:
-        record = self.get_api_key(key_id)
-        if record["revoked_at"] is None:
-            self.store.update_api_key(key_id, revoked_at=time.time())
+        self.get_api_key(key_id)
+        self.store.keys.revoke(key_id, time.time())
         self._forget(key_id)
         return self.get_api_key(key_id)
 
     def rotate_api_key(self, key_id: str, grace_seconds: float = DEFAULT_ROTATION_GRACE_SECONDS) -> tuple[str, dict[str, Any]]:
         """Issue a replacement with the same name, permissions and limit; the old key keeps
         working for `grace_seconds` (never longer than it would have)."""
-        old = self.store.get_api_key(key_id)
+        old = self.store.keys.get(key_id)
         if old is None:
             raise KeyNotFound(f"API key {key_id} not found")
-        if not _public_key(old)["active"]:
+        if not _is_active(old, time.time()):
             raise InactiveKey(f"API key {key_id} is revoked or expired and cannot be rotated")
-        remaining_days = None if old["expires_at"] is None else max(1.0, (old["expires_at"] - time.time()) / 86400)
+        remaining_days = None if old.expires_at is None else max(1.0, (old.expires_at - time.time()) / 86400)
         new_row, api_key = self._new_key_row(
-            old["name"], old["permissions"], remaining_days or self.key_expiry_days, None, f"rotation of {key_id}"
+            old.name, old.permissions, remaining_days or self.key_expiry_days, None, f"rotation of {key_id}"
         )
-        new_row["rate_limit"] = old["rate_limit"]  # as it was accepted, also by an earlier release's looser check
+        new_row = replace(new_row, rate_limit=old.rate_limit)  # as accepted, also by an earlier release's looser check
         grace_end = time.time() + max(0.0, grace_seconds)
-        old_end = grace_end if old["expires_at"] is None else min(old["expires_at"], grace_end)
-        self.store.rotate_api_key(key_id, new_row, old_end)
+        old_end = grace_end if old.expires_at is None else min(old.expires_at, grace_end)
+        self.store.keys.rotate(key_id, new_row, old_end)
         self._forget(key_id)
         return api_key, _public_key(new_row)
 
     def _forget(self, key_id: str) -> None:
         with self._lock:
             for cache_key, (_, row) in list(self._cache.items()):
-                if row is not None and row["id"] == key_id:
+                if row is not None and row.id == key_id:
                     del self._cache[cache_key]
 
-    def _cached(self, cache_key: str, load: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+    def _cached(self, cache_key: str, load: Callable[[], ApiKeyRow | None]) -> ApiKeyRow | None:
         now = time.monotonic()
         hit = self._cache.get(cache_key)
         if hit is not None and now - hit[0] < self.cache_seconds:
@@ -368,30 +360,27 @@ class AuthManager(UsesConfiguredStore):
             self._cache[cache_key] = (now, row)
         return row
 
-    def _active_row(self, row: dict[str, Any] | None) -> dict[str, Any] | None:
-        if row is None or row["revoked_at"] is not None:
-            return None
-        if row["expires_at"] is not None and row["expires_at"] <= time.time():
-            return None
-        return row
+    @staticmethod
+    def _active_row(row: ApiKeyRow | None) -> ApiKeyRow | None:
+        return row if row is not None and _is_active(row, time.time()) else None
 
     def authenticate_key(self, api_key: str) -> Principal | None:
         """The principal for a presented key, or None (unknown, revoked or expired)."""
         if not api_key or len(api_key) > 256:
             return None
         key_hash = self.secrets.hash_api_key(api_key)
-        row = self._active_row(self._cached(f"hash:{key_hash}", lambda: self.store.find_api_key(key_hash)))
-        if row is None or not hmac.compare_digest(row["key_hash"], key_hash):
+        row = self._active_row(self._cached(f"hash:{key_hash}", lambda: self.store.keys.find(key_hash)))
+        if row is None or not hmac.compare_digest(row.key_hash, key_hash):
             return None
-        self._note_use(row["id"])
-        return Principal(row["id"], row["name"], tuple(row["permissions"]), row["rate_limit"], "api_key")
+        self._note_use(row.id)
+        return Principal(row.id, row.name, tuple(row.permissions), row.rate_limit, "api_key")
 
     def _note_use(self, key_id: str) -> None:
         """Record last use at most once a minute per key and process: no per-request write."""
         now = time.time()
         if now - self._last_used_written.get(key_id, 0.0) >= LAST_USED_WRITE_INTERVAL:
             self._last_used_written[key_id] = now
-            self.store.update_api_key(key_id, last_used_at=now)
+            self.store.keys.note_use(key_id, now)
 
     def verify_api_key(self, api_key: str) -> dict[str, Any] | None:
         """The seed's call: the key's public record (truthy, with "user_id" and "permissions")
@@ -487,13 +476,13 @@ class AuthManager(UsesConfiguredStore):
         key_id = claims.get("kid")
         if key_id is None:
             return Principal(f"token:{claims['sub']}", str(claims.get("name", claims["sub"])), tuple(claims["perms"]), via="jwt")
-        row = self._active_row(self._cached(f"id:{key_id}", lambda: self.store.get_api_key(key_id)))
+        row = self._active_row(self._cached(f"id:{key_id}", lambda: self.store.keys.get(key_id)))
         if row is None:
             return None
-        granted = tuple(p for p in claims["perms"] if permits(row["permissions"], p))
+        granted = tuple(p for p in claims["perms"] if permits(row.permissions, p))
         if not granted:
             return None
-        return Principal(row["id"], row["name"], granted, row["rate_limit"], "jwt")
+        return Principal(row.id, row.name, granted, row.rate_limit, "jwt")
 
 
 class RateLimiter:
@@ -615,8 +604,8 @@ def key_limit_lookup(auth: AuthManager) -> Callable[[str], str | None]:
     def lookup(identifier: str) -> str | None:
         if not identifier.startswith("key:"):
             return None
-        row = auth._cached(f"id:{identifier[4:]}", lambda: auth.store.get_api_key(identifier[4:]))
-        return row["rate_limit"] if row else None
+        row = auth._cached(f"id:{identifier[4:]}", lambda: auth.store.keys.get(identifier[4:]))
+        return row.rate_limit if row else None
 
     return lookup
 

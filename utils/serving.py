@@ -150,10 +150,10 @@ class ServedModel:
 def load_served_model(registry: ModelVersionManager, version: str) -> ServedModel:
     """Load `version` from the registry (hash-checked), build it, warm it up."""
     state, row = registry.read_state_dict(version)
-    model = build_model(row["config"])
+    model = build_model(row.config)
     model.load_state_dict(state, strict=True)
     model.eval()
-    served = ServedModel(version, row["sha256"], model, row["config"])
+    served = ServedModel(version, row.sha256, model, row.config)
     served.predict(torch.zeros(1, served.input_dim))
     return served
 

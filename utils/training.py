@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,10 +27,8 @@ from utils.errors import JobNotFound, TrainingCapacityReached
 from utils.journal import process_alive
 from utils.model_versioning import ModelVersionManager, generate_version_string
 from utils.serving import MLPClassifier, build_model
+from utils.store import JobRow, Store
 from utils.timestamps import iso_utc
-
-if TYPE_CHECKING:
-    from utils.store import Store
 
 log = logging.getLogger("quadra.training")
 
@@ -154,7 +152,7 @@ def ensure_initial_version(registry: ModelVersionManager, wait_seconds: float = 
         return
     owner = f"{socket.gethostname()}:{os.getpid()}"
     deadline = time.monotonic() + wait_seconds
-    while not registry.store.try_acquire_lease(BOOTSTRAP_LEASE, owner, ttl_seconds=wait_seconds):
+    while not registry.store.leases.try_acquire(BOOTSTRAP_LEASE, owner, ttl_seconds=wait_seconds):
         if registry.get_production_version():
             return
         if time.monotonic() > deadline:
@@ -175,7 +173,7 @@ def ensure_initial_version(registry: ModelVersionManager, wait_seconds: float = 
             registry.promote_to_production(INITIAL_VERSION, actor="bootstrap")
             log.info("created and promoted initial version %s (accuracy %.3f)", INITIAL_VERSION, metrics["accuracy"])
     finally:
-        registry.store.release_lease(BOOTSTRAP_LEASE, owner)
+        registry.store.leases.release(BOOTSTRAP_LEASE, owner)
 
 
 # -- training jobs ---------------------------------------------------------------------------
@@ -198,25 +196,25 @@ def dataset_from_payload(data: dict[str, Any]) -> Dataset:
     return Dataset(features, torch.tensor([index[label] for label in labels]), list(names), class_names)
 
 
-def public_job(row: dict[str, Any]) -> dict[str, Any]:
+def public_job(row: JobRow) -> dict[str, Any]:
     """A job as the API shows it (the posted data itself is not echoed)."""
-    progress = [{**entry, "at": iso_utc(entry.get("at"))} for entry in row["progress"] or []]
+    progress = [{**entry, "at": iso_utc(entry.get("at"))} for entry in row.progress or []]
     return {
-        "id": row["id"],
-        "status": row["status"],
-        "created_at": iso_utc(row["created_at"]),
-        "created_by": row["created_by"],
-        "started_at": iso_utc(row["started_at"]),
-        "finished_at": iso_utc(row["finished_at"]),
-        "params": row["params"],
-        "custom_data_rows": len(row["data"]["labels"]) if row["data"] else None,
+        "id": row.id,
+        "status": row.status,
+        "created_at": iso_utc(row.created_at),
+        "created_by": row.created_by,
+        "started_at": iso_utc(row.started_at),
+        "finished_at": iso_utc(row.finished_at),
+        "params": row.params,
+        "custom_data_rows": len(row.data["labels"]) if row.data else None,
         "epoch": progress[-1]["epoch"] if progress else 0,
-        "total_epochs": row["total_epochs"],
-        "percent": round(100.0 * (progress[-1]["epoch"] if progress else 0) / row["total_epochs"], 1),
+        "total_epochs": row.total_epochs,
+        "percent": round(100.0 * (progress[-1]["epoch"] if progress else 0) / row.total_epochs, 1),
         "progress": progress,
-        "result_version": row["result_version"],
-        "error": row["error"],
-        "cancel_requested": row["cancel_requested"],
+        "result_version": row.result_version,
+        "error": row.error,
+        "cancel_requested": row.cancel_requested,
     }
 
 
@@ -233,12 +231,9 @@ class TrainingJobs:
         """Queue a job and launch its process; TrainingCapacityReached when too many run."""
         self.reap()
         job_id = f"job_{uuid.uuid4().hex[:12]}"
-        row = {
-            "id": job_id, "status": "queued", "created_at": time.time(), "created_by": created_by,
-            "params": asdict(params), "data": data, "progress": [], "total_epochs": params.epochs,
-            "cancel_requested": False,
-        }
-        if not self.store.insert_job_if_capacity(row, self.max_active):
+        row = JobRow(id=job_id, status="queued", created_at=time.time(), created_by=created_by, params=asdict(params),
+                     total_epochs=params.epochs, data=data)
+        if not self.store.jobs.insert_if_capacity(row, self.max_active):
             raise TrainingCapacityReached(f"{self.max_active} training job(s) already running; wait or cancel one")
         settings = self.settings
         process = subprocess.Popen(
@@ -249,7 +244,7 @@ class TrainingJobs:
             cwd=Path(__file__).resolve().parent.parent,
             start_new_session=True,
         )
-        self.store.update_job(job_id, only_if_active=True, pid=process.pid, host=socket.gethostname())
+        self.store.jobs.update(job_id, only_if_active=True, pid=process.pid, host=socket.gethostname())
         threading.Thread(target=self._watch, args=(job_id, process), name=f"quadra-job-{job_id}", daemon=True).start()
         log.info("training job %s started by %s (pid %d)", job_id, created_by, process.pid)
         return self.get(job_id)
@@ -257,33 +252,33 @@ class TrainingJobs:
     def _watch(self, job_id: str, process: subprocess.Popen[bytes]) -> None:
         """Reap the child; if it died without finishing its job, the job failed."""
         code = process.wait()
-        if self.store.update_job(job_id, only_if_active=True, status="failed", finished_at=time.time(),
+        if self.store.jobs.update(job_id, only_if_active=True, status="failed", finished_at=time.time(),
                                  error=f"training process exited with code {code} before finishing"):
             log.error("training job %s failed: its process exited with %d", job_id, code)
 
     def get(self, job_id: str) -> dict[str, Any]:
-        row = self.store.get_job(job_id)
+        row = self.store.jobs.get(job_id)
         if row is None:
             raise JobNotFound(f"training job {job_id} not found")
         return public_job(row)
 
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
         self.reap()
-        return [public_job(r) for r in self.store.list_jobs(limit)]
+        return [public_job(r) for r in self.store.jobs.list(limit)]
 
     def active(self) -> builtins.list[dict[str, Any]]:
         self.reap()
-        return [public_job(r) for r in self.store.list_jobs(active_only=True)]
+        return [public_job(r) for r in self.store.jobs.list(active_only=True)]
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Ask a job to stop at its next epoch (a queued job stops at once)."""
-        row = self.store.get_job(job_id)
+        row = self.store.jobs.get(job_id)
         if row is None:
             raise JobNotFound(f"training job {job_id} not found")
-        if row["status"] == "queued" and row["pid"] is None:
-            self.store.update_job(job_id, only_if_active=True, status="cancelled", finished_at=time.time())
+        if row.status == "queued" and row.pid is None:
+            self.store.jobs.update(job_id, only_if_active=True, status="cancelled", finished_at=time.time())
         else:
-            self.store.update_job(job_id, only_if_active=True, cancel_requested=True)
+            self.store.jobs.update(job_id, only_if_active=True, cancel_requested=True)
         return self.get(job_id)
 
     def cancel_all(self) -> builtins.list[str]:
@@ -294,52 +289,50 @@ class TrainingJobs:
         failed = 0
         now = time.time()
         host = socket.gethostname()
-        for row in self.store.list_jobs(active_only=True):
-            last_sign = row["heartbeat_at"] or row["created_at"]
-            gone = row["pid"] is not None and row["host"] == host and not process_alive(row["pid"])
+        for row in self.store.jobs.list(active_only=True):
+            last_sign = row.heartbeat_at or row.created_at
+            gone = row.pid is not None and row.host == host and not process_alive(row.pid)
             if gone or now - last_sign > self.heartbeat_timeout:
                 reason = "its process is gone" if gone else f"no heartbeat for {self.heartbeat_timeout:g}s"
-                if self.store.update_job(row["id"], only_if_active=True, status="failed", finished_at=now,
+                if self.store.jobs.update(row.id, only_if_active=True, status="failed", finished_at=now,
                                          error=f"training job failed: {reason}"):
                     failed += 1
-                    log.error("training job %s marked failed: %s", row["id"], reason)
+                    log.error("training job %s marked failed: %s", row.id, reason)
         return failed
 
 
 def run_job(job_id: str, database_url: str, models_dir: Path, verify_integrity: bool, artifacts: ArtifactStore) -> int:
     """The body of a job's process: train, report each epoch, save the version (no promote)."""
-    from utils.store import Store
-
     store = Store(database_url)
-    row = store.get_job(job_id)
-    if row is None or row["status"] != "queued":
+    row = store.jobs.get(job_id)
+    if row is None or row.status != "queued":
         return 1
     torch.set_num_threads(1)
-    store.update_job(job_id, only_if_active=True, status="running", started_at=time.time(), heartbeat_at=time.time(),
+    store.jobs.update(job_id, only_if_active=True, status="running", started_at=time.time(), heartbeat_at=time.time(),
                      pid=os.getpid(), host=socket.gethostname())
     stop_heartbeat = threading.Event()
     threading.Thread(target=_heartbeat, args=(store, job_id, stop_heartbeat), daemon=True).start()
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        if store.append_job_progress(job_id, {"epoch": epoch, **metrics, "at": time.time()}):
+        if store.jobs.append_progress(job_id, {"epoch": epoch, **metrics, "at": time.time()}):
             raise JobCancelled()
 
     try:
-        dataset = dataset_from_payload(row["data"]) if row["data"] else load_dataset()
-        params = Hyperparameters(**{**row["params"], "hidden_dims": tuple(row["params"]["hidden_dims"])})
+        dataset = dataset_from_payload(row.data) if row.data else load_dataset()
+        params = Hyperparameters(**{**row.params, "hidden_dims": tuple(row.params["hidden_dims"])})
         model, metrics, info = train_classifier(dataset, params, on_epoch)
         registry = ModelVersionManager(models_dir, store, verify_integrity, artifacts)
         saved = registry.save_model(
             model, generate_version_string("train"), metrics=metrics, training_info={**info, "job_id": job_id},
-            description=f"Trained by job {job_id}", tags=["trained"], created_by=row["created_by"],
+            description=f"Trained by job {job_id}", tags=["trained"], created_by=row.created_by,
         )
-        store.update_job(job_id, status="succeeded", finished_at=time.time(), result_version=saved.version)
+        store.jobs.update(job_id, status="succeeded", finished_at=time.time(), result_version=saved.version)
         return 0
     except JobCancelled:
-        store.update_job(job_id, status="cancelled", finished_at=time.time())
+        store.jobs.update(job_id, status="cancelled", finished_at=time.time())
         return 0
     except Exception as exc:
-        store.update_job(job_id, status="failed", finished_at=time.time(), error=f"{type(exc).__name__}: {exc}")
+        store.jobs.update(job_id, status="failed", finished_at=time.time(), error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
         stop_heartbeat.set()
@@ -347,7 +340,7 @@ def run_job(job_id: str, database_url: str, models_dir: Path, verify_integrity: 
 
 def _heartbeat(store: Store, job_id: str, stop: threading.Event) -> None:
     while not stop.wait(JOB_HEARTBEAT_SECONDS):
-        store.update_job(job_id, only_if_active=True, heartbeat_at=time.time())
+        store.jobs.update(job_id, only_if_active=True, heartbeat_at=time.time())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,153 @@
+"""Prediction records: written in batches (exactly once, by record id) with running totals,
+read back as rows or, for the monitoring window, column by column."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, TypedDict
+
+from sqlalchemy import TextClause, func, insert, select, text
+
+from utils.store.database import Database, as_rows
+from utils.store.service_state import lock_states, read_states, write_state
+from utils.store.tables import predictions
+
+TOTALS = "prediction_totals"
+WINDOW_START = "monitoring_window_start"
+
+# `window` reads features as their JSON text (None when not kept), and rows in blocks smaller
+# than the garbage collector's first threshold (700), so they die young.
+_WINDOW_SELECT = {"features": "NULLIF(CAST(features AS TEXT), 'null')"}
+_WINDOW_BLOCK = 500
+
+
+class PredictionRecord(TypedDict):
+    """One prediction as the monitor buffers and journals it (the columns an INSERT takes)."""
+
+    at: float
+    model_version: str | None
+    latency_ms: float
+    confidence: float | None
+    predicted_class: str | None
+    success: bool
+    error: str | None
+    features: list[float] | None
+    record_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionRow:
+    id: int
+    at: float
+    model_version: str | None
+    latency_ms: float
+    confidence: float | None
+    predicted_class: str | None
+    success: bool
+    error: str | None
+    features: list[float] | None
+    record_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionTotals:
+    """Every prediction recorded since the counters were last reset, and how many failed."""
+
+    count: int = 0
+    errors: int = 0
+
+
+class PredictionStore:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    def insert(self, records: list[PredictionRecord]) -> int:
+        """Insert a batch of records and add them to the totals, atomically. Records whose
+        `record_id` is already stored are skipped; returns how many were new."""
+        if not records:
+            return 0
+        with self.database.write() as conn:
+            totals = _totals(lock_states(conn, (TOTALS,)))
+            ids = [r["record_id"] for r in records if r.get("record_id")]
+            if ids:
+                known = set(conn.execute(select(predictions.c.record_id).where(predictions.c.record_id.in_(ids))).scalars())
+                records = [r for r in records if r.get("record_id") not in known]
+            if not records:
+                return 0
+            errors = sum(1 for r in records if not r["success"])
+            conn.execute(insert(predictions), records)
+            write_state(conn, TOTALS, {"count": totals.count + len(records), "errors": totals.errors + errors}, "monitor")
+        return len(records)
+
+    def totals(self) -> PredictionTotals:
+        with self.database.read() as conn:
+            return _totals(read_states(conn, (TOTALS,)))
+
+    def window_start(self) -> int:
+        """The id after which the monitoring window begins (0: from the first record)."""
+        with self.database.read() as conn:
+            return int(read_states(conn, (WINDOW_START,)).get(WINDOW_START) or 0)
+
+    def reset_window(self, actor: str) -> None:
+        """Zero the totals and start the window after the newest record (records are kept)."""
+        with self.database.write() as conn:
+            lock_states(conn, (TOTALS, WINDOW_START))
+            last = int(conn.execute(select(func.max(predictions.c.id))).scalar() or 0)
+            write_state(conn, WINDOW_START, last, actor)
+            write_state(conn, TOTALS, {"count": 0, "errors": 0}, actor)
+
+    def recent(self, limit: int, after_id: int = 0) -> list[PredictionRow]:
+        """The newest `limit` records with id > after_id, oldest first."""
+        query = select(predictions).where(predictions.c.id > after_id).order_by(predictions.c.id.desc()).limit(limit)
+        with self.database.read() as conn:
+            rows = conn.execute(query).all()
+        return as_rows(PredictionRow, reversed(rows))
+
+    def window(self, limit: int, after_id: int, columns: tuple[str, ...]) -> dict[str, list[Any]]:
+        """What `recent` reads, column by column: {column: its values, oldest first}, except
+        that `features` stay JSON text (None when not kept) for the caller to parse.
+
+        A window can hold 100k records, so this skips what costs per record there: SQLAlchemy's
+        result processing, an object per record, and keeping an object per record alive until
+        the end (a block of rows is transposed as it arrives, then dropped): with that many
+        young objects the garbage collector's full passes cost more than the read itself."""
+        values: list[list[Any]] = [[] for _ in columns]
+        with self.database.read() as conn:
+            result = conn.execute(_window_statement(columns), {"after_id": after_id, "limit": limit})
+            for rows in result.partitions(_WINDOW_BLOCK):
+                for column, block in zip(values, zip(*rows, strict=True), strict=True):
+                    column.extend(block)
+        for column in values:
+            column.reverse()
+        window = dict(zip(columns, values, strict=True))
+        if "success" in window:  # SQLite returns booleans as 0/1
+            window["success"] = list(map(bool, window["success"]))
+        return window
+
+    def last_id(self) -> int:
+        with self.database.read() as conn:
+            return int(conn.execute(select(func.max(predictions.c.id))).scalar() or 0)
+
+    def count_since(self, since: float, after_id: int = 0) -> int:
+        with self.database.read() as conn:
+            return int(conn.execute(
+                select(func.count()).select_from(predictions).where(predictions.c.at >= since, predictions.c.id > after_id)
+            ).scalar_one())
+
+
+def _totals(state: dict[str, Any]) -> PredictionTotals:
+    stored = state.get(TOTALS) or {}
+    return PredictionTotals(count=int(stored.get("count", 0)), errors=int(stored.get("errors", 0)))
+
+
+def _window_column(name: str) -> str:
+    """The SQL selecting one predictions column; any other name is a KeyError, never SQL."""
+    return _WINDOW_SELECT.get(name, predictions.c[name].name)
+
+
+@cache
+def _window_statement(columns: tuple[str, ...]) -> TextClause:
+    """The window query for a set of columns, built once: plain SQL, no result processing per row."""
+    selected = ", ".join(_window_column(name) for name in columns)
+    return text(f"SELECT {selected} FROM predictions WHERE id > :after_id ORDER BY id DESC LIMIT :limit")

@@ -1,0 +1,226 @@
+"""The schema: every table, and the numbered migrations that build it.
+
+A migration is appended for each change and never edited once released; `Database.upgrade`
+runs the missing ones under a lock, so processes starting together upgrade once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Connection,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    inspect,
+    text,
+)
+
+metadata = MetaData()
+
+schema_info = Table(
+    "quadra_schema",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("upgraded_at", Float, nullable=False),
+)
+
+model_versions = Table(
+    "model_versions",
+    metadata,
+    Column("version", String(128), primary_key=True),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(200), nullable=False, default="system"),
+    Column("description", Text, nullable=False, default=""),
+    Column("tags", JSON, nullable=False, default=list),
+    Column("metrics", JSON, nullable=False, default=dict),
+    Column("config", JSON, nullable=False, default=dict),
+    Column("training_info", JSON, nullable=False, default=dict),
+    Column("artifact_key", String(512), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("size_bytes", Integer, nullable=False),
+    Column("archived", Boolean, nullable=False, default=False),
+)
+
+service_state = Table(
+    "service_state",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", JSON, nullable=True),
+    Column("updated_at", Float, nullable=False),
+    Column("updated_by", String(200), nullable=False, default="system"),
+)
+
+promotions = Table(
+    "promotions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("from_version", String(128), nullable=True),
+    Column("to_version", String(128), nullable=False),
+)
+
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("owner", String(200), nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(100), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("prefix", String(16), nullable=False),
+    Column("last4", String(4), nullable=False),
+    Column("permissions", JSON, nullable=False),
+    Column("rate_limit", String(64), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("expires_at", Float, nullable=True),
+    Column("last_used_at", Float, nullable=True),
+    Column("revoked_at", Float, nullable=True),
+    Column("rotated_to", String(32), nullable=True),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False, index=True),
+    Column("actor", String(200), nullable=False),
+    Column("action", String(100), nullable=False, index=True),
+    Column("target", String(200), nullable=True),
+    Column("outcome", String(20), nullable=False),
+    Column("status", Integer, nullable=True),
+    Column("ip", String(64), nullable=True),
+    Column("details", JSON, nullable=False, default=dict),
+)
+
+rate_limits = Table(
+    "rate_limits",
+    metadata,
+    Column("key", String(255), primary_key=True),
+    Column("count", Integer, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+
+predictions = Table(
+    "predictions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False, index=True),
+    Column("model_version", String(128), nullable=True),
+    Column("latency_ms", Float, nullable=False),
+    Column("confidence", Float, nullable=True),
+    Column("predicted_class", String(128), nullable=True),
+    Column("success", Boolean, nullable=False),
+    Column("error", String(200), nullable=True),
+    Column("features", JSON, nullable=True),
+    Column("record_id", String(96), nullable=True),
+)
+Index("ix_predictions_record_id", predictions.c.record_id, unique=True)
+
+prediction_rollups = Table(
+    "prediction_rollups",
+    metadata,
+    Column("minute", Float, primary_key=True),
+    Column("model_version", String(128), primary_key=True),
+    Column("count", Integer, nullable=False),
+    Column("errors", Integer, nullable=False),
+    Column("latency_sum", Float, nullable=False),
+    Column("latency_max", Float, nullable=False),
+    Column("confidence_sum", Float, nullable=False),
+    Column("confidence_count", Integer, nullable=False),
+    Column("class_counts", JSON, nullable=False),
+)
+
+baselines = Table(
+    "baselines",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("statistics", JSON, nullable=False),
+    Column("sample", JSON, nullable=False),
+)
+
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False, index=True),
+    Column("kind", String(32), nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("details", JSON, nullable=False, default=dict),
+    Column("resolved_at", Float, nullable=True),
+)
+
+
+training_jobs = Table(
+    "training_jobs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("status", String(16), nullable=False, index=True),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("started_at", Float, nullable=True),
+    Column("finished_at", Float, nullable=True),
+    Column("heartbeat_at", Float, nullable=True),
+    Column("params", JSON, nullable=False),
+    Column("data", JSON, nullable=True),
+    Column("progress", JSON, nullable=False, default=list),
+    Column("total_epochs", Integer, nullable=False),
+    Column("result_version", String(128), nullable=True),
+    Column("error", Text, nullable=True),
+    Column("host", String(200), nullable=True),
+    Column("pid", Integer, nullable=True),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+)
+
+def _migration_1(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[model_versions, service_state, promotions, leases])
+
+
+def _migration_2(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[api_keys, audit_log, rate_limits])
+
+
+def _migration_3(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[predictions, prediction_rollups, baselines, alerts])
+
+
+def _migration_4(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[training_jobs])
+
+
+def _migration_5(conn: Connection) -> None:
+    """Prediction records get ids, so a replayed journal never counts a record twice."""
+    columns = {column["name"] for column in inspect(conn).get_columns("predictions")}
+    if "record_id" not in columns:
+        conn.execute(text("ALTER TABLE predictions ADD COLUMN record_id VARCHAR(96)"))
+    indexes = {index["name"] for index in inspect(conn).get_indexes("predictions")}
+    if "ix_predictions_record_id" not in indexes:
+        conn.execute(text("CREATE UNIQUE INDEX ix_predictions_record_id ON predictions (record_id)"))
+
+
+# The schema's upgrade path: append a function per change; never edit a released one.
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4, _migration_5]
+SCHEMA_VERSION = len(MIGRATIONS)
