@@ -6,7 +6,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
 
-from flask import Blueprint, current_app, g, jsonify
+from flask import Blueprint, current_app, g
 
 from routes.common import actor, services
 from routes.operations import operation
@@ -42,66 +42,66 @@ def _key_holders_only(view: F) -> F:
 @operation("Issue a JWT for an API key", body=TokenRequest, response=Token, security=("ApiKey",),
            errors={401: "No valid API key in X-API-Key (a token cannot obtain a token)",
                    403: "More permissions asked for than the key holds"})
-def issue_token(body: TokenRequest) -> Any:
+def issue_token(body: TokenRequest) -> Token:
     """A JWT for a caller presenting a valid API key; never more rights than the key."""
     expires_in = body.expires_in or services().settings.jwt_ttl_seconds
-    return jsonify(services().auth.issue_token_for(authenticated_principal(), body.permissions, expires_in))
+    return Token.model_validate(services().auth.issue_token_for(authenticated_principal(), body.permissions, expires_in))
 
 
 @bp.get("/api/auth/whoami")
 @require_permission("read")
 @operation("Who the credentials belong to", response=WhoAmI)
-def whoami() -> Any:
+def whoami() -> WhoAmI:
     """The caller's key id, name, permissions, how it authenticated and its own rate limit; never the key
     or its hash. Any valid credentials may ask."""
     principal = authenticated_principal()
-    return jsonify({"id": principal.id, "name": principal.name, "permissions": list(principal.permissions),
-                    "via": principal.via, "rate_limit": principal.rate_limit})
+    return WhoAmI.model_validate({"id": principal.id, "name": principal.name, "permissions": list(principal.permissions),
+                                  "via": principal.via, "rate_limit": principal.rate_limit})
 
 
 @bp.get("/api/auth/keys")
 @require_permission("admin")
 @operation("List API keys", response=ApiKeys)
-def list_keys() -> Any:
+def list_keys() -> ApiKeys:
     """Every key with its id, name, permissions, state and last use; never the key or its hash."""
-    return jsonify({"keys": services().auth.list_api_keys()})
+    return ApiKeys.model_validate({"keys": services().auth.list_api_keys()})
 
 
 @bp.post("/api/auth/keys")
 @require_permission("admin")
 @operation("Create an API key", body=KeyRequest, response=NewApiKey, status=201,
            links={"RevokeKey": Link("auth.revoke_key", KEY_ID), "RotateKey": Link("auth.rotate_key", KEY_ID)})
-def create_key(body: KeyRequest) -> Any:
+def create_key(body: KeyRequest) -> NewApiKey:
     """Create a key; the response is the only time the key itself is shown."""
     api_key, record = services().auth.create_api_key(
         body.name, body.permissions, body.expires_days, body.rate_limit, created_by=actor())
     g.audit_details = {"key_id": record["id"], "permissions": record["permissions"]}
-    return jsonify({**record, "api_key": api_key}), 201
+    return NewApiKey.model_validate({**record, "api_key": api_key})
 
 
 @bp.delete("/api/auth/keys/<key_id>")
 @require_permission("admin")
 @operation("Revoke an API key", path=KeyPath, response=ApiKey, errors=KEY_NOT_FOUND)
-def revoke_key(key_id: str) -> Any:
+def revoke_key(key_id: str) -> ApiKey:
     """Revocation is immediate: every worker refuses the key within QUADRA_AUTH_CACHE_SECONDS."""
-    return jsonify(services().auth.revoke_api_key(key_id))
+    return ApiKey.model_validate(services().auth.revoke_api_key(key_id))
 
 
 @bp.post("/api/auth/keys/<key_id>/rotate")
 @require_permission("admin")
 @operation("Rotate an API key", path=KeyPath, body=RotateRequest, response=NewApiKey, status=201,
            errors={**KEY_NOT_FOUND, 409: "The key is revoked or expired"})
-def rotate_key(key_id: str, body: RotateRequest) -> Any:
+def rotate_key(key_id: str, body: RotateRequest) -> NewApiKey:
     """A replacement key; the old one keeps working for `grace_seconds` (default 24 h)."""
     api_key, record = services().auth.rotate_api_key(key_id, body.grace_seconds)
     g.audit_details = {"new_key_id": record["id"], "grace_seconds": body.grace_seconds}
-    return jsonify({**record, "api_key": api_key}), 201
+    return NewApiKey.model_validate({**record, "api_key": api_key})
 
 
 @bp.get("/api/audit")
 @require_permission("admin")
 @operation("Read the audit log", query=AuditQuery, response=AuditLog)
-def audit_log(query: AuditQuery) -> Any:
+def audit_log(query: AuditQuery) -> AuditLog:
     """Every write and admin action and every authentication failure, newest first."""
     entries = audit.recent(services().store, query.limit, query.action, query.actor)
-    return jsonify({"entries": entries, "count": len(entries)})
+    return AuditLog.model_validate({"entries": entries, "count": len(entries)})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Flask, current_app, jsonify, render_template
+from flask import Blueprint, Flask, current_app, render_template
 
 from routes.common import services
 from routes.operations import operation
@@ -39,7 +39,7 @@ def describe_other_views(app: Flask) -> None:
 
 @bp.get("/api/openapi.json")
 @operation("This OpenAPI document", response=OpenApiDocument)
-def openapi_document() -> Any:
+def openapi_document() -> OpenApiDocument:
     """Generated from the schemas that validate the requests, so it cannot drift from them, and
     narrowed by this process's settings and serving model (a row's width, the largest batch, a
     token's longest lifetime), which the server checks too."""
@@ -48,7 +48,7 @@ def openapi_document() -> Any:
     if document is None:
         document = app.extensions["quadra_openapi"] = build_document(
             app, app.extensions["quadra_security"].request_limits.applies_to, TITLE, DESCRIPTION)
-    return jsonify(with_runtime_limits(document, runtime_limits(services())))
+    return OpenApiDocument.model_validate(with_runtime_limits(document, runtime_limits(services())))
 
 
 def runtime_limits(svc: Services) -> list[RuntimeLimit]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from flask import Blueprint, g, jsonify
+from flask import Blueprint, g
 
 from routes.common import actor, services
 from routes.operations import operation
@@ -18,10 +16,11 @@ bp = Blueprint("modes", __name__)
 
 @bp.get("/api/mode")
 @operation("The current mode", response=ModeState)
-def get_mode() -> Any:
+def get_mode() -> ModeState:
     """INFERENCE serves predictions; TRAINING serves them and allows training; MAINTENANCE refuses them."""
     modes = services().modes
-    return jsonify({**modes.state(), "serves_predictions": modes.serves_predictions(), "allows_training": modes.allows_training()})
+    return ModeState.model_validate({**modes.state(), "serves_predictions": modes.serves_predictions(),
+                                     "allows_training": modes.allows_training()})
 
 
 @bp.post("/api/mode/<mode>")
@@ -29,7 +28,7 @@ def get_mode() -> Any:
 @operation("Switch the mode", path=ModePath, body=ModeChangeRequest, response=ModeChange,
            errors={400: "Invalid request: an unknown mode, or a body that does not match its schema",
                    409: "A training job is running (returning to inference without force)"})
-def set_mode(mode: ModelMode, body: ModeChangeRequest) -> Any:
+def set_mode(mode: ModelMode, body: ModeChangeRequest) -> ModeChange:
     """Switch mode, with an optional reason. Returning to INFERENCE while a training job runs
     is refused (409) unless the body says "force": true, which cancels the job first."""
     reason = body.reason
@@ -45,4 +44,4 @@ def set_mode(mode: ModelMode, body: ModeChangeRequest) -> Any:
     if changed:
         svc.alerts.notify("mode", f"mode {state['previous_mode']} -> {mode.value} by {actor()}: {reason or 'no reason given'}",
                           {"from": state["previous_mode"], "to": mode.value, "reason": reason})
-    return jsonify({**state, "changed": changed, "cancelled_jobs": cancelled})
+    return ModeChange.model_validate({**state, "changed": changed, "cancelled_jobs": cancelled})

@@ -4,13 +4,17 @@
     @require_permission("write")
     @operation("Save the serving model as a new version", body=SaveRequest, response=VersionInfo, status=201,
                errors={409: "The version exists"})
-    def save_model(body: SaveRequest) -> Any: ...
+    def save_model(body: SaveRequest) -> VersionInfo: ...
 
 Before the view runs, path parameters, query parameters and the JSON body are validated
 against their models and handed to it (`body=`, `query=`, path parameters by name); a failure
 is a 400 with the model's error code. An operation that declares no body accepts none, an
-empty one or `{}`, and refuses any field. The same
-`Operation` is what `utils.openapi` puts into the OpenAPI document.
+empty one or `{}`, and refuses any field.
+
+A view with a JSON `response` model returns an instance of it (or `(instance, status,
+headers)` for a status it declares), and this decorator serialises it, once, with the
+declared status: what a client receives is what the OpenAPI document shows, because the same
+`Operation` is what `utils.openapi` puts into the document.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Callable, Mapping
 from functools import wraps
 from typing import Any, TypeVar
 
-from flask import request
+from flask import Response, current_app, request
 from pydantic import BaseModel, ValidationError
 
 from routes.common import json_body
@@ -28,7 +32,7 @@ from utils.errors import InvalidRequest
 from utils.openapi import ErrorSpec, Link, Operation
 from utils.schemas import PathParameters, QueryParameters, RequestBody
 
-F = TypeVar("F", bound=Callable[..., Any])
+View = Callable[..., Any]
 MAX_REPORTED_ERRORS = 3
 
 
@@ -44,12 +48,12 @@ def operation(
     errors: Mapping[int, ErrorSpec] | None = None,
     security: tuple[str, ...] | None = None,
     links: Mapping[str, Link] | None = None,
-) -> Callable[[F], F]:
+) -> Callable[[View], View]:
     """Validate the request against the models and document the view (see the module doc)."""
     spec = Operation(summary, response=response, status=status, media_type=media_type, body=body, query=query,
                      path=path, errors=dict(errors or {}), security=security, links=dict(links or {}))
 
-    def decorator(view: F) -> F:
+    def decorator(view: View) -> View:
         @wraps(view)
         def wrapper(**kwargs: Any) -> Any:
             if spec.path is not None:
@@ -60,12 +64,25 @@ def operation(
                 kwargs["body"] = validate(spec.body, json_body(required=spec.body_required))
             elif request.method not in ("GET", "HEAD"):
                 _refuse_body_fields()
-            return view(**kwargs)
+            result = view(**kwargs)
+            return result if spec.response is None else respond(spec, result)
 
         wrapper.openapi_operation = spec  # type: ignore[attr-defined]
-        return wrapper  # type: ignore[return-value]
+        return wrapper
 
     return decorator
+
+
+def respond(spec: Operation, result: Any) -> Response:
+    """The response of a view that returned its declared model (optionally with a declared
+    status and headers). Anything else is a programming error, never sent as it is."""
+    body, status, headers = result if isinstance(result, tuple) else (result, spec.status, {})
+    if spec.response is None or not isinstance(body, spec.response):
+        raise TypeError(f"{spec.summary!r} returned {type(body).__name__}, not its declared response model")
+    if status != spec.status and status not in spec.errors:
+        raise TypeError(f"{spec.summary!r} answered {status}, which it does not declare")
+    payload = body.model_dump_json(by_alias=True)
+    return current_app.response_class(payload, status=status, headers=headers, mimetype="application/json")
 
 
 def _refuse_body_fields() -> None:

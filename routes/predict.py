@@ -8,7 +8,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
 
-from flask import Blueprint, g, jsonify
+from flask import Blueprint, g
 
 from routes.common import error_code, services
 from routes.operations import operation
@@ -50,7 +50,7 @@ def _monitored(view: F) -> F:
            errors={400: "Invalid input: a row of the wrong width, a value that is not a finite float32 number, "
                         "unknown fields, or more rows than QUADRA_MAX_BATCH_SIZE",
                    503: "Maintenance mode, or the serving model is not loaded yet (with Retry-After)"})
-def predict(body: PredictRequest) -> Any:
+def predict(body: PredictRequest) -> PredictResponse:
     """`{"inputs": [[...], ...]}` -> class, probabilities and confidence per row; every row
     (or the failed request) is recorded for monitoring off the request path."""
     svc = services()
@@ -58,4 +58,5 @@ def predict(body: PredictRequest) -> Any:
     inputs = rows_to_tensor(body.inputs, served.input_dim, svc.settings.max_batch_size)  # values checked by the schema
     results = served.predict(inputs)
     svc.monitor.record_batch(body.inputs, results, time.perf_counter() - g.prediction_started, served.version)
-    return jsonify({"predictions": results, "model_version": served.version, "request_id": uuid.uuid4().hex})
+    return PredictResponse.model_validate({"predictions": results, "model_version": served.version,
+                                           "request_id": uuid.uuid4().hex})

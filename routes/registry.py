@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from flask import Blueprint, jsonify
+from flask import Blueprint
 
 from routes.common import actor, services
 from routes.operations import operation
@@ -38,48 +36,43 @@ DEPLOYABLE = {**NOT_FOUND, **INTEGRITY, **UNAVAILABLE, 409: "The version is arch
 @bp.get("/api/model/versions")
 @require_permission("read")
 @operation("List versions", query=VersionsQuery, response=VersionList)
-def list_versions(query: VersionsQuery) -> Any:
+def list_versions(query: VersionsQuery) -> VersionList:
     """Every version with its metrics, config, tags and SHA-256, and which one is production and serving."""
     registry = services().registry
     versions = registry.list_versions(tags=query.tag or None)
-    return jsonify(
-        {
-            "versions": versions,
-            "count": len(versions),
-            "production_version": registry.get_production_version(),
-            "serving_version": registry.get_serving_version(),
-        }
-    )
+    return VersionList.model_validate({"versions": versions, "count": len(versions),
+                                       "production_version": registry.get_production_version(),
+                                       "serving_version": registry.get_serving_version()})
 
 
 @bp.get("/api/model/versions/<path:version>")
 @require_permission("read")
 @operation("One version", path=VersionPath, query=VersionQuery, response=VersionInfo,
            errors={**NOT_FOUND, **UNAVAILABLE})
-def get_version(version: str, query: VersionQuery) -> Any:
+def get_version(version: str, query: VersionQuery) -> VersionInfo:
     """With `?verify=true` the artifact's hash is recomputed and reported under `integrity`."""
     registry = services().registry
     info = registry.get_version_info(version)
     if query.verify:
         info["integrity"] = registry.verify_version(version)
-    return jsonify(info)
+    return VersionInfo.model_validate(info)
 
 
 @bp.delete("/api/model/versions/<path:version>")
 @require_permission("admin")
 @operation("Delete a version", path=VersionPath, response=Deleted,
            errors={**NOT_FOUND, **UNAVAILABLE, 409: "The version is production or serving"})
-def delete_version(version: str) -> Any:
+def delete_version(version: str) -> Deleted:
     services().registry.delete_version(version)
-    return jsonify({"deleted": version})
+    return Deleted(deleted=version)
 
 
 @bp.get("/api/model/history")
 @require_permission("read")
 @operation("Deployment history", query=HistoryQuery, response=History)
-def promotion_history(query: HistoryQuery) -> Any:
+def promotion_history(query: HistoryQuery) -> History:
     """Who loaded, promoted or rolled back what, when, from and to; newest first."""
-    return jsonify({"history": services().registry.promotion_history(query.limit)})
+    return History.model_validate({"history": services().registry.promotion_history(query.limit)})
 
 
 @bp.post("/api/model/save")
@@ -89,7 +82,7 @@ def promotion_history(query: HistoryQuery) -> Any:
                    503: "The serving model is not loaded yet, or the artifact store is unreachable (with Retry-After)"},
            links={"GetVersion": Link("registry.get_version", VERSION), "LoadVersion": Link("registry.load_version", VERSION),
                   "PromoteVersion": Link("registry.promote_version", VERSION)})
-def save_model(body: SaveRequest) -> Any:
+def save_model(body: SaveRequest) -> VersionInfo:
     """Save the model this process serves as a new version (a snapshot with new metadata)."""
     svc = services()
     served = svc.model_server.require_current()
@@ -104,47 +97,47 @@ def save_model(body: SaveRequest) -> Any:
         tags=body.tags,
         created_by=actor(),
     )
-    return jsonify(svc.registry.get_version_info(saved.version)), 201
+    return VersionInfo.model_validate(svc.registry.get_version_info(saved.version))
 
 
 @bp.post("/api/model/load/<path:version>")
 @require_permission("admin")
 @operation("Serve a version", path=VersionPath, response=ServingChange, errors=DEPLOYABLE)
-def load_version(version: str) -> Any:
+def load_version(version: str) -> ServingChange:
     """Serve `version` on every process without changing production."""
     svc = services()
     result = svc.registry.set_serving_version(version, actor=actor())
     svc.model_server.sync()
-    return jsonify(result)
+    return ServingChange.model_validate(result)
 
 
 @bp.post("/api/model/promote/<path:version>")
 @require_permission("admin")
 @operation("Promote a version to production", path=VersionPath, response=ProductionChange,
            errors=DEPLOYABLE)
-def promote_version(version: str) -> Any:
+def promote_version(version: str) -> ProductionChange:
     """Verify the artifact, then make the version production and serving on every process."""
     svc = services()
     result = svc.registry.promote_to_production(version, actor=actor())
     svc.model_server.sync()
-    return jsonify(result)
+    return ProductionChange.model_validate(result)
 
 
 @bp.post("/api/model/rollback")
 @require_permission("admin")
 @operation("Roll production back", response=ProductionChange,
            errors={**INTEGRITY, **UNAVAILABLE, 409: "No earlier production version to return to"})
-def rollback() -> Any:
+def rollback() -> ProductionChange:
     """Make the production version before the current one production again."""
     svc = services()
     result = svc.registry.rollback(actor=actor())
     svc.model_server.sync()
-    return jsonify(result)
+    return ProductionChange.model_validate(result)
 
 
 @bp.get("/api/model/compare")
 @require_permission("read")
 @operation("Compare two versions' metrics", query=CompareQuery, response=Comparison, errors=NOT_FOUND)
-def compare(query: CompareQuery) -> Any:
+def compare(query: CompareQuery) -> Comparison:
     """`improvement` > 0 means `b` is better (lower is better for loss and error metrics)."""
-    return jsonify(compare_model_versions(services().registry, query.a, query.b))
+    return Comparison.model_validate(compare_model_versions(services().registry, query.a, query.b))

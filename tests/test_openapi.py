@@ -11,9 +11,13 @@ import jsonschema_rs
 import pytest
 import requests
 import schemathesis
+from pydantic import ValidationError
 from schemathesis.engine import Status, events, from_schema
 
+from routes.operations import respond
 from tests.conftest import ROOT
+from utils.openapi import Operation, operation_of
+from utils.schemas import BaselineRemoved, Deleted, ResponseBody
 
 SETOSA = [5.1, 3.5, 1.4, 0.2]
 HTTP_METHODS = {"GET", "POST", "DELETE", "PUT", "PATCH"}
@@ -48,6 +52,34 @@ def test_document_covers_every_route(app, anonymous) -> None:
         for method in rule.methods & HTTP_METHODS
     }
     assert routed == documented
+
+
+def test_every_json_operation_answers_with_its_declared_model(app) -> None:
+    """The views return pydantic models that `respond` serialises: the document's response
+    schemas are the answers' own, so they cannot drift apart."""
+    for rule in app.url_map.iter_rules():
+        spec = operation_of(app.view_functions[rule.endpoint])
+        if spec is not None and spec.media_type == "application/json":
+            assert spec.response is not None and issubclass(spec.response, ResponseBody), rule.endpoint
+            assert spec.response.model_config["extra"] == "forbid", rule.endpoint
+
+
+def test_a_view_answering_anything_but_its_declared_model_is_a_bug_never_sent(app) -> None:
+    spec = Operation("Delete a version", response=Deleted, errors={404: "No such version"})
+    with app.test_request_context():
+        answered = respond(spec, Deleted(deleted="1.0.0"))
+        assert (answered.status_code, answered.get_json()) == (200, {"deleted": "1.0.0"})
+        assert respond(spec, (Deleted(deleted="1.0.0"), 404, {"X-Why": "test"})).headers["X-Why"] == "test"
+        for wrong in ({"deleted": "1.0.0"}, BaselineRemoved(removed=1), (Deleted(deleted="1.0.0"), 418, {})):
+            with pytest.raises(TypeError):
+                respond(spec, wrong)
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        Deleted.model_validate({"deleted": "1.0.0", "undeclared": True})
+
+
+def test_a_prediction_answers_class_by_its_alias(client) -> None:
+    body = client.post("/api/predict", json={"inputs": [SETOSA]}).get_json()
+    assert set(body["predictions"][0]) == {"class", "class_index", "confidence", "probabilities"}
 
 
 def test_operations_declare_security_errors_and_schemas(anonymous) -> None:

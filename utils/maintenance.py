@@ -84,18 +84,18 @@ def remove_crash_leftovers(services: Services, owner: str) -> list[str]:
 
 def record_drift_check(services: Services) -> DriftCheck:
     """Check drift, keep the verdict and its history for the dashboard, feed the alerts."""
-    result = services.monitor.detect_drift()
+    report = services.monitor.drift_report()
     check = DriftCheck(
-        evaluated=result["evaluated"], drift_detected=result["drift_detected"], checked_at=time.time(),
-        drift_score=result["drift_score"], threshold=result["threshold"], fired=tuple(result["fired"]),
-        drifted_features=tuple(result["drifted_features"]), reason=result["reason"],
-        dataset_drift_share=result["dataset_drift_share"],
-        features={name: {k: column[k] for k in ("test", "statistic", "p_value", "drift_detected")}
-                  for name, column in result["features"].items()},
+        evaluated=report.evaluated, drift_detected=report.drift_detected, checked_at=time.time(),
+        drift_score=report.drift_score, threshold=report.threshold, fired=tuple(report.fired),
+        drifted_features=tuple(report.drifted_features), reason=report.reason,
+        dataset_drift_share=report.dataset_drift_share,
+        features={name: column.model_dump(include={"test", "statistic", "p_value", "drift_detected"})
+                  for name, column in report.features.items()},
     )
     services.store.drift_checks.record(check, keep=DRIFT_HISTORY_LENGTH)
-    if result["evaluated"]:
-        message = f"drift detected by {', '.join(result['fired'])}" if result["fired"] else "no drift"
-        services.alerts.observe("drift", result["drift_detected"], message,
-                                {k: result[k] for k in ("drift_score", "threshold", "fired", "drifted_features")})
+    if report.evaluated:
+        message = f"drift detected by {', '.join(report.fired)}" if report.fired else "no drift"
+        services.alerts.observe("drift", report.drift_detected, message,
+                                report.model_dump(include={"drift_score", "threshold", "fired", "drifted_features"}))
     return check

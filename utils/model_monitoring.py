@@ -16,29 +16,26 @@ import random
 import shutil
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from itertools import compress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic_core import from_json
 
+from utils import drift_detection
 from utils.config import current_settings, is_service_folder
-from utils.drift import DatasetDrift, column_drift, dataset_drift
-from utils.errors import InsufficientData
+from utils.errors import InsufficientData as InsufficientData  # the Python API imports it from here
 from utils.journal import RecordBatch, RecordJournal
-from utils.store import BaselineRow, Store, folder_store, store_for
+from utils.monitoring_window import MonitoringWindow, counts, present
+from utils.schemas import Drift
+from utils.store import Store, folder_store, store_for
 from utils.timestamps import iso_utc
 
 MAX_FLUSH_BATCH = 5000
 MAX_BUFFERED = 200_000
-MIN_DRIFT_SAMPLES = 30
-MAX_BASELINE_ROWS = 5000
-FEATURE_BLOCK = 500
-STD_FLOOR = 1e-6
 CONFIDENCE_BINS = [0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
 log = logging.getLogger("quadra.monitoring")
 
@@ -56,33 +53,6 @@ class PredictionMetrics:
     error: str | None = None
     model_version: str | None = None
     features: list[float] | None = None
-
-
-@dataclass
-class DriftMetrics:
-    """The drift verdict: the seed's confidence check plus input and prediction drift."""
-
-    drift_detected: bool
-    drift_score: float
-    threshold: float
-    baseline_mean: float | None
-    current_mean: float | None
-    baseline_std: float | None
-    current_std: float | None
-    sample_count: int
-    evaluated: bool
-    reason: str | None = None
-    window: dict[str, Any] = field(default_factory=dict)
-    detectors: dict[str, bool] = field(default_factory=dict)
-    fired: list[str] = field(default_factory=list)
-    drifted_features: list[str] = field(default_factory=list)
-    dataset_drift_share: float | None = None
-    features: dict[str, Any] = field(default_factory=dict)
-    prediction_drift: dict[str, Any] | None = None
-    baseline: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _groups(batches: list[RecordBatch]) -> Iterator[tuple[int, list[RecordBatch]]]:
@@ -284,36 +254,28 @@ class ModelMonitor:
         self.flush()
         self.store.predictions.reset_window(actor="monitor")
 
-    def _window(self, *columns: str, after_id: int = 0) -> dict[str, list[Any]]:
-        """The window's records (those after `after_id`, too), column by column, oldest first."""
-        start = max(self.store.predictions.window_start(), after_id)
-        return self.store.predictions.window(self.window_size, start, columns)
-
-    def _successful(self, *columns: str, after_id: int = 0) -> dict[str, list[Any]]:
-        """The window's successful records, column by column, oldest first."""
-        window = self._window(*columns, "success", after_id=after_id)
-        success = window.pop("success")
-        return {name: list(compress(values, success)) for name, values in window.items()}
+    def _window(self) -> MonitoringWindow:
+        return MonitoringWindow(self.store, self.window_size)
 
     # -- statistics ---------------------------------------------------------------------
 
     def window_confidence_mean(self) -> float | None:
         """Mean confidence of the successful predictions in the window (from the store)."""
-        values = _present(self._window("confidence")["confidence"])
+        values = present(self._window().columns("confidence")["confidence"])
         return sum(values) / len(values) if values else None
 
     def get_statistics(self) -> dict[str, Any]:
         """Totals plus rolling-window statistics (the last `window_size` records)."""
         self.flush()
-        window = self._window("at", "latency_ms", "confidence", "predicted_class", "success", "model_version")
+        window = self._window().columns("at", "latency_ms", "confidence", "predicted_class", "success", "model_version")
         success, count = window["success"], len(window["success"])
         latency = np.array(window["latency_ms"], dtype=float)
-        confidence = np.array(_present(compress(window["confidence"], success)), dtype=float)
+        confidence = np.array(present(compress(window["confidence"], success)), dtype=float)
         errors = count - sum(success)
         totals = self.store.predictions.totals()
         now = time.time()
         recent = self.store.predictions.count_since(now - 60, self.store.predictions.window_start())
-        counts, _ = np.histogram(confidence, bins=CONFIDENCE_BINS) if confidence.size else (np.zeros(len(CONFIDENCE_BINS) - 1), None)
+        histogram, _ = np.histogram(confidence, bins=CONFIDENCE_BINS) if confidence.size else (np.zeros(len(CONFIDENCE_BINS) - 1), None)
         latency_summary = _summary(latency)
         mean_latency_ms = latency_summary["mean"]
         return {
@@ -335,10 +297,10 @@ class ModelMonitor:
             "confidence": {
                 **_summary(confidence),
                 "min": float(confidence.min()) if confidence.size else None,
-                "histogram": {"bins": CONFIDENCE_BINS, "counts": [int(c) for c in counts]},
+                "histogram": {"bins": CONFIDENCE_BINS, "counts": [int(c) for c in histogram]},
             },
-            "class_distribution": _counts(compress(window["predicted_class"], success)),
-            "model_versions": _counts(window["model_version"]),
+            "class_distribution": counts(compress(window["predicted_class"], success)),
+            "model_versions": counts(window["model_version"]),
             "throughput_per_second": recent / 60.0,
             "pending_records": self.pending,
             "dropped_records": self.dropped,
@@ -349,49 +311,21 @@ class ModelMonitor:
     def prediction_times(self) -> tuple[float, ...]:
         """The window's prediction times in seconds, oldest first (read-only)."""
         self.flush()
-        return tuple(ms / 1000.0 for ms in self._window("latency_ms")["latency_ms"])
+        return tuple(ms / 1000.0 for ms in self._window().columns("latency_ms")["latency_ms"])
 
     @property
     def confidences(self) -> tuple[float, ...]:
         """The confidences of the window's successful predictions that report one, oldest first."""
         self.flush()
-        return tuple(_present(self._successful("confidence")["confidence"]))
+        return tuple(present(self._window().successful("confidence")["confidence"]))
 
-    # -- baseline -----------------------------------------------------------------------
+    # -- baseline and drift (utils.drift_detection) ----------------------------------------
 
     def set_baseline(self, feature_names: Sequence[str] | None = None, created_by: str = "console") -> dict[str, Any]:
         """Make the current window the reference for drift (needs `baseline_min_samples`)."""
         self.flush()
-        last_record_id = self.store.predictions.last_id()
-        window = {name: values[-MAX_BASELINE_ROWS:]
-                  for name, values in self._successful("confidence", "predicted_class", "features").items()}
-        classes = window["predicted_class"]
-        if len(classes) < self.baseline_min_samples:
-            raise InsufficientData(
-                f"a baseline needs at least {self.baseline_min_samples} successful predictions in the window; "
-                f"there are {len(classes)}"
-            )
-        confidence = np.array(_present(window["confidence"]), dtype=float)  # a record may not report one
-        if confidence.size == 0:
-            raise InsufficientData("a baseline needs successful predictions that report a confidence")
-        features = _feature_rows(window["features"])
-        width = len(features[0]) if features else 0
-        names = list(feature_names or [])[:width] or [f"feature_{i}" for i in range(width)]
-        matrix = np.array(features, dtype=float) if features else np.zeros((0, width))
-        statistics = {
-            "confidence_mean": float(confidence.mean()),
-            "confidence_std": float(confidence.std()),
-            "sample_count": len(classes),
-            "feature_names": names,
-            "feature_means": [float(v) for v in matrix.mean(axis=0)] if len(features) else [],
-            "feature_stds": [float(v) for v in matrix.std(axis=0)] if len(features) else [],
-            "class_distribution": _counts(classes),
-            "last_record_id": last_record_id,
-        }
-        sample = {"confidence": confidence.tolist(), "classes": classes, "features": features}
-        baseline_id = self.store.baselines.insert(created_by, statistics, sample)
-        log.info("baseline %d set by %s from %d predictions", baseline_id, created_by, len(classes))
-        return {"id": baseline_id, **statistics}
+        return drift_detection.set_baseline(self.store, self._window(), self.baseline_min_samples, feature_names,
+                                            created_by)
 
     def reset_baseline(self) -> int:
         """Forget every baseline; drift is not evaluated until a new one is set."""
@@ -401,133 +335,23 @@ class ModelMonitor:
 
     @property
     def baseline_metrics(self) -> dict[str, Any] | None:
-        baseline = self.store.baselines.latest()
-        if baseline is None:
-            return None
-        return {**_baseline_summary(baseline), **baseline.statistics}
+        return drift_detection.baseline_metrics(self.store)
 
-    # -- drift --------------------------------------------------------------------------
+    def drift_report(self) -> Drift:
+        """The drift verdict (see `utils.drift_detection.drift_report`)."""
+        self.flush()
+        return drift_detection.drift_report(self.store, self._window(), self.drift_threshold)
 
     def detect_drift(self) -> dict[str, Any]:
-        """Compare the window with the baseline: confidence shift (the seed's score), input
-        drift per feature and prediction (class) drift. `drift_detected` when any fires.
-
-        The window holds only predictions made after the baseline was set (at most
-        `window_size`): comparing the baseline's own rows with themselves would dilute a real
-        shift. `window` says how many rows were compared and from when."""
-        self.flush()
-        baseline = self.store.baselines.latest()
-        after_id = (baseline.statistics.get("last_record_id") or 0) if baseline else 0
-        window = self._successful("confidence", "predicted_class", "features", "at", after_id=after_id)
-        count = len(window["predicted_class"])
-        compared = {"count": count, "first_at": iso_utc(window["at"][0]) if count else None,
-                    "last_at": iso_utc(window["at"][-1]) if count else None,
-                    "since_baseline_at": iso_utc(baseline.created_at) if baseline else None}
-        confidence = np.array(_present(window["confidence"]), dtype=float)
-        current_mean = float(confidence.mean()) if confidence.size else None
-        current_std = float(confidence.std()) if confidence.size else None
-        if baseline is None:
-            return self._not_evaluated("no baseline set: POST /api/monitoring/baseline", current_mean, current_std,
-                                       compared)
-        stats = baseline.statistics
-        if confidence.size < MIN_DRIFT_SAMPLES:
-            return self._not_evaluated(
-                f"drift needs at least {MIN_DRIFT_SAMPLES} predictions made since the baseline; there are {confidence.size}",
-                current_mean, current_std, compared, stats, baseline,
-            )
-        score = abs(current_mean - stats["confidence_mean"]) / max(stats["confidence_std"], STD_FLOOR)
-        inputs = _input_drift(baseline, window["features"])
-        prediction = column_drift("predicted_class", baseline.sample["classes"], window["predicted_class"], categorical=True)
-        detectors = {
-            "confidence": score > self.drift_threshold,
-            "input": bool(inputs and inputs.dataset_drift),
-            "prediction": prediction.drift_detected,
-        }
-        fired = [name for name, on in detectors.items() if on]
-        return DriftMetrics(
-            drift_detected=bool(fired),
-            drift_score=float(score),
-            threshold=self.drift_threshold,
-            baseline_mean=stats["confidence_mean"],
-            current_mean=current_mean,
-            baseline_std=stats["confidence_std"],
-            current_std=current_std,
-            sample_count=count,
-            evaluated=True,
-            window=compared,
-            detectors=detectors,
-            fired=fired,
-            drifted_features=inputs.drifted_columns if inputs else [],
-            dataset_drift_share=inputs.drift_share if inputs else None,
-            features=inputs.to_dict()["columns"] if inputs else {},
-            prediction_drift=prediction.to_dict(),
-            baseline=_baseline_summary(baseline),
-        ).to_dict()
-
-    def _not_evaluated(self, reason: str, current_mean: float | None, current_std: float | None,
-                       compared: dict[str, Any], stats: dict[str, Any] | None = None,
-                       baseline: BaselineRow | None = None) -> dict[str, Any]:
-        return DriftMetrics(
-            drift_detected=False, drift_score=0.0, threshold=self.drift_threshold,
-            baseline_mean=stats["confidence_mean"] if stats else None, current_mean=current_mean,
-            baseline_std=stats["confidence_std"] if stats else None, current_std=current_std,
-            sample_count=compared["count"], evaluated=False, reason=reason, window=compared,
-            detectors={"confidence": False, "input": False, "prediction": False},
-            baseline=_baseline_summary(baseline) if baseline else None,
-        ).to_dict()
+        """The drift verdict as a dict: the confidence shift (the seed's score), input drift
+        per feature and prediction (class) drift; `drift_detected` when any fires."""
+        return self.drift_report().model_dump()
 
     # -- retention ----------------------------------------------------------------------
 
     def roll_up(self, retention_seconds: float) -> int:
         """Fold raw records older than the retention into per-minute rows."""
         return self.store.rollups.roll_up(time.time() - retention_seconds)
-
-
-def _input_drift(baseline: BaselineRow, features: list[str | None]) -> DatasetDrift | None:
-    reference = baseline.sample["features"]
-    current = _present(features)
-    if not reference or not current:
-        return None
-    names = baseline.statistics["feature_names"]
-    ref, cur = np.array(reference, dtype=float), _feature_matrix(current)
-    if ref.shape[1] != cur.shape[1]:
-        return None
-    return dataset_drift({n: ref[:, i] for i, n in enumerate(names)}, {n: cur[:, i] for i, n in enumerate(names)})
-
-
-def _baseline_summary(baseline: BaselineRow) -> dict[str, Any]:
-    return {"id": baseline.id, "created_at": iso_utc(baseline.created_at), "created_by": baseline.created_by,
-            "sample_count": baseline.statistics["sample_count"]}
-
-
-def _present(values: Iterable[Any]) -> list[Any]:
-    """The values that are not None (missing features or confidence)."""
-    return [value for value in values if value is not None]
-
-
-def _feature_rows(texts: Iterable[str | None]) -> list[list[float]]:
-    """The kept feature rows of a window (JSON texts, None where not kept), parsed in one go.
-
-    pydantic_core's parser gives the same values as `json.loads` (floats bit for bit, ints as
-    ints) in a third of the time, which is most of the cost of drift over a large window."""
-    return from_json("[" + ",".join(_present(texts)) + "]")
-
-
-def _feature_matrix(texts: list[str]) -> np.ndarray:
-    """Feature rows (JSON texts) as one float matrix, parsed FEATURE_BLOCK rows at a time: a
-    Python list per row of a 100k window, all alive at once, costs more in garbage collection
-    than in parsing (a block stays under the collector's first threshold, 700)."""
-    return np.concatenate([np.array(_feature_rows(texts[start:start + FEATURE_BLOCK]), dtype=float)
-                           for start in range(0, len(texts), FEATURE_BLOCK)])
-
-
-def _counts(values: Iterable[Any]) -> dict[str, int]:
-    """Occurrences by text, in order of first appearance (None counts as "None")."""
-    counts: dict[str, int] = {}
-    for value, count in Counter(values).items():
-        key = str(value)
-        counts[key] = counts.get(key, 0) + count
-    return counts
 
 
 class HealthChecker:

@@ -231,9 +231,10 @@ class JobPath(PathParameters):
 
 
 class ResponseBody(BaseModel):
-    """A response: the fields clients rely on are listed; more may be present."""
+    """A response body: routes return these (`routes.operations.respond` serialises them), so
+    every field a client receives is declared here, and an undeclared one fails loudly."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
 
 class ErrorDetail(BaseModel):
@@ -264,8 +265,9 @@ class Readiness(ResponseBody):
     degraded: list[str] = Field(description="what works in a reduced way while ready, e.g. Redis down")
     current_version: str | None
     production_version: str | None
-    mode: ModelMode
+    mode: ModelMode | None = Field(description="null while the store is unreachable")
     checks: dict[str, Any]
+    timestamp: Timestamp
 
 
 class ModeState(ResponseBody):
@@ -366,15 +368,53 @@ class Comparison(ResponseBody):
     metrics_comparison: dict[str, MetricComparison]
 
 
+class Summary(ResponseBody):
+    """Summary statistics of a set of values (each null when there are none)."""
+
+    mean: float | None
+    std: float | None
+    p50: float | None
+    p95: float | None
+    p99: float | None
+    max: float | None
+
+
+class Histogram(ResponseBody):
+    bins: list[float] = Field(description="bin edges")
+    counts: list[int]
+
+
+class ConfidenceSummary(Summary):
+    min: float | None
+    histogram: Histogram
+
+
+class StatisticsWindow(ResponseBody):
+    """The monitoring window: the last QUADRA_MONITORING_WINDOW records."""
+
+    count: int
+    errors: int
+    error_rate: float
+    first_at: Timestamp | None
+    last_at: Timestamp | None
+
+
 class Statistics(ResponseBody):
-    total_predictions: int
+    total_predictions: int = Field(description="every prediction since the counters were last reset")
     error_count: int
     error_rate: float
     window_size: int
-    avg_prediction_time: float | None
+    avg_prediction_time: float | None = Field(description="seconds, over the window")
     avg_confidence: float | None
+    window: StatisticsWindow
+    latency_ms: Summary
+    prediction_time: Summary = Field(description="seconds")
+    confidence: ConfidenceSummary
     class_distribution: dict[str, int]
     model_versions: dict[str, int]
+    throughput_per_second: float = Field(description="over the last minute")
+    pending_records: int = Field(description="records of this process not yet written to the store")
+    dropped_records: int = Field(description="records this process dropped because its buffer was full")
     timestamp: Timestamp = Field(description="when the statistics were computed")
 
 
@@ -387,6 +427,27 @@ class DriftWindow(ResponseBody):
     since_baseline_at: Timestamp | None
 
 
+class ColumnDrift(ResponseBody):
+    """One column's drift test (the test Evidently would choose for it)."""
+
+    column: str
+    kind: Literal["numerical", "categorical"]
+    test: str
+    statistic: float | None
+    p_value: float | None
+    threshold: float
+    drift_detected: bool
+    reference_size: int
+    current_size: int
+
+
+class BaselineSummary(ResponseBody):
+    id: int
+    created_at: Timestamp
+    created_by: str
+    sample_count: int
+
+
 class Drift(ResponseBody):
     drift_detected: bool
     drift_score: float | None
@@ -397,17 +458,27 @@ class Drift(ResponseBody):
     current_std: float | None
     sample_count: int
     evaluated: bool
+    reason: str | None = Field(description="why drift was not evaluated")
     window: DriftWindow
-    detectors: dict[str, bool]
+    detectors: dict[Literal["confidence", "input", "prediction"], bool]
     fired: list[str]
     drifted_features: list[str]
-    features: dict[str, Any]
+    dataset_drift_share: float | None = Field(description="the share of input features that drifted")
+    features: dict[str, ColumnDrift]
+    prediction_drift: ColumnDrift | None
+    baseline: BaselineSummary | None
 
 
 class Baseline(ResponseBody):
     id: int
     sample_count: int
-    feature_names: list[str] | None = None
+    feature_names: list[str]
+    confidence_mean: float
+    confidence_std: float
+    feature_means: list[float]
+    feature_stds: list[float]
+    class_distribution: dict[str, int]
+    last_record_id: int = Field(description="the newest prediction record the baseline was taken from")
 
 
 class BaselineRemoved(ResponseBody):
@@ -433,6 +504,7 @@ class ApiKey(ResponseBody):
 
     id: str
     name: str
+    user_id: str = Field(description="the key's name (the seed's field)")
     display: str = Field(description="a prefix and the last four characters")
     permissions: list[Permission]
     rate_limit: str | None
@@ -504,6 +576,7 @@ class TrainingJob(ResponseBody):
     created_by: str
     started_at: Timestamp | None
     finished_at: Timestamp | None
+    custom_data_rows: int | None = Field(description="rows of posted training data; null: the bundled dataset")
 
 
 class TrainingJobs(ResponseBody):
@@ -513,4 +586,6 @@ class TrainingJobs(ResponseBody):
 class OpenApiDocument(ResponseBody):
     openapi: str
     info: dict[str, Any]
+    tags: list[dict[str, Any]]
     paths: dict[str, Any]
+    components: dict[str, Any]

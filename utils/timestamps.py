@@ -5,6 +5,15 @@ seconds; this is the one conversion."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import overload
+
+
+@overload
+def iso_utc(timestamp: float) -> str: ...
+@overload
+def iso_utc(timestamp: None) -> None: ...
+@overload
+def iso_utc(timestamp: float | None) -> str | None: ...
 
 
 def iso_utc(timestamp: float | None) -> str | None:
