@@ -227,6 +227,19 @@ def test_compare_and_history_parameters(client) -> None:
     assert_error(client.get("/api/model/history?limit=abc"), 400, "invalid_parameter")
 
 
+def test_metrics_of_any_json_kind_recorded_through_the_python_api_are_served(app, client) -> None:
+    """The response models declare what the Python API may record, so such a version is
+    listed and compared, never a 500."""
+    svc = app.extensions["quadra"]
+    served = svc.model_server.require_current()
+    svc.registry.save_model(served.model, "9.0.0", metrics={"accuracy": 0.9, "notes": "retrained", "folds": [1, 2]},
+                            config=served.config)
+    listed = client.get("/api/model/versions").get_json()["versions"]
+    assert next(v for v in listed if v["version"] == "9.0.0")["metrics"]["notes"] == "retrained"
+    compared = client.get(f"/api/model/compare?a={served.version}&b=9.0.0")
+    assert compared.status_code == 200 and compared.get_json()["metrics_comparison"]["notes"]["version2"] == "retrained"
+
+
 def test_not_ready_is_503_with_retry_after(tmp_path: Path) -> None:
     from app import create_app
 

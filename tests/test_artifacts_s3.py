@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from utils import registry_archive
 from utils.errors import IntegrityCheckFailed
 from utils.model_versioning import ModelVersionManager
 from utils.registry_backup import backup
@@ -87,9 +88,9 @@ def test_archive_delete_and_backup_on_s3(s3_registry: ModelVersionManager, tmp_p
     s3_registry.save_model(build_model(CONFIG), "1.0.0", config=CONFIG)
     s3_registry.save_model(build_model(CONFIG), "1.1.0", config=CONFIG)
     s3_registry.promote_to_production("1.0.0")
-    s3_registry.archive_version("1.1.0")
+    registry_archive.archive(s3_registry, "1.1.0")
     assert "models/1.1.0/model.safetensors.gz" in objects(s3_registry)
-    s3_registry.restore_archived_version("1.1.0")
+    registry_archive.restore_archived(s3_registry, "1.1.0")
     assert s3_registry.verify_version("1.1.0")["ok"]
     assert backup(s3_registry, tmp_path / "b.tar.gz")["versions"] == 2
     s3_registry.delete_version("1.1.0")

@@ -569,9 +569,9 @@ def test_a_baseline_needs_some_confidence(monitor: ModelMonitor) -> None:
 
 
 def test_a_full_buffer_drops_the_oldest_requests_and_says_so(monitor: ModelMonitor, monkeypatch: pytest.MonkeyPatch) -> None:
-    import utils.model_monitoring
+    import utils.record_buffer
 
-    monkeypatch.setattr(utils.model_monitoring, "MAX_BUFFERED", 10)  # the store unreachable for a long time
+    monkeypatch.setattr(utils.record_buffer, "MAX_BUFFERED", 10)  # the store unreachable for a long time
     for i in range(3):
         monitor.record_batch(IRIS[4 * i:4 * i + 4], [{"confidence": 0.9, "class": "a"}] * 4, 0.001, "1.0.0")
     assert monitor.pending == 8 and monitor.dropped == 4

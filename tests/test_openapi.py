@@ -273,6 +273,7 @@ def test_schemathesis_finds_no_failure(start_server, state_dir: Path) -> None:
         "cache": {"enabled": False},
         "headers": {"X-API-Key": server.admin_key},
         "generation": {"max-examples": 50, "deterministic": True, "database": "none", "mode": "all"},
+        "phases": {"stateful": {"max-steps": 12}},
         "checks": {"not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", "503"]}},
         "operations": [{"include-name": CROSS_FIELD_RULES, "checks": {"positive_data_acceptance": {"enabled": False}}}],
     })

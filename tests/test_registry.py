@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from utils import registry_archive
 from utils.model_versioning import (
     IntegrityCheckFailed,
     InvalidVersion,
@@ -164,7 +165,7 @@ def test_archiving_into_a_linked_version_folder_is_refused(registry: ModelVersio
     shutil.rmtree(registry.models_dir / "1.0.0")
     (registry.models_dir / "1.0.0").symlink_to(outside, target_is_directory=True)
     with pytest.raises(IntegrityCheckFailed, match="outside its folder"):
-        registry.archive_version("1.0.0")
+        registry_archive.archive(registry, "1.0.0")
     assert sorted(p.name for p in outside.iterdir()) == ["config.json", "model.safetensors"]
 
 
@@ -417,16 +418,16 @@ def test_archive_and_restore_keep_the_hash(registry: ModelVersionManager) -> Non
     registry.save_model(make_model(3), "1.1.0", config=CONFIG)
     registry.promote_to_production("1.0.0")
     with pytest.raises(VersionConflict):
-        registry.archive_version("1.0.0")
+        registry_archive.archive(registry, "1.0.0")
     sha = registry.get_version_info("1.1.0")["sha256"]
-    archived = registry.archive_version("1.1.0")
+    archived = registry_archive.archive(registry, "1.1.0")
     assert archived["archived"] and archived["sha256"] == sha
     assert not artifact(registry, "1.1.0").exists() and registry.verify_version("1.1.0")["ok"]
     with pytest.raises(VersionConflict, match="archived"):
         registry.load_model(make_model(), "1.1.0")
     with pytest.raises(VersionConflict, match="archived"):
         registry.promote_to_production("1.1.0")
-    restored = registry.restore_archived_version("1.1.0")
+    restored = registry_archive.restore_archived(registry, "1.1.0")
     assert not restored["archived"] and restored["sha256"] == sha
     registry.load_model(make_model(), "1.1.0")
 
@@ -435,7 +436,7 @@ def test_backup_and_restore_to_an_empty_registry(registry: ModelVersionManager, 
     registry.save_model(make_model(), "1.0.0", config=CONFIG, metrics={"accuracy": 0.8})
     registry.save_model(make_model(5), "1.1.0", config=CONFIG)
     registry.promote_to_production("1.0.0")
-    registry.archive_version("1.1.0")
+    registry_archive.archive(registry, "1.1.0")
     archive = tmp_path / "registry.tar.gz"
     assert backup(registry, archive)["versions"] == 2
 

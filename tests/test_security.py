@@ -10,8 +10,6 @@ import pytest
 
 from tests.conftest import epoch, make_settings, set_key_columns
 from utils.security import (
-    JWT_AUDIENCE,
-    JWT_ISSUER,
     AuthManager,
     Principal,
     RateLimiter,
@@ -19,6 +17,7 @@ from utils.security import (
     normalize_permissions,
     storage_for,
 )
+from utils.tokens import JWT_AUDIENCE, JWT_ISSUER
 
 SETOSA = {"inputs": [[5.1, 3.5, 1.4, 0.2]]}
 UNAUTHORIZED = {"error": {"code": "unauthorized", "message": "a valid API key (X-API-Key header) or bearer token is required"}}

@@ -10,7 +10,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
-from utils import audit, registry_backup
+from utils import audit, registry_archive, registry_backup
 from utils.errors import QuadraError, TrainingInProgress, WrongMode
 from utils.model_modes import ModelMode
 from utils.model_monitoring import ModelMonitor
@@ -81,7 +81,7 @@ def restore_command(source: str) -> None:
 @click.argument("version")
 def archive_command(version: str) -> None:
     """Compress an unused version's artifact (metadata and hash are kept)."""
-    _registry().archive_version(version)
+    registry_archive.archive(_registry(), version)
     click.echo(f"archived {version}")
 
 
@@ -89,7 +89,7 @@ def archive_command(version: str) -> None:
 @click.argument("version")
 def unarchive_command(version: str) -> None:
     """Restore an archived version's artifact, checked against its recorded hash."""
-    _registry().restore_archived_version(version)
+    registry_archive.restore_archived(_registry(), version)
     click.echo(f"restored {version}")
 
 

@@ -14,11 +14,9 @@ import math
 import numbers
 import random
 import shutil
-import threading
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import compress
 from pathlib import Path
 from typing import Any
@@ -30,12 +28,11 @@ from utils.config import current_settings, is_service_folder
 from utils.errors import InsufficientData as InsufficientData  # the Python API imports it from here
 from utils.journal import RecordBatch, RecordJournal
 from utils.monitoring_window import MonitoringWindow, counts, present
+from utils.record_buffer import RecordBuffer
 from utils.schemas import Drift
 from utils.store import Store, folder_store, store_for
 from utils.timestamps import iso_utc
 
-MAX_FLUSH_BATCH = 5000
-MAX_BUFFERED = 200_000
 CONFIDENCE_BINS = [0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
 log = logging.getLogger("quadra.monitoring")
 
@@ -53,18 +50,6 @@ class PredictionMetrics:
     error: str | None = None
     model_version: str | None = None
     features: list[float] | None = None
-
-
-def _groups(batches: list[RecordBatch]) -> Iterator[tuple[int, list[RecordBatch]]]:
-    """(index of the first, the batches) in groups of about MAX_FLUSH_BATCH records."""
-    start, size = 0, 0
-    for index, batch in enumerate(batches):
-        size += len(batch)
-        if size >= MAX_FLUSH_BATCH:
-            yield start, batches[start:index + 1]
-            start, size = index + 1, 0
-    if start < len(batches):
-        yield start, batches[start:]
 
 
 def _summary(values: np.ndarray) -> dict[str, float | None]:
@@ -123,13 +108,7 @@ class ModelMonitor:
         self.feature_sample_rate = settings.feature_sample_rate if feature_sample_rate is None else feature_sample_rate
         self.baseline_min_samples = (settings.baseline_min_samples if baseline_min_samples is None
                                      else baseline_min_samples)
-        self.dropped = 0
-        self.journal = journal
-        self._buffer: deque[RecordBatch] = deque()
-        self._pending = 0  # records in the buffer
-        self._journal_files: list[Path] = []
-        self._lock = threading.Lock()
-        self._flush_lock = threading.Lock()
+        self.buffer = RecordBuffer(store, journal)
 
     def __enter__(self) -> ModelMonitor:
         return self
@@ -155,21 +134,21 @@ class ModelMonitor:
         array) becomes the features drift compares; anything else is recorded without them."""
         row = feature_row(input_data) if self._keep_features() else None
         score = None if confidence is None else float(confidence)
-        self._append(RecordBatch(time.time(), model_version, float(prediction_time) * 1000.0, [score],
+        self.buffer.append(RecordBatch(time.time(), model_version, float(prediction_time) * 1000.0, [score],
                                  [None if predicted_class is None else str(predicted_class)], [row], success, error))
 
     def record_metrics(self, metrics: PredictionMetrics) -> None:
         """Record one prediction described by a `PredictionMetrics` (for the Python API: a
         prediction made elsewhere, with its own time and features, kept as given)."""
         features = list(metrics.features) if metrics.features is not None and self._keep_features() else None
-        self._append(RecordBatch(metrics.at, metrics.model_version, metrics.latency_ms, [metrics.confidence],
+        self.buffer.append(RecordBatch(metrics.at, metrics.model_version, metrics.latency_ms, [metrics.confidence],
                                  [metrics.predicted_class], [features], metrics.success, metrics.error))
 
     def record_batch(self, rows: list[list[float]], results: list[dict[str, Any]], seconds: float, model_version: str) -> None:
         """Record each row of a served request (the request path's fast variant)."""
         features: list[list[float] | None] = (list(rows) if self.feature_sample_rate >= 1.0
                                               else [row if self._keep_features() else None for row in rows])
-        self._append(RecordBatch(time.time(), model_version, seconds * 1000.0, [r["confidence"] for r in results],
+        self.buffer.append(RecordBatch(time.time(), model_version, seconds * 1000.0, [r["confidence"] for r in results],
                                  [r["class"] for r in results], features))
 
     def _keep_features(self) -> bool:
@@ -178,61 +157,23 @@ class ModelMonitor:
     def record_failure(self, error: str, seconds: float, model_version: str | None) -> None:
         self.record_prediction(None, seconds, success=False, error=error, model_version=model_version)
 
-    def _append(self, batch: RecordBatch) -> None:
-        """Buffer a request's records (journalled first, when a journal is configured)."""
-        with self._lock:
-            if self.journal is not None:
-                batch = replace(batch, first_id=self.journal.reserve_ids(len(batch)))
-                self.journal.append(batch)
-            while self._buffer and self._pending + len(batch) > MAX_BUFFERED:
-                dropped = self._buffer.popleft()
-                self._pending -= len(dropped)
-                self.dropped += len(dropped)
-            self._buffer.append(batch)
-            self._pending += len(batch)
-
     @property
     def pending(self) -> int:
-        return self._pending
+        """Records buffered in this process, not yet in the store."""
+        return self.buffer.pending
+
+    @property
+    def dropped(self) -> int:
+        """Records this process dropped because its buffer was full."""
+        return self.buffer.dropped
 
     def flush(self) -> int:
-        """Write everything buffered; on a store error the records stay buffered (and
-        journalled) for the next try. Returns how many new records reached the store."""
-        written = 0
-        with self._flush_lock:
-            with self._lock:
-                batches = list(self._buffer)
-                self._buffer.clear()
-                self._pending = 0
-                if self.journal is not None and batches:
-                    self._journal_files.append(self.journal.rotate())
-            for start, group in _groups(batches):
-                try:
-                    written += self.store.predictions.insert([r for batch in group for r in batch.records()])
-                except Exception:
-                    unwritten = batches[start:]
-                    with self._lock:
-                        self._buffer.extendleft(reversed(unwritten))
-                        self._pending += sum(len(batch) for batch in unwritten)
-                    log.exception("could not write %d prediction records; will retry", sum(map(len, unwritten)))
-                    return written
-            RecordJournal.release(self._journal_files)
-            self._journal_files.clear()
-        return written
+        """Write everything buffered; returns how many new records reached the store."""
+        return self.buffer.flush()
 
     def recover_journals(self) -> int:
         """Replay the journals of processes on this host that died before flushing."""
-        if self.journal is None:
-            return 0
-        recovered = 0
-        for path in RecordJournal.orphans(self.journal.folder):
-            records = list(RecordJournal.read(path))
-            for start in range(0, len(records), MAX_FLUSH_BATCH):
-                recovered += self.store.predictions.insert(records[start:start + MAX_FLUSH_BATCH])
-            path.unlink(missing_ok=True)
-        if recovered:
-            log.warning("recovered %d prediction records from the journals of stopped processes", recovered)
-        return recovered
+        return self.buffer.recover_journals()
 
     def stop(self) -> None:
         """Write what is still buffered (the end of a console session, a test, a worker). The
@@ -243,11 +184,11 @@ class ModelMonitor:
 
     @property
     def total_predictions(self) -> int:
-        return self.store.predictions.totals().count + self._pending
+        return self.store.predictions.totals().count + self.buffer.pending
 
     @property
     def error_count(self) -> int:
-        return self.store.predictions.totals().errors + sum(len(batch) for batch in list(self._buffer) if not batch.success)
+        return self.store.predictions.totals().errors + self.buffer.pending_errors
 
     def reset_counters(self) -> None:
         """Zero the totals and start a new window; the records themselves are kept."""

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from utils.artifact_files import ARCHIVE_NAME, ARTIFACT_NAME, CONFIG_NAME, UnsafeArtifact, atomic_write_text, write_new_file
+from utils.artifact_files import ARTIFACT_NAME, CONFIG_NAME, UnsafeArtifact, atomic_write_text, write_new_file
 from utils.artifact_store import ArtifactStore, artifact_store_for
 from utils.config import current_settings, is_service_folder
 from utils.errors import IntegrityCheckFailed, InvalidVersion, VersionConflict, VersionNotFound
@@ -170,7 +170,7 @@ class ModelVersionManager:
         config = dict(config if config is not None else getattr(model, "quadra_config", {}) or {})
         staging = self.artifacts.new_staging_dir()
         try:
-            sha256, size = self._stage_artifact(staging, model, version, config)
+            sha256, size = _stage_artifact(staging, model, version, config)
             row = VersionRow(
                 version=version, created_at=time.time(), created_by=created_by, description=description or "",
                 tags=sorted(set(tags or ())), metrics=dict(metrics or {}), config=config,
@@ -185,24 +185,12 @@ class ModelVersionManager:
         finally:
             self.artifacts.discard(staging)
         self.write_registry_mirror()
-        return self._metadata(self._row(version))
-
-    def _stage_artifact(
-        self, staging: Path, model: torch.nn.Module, version: str, config: dict[str, Any]
-    ) -> tuple[str, int]:
-        tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
-        artifact = staging / ARTIFACT_NAME
-        save_file(tensors, artifact, metadata={"format": "pt", "quadra_version": version})
-        with ThreadPoolExecutor(max_workers=1) as hasher:  # hash from the page cache while the disk syncs
-            sha256 = hasher.submit(sha256_file, artifact)
-            with open(artifact, "rb+") as handle:
-                os.fsync(handle.fileno())
-            write_new_file(staging / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
-        return sha256.result(), artifact.stat().st_size
+        return _metadata(self.version_row(version), self.artifacts)
 
     # -- reading ------------------------------------------------------------------------
 
-    def _row(self, version: str) -> VersionRow:
+    def version_row(self, version: str) -> VersionRow:
+        """The stored row of `version` (VersionNotFound when there is none)."""
         validate_version(version)
         row = self.store.versions.get(version)
         if row is None:
@@ -214,7 +202,7 @@ class ModelVersionManager:
 
         The artifact is read once into private memory and hashed on the way; the tensors are
         views of that memory, built only once the hash has matched."""
-        row = self._row(version)
+        row = self.version_row(version)
         if row.archived:
             raise VersionConflict(f"version {version} is archived; restore it first")
         check = self.verify_integrity if verify_integrity is None else verify_integrity
@@ -250,7 +238,7 @@ class ModelVersionManager:
 
     def verify_version(self, version: str) -> dict[str, Any]:
         """Recompute an artifact's hash; report instead of raising."""
-        row = self._row(version)
+        row = self.version_row(version)
         try:
             actual = self._artifact_sha256(row)
         except (IntegrityCheckFailed, OSError, EOFError):
@@ -272,7 +260,7 @@ class ModelVersionManager:
         return [_public(r, deployment) for r in rows]
 
     def get_version_info(self, version: str) -> dict[str, Any]:
-        return _public(self._row(version), self.store.versions.deployment())
+        return _public(self.version_row(version), self.store.versions.deployment())
 
     def get_latest_version(self) -> str | None:
         rows = self.store.versions.list()
@@ -288,22 +276,14 @@ class ModelVersionManager:
     @property
     def registry(self) -> dict[str, VersionMetadata]:
         """Every version's metadata by version, oldest first (empty for a new folder)."""
-        return {row.version: self._metadata(row) for row in self.store.versions.list()}
-
-    def _metadata(self, row: VersionRow) -> VersionMetadata:
-        public = _public(row, Deployment(production=None, serving=None))
-        return VersionMetadata(**{name: public[name] for name in VERSION_METADATA_FIELDS},
-                               file_path=self.artifacts.location(row.artifact_key))
+        return {row.version: _metadata(row, self.artifacts) for row in self.store.versions.list()}
 
     def registry_document(self) -> dict[str, Any]:
         """The registry as model_registry.json mirrors it: versions and deployment state."""
         deployment = self.store.versions.deployment()
-        return {
-            "versions": {r.version: _public(r, deployment) for r in self.store.versions.list()},
-            "production_version": deployment.production,
-            "serving_version": deployment.serving,
-            "updated_at": iso_utc(time.time()),
-        }
+        return {"versions": {r.version: _public(r, deployment) for r in self.store.versions.list()},
+                "production_version": deployment.production, "serving_version": deployment.serving,
+                "updated_at": iso_utc(time.time())}
 
     def promotion_history(self, limit: int = 100) -> list[dict[str, Any]]:
         return [{**asdict(h), "at": iso_utc(h.at)} for h in self.store.versions.history(limit)]
@@ -332,7 +312,9 @@ class ModelVersionManager:
         each further rollback walks one step further back."""
         for _ in range(MAX_ROLLBACK_ATTEMPTS):
             current = self.get_production_version()
-            candidate = self._rollback_target(current)
+            candidate = self.store.versions.rollback_target(current)
+            if candidate is None:
+                raise VersionConflict("there is no previous production version to roll back to")
             self._check_deployable(candidate)
             try:
                 previous = self.store.versions.deploy("rollback", candidate, actor, set_production=True,
@@ -343,19 +325,10 @@ class ModelVersionManager:
             return _production_change(candidate, previous)
         raise VersionConflict("production kept changing during the rollback; try again")
 
-    def _rollback_target(self, current: str | None) -> str:
-        for candidate in reversed(self.store.versions.production_stack()):
-            if candidate == current:
-                continue
-            row = self.store.versions.get(candidate)
-            if row is not None and not row.archived:
-                return candidate
-        raise VersionConflict("there is no previous production version to roll back to")
-
     def _check_deployable(self, version: str) -> None:
         if self.verify_integrity:
             self.read_state_dict(version, verify_integrity=True)
-        elif self._row(version).archived:
+        elif self.version_row(version).archived:
             raise VersionConflict(f"version {version} is archived; restore it first")
 
     def delete_version(self, version: str) -> None:
@@ -370,43 +343,30 @@ class ModelVersionManager:
         self.artifacts.remove_version(version)
         self.write_registry_mirror()
 
-    # -- archive ------------------------------------------------------------------------
-
-    def archive_version(self, version: str) -> dict[str, Any]:
-        """Compress an unused version's artifact; its metadata and recorded hash stay."""
-        row = self._row(version)
-        if row.archived:
-            return self.get_version_info(version)
-        if self.store.versions.deployment().role_of(version) is not None:
-            raise VersionConflict(f"version {version} is in use and cannot be archived")
-        data = self.read_artifact(row)
-        check_digest(version, row.sha256, hashlib.sha256(data).hexdigest())
-        key = f"{version}/{ARCHIVE_NAME}"
-        self.artifacts.write(key, gzip.compress(data, compresslevel=6))
-        self.store.versions.move_artifact(version, key, archived=True)
-        self.artifacts.delete(row.artifact_key)
-        self.write_registry_mirror()
-        return self.get_version_info(version)
-
-    def restore_archived_version(self, version: str) -> dict[str, Any]:
-        """Decompress an archived artifact, check it against the recorded hash, make it loadable."""
-        row = self._row(version)
-        if not row.archived:
-            return self.get_version_info(version)
-        data = gzip.decompress(self.read_artifact(row))
-        check_digest(version, row.sha256, hashlib.sha256(data).hexdigest())
-        key = f"{version}/{ARTIFACT_NAME}"
-        self.artifacts.write(key, data)
-        self.store.versions.move_artifact(version, key, archived=False)
-        self.artifacts.delete(row.artifact_key)
-        self.write_registry_mirror()
-        return self.get_version_info(version)
-
     # -- mirror -------------------------------------------------------------------------
 
     def write_registry_mirror(self) -> None:
         """Mirror the registry to model_registry.json for people and the seed's health check."""
         atomic_write_text(self.models_dir / REGISTRY_MIRROR, json.dumps(self.registry_document(), indent=2, sort_keys=True))
+
+
+def _stage_artifact(staging: Path, model: torch.nn.Module, version: str, config: dict[str, Any]) -> tuple[str, int]:
+    """Write the model's tensors (safetensors) and config into `staging`; (sha256, size)."""
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    artifact = staging / ARTIFACT_NAME
+    save_file(tensors, artifact, metadata={"format": "pt", "quadra_version": version})
+    with ThreadPoolExecutor(max_workers=1) as hasher:  # hash from the page cache while the disk syncs
+        sha256 = hasher.submit(sha256_file, artifact)
+        with open(artifact, "rb+") as handle:
+            os.fsync(handle.fileno())
+        write_new_file(staging / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
+    return sha256.result(), artifact.stat().st_size
+
+
+def _metadata(row: VersionRow, artifacts: ArtifactStore) -> VersionMetadata:
+    public = _public(row, Deployment(production=None, serving=None))
+    return VersionMetadata(**{name: public[name] for name in VERSION_METADATA_FIELDS},
+                           file_path=artifacts.location(row.artifact_key))
 
 
 def _production_change(version: str, previous: str | None) -> dict[str, Any]:

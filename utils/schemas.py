@@ -14,7 +14,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    model_validator,
+)
 
 from utils.errors import InvalidInput, InvalidMode, InvalidParameter, InvalidRequest, InvalidTrainingData, InvalidVersion
 from utils.model_modes import ModelMode
@@ -310,7 +319,7 @@ class VersionInfo(ResponseBody):
     created_by: str | None
     description: str | None
     tags: list[str]
-    metrics: dict[str, float | None]
+    metrics: dict[str, JsonValue] = Field(description="numbers as a rule; the Python API may record any JSON value")
     config: dict[str, Any]
     training_info: dict[str, Any]
     is_production: bool
@@ -357,8 +366,8 @@ class History(ResponseBody):
 
 
 class MetricComparison(ResponseBody):
-    version1: float | None
-    version2: float | None
+    version1: JsonValue
+    version2: JsonValue
     improvement: float | None = Field(description="> 0: version2 is better")
 
 

@@ -26,7 +26,6 @@ from dataclasses import dataclass, replace
 from functools import wraps
 from typing import Any, TypeVar
 
-import jwt
 from dotenv import dotenv_values
 from flask import Flask, Response, current_app, g, has_request_context, request
 from flask_cors import CORS
@@ -45,6 +44,7 @@ from utils.rate_limit_storage import StoreRateLimitStorage
 from utils.request_limits import RequestLimits, counter_args, parse_limit
 from utils.store import ApiKeyRow, Store, UsesConfiguredStore, store_for
 from utils.timestamps import iso_utc
+from utils.tokens import TokenCodec
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -54,11 +54,6 @@ ROLE_PERMISSIONS = {"read": ["read"], "user": ["read"], "write": ["write"], "adm
 KEY_PREFIX = "qk_"
 DEPLOYMENT_SECRET = "QUADRA_SECRET_KEY"
 MIN_KEY_LENGTH = 24
-JWT_ALGORITHM = "HS256"
-JWT_ISSUER = "quadra"
-JWT_AUDIENCE = "quadra-api"
-REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "jti", "sub"]
-TIME_CLAIMS = ("exp", "iat", "nbf")
 LAST_USED_WRITE_INTERVAL = 60.0
 DEFAULT_ROTATION_GRACE_SECONDS = 24 * 3600
 log = logging.getLogger("quadra.security")
@@ -220,8 +215,8 @@ class AuthManager(UsesConfiguredStore):
         if not secret_key:
             raise ValueError("AuthManager needs a secret key (secrets_manager.get_secret('secret_key') gives the service's)")
         self.secret_key = secret_key
-        self.token_expiry_seconds = int(token_expiry_hours * 3600)
-        self.max_token_seconds = max_token_seconds or self.token_expiry_seconds
+        expiry_seconds = int(token_expiry_hours * 3600)
+        self.tokens = TokenCodec(secret_key, expiry_seconds, max_token_seconds or expiry_seconds)
         self.enabled = enabled
         self.cache_seconds = cache_seconds
         self.key_expiry_days = key_expiry_days
@@ -400,15 +395,6 @@ class AuthManager(UsesConfiguredStore):
 
     # -- tokens -------------------------------------------------------------------------
 
-    def _token_lifetime(self, expires_in: int | None) -> int:
-        """`expires_in` (default: the configured lifetime), refused beyond QUADRA_JWT_MAX_TTL_SECONDS."""
-        lifetime = expires_in or self.token_expiry_seconds
-        if lifetime < 1:
-            raise InvalidRequest("expires_in: at least 1 second")
-        if lifetime > self.max_token_seconds:
-            raise InvalidRequest(f"expires_in: at most QUADRA_JWT_MAX_TTL_SECONDS ({self.max_token_seconds})")
-        return lifetime
-
     def generate_token(
         self,
         user_id: str,
@@ -418,50 +404,17 @@ class AuthManager(UsesConfiguredStore):
         key_id: str | None = None,
     ) -> str:
         """A signed JWT. Tokens made for a key (`key_id`) die with the key."""
-        now = int(time.time())
-        lifetime = self._token_lifetime(expires_in)
         granted = normalize_permissions(permissions if permissions is not None else ROLE_PERMISSIONS.get(role, [role]))
-        claims = {
-            "sub": key_id or user_id,
-            "name": user_id,
-            "role": role,
-            "perms": granted,
-            "iat": now,
-            "exp": now + lifetime,
-            "iss": JWT_ISSUER,
-            "aud": JWT_AUDIENCE,
-            "jti": uuid.uuid4().hex,
-        }
-        if key_id:
-            claims["kid"] = key_id
-        return jwt.encode(claims, self.secret_key, algorithm=JWT_ALGORITHM)
+        return self.tokens.encode(user_id, role, granted, expires_in, key_id)
 
     def verify_token(self, token: str) -> dict[str, Any] | None:
-        """The token's claims if its signature, algorithm, issuer, audience and lifetime are
-        valid, else None. Beyond what PyJWT checks: the time claims must be JSON numbers (PyJWT
-        takes "1999999999" too) and the lifetime (exp - iat) at most `max_token_seconds`, so a
-        validly signed token minted for years is refused."""
-        try:
-            claims = jwt.decode(
-                token,
-                self.secret_key,
-                algorithms=[JWT_ALGORITHM],
-                audience=JWT_AUDIENCE,
-                issuer=JWT_ISSUER,
-                options={"require": REQUIRED_CLAIMS},
-            )
-        except jwt.PyJWTError:
-            return None
-        times = [claims[name] for name in TIME_CLAIMS if name in claims]
-        if not all(type(value) in (int, float) for value in times):
-            return None
-        if claims["exp"] - claims["iat"] > self.max_token_seconds:
-            return None
-        return {**claims, "user_id": claims.get("name", claims["sub"])}
+        """The token's claims (with the seed's `user_id`) if it is valid, else None (`TokenCodec.decode`)."""
+        claims = self.tokens.decode(token)
+        return None if claims is None else {**claims, "user_id": claims.get("name", claims["sub"])}
 
     def issue_token_for(self, principal: Principal, permissions: Iterable[str] | None, expires_in: int) -> dict[str, Any]:
         """A token for a key holder, carrying the key's id and at most its permissions."""
-        self._token_lifetime(expires_in)
+        self.tokens.lifetime(expires_in)
         wanted = normalize_permissions(permissions) if permissions is not None else list(principal.permissions)
         excess = [p for p in wanted if not principal.allows(p)]
         if excess:

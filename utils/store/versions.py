@@ -146,6 +146,14 @@ class VersionStore:
         with self.database.read() as conn:
             return as_rows(PromotionRow, conn.execute(select(promotions).order_by(promotions.c.id.desc()).limit(limit)))
 
+    def rollback_target(self, current: str | None) -> str | None:
+        """The newest production version before `current` that is not archived, if any."""
+        for candidate in reversed(self.production_stack()):
+            row = self.get(candidate) if candidate != current else None
+            if row is not None and not row.archived:
+                return candidate
+        return None
+
     def production_stack(self) -> builtins.list[str]:
         """Production versions in the order they were put there; a rollback pops the top.
 
