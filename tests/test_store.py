@@ -12,9 +12,11 @@ from sqlalchemy.exc import OperationalError
 
 from utils.store import (
     SCHEMA_VERSION,
+    AlertEpisode,
     ApiKeyRow,
     Deployment,
     DriftCheck,
+    ModeRecord,
     PredictionRecord,
     PredictionTotals,
     Store,
@@ -24,6 +26,7 @@ from utils.store import (
     tables,
 )
 from utils.store.drift_records import DRIFT_CHECK
+from utils.store.service_state import write_state
 
 
 def version_row(version: str) -> VersionRow:
@@ -69,12 +72,11 @@ def test_upgrade_path_applies_new_migrations_once(store_url: str, monkeypatch: p
         tables.metadata.remove(extra)
 
 
-def test_state_round_trip_and_overwrite(store: Store) -> None:
-    assert store.state.get("mode") is None
-    store.state.set("mode", "a")
-    store.state.set("mode", {"nested": [1, 2]}, actor="ops")
-    assert store.state.get("mode") == {"nested": [1, 2]}
-    assert store.state.get("missing") is None
+def test_the_mode_round_trips_and_is_overwritten(store: Store) -> None:
+    assert store.modes.get() is None
+    store.modes.set(ModeRecord(mode="training", reason="retrain", changed_by="ops", changed_at=1.0))
+    store.modes.set(ModeRecord(mode="maintenance", reason="", changed_by="alice", changed_at=2.0))
+    assert store.modes.get() == ModeRecord(mode="maintenance", reason="", changed_by="alice", changed_at=2.0)
 
 
 def test_duplicate_version_is_a_conflict_and_rolls_back(store: Store) -> None:
@@ -178,11 +180,15 @@ def _flush_predictions(url: str, process: int, flushes: int, start: multiprocess
     store.database.dispose()
 
 
-def _update_state(url: str, process: int, updates: int, start: multiprocessing.synchronize.Barrier) -> None:
+def _count_clear_checks(url: str, process: int, updates: int, start: multiprocessing.synchronize.Barrier) -> None:
     store = Store(url)
     start.wait(timeout=60)
+
+    def one_more(episode: AlertEpisode) -> None:
+        episode.clear_checks += 1
+
     for _ in range(updates):
-        store.state.update("history", lambda history: [*(history or []), process])
+        store.alerts.update_episode("drift", one_more)
     store.database.dispose()
 
 
@@ -209,12 +215,12 @@ def test_concurrent_prediction_flushes_from_several_processes_keep_exact_totals(
     store.database.dispose()
 
 
-def test_concurrent_state_updates_from_several_processes_are_all_kept(store_url: str) -> None:
-    """update_state is a read-modify-write no concurrent update can undo (the alert episode
-    state and the drift history use it)."""
-    _run_together(_update_state, store_url, 40)
+def test_concurrent_episode_updates_from_several_processes_are_all_kept(store_url: str) -> None:
+    """An alert episode's update is a read-modify-write no concurrent update can undo, so two
+    processes never both start an episode or both send an alert the cooldown holds back."""
+    _run_together(_count_clear_checks, store_url, 40)
     store = Store(store_url)
-    assert sorted(store.state.get("history")) == sorted(list(range(4)) * 40)
+    assert store.alerts.update_episode("drift", lambda episode: None).clear_checks == 4 * 40
     store.database.dispose()
 
 
@@ -238,8 +244,10 @@ def test_drift_checks_keep_the_latest_verdict_and_a_bounded_history(store: Store
 
 
 def test_a_drift_verdict_written_by_an_earlier_release_is_read(store: Store) -> None:
-    store.state.set(DRIFT_CHECK, {"evaluated": False, "drift_detected": False, "reason": "no baseline", "fired": [],
-                                  "drifted_features": [], "checked_at": 5.0, "field_of_the_past": 1})
+    with store.database.write() as conn:
+        write_state(conn, DRIFT_CHECK, {"evaluated": False, "drift_detected": False, "reason": "no baseline",
+                                        "fired": [], "drifted_features": [], "checked_at": 5.0, "field_of_the_past": 1},
+                    "an earlier release")
     latest = store.drift_checks.latest()
     assert latest is not None and latest.reason == "no baseline" and latest.checked_at == 5.0 and latest.fired == ()
 

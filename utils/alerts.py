@@ -20,7 +20,7 @@ from urllib.parse import SplitResult, urlsplit
 import certifi
 import urllib3
 
-from utils.store import Store
+from utils.store import AlertEpisode, Store
 from utils.timestamps import iso_utc
 
 CLEAR_AFTER_CHECKS = 3
@@ -77,10 +77,6 @@ def _port(parsed: SplitResult) -> int:
     return parsed.port or (443 if parsed.scheme == "https" else 80)
 
 
-def _new_episode_state() -> dict[str, Any]:
-    return {"active": False, "since": None, "last_alert_at": 0.0, "clear_checks": 0}
-
-
 class AlertManager:
     """Records alerts in the store; episode state lives there too, so every process agrees
     (each change of it is one locked read-modify-write, so two processes never both start
@@ -94,9 +90,6 @@ class AlertManager:
         self.cooldown_seconds = cooldown_seconds
         self.clear_after = clear_after
 
-    def _state_name(self, kind: str) -> str:
-        return f"alert_state:{kind}"
-
     def observe(self, kind: str, active: bool, message: str, details: dict[str, Any], severity: str = "warning") -> int | None:
         """Feed one check's verdict. An alert is recorded when an episode starts (and the
         cooldown since the last one has passed); the episode ends after `clear_after`
@@ -104,23 +97,21 @@ class AlertManager:
         now = time.time()
         outcome = {"record": False, "resolve": False}
 
-        def change(stored: dict[str, Any] | None) -> dict[str, Any]:
-            state = stored or _new_episode_state()
+        def change(episode: AlertEpisode) -> None:
             if active:
-                state["clear_checks"] = 0
-                if not state["active"]:
-                    state.update(active=True, since=now)
-                    if now - state["last_alert_at"] >= self.cooldown_seconds:
-                        state["last_alert_at"] = now
+                episode.clear_checks = 0
+                if not episode.active:
+                    episode.active, episode.since = True, now
+                    if now - episode.last_alert_at >= self.cooldown_seconds:
+                        episode.last_alert_at = now
                         outcome["record"] = True
-            elif state["active"]:
-                state["clear_checks"] += 1
-                if state["clear_checks"] >= self.clear_after:
-                    state.update(active=False, since=None, clear_checks=0)
+            elif episode.active:
+                episode.clear_checks += 1
+                if episode.clear_checks >= self.clear_after:
+                    episode.active, episode.since, episode.clear_checks = False, None, 0
                     outcome["resolve"] = True
-            return state
 
-        self.store.state.update(self._state_name(kind), change, actor="alerts")
+        self.store.alerts.update_episode(kind, change)
         if outcome["resolve"]:
             self.store.alerts.resolve(kind)
             log.info("%s episode resolved", kind)
@@ -131,14 +122,12 @@ class AlertManager:
         now = time.time()
         outcome = {"record": False}
 
-        def change(stored: dict[str, Any] | None) -> dict[str, Any]:
-            state = stored or _new_episode_state()
-            if now - state["last_alert_at"] >= self.cooldown_seconds:
-                state["last_alert_at"] = now
+        def change(episode: AlertEpisode) -> None:
+            if now - episode.last_alert_at >= self.cooldown_seconds:
+                episode.last_alert_at = now
                 outcome["record"] = True
-            return state
 
-        self.store.state.update(self._state_name(kind), change, actor="alerts")
+        self.store.alerts.update_episode(kind, change)
         return self._record(kind, severity, message, details) if outcome["record"] else None
 
     def notify(self, kind: str, message: str, details: dict[str, Any]) -> int:

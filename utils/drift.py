@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import ConfigDict
 from scipy import stats
 from scipy.spatial import distance
 
@@ -43,8 +44,13 @@ StatTest = Callable[[np.ndarray, np.ndarray, float], TestOutcome]
 
 @dataclass(frozen=True)
 class ColumnDrift:
+    """One column's drift test (the test Evidently would choose for it)."""
+
+    # Also the API's schema of a column (`utils.schemas.Drift`): undeclared fields are refused.
+    __pydantic_config__: ClassVar[ConfigDict] = ConfigDict(extra="forbid")
+
     column: str
-    kind: str
+    kind: Literal["numerical", "categorical"]
     test: str
     statistic: float | None
     p_value: float | None
@@ -214,6 +220,7 @@ def column_drift(
     For insufficient data, `threshold` is the one of the test the column would otherwise get.
     """
     ref, cur = clean(reference), clean(current)
+    kind: Literal["numerical", "categorical"]
     if categorical or _looks_categorical(ref, cur):
         kind = "categorical"
         samples = _aligned_counts(ref, cur)

@@ -90,7 +90,7 @@ def record_drift_check(services: Services) -> DriftCheck:
         drift_score=report.drift_score, threshold=report.threshold, fired=tuple(report.fired),
         drifted_features=tuple(report.drifted_features), reason=report.reason,
         dataset_drift_share=report.dataset_drift_share,
-        features={name: column.model_dump(include={"test", "statistic", "p_value", "drift_detected"})
+        features={name: {key: getattr(column, key) for key in ("test", "statistic", "p_value", "drift_detected")}
                   for name, column in report.features.items()},
     )
     services.store.drift_checks.record(check, keep=DRIFT_HISTORY_LENGTH)

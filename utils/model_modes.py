@@ -18,16 +18,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from enum import Enum
 from functools import wraps
 from typing import Any, TypeVar
 
 from utils.errors import InvalidMode, WrongMode
-from utils.store import Store, UsesConfiguredStore
+from utils.store import ModeRecord, Store, UsesConfiguredStore
 from utils.timestamps import iso_utc
 
 F = TypeVar("F", bound=Callable[..., Any])
-MODE_STATE = "mode"
 log = logging.getLogger("quadra.modes")
 
 
@@ -78,7 +78,8 @@ class ModelModeManager:
         store = self._shared_store()
         initial = {"mode": self.initial_mode.value, "reason": "initial mode", "changed_by": "system", "changed_at": None}
         if store is not None and (self._cached is None or time.monotonic() - self._read_at >= self.refresh_seconds):
-            self._observe(store.state.get(MODE_STATE) or initial)
+            stored = store.modes.get()
+            self._observe(asdict(stored) if stored else initial)
         elif self._cached is None:
             self._observe(initial)
         return _public(self._cached or {})
@@ -113,10 +114,11 @@ class ModelModeManager:
         if previous is new:
             log.info("Already in %s mode", new.value)
             return {**current, "previous_mode": previous.value}
-        state = {"mode": new.value, "reason": reason, "changed_by": changed_by, "changed_at": time.time()}
+        record = ModeRecord(mode=new.value, reason=reason, changed_by=changed_by, changed_at=time.time())
         store = self._shared_store()
         if store is not None:
-            store.state.set(MODE_STATE, state, actor=changed_by)
+            store.modes.set(record)
+        state = asdict(record)
         self._observe(state)
         log.info("mode %s -> %s by %s (%s)", previous.value, new.value, changed_by, reason or "no reason given")
         return {**_public(state), "previous_mode": previous.value}

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from utils.drift import ColumnDrift
 from utils.errors import InvalidInput, InvalidMode, InvalidParameter, InvalidRequest, InvalidTrainingData, InvalidVersion
 from utils.model_modes import ModelMode
 from utils.model_versioning import MAX_VERSION_LENGTH, VERSION_PATTERN, validate_version
@@ -434,20 +435,6 @@ class DriftWindow(ResponseBody):
     first_at: Timestamp | None
     last_at: Timestamp | None
     since_baseline_at: Timestamp | None
-
-
-class ColumnDrift(ResponseBody):
-    """One column's drift test (the test Evidently would choose for it)."""
-
-    column: str
-    kind: Literal["numerical", "categorical"]
-    test: str
-    statistic: float | None
-    p_value: float | None
-    threshold: float
-    drift_detected: bool
-    reference_size: int
-    current_size: int
 
 
 class BaselineSummary(ResponseBody):

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from utils.store.alerts import AlertRow, AlertStore
+from utils.store.alerts import AlertEpisode, AlertRow, AlertStore
 from utils.store.counters import CounterStore
 from utils.store.database import Database, StoreConflict
 from utils.store.drift_records import BaselineRow, BaselineStore, DriftCheck, DriftCheckStore, DriftHistoryEntry
@@ -19,7 +19,7 @@ from utils.store.jobs import JobRow, JobStore
 from utils.store.keys import ApiKeyRow, AuditRow, AuditStore, KeyStore
 from utils.store.predictions import PredictionRecord, PredictionRow, PredictionStore, PredictionTotals
 from utils.store.rollups import RollupRow, RollupStore
-from utils.store.service_state import LeaseStore, ServiceStateStore
+from utils.store.service_state import LeaseStore, ModeRecord, ModeStore
 from utils.store.tables import SCHEMA_VERSION
 from utils.store.versions import Deployment, PromotionRow, VersionRow, VersionStore
 
@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from utils.config import Settings
 
 __all__ = [
-    "SCHEMA_VERSION", "AlertRow", "ApiKeyRow", "AuditRow", "BaselineRow", "Database", "Deployment", "DriftCheck",
-    "DriftHistoryEntry", "JobRow", "PredictionRecord", "PredictionRow", "PredictionTotals", "PromotionRow",
+    "SCHEMA_VERSION", "AlertEpisode", "AlertRow", "ApiKeyRow", "AuditRow", "BaselineRow", "Database", "Deployment", "DriftCheck",
+    "DriftHistoryEntry", "JobRow", "ModeRecord", "PredictionRecord", "PredictionRow", "PredictionTotals", "PromotionRow",
     "RollupRow", "Store", "StoreConflict", "UsesConfiguredStore", "VersionRow", "folder_store", "get_store",
     "store_for",
 ]
@@ -49,7 +49,7 @@ class Store:
         self.drift_checks = DriftCheckStore(self.database)
         self.alerts = AlertStore(self.database)
         self.jobs = JobStore(self.database)
-        self.state = ServiceStateStore(self.database)
+        self.modes = ModeStore(self.database)
         self.leases = LeaseStore(self.database)
 
 

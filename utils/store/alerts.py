@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from sqlalchemy import insert, select, update
 
 from utils.store.database import Database, as_rows, inserted_id
+from utils.store.service_state import lock_states, write_state
 from utils.store.tables import alerts
 
 
@@ -21,6 +23,17 @@ class AlertRow:
     message: str
     details: dict[str, Any]
     resolved_at: float | None
+
+
+@dataclass(slots=True)
+class AlertEpisode:
+    """Where a kind of alert stands: in an episode since when, the last alert sent, and the
+    clear checks seen since it went quiet (hysteresis)."""
+
+    active: bool = False
+    since: float | None = None
+    last_alert_at: float = 0.0
+    clear_checks: int = 0
 
 
 class AlertStore:
@@ -37,6 +50,18 @@ class AlertStore:
         with self.database.write() as conn:
             return int(conn.execute(update(alerts).where(alerts.c.kind == kind, alerts.c.resolved_at.is_(None))
                                     .values(resolved_at=time.time())).rowcount)
+
+    def update_episode(self, kind: str, change: Callable[[AlertEpisode], None]) -> AlertEpisode:
+        """Let `change` update the episode of `kind` in one locked read-modify-write, so two
+        processes never both start an episode; returns the episode as written. `change` must
+        not use the store (it runs inside the transaction)."""
+        name = f"alert_state:{kind}"
+        with self.database.write() as conn:
+            stored = lock_states(conn, (name,)).get(name)
+            episode = AlertEpisode(**stored) if stored else AlertEpisode()
+            change(episode)
+            write_state(conn, name, asdict(episode), "alerts")
+        return episode
 
     def list(self, limit: int = 50, after_id: int = 0) -> list[AlertRow]:
         """The newest alerts first."""

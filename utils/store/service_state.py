@@ -1,14 +1,13 @@
-"""Named service state (the mode, alert episodes) and leases, shared by every process.
-
-The statements here are also the building blocks other stores use inside their own
-transactions (deployments, prediction totals, drift results): `lock_states` before reading
-what a write will change, `write_state` to change it.
+"""Named service state, shared by every process: the statements other stores use inside their
+own transactions (deployments, prediction totals, drift results, alert episodes):
+`lock_states` before reading what a write will change, `write_state` to change it; and the
+two small stores of this kind of their own, the mode and leases.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select, text, update
@@ -18,6 +17,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from utils.store.database import Database
 from utils.store.tables import leases, service_state
 
+MODE = "mode"
 _PG_STATE_LOCK_SPACE = 0x51_53_54  # first key of the (int, int) advisory locks on state names
 _PG_STATE_LOCK = text("SELECT pg_advisory_xact_lock(:space, hashtext(:name))")
 
@@ -48,29 +48,30 @@ def write_state(conn: Connection, name: str, value: Any, actor: str) -> None:
     conn.execute(statement.on_conflict_do_update(index_elements=[service_state.c.name], set_=values))
 
 
-class ServiceStateStore:
-    """JSON values by name, each changed atomically."""
+@dataclass(frozen=True, slots=True)
+class ModeRecord:
+    """The deployment's mode and the last change of it."""
 
+    mode: str
+    reason: str
+    changed_by: str
+    changed_at: float | None
+
+
+class ModeStore:
     def __init__(self, database: Database) -> None:
         self.database = database
 
-    def get(self, name: str) -> Any:
+    def get(self) -> ModeRecord | None:
+        """The stored mode; None until the mode was first changed."""
         with self.database.read() as conn:
-            return read_states(conn, (name,)).get(name)
+            stored = read_states(conn, (MODE,)).get(MODE)
+        return ModeRecord(**stored) if stored else None
 
-    def set(self, name: str, value: Any, actor: str = "system") -> None:
+    def set(self, record: ModeRecord) -> None:
         with self.database.write() as conn:
-            lock_states(conn, (name,))  # after an update in progress, never under it
-            write_state(conn, name, value, actor)
-
-    def update(self, name: str, change: Callable[[Any], Any], actor: str = "system") -> Any:
-        """Replace a value with `change(current value or None)` in one transaction; a
-        concurrent update of the same name waits for this one, so neither is lost. Returns the
-        new value. `change` must not use the store (it runs inside the transaction)."""
-        with self.database.write() as conn:
-            value = change(lock_states(conn, (name,)).get(name))
-            write_state(conn, name, value, actor)
-        return value
+            lock_states(conn, (MODE,))
+            write_state(conn, MODE, asdict(record), record.changed_by)
 
 
 class LeaseStore:
