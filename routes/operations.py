@@ -19,6 +19,7 @@ declared status: what a client receives is what the OpenAPI document shows, beca
 
 from __future__ import annotations
 
+import json
 import typing
 from collections.abc import Callable, Mapping
 from functools import wraps
@@ -26,9 +27,11 @@ from typing import Any, TypeVar
 
 from flask import Response, current_app, request
 from pydantic import BaseModel, ValidationError
+from werkzeug.datastructures import FileStorage
+from werkzeug.exceptions import RequestEntityTooLarge
 
-from routes.common import json_body
-from utils.errors import InvalidRequest
+from routes.common import json_body, services
+from utils.errors import ArtifactTooLarge, InvalidJson, InvalidRequest, UnsupportedMediaType
 from utils.openapi import ErrorSpec, Link, Operation
 from utils.schemas import PathParameters, QueryParameters, RequestBody
 
@@ -43,6 +46,7 @@ def operation(
     status: int = 200,
     media_type: str = "application/json",
     body: type[RequestBody] | None = None,
+    upload: type[RequestBody] | None = None,
     query: type[QueryParameters] | None = None,
     path: type[PathParameters] | None = None,
     errors: Mapping[int, ErrorSpec] | None = None,
@@ -50,8 +54,8 @@ def operation(
     links: Mapping[str, Link] | None = None,
 ) -> Callable[[View], View]:
     """Validate the request against the models and document the view (see the module doc)."""
-    spec = Operation(summary, response=response, status=status, media_type=media_type, body=body, query=query,
-                     path=path, errors=dict(errors or {}), security=security, links=dict(links or {}))
+    spec = Operation(summary, response=response, status=status, media_type=media_type, body=body, upload=upload,
+                     query=query, path=path, errors=dict(errors or {}), security=security, links=dict(links or {}))
 
     def decorator(view: View) -> View:
         @wraps(view)
@@ -62,6 +66,8 @@ def operation(
                 kwargs["query"] = validate(spec.query, _query_values(spec.query))
             if spec.body is not None:
                 kwargs["body"] = validate(spec.body, json_body(required=spec.body_required))
+            elif spec.upload is not None:
+                kwargs["body"], kwargs["artifact"] = _upload(spec.upload)
             elif request.method not in ("GET", "HEAD"):
                 _refuse_body_fields()
             result = view(**kwargs)
@@ -83,6 +89,26 @@ def respond(spec: Operation, result: Any) -> Response:
         raise TypeError(f"{spec.summary!r} answered {status}, which it does not declare")
     payload = body.model_dump_json(by_alias=True)
     return current_app.response_class(payload, status=status, headers=headers, mimetype="application/json")
+
+
+def _upload(model: type[RequestBody]) -> tuple[RequestBody, FileStorage]:
+    """A multipart body's JSON `metadata` part, validated, and its `artifact` file part, which
+    werkzeug has spooled to a temporary file (never held whole in memory)."""
+    if request.mimetype != "multipart/form-data":
+        raise UnsupportedMediaType("send the artifact as multipart/form-data (parts: artifact, metadata)")
+    settings = services().settings
+    request.max_content_length = settings.max_artifact_bytes + settings.max_body_bytes
+    try:
+        artifact, metadata = request.files.get("artifact"), request.form.get("metadata")
+    except RequestEntityTooLarge:
+        raise ArtifactTooLarge(f"the artifact exceeds QUADRA_MAX_ARTIFACT_BYTES ({settings.max_artifact_bytes} bytes)") from None
+    if artifact is None or metadata is None:
+        raise InvalidRequest("a multipart body needs an `artifact` file part and a JSON `metadata` part")
+    try:
+        fields = json.loads(metadata)
+    except (ValueError, RecursionError):
+        raise InvalidJson("the metadata part is not valid JSON") from None
+    return validate(model, fields), artifact
 
 
 def _refuse_body_fields() -> None:

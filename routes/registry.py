@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from flask import Blueprint
+import base64
+
+from flask import Blueprint, Response, g, stream_with_context
+from werkzeug.datastructures import FileStorage
 
 from routes.common import actor, services
 from routes.operations import operation
+from utils import model_import
 from utils.model_versioning import compare_model_versions
 from utils.openapi import Link
 from utils.schemas import (
@@ -14,6 +18,7 @@ from utils.schemas import (
     Deleted,
     History,
     HistoryQuery,
+    ImportMetadata,
     ProductionChange,
     SaveRequest,
     ServingChange,
@@ -45,7 +50,47 @@ def list_versions(query: VersionsQuery) -> VersionList:
                                        "serving_version": registry.get_serving_version()})
 
 
-@bp.get("/api/model/versions/<path:version>")
+@bp.post("/api/model/versions")
+@require_permission("write")
+@operation("Import a model trained elsewhere", upload=ImportMetadata, response=VersionInfo, status=201,
+           errors={409: "The version exists",
+                   413: "The artifact is larger than QUADRA_MAX_ARTIFACT_BYTES",
+                   422: "The artifact is no safetensors file (a pickle or TorchScript is refused), its weights do not "
+                        "fit the config's architecture, its outputs are not finite, or its SHA-256 is not the one given",
+                   503: "The artifact store is unreachable (with Retry-After)"},
+           links={"GetVersion": Link("registry.get_version", VERSION),
+                  "ExportVersion": Link("registry.export_artifact", VERSION),
+                  "PromoteVersion": Link("registry.promote_version", VERSION)})
+def import_version(body: ImportMetadata, artifact: FileStorage) -> VersionInfo:
+    """Multipart: an `artifact` part (the weights as safetensors) and a JSON `metadata` part (the
+    config naming a registered architecture, and optionally version, description, tags,
+    metrics, sha256). The upload is hashed while it is staged, the model is built, the weights
+    loaded strictly and one forward pass made before the version exists; any failure leaves
+    nothing behind."""
+    svc = services()
+    imported = model_import.import_version(
+        svc.registry, artifact.stream, body.config, max_bytes=svc.settings.max_artifact_bytes, version=body.version,
+        description=body.description, tags=body.tags, metrics=body.metrics, sha256=body.sha256,
+        filename=artifact.filename, created_by=actor())
+    g.audit_details = {"version": imported.version, "sha256": imported.sha256}
+    return VersionInfo.model_validate(svc.registry.get_version_info(imported.version))
+
+
+@bp.get("/api/model/versions/<version>/artifact")
+@require_permission("read")
+@operation("Export a version's artifact", path=VersionPath, media_type="application/octet-stream",
+           errors={**NOT_FOUND, **INTEGRITY, **UNAVAILABLE, 409: "The version is archived (restore it first)"})
+def export_artifact(version: str) -> Response:
+    """The verified safetensors file, with its SHA-256 in `Repr-Digest` (RFC 9530); the config
+    is the version's `config` in `GET /api/model/versions/{version}`."""
+    row, chunks = model_import.verified_artifact(services().registry, version)
+    digest = base64.b64encode(bytes.fromhex(row.sha256)).decode()
+    headers = {"Repr-Digest": f"sha-256=:{digest}:", "Content-Length": str(row.size_bytes),
+               "Content-Disposition": f'attachment; filename="{version}.safetensors"'}
+    return Response(stream_with_context(chunks), mimetype="application/octet-stream", headers=headers)
+
+
+@bp.get("/api/model/versions/<version>")
 @require_permission("read")
 @operation("One version", path=VersionPath, query=VersionQuery, response=VersionInfo,
            errors={**NOT_FOUND, **UNAVAILABLE})
@@ -58,7 +103,7 @@ def get_version(version: str, query: VersionQuery) -> VersionInfo:
     return VersionInfo.model_validate(info)
 
 
-@bp.delete("/api/model/versions/<path:version>")
+@bp.delete("/api/model/versions/<version>")
 @require_permission("admin")
 @operation("Delete a version", path=VersionPath, response=Deleted,
            errors={**NOT_FOUND, **UNAVAILABLE, 409: "The version is production or serving"})

@@ -3,6 +3,8 @@ operations that raise them answer so, and the CLI prints the same message and ex
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 
 import pytest
@@ -80,6 +82,10 @@ REAL_PATHS = [
     (errors.InsufficientData, "POST", "/api/monitoring/baseline", {}, "admin"),
     (errors.UnsupportedMediaType, "POST", "/api/predict", {"data": "1", "content_type": "text/plain"}, "admin"),
     (errors.IntegrityCheckFailed, "POST", "/api/model/load/1.1.0", {}, "admin"),
+    (errors.InvalidArtifact, "POST", "/api/model/versions",
+     {"data": {"artifact": (io.BytesIO(b"not weights"), "m.safetensors"),
+               "metadata": json.dumps({"config": {"architecture": "mlp", "input_dim": 4, "num_classes": 3}})},
+      "content_type": "multipart/form-data"}, "admin"),
 ]
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
-from utils import audit, registry_archive, registry_backup
+from utils import audit, model_import, registry_archive, registry_backup
 from utils.errors import QuadraError, TrainingInProgress, WrongMode
 from utils.model_modes import ModelMode
 from utils.model_monitoring import ModelMonitor
@@ -75,6 +76,47 @@ def restore_command(source: str) -> None:
     """Restore a backup, verifying every artifact's hash before anything is written."""
     result = registry_backup.restore(_registry(), source)
     click.echo(f"restored {len(result['restored'])} version(s), {result['skipped']} already present")
+
+
+@registry_cli.command("import")
+@click.argument("artifact", type=click.Path(exists=True, dir_okay=False))
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The model's config.json (its architecture, input_dim, num_classes, ...).")
+@click.option("--version", help="The new version; default: a timestamp version.")
+@click.option("--description", default="", help="What this version is.")
+@click.option("--tags", default="", help="Comma-separated tags.")
+@click.option("--metrics", "metrics_path", type=click.Path(exists=True, dir_okay=False),
+              help="A JSON file of the version's metrics, e.g. {\"accuracy\": 0.97}.")
+@click.option("--sha256", help="The artifact's expected SHA-256 (hex); the import fails if it differs.")
+def import_command(artifact: str, config_path: str, version: str | None, description: str, tags: str,
+                   metrics_path: str | None, sha256: str | None) -> None:
+    """Add a safetensors model trained elsewhere as a new version (checked: it must load and run)."""
+    config, metrics = _json_file(config_path), _json_file(metrics_path) if metrics_path else None
+    svc = current_app.extensions["quadra"]
+    with open(artifact, "rb") as source:
+        imported = model_import.import_version(
+            svc.registry, source, config, max_bytes=svc.settings.max_artifact_bytes, version=version,
+            description=description, tags=[t.strip() for t in tags.split(",") if t.strip()], metrics=metrics,
+            sha256=sha256, filename=artifact, created_by="cli")
+    audit.record(svc.store, "cli", "registry.import_version", "success", target=imported.version,
+                 details={"sha256": imported.sha256})
+    click.echo(f"imported {imported.version} (sha256 {imported.sha256})")
+
+
+@registry_cli.command("export")
+@click.argument("version")
+@click.argument("folder", type=click.Path(file_okay=False))
+def export_command(version: str, folder: str) -> None:
+    """Write a version's verified artifact and config into FOLDER, as `import` takes them."""
+    artifact, config = model_import.export_version(_registry(), version, Path(folder))
+    click.echo(f"exported {version} to {artifact} and {config}")
+
+
+def _json_file(path: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"{path} is not a readable JSON file: {exc}") from None
 
 
 @registry_cli.command("archive")

@@ -179,6 +179,7 @@ class Settings:
     port: int = setting("QUADRA_PORT", _int_parser(1, 65535), 5000)
     max_batch_size: int = setting("QUADRA_MAX_BATCH_SIZE", _int_parser(1, 100_000), 1024)
     max_body_bytes: int = setting("QUADRA_MAX_BODY_BYTES", _int_parser(1024, 1024**3), 2 * 1024 * 1024)
+    max_artifact_bytes: int = setting("QUADRA_MAX_ARTIFACT_BYTES", _int_parser(1024, 64 * 1024**3), 2 * 1024**3)
     torch_threads: int = setting("QUADRA_TORCH_THREADS", _int_parser(1, 256), 1)
     model_poll_seconds: float = setting("QUADRA_MODEL_POLL_SECONDS", _float_parser(0.05, 60.0), 0.5)
     bootstrap_model: bool = setting("QUADRA_BOOTSTRAP_MODEL", _parse_bool, True)

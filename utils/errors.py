@@ -161,6 +161,21 @@ class IntegrityCheckFailed(QuadraError, ValueError):
     code = "integrity_check_failed"
 
 
+class InvalidArtifact(QuadraError, ValueError):
+    """An uploaded model artifact or its config cannot become a version: not safetensors, a
+    config naming no registered architecture, weights that do not fit it, non-finite outputs."""
+
+    status = 422
+    code = "invalid_artifact"
+
+
+class ArtifactTooLarge(QuadraError, ValueError):
+    """An uploaded artifact is larger than QUADRA_MAX_ARTIFACT_BYTES."""
+
+    status = 413
+    code = "artifact_too_large"
+
+
 class TooManyRequests(QuadraError):
     """A request or authentication-failure budget is spent until `reset_at` (epoch seconds).
 

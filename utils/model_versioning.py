@@ -13,7 +13,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -145,47 +145,41 @@ class ModelVersionManager:
 
         Without `version`, a timestamp version is generated; saves in the same second get
         "-2", "-3", ... appended instead of conflicting."""
+        config = dict(config if config is not None else getattr(model, "quadra_config", {}) or {})
+
+        def save_as(candidate: str) -> VersionMetadata:
+            staging = self.artifacts.new_staging_dir()
+            try:
+                sha256, size = _stage_artifact(staging, model, candidate, config)
+                return self.publish_staged(staging, new_version_row(
+                    candidate, sha256, size, config, metrics, training_info, description, tags, created_by))
+            finally:
+                self.artifacts.discard(staging)
+
+        return self.add_version(version, save_as)
+
+    def add_version(self, version: str | None, add: Callable[[str], VersionMetadata]) -> VersionMetadata:
+        """`add(version)`; without `version`, `add` under the first free timestamp version."""
         if version is not None:
-            return self._save_as(validate_version(version), model, metrics, config, training_info, description, tags, created_by)
+            return add(validate_version(version))
         base = generate_version_string()
         for attempt in range(1, MAX_GENERATED_ATTEMPTS + 1):
-            candidate = base if attempt == 1 else f"{base}-{attempt}"
             try:
-                return self._save_as(candidate, model, metrics, config, training_info, description, tags, created_by)
+                return add(base if attempt == 1 else f"{base}-{attempt}")
             except VersionConflict:
                 continue
         raise VersionConflict(f"could not find a free version after {base}")
 
-    def _save_as(
-        self,
-        version: str,
-        model: torch.nn.Module,
-        metrics: dict[str, float] | None,
-        config: dict[str, Any] | None,
-        training_info: dict[str, Any] | None,
-        description: str,
-        tags: Iterable[str] | None,
-        created_by: str,
-    ) -> VersionMetadata:
-        config = dict(config if config is not None else getattr(model, "quadra_config", {}) or {})
-        staging = self.artifacts.new_staging_dir()
+    def publish_staged(self, staging: Path, row: VersionRow) -> VersionMetadata:
+        """Register `row` and move its staged artifact and config into place, atomically:
+        the row commits only once the artifact is published (VersionConflict if it exists)."""
         try:
-            sha256, size = _stage_artifact(staging, model, version, config)
-            row = VersionRow(
-                version=version, created_at=time.time(), created_by=created_by, description=description or "",
-                tags=sorted(set(tags or ())), metrics=dict(metrics or {}), config=config,
-                training_info=dict(training_info or {}), artifact_key=f"{version}/{ARTIFACT_NAME}", sha256=sha256,
-                size_bytes=size, archived=False,
-            )
-            try:
-                with self.store.versions.adding(row):
-                    self.artifacts.publish(staging, version)
-            except StoreConflict as exc:
-                raise VersionConflict(str(exc)) from None
-        finally:
-            self.artifacts.discard(staging)
+            with self.store.versions.adding(row):
+                self.artifacts.publish(staging, row.version)
+        except StoreConflict as exc:
+            raise VersionConflict(str(exc)) from None
         self.write_registry_mirror()
-        return _metadata(self.version_row(version), self.artifacts)
+        return _metadata(self.version_row(row.version), self.artifacts)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -206,7 +200,7 @@ class ModelVersionManager:
         if row.archived:
             raise VersionConflict(f"version {version} is archived; restore it first")
         check = self.verify_integrity if verify_integrity is None else verify_integrity
-        with self._artifact_file(row) as path:
+        with self.artifact_file(row) as path:
             data, actual = read_private(path, check)
         if check:
             check_digest(version, row.sha256, actual)
@@ -220,7 +214,7 @@ class ModelVersionManager:
             return self.artifacts.read(row.artifact_key, None if row.archived else row.sha256)
 
     @contextmanager
-    def _artifact_file(self, row: VersionRow) -> Iterator[Path]:
+    def artifact_file(self, row: VersionRow) -> Iterator[Path]:
         """A local path to an unarchived version's artifact."""
         with _unreadable_is_integrity_failure(row), self.artifacts.local_file(row.artifact_key, row.sha256) as path:
             yield path
@@ -249,7 +243,7 @@ class ModelVersionManager:
         """The SHA-256 of the artifact's plain (uncompressed) bytes."""
         if row.archived:
             return hashlib.sha256(gzip.decompress(self.read_artifact(row))).hexdigest()
-        with self._artifact_file(row) as path:
+        with self.artifact_file(row) as path:
             return sha256_file(path)
 
     def list_versions(self, tags: str | Iterable[str] | None = None) -> list[dict[str, Any]]:
@@ -348,6 +342,15 @@ class ModelVersionManager:
     def write_registry_mirror(self) -> None:
         """Mirror the registry to model_registry.json for people and the seed's health check."""
         atomic_write_text(self.models_dir / REGISTRY_MIRROR, json.dumps(self.registry_document(), indent=2, sort_keys=True))
+
+
+def new_version_row(version: str, sha256: str, size: int, config: dict[str, Any], metrics: dict[str, Any] | None,
+                    training_info: dict[str, Any] | None, description: str, tags: Iterable[str] | None,
+                    created_by: str) -> VersionRow:
+    return VersionRow(version=version, created_at=time.time(), created_by=created_by, description=description or "",
+                      tags=sorted(set(tags or ())), metrics=dict(metrics or {}), config=config,
+                      training_info=dict(training_info or {}), artifact_key=f"{version}/{ARTIFACT_NAME}", sha256=sha256,
+                      size_bytes=size, archived=False)
 
 
 def _stage_artifact(staging: Path, model: torch.nn.Module, version: str, config: dict[str, Any]) -> tuple[str, int]:

@@ -65,6 +65,7 @@ class Operation:
     status: int = 200
     media_type: str = "application/json"
     body: type[RequestBody] | None = None
+    upload: type[RequestBody] | None = None  # multipart: an `artifact` file and a JSON `metadata` part of this model
     query: type[QueryParameters] | None = None
     path: type[PathParameters] | None = None
     errors: Mapping[int, ErrorSpec] = field(default_factory=dict)  # the domain's own error statuses
@@ -114,7 +115,7 @@ def _component_schemas(operations: Iterable[Operation]) -> dict[str, Any]:
     response models as serialised)."""
     models: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {(Error, "serialization"): None}
     for op in operations:
-        for model in (op.body, op.query, op.path):
+        for model in (op.body, op.upload, op.query, op.path):
             if model is not None:
                 models[(model, "validation")] = None
         for spec in (op.response, *(s[1] for s in op.errors.values() if isinstance(s, tuple))):
@@ -140,6 +141,8 @@ def _operation(endpoint: str, method: str, op: Operation, view: Callable[..., An
     if op.body is not None:
         entry["requestBody"] = {"required": op.body_required,
                                 "content": {"application/json": {"schema": _ref(op.body, "validation", schemas)}}}
+    if op.upload is not None:
+        entry["requestBody"] = {"required": True, "content": {"multipart/form-data": _upload(op.upload, schemas)}}
     if security:
         entry["security"] = [{name: []} for name in security]
     success: dict[str, Any] = {"description": op.summary}
@@ -150,6 +153,16 @@ def _operation(endpoint: str, method: str, op: Operation, view: Callable[..., An
                             for name, link in op.links.items()}
     entry["responses"] = {str(op.status): success, **_error_responses(op, method, permission, security, rate_limited, schemas)}
     return entry
+
+
+def _upload(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, Any]:
+    """A multipart body: the artifact's bytes and the `model` as a JSON part."""
+    artifact = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream",
+                "description": "the model's weights as a safetensors file"}
+    return {"schema": {"type": "object", "required": ["artifact", "metadata"],
+                       "properties": {"artifact": artifact, "metadata": _ref(model, "validation", schemas)}},
+            "encoding": {"artifact": {"contentType": "application/octet-stream"},
+                         "metadata": {"contentType": "application/json"}}}
 
 
 def _parameters(model: type[BaseModel] | None, location: str, schemas: dict[str, Any]) -> list[dict[str, Any]]:
@@ -170,9 +183,9 @@ def _parameters(model: type[BaseModel] | None, location: str, schemas: dict[str,
 def _error_responses(op: Operation, method: str, permission: str | None, security: tuple[str, ...], rate_limited: bool,
                      schemas: dict[str, Any]) -> dict[str, Any]:
     statuses: set[int] = {500}
-    if op.body or op.query or op.path or method != "GET":  # without a body model, a body is refused
+    if op.body or op.upload or op.query or op.path or method != "GET":  # without a body model, a body is refused
         statuses.add(400)
-    if op.body is not None:
+    if op.body is not None or op.upload is not None:
         statuses |= {413, 415}
     if op.path is not None:
         statuses.add(404)

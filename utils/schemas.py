@@ -118,6 +118,21 @@ class SaveRequest(RequestBody):
         None, max_length=64, description="omitted: the serving version's metrics", examples=[{"accuracy": 0.97}])
 
 
+class ImportMetadata(RequestBody):
+    """The `metadata` part of an import: the model's config and the new version's details."""
+
+    field_errors: ClassVar[dict[str, type[InvalidRequest]]] = {"version": InvalidVersion}
+    config: dict[str, JsonValue] = Field(
+        description="the architecture and its sizes, as the registry keeps them",
+        examples=[{"architecture": "mlp", "input_dim": 4, "num_classes": 3, "hidden_dims": [16]}])
+    version: Version | None = Field(None, description="omitted: a timestamp version")
+    description: Annotated[str, StringConstraints(max_length=2000)] = ""
+    tags: list[Tag] = Field([], max_length=32)
+    metrics: dict[ShortText, JsonValue] | None = Field(None, max_length=64, examples=[{"accuracy": 0.97}])
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")] | None = Field(
+        None, description="the artifact's SHA-256 (hex): the import fails if it differs")
+
+
 class ModeChangeRequest(RequestBody):
     reason: Annotated[str, StringConstraints(max_length=MAX_REASON)] = ""
     force: bool = Field(False, description="switching to inference: cancel running training jobs first")
@@ -131,7 +146,7 @@ class TokenRequest(RequestBody):
 
 
 class KeyRequest(RequestBody):
-    name: ShortText
+    name: ShortText = Field(pattern=r"\S", description="who or what holds the key; leading and trailing spaces are dropped")
     permissions: list[Permission] = Field(["read"], min_length=1, max_length=3)
     expires_days: Annotated[float, Field(gt=0, le=3650)] | None = Field(
         None, description="omitted: QUADRA_KEY_EXPIRY_DAYS")
