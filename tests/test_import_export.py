@@ -248,3 +248,25 @@ def test_a_file_written_by_save_file_imports(registry: ModelVersionManager, tmp_
     with open(path, "rb") as source:
         imported = model_import.import_version(registry, source, CONFIG, max_bytes=10**9, filename=str(path))
     assert imported.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _WithNonPersistentState(torch.nn.Module):
+    """An architecture with state outside its state dict (a non-persistent buffer)."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(config["input_dim"], config["num_classes"])
+        self.register_buffer("offset", torch.ones(config["num_classes"]), persistent=False)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.linear(inputs) + self.offset
+
+
+def test_an_architecture_with_state_outside_its_state_dict_imports(registry: ModelVersionManager) -> None:
+    from utils.serving import register_architecture
+
+    register_architecture("test_nonpersistent")(_WithNonPersistentState)
+    config = {"architecture": "test_nonpersistent", "input_dim": 4, "num_classes": 3}
+    artifact = safetensors_bytes(trained_elsewhere(config))
+    imported = model_import.import_version(registry, io.BytesIO(artifact), config, max_bytes=10**9, version="2.0.0")
+    assert imported.sha256 == hashlib.sha256(artifact).hexdigest()
