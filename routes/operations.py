@@ -23,20 +23,19 @@ import json
 import typing
 from collections.abc import Callable, Mapping
 from functools import wraps
-from typing import Any, TypeVar
+from typing import Any
 
 from flask import Response, current_app, request
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from routes.common import json_body, services
 from utils.errors import ArtifactTooLarge, InvalidJson, InvalidRequest, UnsupportedMediaType
 from utils.openapi import ErrorSpec, Link, Operation
-from utils.schemas import PathParameters, QueryParameters, RequestBody
+from utils.schemas import PathParameters, QueryParameters, RequestBody, validate
 
 View = Callable[..., Any]
-MAX_REPORTED_ERRORS = 3
 
 
 def operation(
@@ -117,25 +116,6 @@ def _refuse_body_fields() -> None:
     fields = json_body(required=False)
     if fields:
         raise InvalidRequest(f"this operation takes no request body; unexpected: {', '.join(sorted(fields))}")
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def validate(model: type[M], data: Any) -> M:
-    """`data` as a `model`, or the model's error naming (at most three of) the problems."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = exc.errors(include_url=False, include_input=False)
-        first = problems[0]["loc"]
-        error = model.field_errors.get(str(first[0]), model.error) if first else model.error  # type: ignore[attr-defined]
-        raise error("; ".join(_describe(problem) for problem in problems[:MAX_REPORTED_ERRORS])) from None
-
-
-def _describe(problem: Mapping[str, Any]) -> str:
-    where = ".".join(str(part) for part in problem["loc"])
-    return f"{where}: {problem['msg']}" if where else problem["msg"]
 
 
 def _query_values(model: type[QueryParameters]) -> dict[str, Any]:

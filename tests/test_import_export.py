@@ -187,6 +187,14 @@ def test_exporting_a_corrupted_or_missing_version_is_a_json_error(client, state_
     assert response.status_code == 422 and response.get_json()["error"]["code"] == "integrity_check_failed"
 
 
+def test_an_archived_version_is_not_exported_until_restored(client) -> None:
+    assert upload(client, safetensors_bytes(trained_elsewhere()), {"config": CONFIG, "version": "6.7.0"}).status_code == 201
+    result = client.application.test_cli_runner().invoke(args=["registry", "archive", "6.7.0"])
+    assert result.exit_code == 0, result.output
+    response = client.get("/api/model/versions/6.7.0/artifact")
+    assert response.status_code == 409 and "restore it first" in response.get_json()["error"]["message"]
+
+
 def test_an_artifact_over_the_limit_is_413_and_nothing_is_left(state_dir: Path, api_keys: dict[str, str]) -> None:
     from app import create_app
     from tests.conftest import make_settings
@@ -234,7 +242,19 @@ def test_cli_export_then_import_moves_a_version_between_deployments(app, tmp_pat
     info = app.extensions["quadra"].registry.get_version_info("7.0.0")
     assert info["sha256"] == sha256 and info["tags"] == ["moved", "staging"] and info["metrics"] == {"accuracy": 0.9}
     refused = runner.invoke(args=["registry", "export", production, str(tmp_path / "out")])
-    assert refused.exit_code != 0  # never overwrites
+    assert refused.exit_code == 1 and "already holds model.safetensors and config.json" in refused.output
+    assert hashlib.sha256(artifact.read_bytes()).hexdigest() == sha256  # never overwritten
+    (tmp_path / "broken.json").write_text("{not json")
+    refused = runner.invoke(args=["registry", "import", str(artifact), "--config", str(config),
+                                  "--metrics", str(tmp_path / "broken.json")])
+    assert refused.exit_code == 1 and "broken.json is not a readable JSON file" in refused.output
+    (tmp_path / "list.json").write_text("[1, 2]")
+    refused = runner.invoke(args=["registry", "import", str(artifact), "--config", str(config),
+                                  "--metrics", str(tmp_path / "list.json"), "--version", "7.1.0"])
+    assert refused.exit_code == 1 and refused.output.startswith("Error: metrics:")
+    refused = runner.invoke(args=["registry", "import", str(artifact), "--config", str(config), "--version", "../x"])
+    assert refused.exit_code == 1 and "version" in refused.output and "7.1.0" not in str(runner.invoke(
+        args=["registry", "list"]).output)
     pickled = tmp_path / "model.pt"
     pickled.write_bytes(_pickle_bytes())
     refused = runner.invoke(args=["registry", "import", str(pickled), "--config", str(config)])

@@ -12,13 +12,17 @@ check is refused too, and written with O_EXCL, so a save never writes through a 
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import socket
 import stat
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from utils.journal import process_alive
 
@@ -61,13 +65,26 @@ def open_regular(path: Path) -> io.BufferedReader:
     return os.fdopen(fd, "rb")
 
 
-def write_new_file(path: Path, data: bytes) -> None:
-    """Create `path` (never an existing file or a link) with `data`, synced to disk."""
+@contextmanager
+def new_file(path: Path) -> Iterator[BinaryIO]:
+    """Create `path` for writing (never an existing file or a link); synced to disk when the
+    block ends without an error."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+        yield handle
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def write_new_file(path: Path, data: bytes) -> None:
+    """Create `path` (never an existing file or a link) with `data`, synced to disk."""
+    with new_file(path) as handle:
+        handle.write(data)
+
+
+def write_config(folder: Path, config: dict[str, Any]) -> None:
+    """A model's config.json beside its artifact, as every save, import and restore writes it."""
+    write_new_file(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
 
 
 def fsync_dir(path: Path) -> None:

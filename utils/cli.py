@@ -16,6 +16,7 @@ from utils.errors import QuadraError, TrainingInProgress, WrongMode
 from utils.model_modes import ModelMode
 from utils.model_monitoring import ModelMonitor
 from utils.model_versioning import ModelVersionManager
+from utils.schemas import ImportMetadata, validate
 from utils.security import AuthManager
 from utils.training import Hyperparameters
 
@@ -91,13 +92,16 @@ def restore_command(source: str) -> None:
 def import_command(artifact: str, config_path: str, version: str | None, description: str, tags: str,
                    metrics_path: str | None, sha256: str | None) -> None:
     """Add a safetensors model trained elsewhere as a new version (checked: it must load and run)."""
-    config, metrics = _json_file(config_path), _json_file(metrics_path) if metrics_path else None
+    metadata = validate(ImportMetadata, {  # the checks of POST /api/model/versions, before the upload is read
+        "config": _json_file(config_path), "version": version, "description": description,
+        "tags": [t.strip() for t in tags.split(",") if t.strip()], "sha256": sha256,
+        "metrics": _json_file(metrics_path) if metrics_path else None})
     svc = current_app.extensions["quadra"]
     with open(artifact, "rb") as source:
         imported = model_import.import_version(
-            svc.registry, source, config, max_bytes=svc.settings.max_artifact_bytes, version=version,
-            description=description, tags=[t.strip() for t in tags.split(",") if t.strip()], metrics=metrics,
-            sha256=sha256, filename=artifact, created_by="cli")
+            svc.registry, source, metadata.config, max_bytes=svc.settings.max_artifact_bytes, version=metadata.version,
+            description=metadata.description, tags=metadata.tags, metrics=metadata.metrics, sha256=metadata.sha256,
+            filename=artifact, created_by="cli")
     audit.record(svc.store, "cli", "registry.import_version", "success", target=imported.version,
                  details={"sha256": imported.sha256})
     click.echo(f"imported {imported.version} (sha256 {imported.sha256})")

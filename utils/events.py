@@ -294,7 +294,8 @@ class EventPusher:
             return {**modes.state(), "serves_predictions": modes.serves_predictions(), "allows_training": modes.allows_training()}
         if topic == "versions":
             served = svc.model_server.current
-            return {"serving_version": svc.registry.get_serving_version(), "production_version": svc.registry.get_production_version(),
+            deployment = svc.store.versions.deployment()
+            return {"serving_version": deployment.serving, "production_version": deployment.production,
                     "current_version": served.version if served else None}
         if topic == "health":
             report = svc.readiness.report()

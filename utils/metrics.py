@@ -111,15 +111,15 @@ def _process_registry() -> CollectorRegistry:
 def shared_state(services: Any) -> dict[str, Any]:
     """What /metrics reports from the store: the same whichever worker answers."""
     drift = services.store.drift_checks.latest()
-    registry = services.registry
+    deployment = services.store.versions.deployment()
     return {
         "predictions": services.monitor.total_predictions,
         "errors": services.monitor.error_count,
         "confidence_mean": services.monitor.window_confidence_mean(),
         "drift_score": drift.drift_score if drift else None,
         "drift_detected": (1.0 if drift.drift_detected else 0.0) if drift else None,
-        "serving_version": registry.get_serving_version(),
-        "production_version": registry.get_production_version(),
+        "serving_version": deployment.serving,
+        "production_version": deployment.production,
         "mode": services.modes.mode.value,
         "modes": tuple(mode.value for mode in ModelMode),
     }

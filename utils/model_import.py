@@ -11,8 +11,6 @@ behind in the registry, staging or the artifact store.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -20,8 +18,8 @@ from typing import IO, Any
 
 import torch
 
-from utils.artifact_files import ARTIFACT_NAME, CONFIG_NAME, open_regular, write_new_file
-from utils.errors import ArtifactTooLarge, IntegrityCheckFailed, InvalidArtifact, VersionConflict
+from utils.artifact_files import ARTIFACT_NAME, CONFIG_NAME, new_file, open_regular, write_config
+from utils.errors import ArtifactTooLarge, Conflict, IntegrityCheckFailed, InvalidArtifact, VersionConflict
 from utils.model_versioning import ModelVersionManager, VersionMetadata, new_version_row
 from utils.safetensors_reader import read_private, tensors_from_buffer
 from utils.serving import build_model
@@ -60,7 +58,7 @@ def import_version(
         if sha256 is not None and sha256.lower() != digest:
             raise IntegrityCheckFailed(f"the artifact's sha256 is {digest}, not the {sha256} given")
         check_artifact(staging / ARTIFACT_NAME, config)
-        write_new_file(staging / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
+        write_config(staging, config)
         info = {"imported": True, "filename": Path(filename).name if filename else None}
         return registry.add_version(version, lambda candidate: registry.publish_staged(staging, new_version_row(
             candidate, digest, size, config, dict(metrics or {}), info, description, tags, created_by)))
@@ -73,8 +71,7 @@ def receive(source: IO[bytes], path: Path, max_bytes: int) -> tuple[str, int]:
     thread while the next is read and written (hashlib releases the GIL on large updates), so
     the cost is about max(copy, hash); (sha256, size)."""
     digest, size = hashlib.sha256(), 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    with os.fdopen(fd, "wb") as target, ThreadPoolExecutor(max_workers=1) as hasher:
+    with new_file(path) as target, ThreadPoolExecutor(max_workers=1) as hasher:
         hashed: Future[None] | None = None
         while chunk := source.read(IMPORT_CHUNK):
             if size == 0:
@@ -88,8 +85,6 @@ def receive(source: IO[bytes], path: Path, max_bytes: int) -> tuple[str, int]:
             target.write(chunk)
         if hashed is not None:
             hashed.result()
-        target.flush()
-        os.fsync(target.fileno())
     if size == 0:
         raise InvalidArtifact("the artifact is empty")
     return digest.hexdigest(), size
@@ -126,12 +121,14 @@ def export_version(registry: ModelVersionManager, version: str, folder: Path) ->
     row, chunks = verified_artifact(registry, version)
     folder.mkdir(parents=True, exist_ok=True)
     artifact, config = folder / ARTIFACT_NAME, folder / CONFIG_NAME
-    fd = os.open(artifact, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    taken = [path.name for path in (artifact, config) if path.exists() or path.is_symlink()]
+    if taken:
+        raise Conflict(f"{folder} already holds {' and '.join(taken)}; export into an empty folder")
     try:
-        with os.fdopen(fd, "wb") as target:
+        with new_file(artifact) as target:
             for chunk in chunks:
                 target.write(chunk)
-        write_new_file(config, json.dumps(row.config, indent=2, sort_keys=True).encode())
+        write_config(folder, row.config)
     except BaseException:
         artifact.unlink(missing_ok=True)
         raise

@@ -75,6 +75,11 @@ class ModelModeManager:
     def state(self) -> dict[str, Any]:
         """{"mode", "reason", "changed_by", "changed_at"} (ISO 8601 UTC, None if the mode never
         changed), refreshed at most every refresh_seconds."""
+        return _public(self._current())
+
+    def _current(self) -> dict[str, Any]:
+        """The stored state as cached (changed_at in epoch seconds), refreshed at most every
+        refresh_seconds; `mode` reads it on every prediction, so it converts nothing."""
         store = self._shared_store()
         initial = {"mode": self.initial_mode.value, "reason": "initial mode", "changed_by": "system", "changed_at": None}
         if store is not None and (self._cached is None or time.monotonic() - self._read_at >= self.refresh_seconds):
@@ -82,11 +87,11 @@ class ModelModeManager:
             self._observe(asdict(stored) if stored else initial)
         elif self._cached is None:
             self._observe(initial)
-        return _public(self._cached or {})
+        return self._cached or {}
 
     @property
     def mode(self) -> ModelMode:
-        return ModelMode(self.state()["mode"])
+        return ModelMode(self._current()["mode"])
 
     def is_inference_mode(self) -> bool:
         return self.mode is ModelMode.INFERENCE

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from utils.artifact_files import ARTIFACT_NAME, CONFIG_NAME, UnsafeArtifact, atomic_write_text, write_new_file
+from utils.artifact_files import ARTIFACT_NAME, UnsafeArtifact, atomic_write_text, write_config
 from utils.artifact_store import ArtifactStore, artifact_store_for
 from utils.config import current_settings, is_service_folder
 from utils.errors import IntegrityCheckFailed, InvalidVersion, VersionConflict, VersionNotFound
@@ -362,7 +362,7 @@ def _stage_artifact(staging: Path, model: torch.nn.Module, version: str, config:
         sha256 = hasher.submit(sha256_file, artifact)
         with open(artifact, "rb+") as handle:
             os.fsync(handle.fileno())
-        write_new_file(staging / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
+        write_config(staging, config)
     return sha256.result(), artifact.stat().st_size
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from utils.artifact_files import ARTIFACT_NAME, CONFIG_NAME, write_new_file
+from utils.artifact_files import ARTIFACT_NAME, write_config, write_new_file
 from utils.errors import InvalidRequest, QuadraError, VersionConflict
 from utils.model_versioning import ModelVersionManager, check_digest, validate_version
 from utils.store import Deployment, VersionRow
@@ -90,7 +90,7 @@ def _restore_one(registry: ModelVersionManager, row: VersionRow, data: bytes) ->
     staging = registry.artifacts.new_staging_dir()
     try:
         write_new_file(staging / ARTIFACT_NAME, data)
-        write_new_file(staging / CONFIG_NAME, json.dumps(row.config, indent=2, sort_keys=True).encode())
+        write_config(staging, row.config)
         with registry.store.versions.adding(replace(row, archived=False, artifact_key=f"{row.version}/{ARTIFACT_NAME}")):
             registry.artifacts.publish(staging, row.version)
     finally:

@@ -12,7 +12,8 @@ configured batch size) stay in the handlers.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -22,6 +23,7 @@ from pydantic import (
     Field,
     JsonValue,
     StringConstraints,
+    ValidationError,
     model_validator,
 )
 
@@ -91,6 +93,28 @@ class QueryParameters(BaseModel):
 
 class PathParameters(QueryParameters):
     """Path parameters (the URL's own segments)."""
+
+
+M = TypeVar("M", bound=BaseModel)
+MAX_REPORTED_ERRORS = 3
+
+
+def validate(model: type[M], data: Any) -> M:
+    """`data` as a `model`, or the model's error naming (at most three of) the problems: what
+    `routes.operations` does with every request, and the CLI with what it reads from files."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = exc.errors(include_url=False, include_input=False)
+        first = problems[0]["loc"]
+        error = model.field_errors.get(str(first[0]), model.error) if first else model.error  # type: ignore[attr-defined]
+        raise error("; ".join(_describe(problem) for problem in problems[:MAX_REPORTED_ERRORS])) from None
+
+
+def _describe(problem: Mapping[str, Any]) -> str:
+    where = ".".join(str(part) for part in problem["loc"])
+    return f"{where}: {problem['msg']}" if where else problem["msg"]
+
 
 
 # -- request bodies ------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, TypedDict
 
-from sqlalchemy import TextClause, func, insert, select, text
+from sqlalchemy import Connection, TextClause, func, insert, select, text
 
 from utils.store.database import Database, as_rows
 from utils.store.service_state import lock_states, read_states, write_state
@@ -93,8 +93,7 @@ class PredictionStore:
         """Zero the totals and start the window after the newest record (records are kept)."""
         with self.database.write() as conn:
             lock_states(conn, (TOTALS, WINDOW_START))
-            last = int(conn.execute(select(func.max(predictions.c.id))).scalar() or 0)
-            write_state(conn, WINDOW_START, last, actor)
+            write_state(conn, WINDOW_START, _last_id(conn), actor)
             write_state(conn, TOTALS, {"count": 0, "errors": 0}, actor)
 
     def recent(self, limit: int, after_id: int = 0) -> list[PredictionRow]:
@@ -127,13 +126,17 @@ class PredictionStore:
 
     def last_id(self) -> int:
         with self.database.read() as conn:
-            return int(conn.execute(select(func.max(predictions.c.id))).scalar() or 0)
+            return _last_id(conn)
 
     def count_since(self, since: float, after_id: int = 0) -> int:
         with self.database.read() as conn:
             return int(conn.execute(
                 select(func.count()).select_from(predictions).where(predictions.c.at >= since, predictions.c.id > after_id)
             ).scalar_one())
+
+
+def _last_id(conn: Connection) -> int:
+    return int(conn.execute(select(func.max(predictions.c.id))).scalar() or 0)
 
 
 def _totals(state: dict[str, Any]) -> PredictionTotals:
