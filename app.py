@@ -46,7 +46,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         DEBUG=settings.debug,
-        JSON_SORT_KEYS=False,
     )
     # Before the security hooks: their ProxyFix (QUADRA_TRUSTED_PROXIES) must wrap the Socket.IO
     # endpoint too, so a socket sees the client's address and the page's forwarded origin as REST does.

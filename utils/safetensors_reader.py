@@ -24,6 +24,7 @@ from utils.artifact_files import open_regular
 LOAD_CHUNK = 4 * 1024 * 1024
 _SMALL_ARTIFACT = 16 * 1024 * 1024
 _HEADER_LENGTH_BYTES = 8
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 _DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
     "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64,
@@ -94,6 +95,8 @@ def tensors_from_buffer(data: memoryview) -> dict[str, torch.Tensor]:
     if len(data) < _HEADER_LENGTH_BYTES:
         raise ValueError("too short for a safetensors header")
     base = _HEADER_LENGTH_BYTES + int.from_bytes(data[:_HEADER_LENGTH_BYTES], "little")
+    if base - _HEADER_LENGTH_BYTES > _MAX_HEADER_BYTES:
+        raise ValueError("the header is larger than safetensors allows (100 MB)")
     if base > len(data):
         raise ValueError("the header runs past the end of the file")
     header = json.loads(bytes(data[_HEADER_LENGTH_BYTES:base]))

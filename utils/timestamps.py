@@ -20,4 +20,4 @@ def iso_utc(timestamp: float | None) -> str | None:
     """`timestamp` (epoch seconds) as ISO 8601 UTC with a "Z"; None stays None."""
     if timestamp is None:
         return None
-    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
