@@ -18,7 +18,7 @@ from flask import Flask, current_app, request
 from flask_socketio import SocketIO
 from sqlalchemy.exc import OperationalError
 
-from routes import auth, dashboard, docs, health, modes, monitoring, predict, registry, training
+from routes import auth, dashboard, docs, health, modes, monitoring, predict, registry, rollouts, training
 from routes.common import register_error_handlers
 from utils.cli import register_cli
 from utils.config import ConfigError, Settings
@@ -31,7 +31,8 @@ from utils.services import Services, build_services
 from utils.serving import import_architecture_modules
 from utils.training import ensure_initial_version
 
-BLUEPRINTS = (dashboard.bp, health.bp, auth.bp, registry.bp, predict.bp, monitoring.bp, modes.bp, training.bp, docs.bp)
+BLUEPRINTS = (dashboard.bp, health.bp, auth.bp, registry.bp, rollouts.bp, predict.bp, monitoring.bp, modes.bp, training.bp,
+              docs.bp)
 
 
 def create_app(settings: Settings | None = None) -> Flask:

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
 
-from flask import Blueprint, g
+from flask import Blueprint, g, request
 
 from routes.common import error_code, services
 from routes.operations import operation
-from utils.errors import Maintenance
+from utils.errors import InvalidRequest, Maintenance
 from utils.schemas import PredictRequest, PredictResponse
 from utils.security import require_permission
 from utils.serving import rows_to_tensor
 
 bp = Blueprint("predict", __name__)
 F = TypeVar("F", bound=Callable[..., Any])
+REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID = re.compile(r"[!-~]{1,200}")
 
 
 def _monitored(view: F) -> F:
@@ -34,6 +37,8 @@ def _monitored(view: F) -> F:
         g.prediction_started = time.perf_counter()
         served = svc.model_server.current
         try:
+            g.request_id = _request_id()
+            served = g.served = svc.model_server.route(g.request_id)
             return view(*args, **kwargs)
         except Exception as exc:
             svc.monitor.record_failure(error_code(exc), time.perf_counter() - g.prediction_started,
@@ -41,6 +46,16 @@ def _monitored(view: F) -> F:
             raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def _request_id() -> str:
+    """The caller's X-Request-ID (so a retried request keeps its id, and its canary arm), else a new one."""
+    given = request.headers.get(REQUEST_ID_HEADER)
+    if given is None:
+        return uuid.uuid4().hex
+    if not REQUEST_ID.fullmatch(given):
+        raise InvalidRequest(f"{REQUEST_ID_HEADER} must be 1 to 200 printable ASCII characters without spaces")
+    return given
 
 
 @bp.post("/api/predict")
@@ -52,11 +67,13 @@ def _monitored(view: F) -> F:
                    503: "Maintenance mode, or the serving model is not loaded yet (with Retry-After)"})
 def predict(body: PredictRequest) -> PredictResponse:
     """`{"inputs": [[...], ...]}` -> class, probabilities and confidence per row; every row
-    (or the failed request) is recorded for monitoring off the request path."""
+    (or the failed request) is recorded for monitoring off the request path. An `X-Request-ID`
+    header (1 to 200 printable ASCII characters, no spaces) becomes the `request_id`, so a
+    retried request lands on the same arm of a canary; without one, a new id is made."""
     svc = services()
-    served = svc.model_server.require_current()
+    served = g.served or svc.model_server.require_current()
     inputs = rows_to_tensor(body.inputs, served.input_dim, svc.settings.max_batch_size)  # values checked by the schema
     results = served.predict(inputs)
     svc.monitor.record_batch(body.inputs, results, time.perf_counter() - g.prediction_started, served.version)
     return PredictResponse.model_validate({"predictions": results, "model_version": served.version,
-                                           "request_id": uuid.uuid4().hex})
+                                           "request_id": g.request_id})

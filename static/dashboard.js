@@ -4,7 +4,7 @@
 "use strict";
 
 (() => {
-  const TOPICS = ["mode", "versions", "health", "stats", "drift", "training", "alerts"];
+  const TOPICS = ["mode", "versions", "health", "stats", "drift", "training", "alerts", "rollout"];
   const KEY_STORAGE = "quadra.apiKey";
   const MAX_POINTS = 120;
   const MIN_SPAN_MS = 30_000;
@@ -321,6 +321,12 @@
       { label: "mean", color: COLORS.violet },
       { label: "min", color: COLORS.slate, dashed: true },
     ], { xTicks: timeTicks, yMax: 1 });
+    lineChart("chart-rollout", [
+      { label: "production confidence", color: COLORS.blue },
+      { label: "candidate confidence", color: COLORS.amber },
+      { label: "production error rate", color: COLORS.slate, dashed: true },
+      { label: "candidate error rate", color: COLORS.red, dashed: true },
+    ], { xTicks: timeTicks, yMax: 1 });
     lineChart("chart-drift", [
       { label: "drift score", color: COLORS.blue },
       { label: "threshold", color: COLORS.red, dashed: true },
@@ -502,15 +508,70 @@
       : [el("li", { class: "muted" }, "no alerts")]));
   }
 
+  const CRITERIA = {
+    max_error_rate_increase: "error rate increase", max_latency_p95_ratio: "p95 latency ratio",
+    max_confidence_drop: "confidence drop", max_prediction_distance: "prediction distance",
+  };
+
+  function renderRollout(payload) {
+    const rollout = payload.rollout;
+    const active = Boolean(rollout && ["running", "held"].includes(rollout.status));
+    for (const id of ["canary-promote", "canary-abort"]) {
+      $(id).toggleAttribute("data-moot", !active);
+      syncControl($(id));
+    }
+    if (!rollout) {
+      setPill("rollout-status", "no canary yet", "wait");
+      setText("rollout-detail", "Start one with POST /api/model/canary/{version} or flask rollout start.");
+      setText("rollout-reason", "");
+      $("rollout-arms").hidden = true;
+      $("rollout-checks").replaceChildren();
+      replacePoints("chart-rollout", [[], [], [], []]);
+      return;
+    }
+    const tone = { running: "info", held: "warn", promoted: "ok", aborted: "bad" }[rollout.status] || "wait";
+    setPill("rollout-status", rollout.paused ? `${rollout.status} (paused: maintenance)` : rollout.status, tone);
+    setText("rollout-detail", `${rollout.version} at ${rollout.percent}% beside production ${rollout.production_version}`
+      + ` · decides after ${rollout.min_predictions} predictions (${rollout.on_success} / ${rollout.on_failure})`
+      + ` · started ${dateTime(rollout.started_at)} by ${rollout.started_by}`);
+    setText("rollout-reason", rollout.reason ? `${rollout.verdict || "decided by hand"}: ${rollout.reason}` : "");
+    const arms = rollout.arms ? [["production", rollout.arms.production], ["candidate", rollout.arms.candidate]] : [];
+    $("rollout-arms").hidden = !arms.length;
+    $("rollout-arms").querySelector("tbody").replaceChildren(...arms.map(([arm, a]) =>
+      el("tr", { "data-arm": arm },
+        el("th", { scope: "row" }, arm), el("td", {}, a.version), el("td", {}, String(a.predictions)),
+        el("td", {}, percent(a.error_rate)), el("td", {}, isNumber(a.latency_p95_ms) ? `${fixed(a.latency_p95_ms)} ms` : "–"),
+        el("td", {}, fixed(a.confidence_mean, 3)))));
+    $("rollout-checks").replaceChildren(...rollout.checks.map((c) =>
+      el("li", { class: c.passed === false ? "check-bad" : c.passed ? "check-ok" : "check-wait", "data-criterion": c.name },
+        `${CRITERIA[c.name] || c.name}: ${isNumber(c.observed) ? fixed(c.observed, 3) : "–"} (limit ${c.limit})`)));
+    const points = rollout.history || [];
+    const series = (arm, field) => points.map((p) => ({ x: epochMs(p.at), y: p[arm][field] ?? null }));
+    replacePoints("chart-rollout", [series("production", "confidence_mean"), series("candidate", "confidence_mean"),
+      series("production", "error_rate"), series("candidate", "error_rate")]);
+  }
+
+  function decideCanary(decision) {
+    return (event) => act(event.currentTarget, {
+      confirmText: decision === "promote" ? "Promote the canary's candidate to production now?" : "Abort the canary?",
+      path: `/api/model/canary/${decision}`,
+      body: { reason: `${decision === "promote" ? "promoted" : "aborted"} from the dashboard` },
+      success: (r) => (decision === "promote" ? `Promoted ${r.version} to production.` : `Aborted the canary of ${r.version}.`),
+    });
+  }
+
   const RENDER = {
     mode: renderMode, versions: renderVersions, health: renderHealth, stats: renderStats,
-    drift: renderDrift, training: renderTraining, alerts: renderAlerts,
+    drift: renderDrift, training: renderTraining, alerts: renderAlerts, rollout: renderRollout,
   };
 
   /** Show what needs a permission only while the channel sends it (a snapshot holds exactly
       the topics this page may receive; an "access" event says when that changes). */
   function setChannelTopics(topics) {
     state.topics = new Set(topics);
+    const rollout = state.topics.has("rollout");
+    $("rollout-note").hidden = rollout;
+    $("rollout-body").hidden = !rollout;
     const training = state.topics.has("training");
     $("training-note").hidden = training;
     $("jobs").hidden = !training;
@@ -848,6 +909,8 @@
     $("rollback").addEventListener("click", rollback);
     $("refresh-versions").addEventListener("click", loadVersions);
     $("set-baseline").addEventListener("click", setBaseline);
+    $("canary-promote").addEventListener("click", decideCanary("promote"));
+    $("canary-abort").addEventListener("click", decideCanary("abort"));
     $("train-form").addEventListener("submit", startTraining);
     onClick(document.querySelector(".admin-block"), "button[data-mode]", switchMode);
     onClick($("versions"), "button[data-action]", versionAction);

@@ -16,7 +16,7 @@ import socketio
 from tests.conftest import GUNICORN_COMMAND, make_settings
 from utils.events import TOPICS
 
-PROTECTED_TOPICS = {"training"}  # GET /api/train needs read; every other topic's REST endpoint is public
+PROTECTED_TOPICS = {"training", "rollout"}  # GET /api/train and /api/model/canary need read; the others are public
 PUBLIC_TOPICS = set(TOPICS) - PROTECTED_TOPICS
 
 

@@ -130,9 +130,10 @@ class AlertManager:
         self.store.alerts.update_episode(kind, change)
         return self._record(kind, severity, message, details) if outcome["record"] else None
 
-    def notify(self, kind: str, message: str, details: dict[str, Any]) -> int:
-        """An informational notice (a mode change): recorded and sent, no cooldown."""
-        return self._record(kind, "info", message, details)
+    def notify(self, kind: str, message: str, details: dict[str, Any], severity: str = "info") -> int:
+        """A notice of an event (a mode change, a rollout's start or end): recorded and sent,
+        no cooldown, since each event happens once."""
+        return self._record(kind, severity, message, details)
 
     def recent(self, limit: int = 50) -> list[dict[str, Any]]:
         """The newest alerts first; `at` and `resolved_at` in ISO 8601 UTC."""

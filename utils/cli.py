@@ -16,7 +16,8 @@ from utils.errors import QuadraError, TrainingInProgress, WrongMode
 from utils.model_modes import ModelMode
 from utils.model_monitoring import ModelMonitor
 from utils.model_versioning import ModelVersionManager
-from utils.schemas import ImportMetadata, validate
+from utils.rollout import rollout_view
+from utils.schemas import CanaryRequest, ImportMetadata, VersionPath, validate
 from utils.security import AuthManager
 from utils.training import Hyperparameters
 
@@ -334,6 +335,68 @@ def train_cancel_command(job_id: str) -> None:
     click.echo(f"{job_id}: {job['status']}{' (stopping at the next epoch)' if job['cancel_requested'] else ''}")
 
 
+rollout_cli = OperatorGroup("rollout", help="Start, follow, promote and abort a canary.")
+
+
+@rollout_cli.command("start")
+@click.argument("version")
+@click.option("--percent", type=float, default=10.0, show_default=True, help="Share of predictions (1-50).")
+@click.option("--min-predictions", type=int, default=1000, show_default=True,
+              help="Predictions on the candidate before the service decides.")
+@click.option("--criteria", "criteria_json", default="{}",
+              help='JSON limits, e.g. \'{"max_latency_p95_ratio": 2.0, "max_confidence_drop": null}\'.')
+@click.option("--on-success", type=click.Choice(["promote", "hold"]), default="promote", show_default=True)
+@click.option("--on-failure", type=click.Choice(["abort", "hold"]), default="abort", show_default=True)
+def rollout_start_command(version: str, percent: float, min_predictions: int, criteria_json: str, on_success: str,
+                          on_failure: str) -> None:
+    """Send a share of predictions to VERSION; promote or abort by its numbers."""
+    try:
+        criteria = json.loads(criteria_json)
+    except ValueError:
+        raise click.BadParameter("not valid JSON", param_hint="--criteria") from None
+    request = validate(CanaryRequest, {"percent": percent, "min_predictions": min_predictions, "criteria": criteria,
+                                       "on_success": on_success, "on_failure": on_failure})
+    services = current_app.extensions["quadra"]
+    row = services.rollouts.start(validate(VersionPath, {"version": version}).version, request, "cli")
+    audit.record(services.store, "cli", "rollouts.start_canary", "success", target=version,
+                 details=request.model_dump())
+    click.echo(f"canary {row.id}: {version} serves {percent:g}% beside production {row.baseline_version}")
+
+
+@rollout_cli.command("status")
+def rollout_status_command() -> None:
+    """The canary (active, else the last one) with both arms, as JSON; exit 1 if there is none."""
+    rollouts = current_app.extensions["quadra"].rollouts
+    current = rollouts.current()
+    if current is None:
+        click.echo("no canary has run", err=True)
+        raise SystemExit(1)
+    row, comparison = current
+    _echo_json(rollout_view(row, comparison, rollouts.paused))
+
+
+@rollout_cli.command("promote")
+@click.option("--reason", default="", help="Why; kept with the rollout and sent with the notice.")
+def rollout_promote_command(reason: str) -> None:
+    """Promote the canary's candidate now (through the normal promote path)."""
+    services = current_app.extensions["quadra"]
+    row = services.rollouts.promote("cli", reason)
+    audit.record(services.store, "cli", "rollouts.promote_canary", "success", target=row.version,
+                 details={"reason": reason})
+    click.echo(f"promoted {row.version}; it is production on every worker within a poll")
+
+
+@rollout_cli.command("abort")
+@click.option("--reason", default="", help="Why; kept with the rollout and sent with the notice.")
+def rollout_abort_command(reason: str) -> None:
+    """End the canary; production serves every request again."""
+    services = current_app.extensions["quadra"]
+    row = services.rollouts.abort("cli", reason)
+    audit.record(services.store, "cli", "rollouts.abort_canary", "success", target=row.version,
+                 details={"reason": reason})
+    click.echo(f"aborted the canary of {row.version}; production {row.baseline_version} serves every request")
+
+
 def _when(timestamp: str | None) -> str:
     """An API timestamp (ISO 8601 UTC) to the second, or "never"."""
     if timestamp is None:
@@ -348,3 +411,4 @@ def register_cli(app: Flask) -> None:
     app.cli.add_command(monitoring_cli)
     app.cli.add_command(mode_cli)
     app.cli.add_command(train_cli)
+    app.cli.add_command(rollout_cli)

@@ -198,6 +198,7 @@ class Settings:
     monitoring_flush_seconds: float = setting("QUADRA_MONITORING_FLUSH_SECONDS", _float_parser(0.05, 60.0), 1.0)
     baseline_min_samples: int = setting("QUADRA_BASELINE_MIN_SAMPLES", _int_parser(10, 1_000_000), 100)
     drift_check_seconds: float = setting("QUADRA_DRIFT_CHECK_SECONDS", _float_parser(1.0, 86_400.0), 10.0)
+    rollout_check_seconds: float = setting("QUADRA_ROLLOUT_CHECK_SECONDS", _float_parser(0.2, 3600.0), 2.0)
     alert_webhook: str | None = setting("QUADRA_ALERT_WEBHOOK", _parse_http_url, None)
     alert_webhook_allow_private: bool = setting("QUADRA_ALERT_WEBHOOK_ALLOW_PRIVATE", _parse_bool, False)
     alert_cooldown_seconds: float = setting("QUADRA_ALERT_COOLDOWN_SECONDS", _float_parser(0.0, 86_400.0 * 7), 600.0)

@@ -181,8 +181,8 @@ def _wasserstein(reference: np.ndarray, current: np.ndarray, threshold: float) -
     return value, None, value >= threshold
 
 
-def _jensen_shannon(ref_counts: np.ndarray, cur_counts: np.ndarray, threshold: float) -> TestOutcome:
-    """Jensen-Shannon distance (natural log) between the category proportions.
+def jensen_shannon_distance(ref_counts: np.ndarray, cur_counts: np.ndarray) -> float:
+    """Jensen-Shannon distance (natural log) between two aligned category counts' proportions.
 
     For nearly equal proportions of big samples, rounding can make scipy's divergence a tiny
     negative number whose square root is NaN (e.g. counts 58569/58546 vs 58570/58547): that is
@@ -190,7 +190,11 @@ def _jensen_shannon(ref_counts: np.ndarray, cur_counts: np.ndarray, threshold: f
     """
     with np.errstate(invalid="ignore"):
         value = float(distance.jensenshannon(ref_counts / ref_counts.sum(), cur_counts / cur_counts.sum()))
-    value = 0.0 if np.isnan(value) else value
+    return 0.0 if np.isnan(value) else value
+
+
+def _jensen_shannon(ref_counts: np.ndarray, cur_counts: np.ndarray, threshold: float) -> TestOutcome:
+    value = jensen_shannon_distance(ref_counts, cur_counts)
     return value, None, value >= threshold
 
 

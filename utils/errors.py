@@ -140,6 +140,13 @@ class TrainingCapacityReached(TrainingInProgress):
     """The configured number of jobs is already queued or running."""
 
 
+class RolloutConflict(Conflict, RuntimeError):
+    """A rollout's state refuses the operation (one is already active, none is, or the
+    deployment cannot start one)."""
+
+    code = "rollout_conflict"
+
+
 class InsufficientData(Conflict, RuntimeError):
     """Not enough recorded predictions for what was asked (a baseline, a drift check)."""
 

@@ -18,6 +18,7 @@ from flask import current_app, request
 from flask_socketio import ConnectionRefusedError, SocketIO, emit, join_room
 
 from utils.errors import TooManyRequests
+from utils.rollout import rollout_view
 from utils.security import AUTH_DISABLED_PRINCIPAL, PERMISSIONS, Principal
 from utils.timestamps import iso_utc
 
@@ -36,7 +37,7 @@ def detect_async_mode() -> str:
     return "threading"
 
 
-TOPICS = ("mode", "versions", "health", "stats", "drift", "training", "alerts")
+TOPICS = ("mode", "versions", "health", "stats", "drift", "training", "alerts", "rollout")
 # The permission each topic needs: that of the REST endpoint showing the same data (None: public).
 TOPIC_PERMISSIONS: dict[str, str | None] = {
     "mode": None,        # GET /api/mode
@@ -47,6 +48,7 @@ TOPIC_PERMISSIONS: dict[str, str | None] = {
     "drift": None,       # GET /api/monitoring/drift
     "training": "read",  # GET /api/train
     "alerts": None,      # GET /api/monitoring/alerts
+    "rollout": "read",   # GET /api/model/canary
 }
 PUBLIC_ROOM = "public"
 CREDENTIAL_FIELDS = ("apiKey", "token")  # in the Socket.IO `auth` payload; a query string is never read
@@ -313,6 +315,9 @@ class EventPusher:
             return {"jobs": svc.jobs.list(RECENT_JOBS)}
         if topic == "alerts":
             return {"alerts": svc.alerts.recent(RECENT_ALERTS)}
+        if topic == "rollout":  # as of its last check (`Rollouts.decide`), so a push costs one read
+            row = svc.store.rollouts.latest()
+            return {"rollout": rollout_view(row, row.comparison, svc.rollouts.paused) if row else None}
         raise ValueError(f"unknown topic {topic}")
 
 

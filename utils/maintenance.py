@@ -1,6 +1,6 @@
 """Background work on each process's scheduler (`utils.scheduler`).
 
-Drift checks (with their alerts and history), roll-ups and journal recovery run on one
+Drift checks (with their alerts and history), canary decisions, roll-ups and journal recovery run on one
 process of the deployment at a time, under leases in the store; the model health check, the
 mode refresh (which fires mode callbacks) and the reaping of dead training jobs run everywhere.
 """
@@ -18,6 +18,7 @@ from utils.store import DriftCheck
 
 MONITORING_LEASE = "monitoring-maintenance"
 JOURNAL_LEASE = "journal-recovery"
+ROLLOUT_LEASE = "rollout-decision"
 DRIFT_HISTORY_LENGTH = 120
 ROLL_UP_SECONDS = 60.0
 JOB_REAP_SECONDS = 5.0
@@ -40,6 +41,10 @@ def schedule_background_work(services: Services) -> None:
         if store.leases.try_acquire(MONITORING_LEASE, owner, settings.drift_check_seconds * 3):
             monitor.roll_up(settings.monitoring_retention_hours * 3600)
 
+    def decide_rollout() -> None:
+        if store.leases.try_acquire(ROLLOUT_LEASE, owner, settings.rollout_check_seconds * 3):
+            services.rollouts.decide()
+
     def check_model() -> None:
         if services.model_server.last_error:
             services.alerts.raise_alert("health", services.model_server.last_error, {"process": owner})
@@ -57,6 +62,7 @@ def schedule_background_work(services: Services) -> None:
     scheduler.every(JOURNAL_RECOVERY_SECONDS, recover_journals)
     scheduler.every(settings.drift_check_seconds, check_drift)
     scheduler.every(ROLL_UP_SECONDS, roll_up)
+    scheduler.every(settings.rollout_check_seconds, decide_rollout)
     scheduler.every(settings.drift_check_seconds, check_model)
     scheduler.every(settings.monitoring_flush_seconds, services.modes.state)
     scheduler.every(JOB_REAP_SECONDS, services.jobs.reap)

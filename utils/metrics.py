@@ -27,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from utils.model_modes import ModelMode
+from utils.store import RolloutRow
 
 disable_created_metrics()
 REQUESTS = Counter("quadra_http_requests_total", "HTTP requests by endpoint, method and status", ["endpoint", "method", "status"])
@@ -69,6 +70,33 @@ class StoreCollector:
         for name in state["modes"]:
             mode.add_metric([name], 1.0 if name == state["mode"] else 0.0)
         yield mode
+        yield from rollout_metrics(state["rollout"])
+
+
+ARM_GAUGES = (
+    ("quadra_rollout_arm_predictions", "Predictions per canary arm since the canary started", "predictions", 1.0),
+    ("quadra_rollout_arm_error_rate", "Failed share of predictions per canary arm", "error_rate", 1.0),
+    ("quadra_rollout_arm_latency_p95_seconds", "p95 prediction latency per canary arm", "latency_p95_ms", 0.001),
+    ("quadra_rollout_arm_confidence_mean", "Mean confidence per canary arm", "confidence_mean", 1.0),
+)
+
+
+def rollout_metrics(rollout: RolloutRow | None) -> Iterator[GaugeMetricFamily]:
+    """The active canary: its share and, as of its last check, each arm's numbers labelled by
+    arm ("production" or "candidate") and version."""
+    yield GaugeMetricFamily("quadra_rollout_active", "1 while a canary is running or held",
+                            value=1.0 if rollout is not None else 0.0)
+    if rollout is None:
+        return
+    yield GaugeMetricFamily("quadra_rollout_percent", "Share of predictions the canary's candidate serves",
+                            value=rollout.percent)
+    arms = (rollout.comparison or {}).get("arms", {})
+    for name, documentation, field, scale in ARM_GAUGES:
+        gauge = GaugeMetricFamily(name, documentation, labels=["arm", "version"])
+        for arm, numbers in arms.items():
+            if numbers[field] is not None:
+                gauge.add_metric([arm, numbers["version"]], numbers[field] * scale)
+        yield gauge
 
 
 def init_metrics(app: Flask, read_state: Callable[[], dict[str, Any]]) -> None:
@@ -122,4 +150,5 @@ def shared_state(services: Any) -> dict[str, Any]:
         "production_version": deployment.production,
         "mode": services.modes.mode.value,
         "modes": tuple(mode.value for mode in ModelMode),
+        "rollout": services.store.rollouts.active(),
     }

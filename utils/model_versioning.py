@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -44,6 +45,7 @@ VERSION_PATTERN = f"^(?:{_SEMVER_BODY}|{_TIMESTAMP_BODY})$"
 _PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 MAX_GENERATED_ATTEMPTS = 50
 MAX_ROLLBACK_ATTEMPTS = 5
+log = logging.getLogger("quadra.registry")
 VERSION_METADATA_FIELDS = ("version", "created_at", "created_by", "description", "tags", "metrics", "config",
                            "training_info", "sha256", "size_bytes", "archived")
 
@@ -290,6 +292,7 @@ class ModelVersionManager:
         Promoting the production version again changes nothing (`changed` is false) and
         writes no history, so it never becomes a step that a rollback would return to."""
         self._check_deployable(version)
+        self._end_rollout("promote", version, actor)
         previous = self.store.versions.deploy("promote", version, actor, set_production=True)
         self.write_registry_mirror()
         return _production_change(version, previous)
@@ -297,6 +300,7 @@ class ModelVersionManager:
     def set_serving_version(self, version: str, actor: str = "system") -> dict[str, Any]:
         """Serve `version` on every process without changing production (the "load" action)."""
         self._check_deployable(version)
+        self._end_rollout("load", version, actor)
         previous = self.store.versions.deploy("load", version, actor, set_production=False)
         self.write_registry_mirror()
         return {"serving_version": version, "previous_version": previous, "changed": previous != version}
@@ -310,6 +314,7 @@ class ModelVersionManager:
             if candidate is None:
                 raise VersionConflict("there is no previous production version to roll back to")
             self._check_deployable(candidate)
+            self._end_rollout("rollback", candidate, actor)
             try:
                 previous = self.store.versions.deploy("rollback", candidate, actor, set_production=True,
                                                         expected_production=current)
@@ -318,6 +323,17 @@ class ModelVersionManager:
             self.write_registry_mirror()
             return _production_change(candidate, previous)
         raise VersionConflict("production kept changing during the rollback; try again")
+
+    def _end_rollout(self, action: str, version: str, actor: str) -> None:
+        """A promote, load or rollback during a canary ends the canary first: as promoted when
+        it promotes the candidate, else as aborted (production's change is the operator's)."""
+        rollout = self.store.rollouts.active()
+        if rollout is None:
+            return
+        promoted = action == "promote" and version == rollout.version
+        self.store.rollouts.finish(rollout.id, "promoted" if promoted else "aborted", None,
+                                   f"ended by the {action} of {version} by {actor}", actor)
+        log.info("canary of %s ended by the %s of %s", rollout.version, action, version)
 
     def _check_deployable(self, version: str) -> None:
         if self.verify_integrity:

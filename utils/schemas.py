@@ -157,6 +157,35 @@ class ImportMetadata(RequestBody):
         None, description="the artifact's SHA-256 (hex): the import fails if it differs")
 
 
+class RolloutCriteria(RequestBody):
+    """Limits the candidate must stay within, each measured against the production arm over the
+    same period; null switches a criterion off."""
+
+    max_error_rate_increase: float | None = Field(
+        0.01, ge=0, le=1, description="candidate error rate minus production's (0.01: one percentage point)")
+    max_latency_p95_ratio: float | None = Field(
+        1.5, gt=0, le=1000, description="candidate p95 latency divided by production's")
+    max_confidence_drop: float | None = Field(
+        0.05, ge=0, le=1, description="production's mean confidence minus the candidate's")
+    max_prediction_distance: float | None = Field(
+        0.1, ge=0, le=1, description="Jensen-Shannon distance between the two arms' predicted-class distributions")
+
+
+class CanaryRequest(RequestBody):
+    """Send a share of prediction requests to a candidate version and decide by its numbers."""
+
+    percent: float = Field(10.0, ge=1, le=50, description="share of prediction requests the candidate serves")
+    min_predictions: Annotated[int, Field(ge=10, le=1_000_000), WholeNumber] = Field(
+        1000, description="predictions on the candidate before the service decides by itself")
+    criteria: RolloutCriteria = Field(default_factory=lambda: RolloutCriteria.model_validate({}))
+    on_success: Literal["promote", "hold"] = Field("promote", description="hold: wait for an operator's promote or abort")
+    on_failure: Literal["abort", "hold"] = Field("abort", description="hold: keep the canary for an operator to decide")
+
+
+class RolloutDecisionRequest(RequestBody):
+    reason: Annotated[str, StringConstraints(max_length=MAX_REASON)] = ""
+
+
 class ModeChangeRequest(RequestBody):
     reason: Annotated[str, StringConstraints(max_length=MAX_REASON)] = ""
     force: bool = Field(False, description="switching to inference: cancel running training jobs first")
@@ -616,6 +645,74 @@ class TrainingJob(ResponseBody):
 
 class TrainingJobs(ResponseBody):
     jobs: list[TrainingJob]
+
+
+class ArmSummary(ResponseBody):
+    """One arm's predictions since the rollout started."""
+
+    version: str
+    predictions: int
+    errors: int
+    error_rate: float | None
+    latency_p95_ms: float | None
+    confidence_mean: float | None
+    class_distribution: dict[str, int]
+
+
+class CriterionCheck(ResponseBody):
+    name: str
+    limit: float
+    observed: float | None = Field(description="null until both arms have predictions to compare")
+    passed: bool | None
+
+
+class ArmPoint(ResponseBody):
+    predictions: int
+    error_rate: float | None
+    latency_p95_ms: float | None
+    confidence_mean: float | None
+
+
+class RolloutPoint(ResponseBody):
+    """Both arms at one check: the curves of the rollout."""
+
+    at: Timestamp
+    production: ArmPoint
+    candidate: ArmPoint
+
+
+class RolloutArms(ResponseBody):
+    production: ArmSummary
+    candidate: ArmSummary
+
+
+class Rollout(ResponseBody):
+    """A canary: the candidate, its share, its criteria and, once decided, the outcome."""
+
+    id: int
+    status: Literal["running", "held", "promoted", "aborted"]
+    version: str = Field(description="the candidate")
+    production_version: str
+    percent: float
+    min_predictions: int
+    criteria: dict[str, float | None]
+    on_success: Literal["promote", "hold"]
+    on_failure: Literal["abort", "hold"]
+    started_at: Timestamp
+    started_by: str
+    paused: bool = Field(description="true in maintenance mode: no prediction is served, nothing is decided")
+    arms: RolloutArms | None
+    checks: list[CriterionCheck]
+    evaluated_at: Timestamp | None
+    history: list[RolloutPoint] = Field(description="both arms at each check, oldest first (the last 120)")
+    verdict: Literal["passed", "failed"] | None = Field(description="what the criteria said; null for a decision by hand")
+    reason: str | None
+    decided_at: Timestamp | None
+    decided_by: str | None
+
+
+class RolloutStatus(ResponseBody):
+    rollout: Rollout | None = Field(description="the active canary, else the last one; null if there never was one")
 
 
 class OpenApiDocument(ResponseBody):

@@ -19,6 +19,7 @@ from utils.model_monitoring import ModelMonitor
 from utils.model_versioning import ModelVersionManager
 from utils.outage import Outage
 from utils.readiness import Readiness
+from utils.rollout import Rollouts
 from utils.scheduler import Scheduler
 from utils.security import AuthManager, SecurityState, auth_manager_for, build_security, storage_for
 from utils.serving import ModelServer
@@ -41,6 +42,7 @@ class Services:
     readiness: Readiness
     security: SecurityState
     scheduler: Scheduler
+    rollouts: Rollouts
     notices: ChangeNotices | None = None
     events: EventPusher | None = None
     started: bool = False
@@ -80,5 +82,6 @@ def build_services(settings: Settings, redis_outage: Outage) -> Services:
                               storage_for(settings, store, redis_outage))
     notices = ChangeNotices(settings.redis_url, settings.redis_prefix, redis_outage) if settings.redis_url else None
     scheduler = Scheduler(settings.monitoring_flush_seconds)
+    rollouts = Rollouts(store, registry, model_server, alerts, modes)
     return Services(settings, store, registry, model_server, monitor, alerts, modes, jobs, readiness, security, scheduler,
-                    notices)
+                    rollouts, notices)

@@ -11,6 +11,7 @@ import importlib
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -158,16 +159,38 @@ def load_served_model(registry: ModelVersionManager, version: str) -> ServedMode
     return served
 
 
+CANARY_BUCKETS = 10_000
+
+
+def takes_candidate(rollout_id: int, request_id: str, percent: float) -> bool:
+    """Whether a request goes to a canary's candidate: the same request id always lands on the
+    same arm of a rollout (in every process and host), and `percent` of ids on the candidate."""
+    return zlib.crc32(f"{rollout_id}:{request_id}".encode()) % CANARY_BUCKETS < percent * (CANARY_BUCKETS // 100)
+
+
+@dataclass(frozen=True)
+class Canary:
+    """This process's part of an active rollout (`utils.rollout`): the loaded candidate and its share."""
+
+    rollout_id: int
+    percent: float
+    model: ServedModel
+
+
 class ModelServer:
-    """This process's serving model and the watcher that keeps it in step with the store."""
+    """This process's serving model, the candidate of an active canary, and the watcher that
+    keeps both in step with the store."""
 
     def __init__(self, registry: ModelVersionManager, poll_seconds: float = 0.5) -> None:
         self.registry = registry
         self.poll_seconds = poll_seconds
         self.last_error: str | None = None
         self._current: ServedModel | None = None
+        self._canary: Canary | None = None
         self._failed_version: str | None = None
         self._failed_at = 0.0
+        self._failed_rollout: int | None = None
+        self._failed_rollout_at = 0.0
         self._lock = threading.Lock()
         self._started = False
         self._stopping = threading.Event()
@@ -175,6 +198,22 @@ class ModelServer:
     @property
     def current(self) -> ServedModel | None:
         return self._current
+
+    @property
+    def canary(self) -> Canary | None:
+        return self._canary
+
+    def route(self, request_id: str) -> ServedModel | None:
+        """The model that serves a request: the candidate for its share of an active canary,
+        else the current one (None while nothing is loaded)."""
+        canary = self._canary
+        if canary is not None and takes_candidate(canary.rollout_id, request_id, canary.percent):
+            return canary.model
+        return self._current
+
+    def adopt_candidate(self, rollout_id: int, percent: float, candidate: ServedModel) -> None:
+        """Route by a rollout whose candidate the caller already loaded (the process that starts it)."""
+        self._canary = Canary(rollout_id, percent, candidate)
 
     def require_current(self) -> ServedModel:
         served = self._current
@@ -202,10 +241,17 @@ class ModelServer:
         self._stopping.set()
 
     def sync(self) -> bool:
-        """Swap to the store's serving version if it changed; True when a swap happened.
+        """Swap to the store's serving version if it changed, and follow the store's active
+        canary (load its candidate, or drop it once the rollout ended); True when the serving
+        model was swapped.
 
         A version that fails to load is retried only after RETRY_FAILED_SECONDS (or when the
         store names another one); the current model keeps serving meanwhile."""
+        swapped = self._sync_serving()
+        self._sync_canary()
+        return swapped
+
+    def _sync_serving(self) -> bool:
         target = self.registry.get_serving_version()
         current = self._current
         if target is None or (current is not None and current.version == target):
@@ -215,8 +261,10 @@ class ModelServer:
         with self._lock:
             if self._current is not None and self._current.version == target:
                 return False
+            canary = self._canary
             try:
-                self._current = load_served_model(self.registry, target)
+                self._current = (canary.model if canary is not None and canary.model.version == target
+                                 else load_served_model(self.registry, target))
             except Exception as exc:
                 self._failed_version, self._failed_at = target, time.monotonic()
                 self.last_error = f"could not load version {target}: {exc}"
@@ -226,6 +274,25 @@ class ModelServer:
             self.last_error = None
         log.info("now serving version %s", target)
         return True
+
+    def _sync_canary(self) -> None:
+        rollout = self.registry.store.rollouts.active()
+        if rollout is None:
+            self._canary = None
+            return
+        canary = self._canary
+        if canary is not None and canary.rollout_id == rollout.id:
+            return
+        if rollout.id == self._failed_rollout and time.monotonic() - self._failed_rollout_at < RETRY_FAILED_SECONDS:
+            return
+        try:
+            candidate = load_served_model(self.registry, rollout.version)
+        except Exception as exc:  # this process serves production only until a retry succeeds
+            self._failed_rollout, self._failed_rollout_at = rollout.id, time.monotonic()
+            log.error("canary candidate %s refused here: %s", rollout.version, exc)
+            return
+        self._canary = Canary(rollout.id, rollout.percent, candidate)
+        log.info("canary: %s serves %g%% of predictions here", rollout.version, rollout.percent)
 
     def _watch(self) -> None:
         while not self._stopping.wait(self.poll_seconds):

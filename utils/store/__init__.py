@@ -17,7 +17,8 @@ from utils.store.database import Database, StoreConflict
 from utils.store.drift_records import BaselineRow, BaselineStore, DriftCheck, DriftCheckStore, DriftHistoryEntry
 from utils.store.jobs import JobRow, JobStore
 from utils.store.keys import ApiKeyRow, AuditRow, AuditStore, KeyStore
-from utils.store.predictions import PredictionRecord, PredictionRow, PredictionStore, PredictionTotals
+from utils.store.predictions import PredictionRecord, PredictionRow, PredictionStore, PredictionTotals, VersionSummary
+from utils.store.rollouts import RolloutRow, RolloutStore
 from utils.store.rollups import RollupRow, RollupStore
 from utils.store.service_state import LeaseStore, ModeRecord, ModeStore
 from utils.store.tables import SCHEMA_VERSION
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SCHEMA_VERSION", "AlertEpisode", "AlertRow", "ApiKeyRow", "AuditRow", "BaselineRow", "Database", "Deployment", "DriftCheck",
     "DriftHistoryEntry", "JobRow", "ModeRecord", "PredictionRecord", "PredictionRow", "PredictionTotals", "PromotionRow",
-    "RollupRow", "Store", "StoreConflict", "UsesConfiguredStore", "VersionRow", "folder_store", "get_store",
+    "RolloutRow", "RollupRow", "Store", "StoreConflict", "UsesConfiguredStore", "VersionRow", "VersionSummary", "folder_store", "get_store",
     "store_for",
 ]
 
@@ -51,6 +52,7 @@ class Store:
         self.jobs = JobStore(self.database)
         self.modes = ModeStore(self.database)
         self.leases = LeaseStore(self.database)
+        self.rollouts = RolloutStore(self.database)
 
 
 _stores: dict[str, Store] = {}

@@ -3,7 +3,7 @@ read back as rows or, for the monitoring window, column by column."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, TypedDict
 
@@ -56,6 +56,18 @@ class PredictionTotals:
 
     count: int = 0
     errors: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class VersionSummary:
+    """One version's records after some record id: how many, how many failed, the confidence
+    sum over the successful ones that report one, and their predicted classes."""
+
+    count: int = 0
+    errors: int = 0
+    confidence_sum: float = 0.0
+    confidence_count: int = 0
+    class_counts: dict[str, int] = field(default_factory=dict)
 
 
 class PredictionStore:
@@ -123,6 +135,36 @@ class PredictionStore:
         if "success" in window:  # SQLite returns booleans as 0/1
             window["success"] = list(map(bool, window["success"]))
         return window
+
+    def summaries(self, after_id: int, versions: tuple[str, ...]) -> dict[str, VersionSummary]:
+        """A `VersionSummary` of each of `versions` over the records with id > after_id,
+        aggregated in the database (one pass over that range of the primary key)."""
+        query = (select(predictions.c.model_version, predictions.c.predicted_class, predictions.c.success, func.count(),
+                        func.coalesce(func.sum(predictions.c.confidence), 0.0), func.count(predictions.c.confidence))
+                 .where(predictions.c.id > after_id, predictions.c.model_version.in_(versions))
+                 .group_by(predictions.c.model_version, predictions.c.predicted_class, predictions.c.success))
+        parts: dict[str, dict[str, Any]] = {v: {"count": 0, "errors": 0, "confidence_sum": 0.0, "confidence_count": 0,
+                                                "class_counts": {}} for v in versions}
+        with self.database.read() as conn:
+            rows = conn.execute(query).all()
+        for version, predicted_class, success, count, confidence_sum, confidence_count in rows:
+            part = parts[version]
+            part["count"] += count
+            if not success:
+                part["errors"] += count
+                continue
+            part["confidence_sum"] += float(confidence_sum)
+            part["confidence_count"] += confidence_count
+            part["class_counts"][str(predicted_class)] = count
+        return {version: VersionSummary(**part) for version, part in parts.items()}
+
+    def latencies(self, after_id: int, version: str, limit: int) -> list[float]:
+        """The latencies (ms) of `version`'s newest `limit` records with id > after_id."""
+        query = (select(predictions.c.latency_ms)
+                 .where(predictions.c.id > after_id, predictions.c.model_version == version)
+                 .order_by(predictions.c.id.desc()).limit(limit))
+        with self.database.read() as conn:
+            return [float(v) for v in conn.execute(query).scalars()]
 
     def last_id(self) -> int:
         with self.database.read() as conn:

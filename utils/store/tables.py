@@ -195,6 +195,29 @@ training_jobs = Table(
     Column("cancel_requested", Boolean, nullable=False, default=False),
 )
 
+rollouts = Table(
+    "rollouts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("version", String(128), nullable=False),
+    Column("baseline_version", String(128), nullable=False),
+    Column("percent", Float, nullable=False),
+    Column("min_predictions", Integer, nullable=False),
+    Column("criteria", JSON, nullable=False),
+    Column("on_success", String(16), nullable=False),
+    Column("on_failure", String(16), nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("started_by", String(200), nullable=False),
+    Column("start_record_id", Integer, nullable=False),
+    Column("status", String(16), nullable=False, index=True),
+    Column("verdict", String(16), nullable=True),
+    Column("reason", Text, nullable=True),
+    Column("decided_at", Float, nullable=True),
+    Column("decided_by", String(200), nullable=True),
+    Column("comparison", JSON, nullable=True),
+)
+
+
 def _migration_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[model_versions, service_state, promotions, leases])
 
@@ -221,6 +244,11 @@ def _migration_5(conn: Connection) -> None:
         conn.execute(text("CREATE UNIQUE INDEX ix_predictions_record_id ON predictions (record_id)"))
 
 
+def _migration_6(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[rollouts])
+
+
 # The schema's upgrade path: append a function per change; never edit a released one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4, _migration_5]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4, _migration_5,
+                                                 _migration_6]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,285 @@
+"""Canary rollouts: a candidate version serves a share of prediction requests beside
+production, both arms are compared from the monitoring records, and the service promotes or
+aborts by itself once the candidate has enough predictions (or at once on a clear breach).
+
+The rollout lives in the store (`utils.store.rollouts`), so every worker and host routes by
+the same row (`utils.serving.ModelServer` loads the candidate and picks the arm per request)
+and a restart resumes it. One process at a time decides (`decide`, under a lease); a
+decision ends the row exactly once, so two deciders never both act.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from utils import audit
+from utils.alerts import AlertManager
+from utils.drift import jensen_shannon_distance
+from utils.errors import RolloutConflict
+from utils.model_modes import ModelModeManager
+from utils.model_versioning import ModelVersionManager
+from utils.schemas import CanaryRequest
+from utils.serving import ModelServer, load_served_model
+from utils.store import RolloutRow, Store, VersionSummary
+from utils.store.rollouts import HELD, RUNNING
+from utils.timestamps import iso_utc
+
+LATENCY_SAMPLE = 5000          # the newest records per arm whose latencies give its p95
+EARLY_ABORT_MIN_PREDICTIONS = 30
+HISTORY_LENGTH = 120           # points of each arm's curves kept with the rollout
+CURVES = ("predictions", "error_rate", "latency_p95_ms", "confidence_mean")
+log = logging.getLogger("quadra.rollout")
+
+
+@dataclass(frozen=True)
+class Arm:
+    version: str
+    predictions: int
+    errors: int
+    error_rate: float | None
+    latency_p95_ms: float | None
+    confidence_mean: float | None
+    class_distribution: dict[str, int]
+
+    @classmethod
+    def of(cls, version: str, summary: VersionSummary, latencies: list[float]) -> Arm:
+        count = summary.count
+        return cls(version, count, summary.errors, summary.errors / count if count else None,
+                   float(np.percentile(latencies, 95)) if latencies else None,
+                   summary.confidence_sum / summary.confidence_count if summary.confidence_count else None,
+                   summary.class_counts)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    limit: float
+    observed: float | None
+    passed: bool | None
+
+    @property
+    def clearly_breached(self) -> bool:
+        """Beyond twice its limit: bad enough to abort before `min_predictions`."""
+        return self.observed is not None and self.observed > 2 * self.limit
+
+
+def observe(name: str, production: Arm, candidate: Arm) -> float | None:
+    """The value of criterion `name` for the two arms; None while it cannot be measured."""
+    if name == "max_error_rate_increase":
+        if production.error_rate is None or candidate.error_rate is None:
+            return None
+        return candidate.error_rate - production.error_rate
+    if name == "max_latency_p95_ratio":
+        if not production.latency_p95_ms or candidate.latency_p95_ms is None:
+            return None
+        return candidate.latency_p95_ms / production.latency_p95_ms
+    if name == "max_confidence_drop":
+        if production.confidence_mean is None or candidate.confidence_mean is None:
+            return None
+        return production.confidence_mean - candidate.confidence_mean
+    if name == "max_prediction_distance":
+        classes = sorted(set(production.class_distribution) | set(candidate.class_distribution))
+        if not production.class_distribution or not candidate.class_distribution:
+            return None
+        return jensen_shannon_distance(np.array([production.class_distribution.get(c, 0) for c in classes], dtype=float),
+                                       np.array([candidate.class_distribution.get(c, 0) for c in classes], dtype=float))
+    raise ValueError(f"unknown rollout criterion {name!r}")
+
+
+def checks_for(criteria: dict[str, float | None], production: Arm, candidate: Arm) -> list[Check]:
+    checks = []
+    for name, limit in criteria.items():
+        if limit is None:
+            continue
+        observed = observe(name, production, candidate)
+        checks.append(Check(name, limit, observed, None if observed is None else observed <= limit))
+    return checks
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Both arms side by side and each criterion's check, at one moment."""
+
+    production: Arm
+    candidate: Arm
+    checks: list[Check]
+    evaluated_at: float
+
+    def as_dict(self, earlier: dict[str, Any] | None) -> dict[str, Any]:
+        """As stored with the rollout: the arms, the checks and the arms' history, `earlier`'s
+        history (the rollout's stored comparison) followed by this moment."""
+        point = {"at": self.evaluated_at, **{arm: {key: getattr(numbers, key) for key in CURVES}
+                                             for arm, numbers in (("production", self.production),
+                                                                  ("candidate", self.candidate))}}
+        history = (earlier or {}).get("history", [])[-(HISTORY_LENGTH - 1):]
+        return {"arms": {"production": asdict(self.production), "candidate": asdict(self.candidate)},
+                "checks": [asdict(check) for check in self.checks], "evaluated_at": self.evaluated_at,
+                "history": [*history, point]}
+
+
+def verdict_of(rollout: RolloutRow, comparison: Comparison) -> tuple[str, str] | None:
+    """("passed" | "failed", why) once the criteria decide; None while they cannot yet."""
+    seen = comparison.candidate.predictions
+    early = min(rollout.min_predictions, max(EARLY_ABORT_MIN_PREDICTIONS, rollout.min_predictions // 10))
+    breached = [c for c in comparison.checks if c.passed is False]
+    if seen >= early and any(c.clearly_breached for c in breached):
+        return "failed", f"clear breach after {seen} predictions: {_describe(breached)}"
+    if seen < rollout.min_predictions:
+        return None
+    if breached:
+        return "failed", f"after {seen} predictions: {_describe(breached)}"
+    if any(c.passed is None for c in comparison.checks):
+        return None
+    return "passed", f"every criterion met after {seen} predictions" if comparison.checks else \
+        f"{seen} predictions and no criteria"
+
+
+def _describe(breached: list[Check]) -> str:
+    return "; ".join(f"{c.name} {c.observed:.4g} > {c.limit:g}" for c in breached)
+
+
+class Rollouts:
+    """Start, follow, decide and end canaries for one deployment's store."""
+
+    def __init__(self, store: Store, registry: ModelVersionManager, model_server: ModelServer,
+                 alerts: AlertManager, modes: ModelModeManager) -> None:
+        self.store = store
+        self.registry = registry
+        self.model_server = model_server
+        self.alerts = alerts
+        self.modes = modes
+
+    def start(self, version: str, request: CanaryRequest, actor: str) -> RolloutRow:
+        """Verify, load and warm `version` here (a bad artifact fails now, not on a worker),
+        then record the rollout: every process routes by it within its next poll."""
+        deployment = self.store.versions.deployment()
+        if deployment.production is None:
+            raise RolloutConflict("there is no production version to compare a canary with")
+        if deployment.serving != deployment.production:
+            raise RolloutConflict(f"version {deployment.serving} is loaded over production {deployment.production}; "
+                                  "promote it or load production again before a canary")
+        if version == deployment.production:
+            raise RolloutConflict(f"version {version} is already production")
+        if self.store.rollouts.active() is not None:
+            raise RolloutConflict("a canary is already active; promote or abort it first")
+        candidate = load_served_model(self.registry, version)
+        row = self.store.rollouts.start(RolloutRow(
+            id=0, version=version, baseline_version=deployment.production, percent=request.percent,
+            min_predictions=request.min_predictions, criteria=request.criteria.model_dump(),
+            on_success=request.on_success, on_failure=request.on_failure, started_at=time.time(),
+            started_by=actor, start_record_id=self.store.predictions.last_id(), status=RUNNING))
+        self.model_server.adopt_candidate(row.id, row.percent, candidate)
+        self.alerts.notify("rollout", f"canary of {version} started at {request.percent:g}% by {actor} "
+                                      f"(production {deployment.production})",
+                           {"version": version, "production_version": deployment.production, "percent": request.percent})
+        return row
+
+    def compare(self, rollout: RolloutRow) -> Comparison:
+        """Both arms' numbers since the rollout started, from the store."""
+        versions = (rollout.baseline_version, rollout.version)
+        summaries = self.store.predictions.summaries(rollout.start_record_id, versions)
+        production, candidate = (
+            Arm.of(v, summaries[v], self.store.predictions.latencies(rollout.start_record_id, v, LATENCY_SAMPLE))
+            for v in versions)
+        return Comparison(production, candidate, checks_for(rollout.criteria, production, candidate), time.time())
+
+    def current(self) -> tuple[RolloutRow, dict[str, Any] | None] | None:
+        """The active rollout with live numbers, else the last one with its final numbers."""
+        row = self.store.rollouts.latest()
+        if row is None:
+            return None
+        return row, self.compare(row).as_dict(row.comparison) if row.is_active else row.comparison
+
+    @property
+    def paused(self) -> bool:
+        return not self.modes.serves_predictions()
+
+    def promote(self, actor: str, reason: str = "", verdict: str | None = None) -> RolloutRow:
+        """End the active canary by promoting its candidate through the normal promote path."""
+        row = self._active()
+        comparison = self.compare(row).as_dict(row.comparison)
+        why = reason or f"promoted by {actor}"
+        if not self.store.rollouts.finish(row.id, "promoted", verdict, why, actor, comparison):
+            raise RolloutConflict("the canary ended meanwhile")
+        try:
+            self.registry.promote_to_production(row.version, actor=actor)
+        except Exception as exc:
+            self.store.rollouts.amend_outcome(row.id, "aborted", f"promote failed: {exc}")
+            self.alerts.notify("rollout", f"canary of {row.version}: promote failed, production stays "
+                                          f"{row.baseline_version}: {exc}", {"version": row.version}, severity="warning")
+            raise
+        self.model_server.sync()
+        self.alerts.notify("rollout", f"canary of {row.version} promoted by {actor}: {why}",
+                           {"version": row.version, "previous_version": row.baseline_version, "verdict": verdict})
+        return self._get(row.id)
+
+    def abort(self, actor: str, reason: str = "", verdict: str | None = None) -> RolloutRow:
+        """End the active canary: production serves every request again."""
+        row = self._active()
+        why = reason or f"aborted by {actor}"
+        comparison = self.compare(row).as_dict(row.comparison)
+        if not self.store.rollouts.finish(row.id, "aborted", verdict, why, actor, comparison):
+            raise RolloutConflict("the canary ended meanwhile")
+        self.model_server.sync()
+        self.alerts.notify("rollout", f"canary of {row.version} aborted by {actor}: {why}",
+                           {"version": row.version, "production_version": row.baseline_version, "verdict": verdict},
+                           severity="warning" if verdict == "failed" else "info")
+        return self._get(row.id)
+
+    def decide(self) -> RolloutRow | None:
+        """One look at the active canary (the scheduler's task, on one process at a time):
+        keep its numbers for /metrics and the dashboard and, unless paused or held, act on a
+        verdict as the rollout says. Returns the rollout when this call ended or held it."""
+        row = self.store.rollouts.active()
+        if row is None:
+            return None
+        comparison = self.compare(row)
+        snapshot = comparison.as_dict(row.comparison)
+        verdict = None if row.status == HELD or self.paused else verdict_of(row, comparison)
+        if verdict is None:
+            self.store.rollouts.record_comparison(row.id, snapshot)
+            return None
+        outcome, reason = verdict
+        action = row.on_success if outcome == "passed" else row.on_failure
+        log.info("canary of %s %s: %s (%s)", row.version, outcome, reason, action)
+        audit.record(self.store, "rollout", f"rollout.{action}", "success", target=row.version,
+                     details={"verdict": outcome, "reason": reason})
+        if action == "promote":
+            return self.promote("rollout", reason, outcome)
+        if action == "abort":
+            return self.abort("rollout", reason, outcome)
+        if self.store.rollouts.hold(row.id, outcome, reason, snapshot):
+            self.alerts.notify("rollout", f"canary of {row.version} {outcome}, held for an operator: {reason}",
+                               {"version": row.version, "verdict": outcome}, severity="warning")
+        return self._get(row.id)
+
+    def _active(self) -> RolloutRow:
+        row = self.store.rollouts.active()
+        if row is None:
+            raise RolloutConflict("no canary is active")
+        return row
+
+    def _get(self, rollout_id: int) -> RolloutRow:
+        row = self.store.rollouts.get(rollout_id)
+        assert row is not None, "rollouts are never deleted"
+        return row
+
+
+def rollout_view(row: RolloutRow, comparison: dict[str, Any] | None, paused: bool) -> dict[str, Any]:
+    """A rollout as the API shows it (`utils.schemas.Rollout`)."""
+    return {
+        "id": row.id, "status": row.status, "version": row.version, "production_version": row.baseline_version,
+        "percent": row.percent, "min_predictions": row.min_predictions, "criteria": row.criteria,
+        "on_success": row.on_success, "on_failure": row.on_failure, "started_at": iso_utc(row.started_at),
+        "started_by": row.started_by, "paused": paused and row.is_active,
+        "arms": comparison["arms"] if comparison else None, "checks": comparison["checks"] if comparison else [],
+        "evaluated_at": iso_utc(comparison["evaluated_at"]) if comparison else None,
+        "history": [{**point, "at": iso_utc(point["at"])} for point in comparison["history"]] if comparison else [],
+        "verdict": row.verdict, "reason": row.reason, "decided_at": iso_utc(row.decided_at),
+        "decided_by": row.decided_by,
+    }
