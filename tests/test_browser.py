@@ -250,6 +250,36 @@ def test_promote_from_the_page_needs_an_admin_key(start_server, state_dir: Path,
     screenshot(reader, "keys-panel-read-key", KEYS_PANEL)
 
 
+def test_the_canary_panel_follows_a_rollout_and_promotes_by_hand(start_server, state_dir: Path, open_dashboard,
+                                                                 api_keys: dict[str, str]) -> None:
+    server = start_server(state_dir, {"QUADRA_ROLLOUT_CHECK_SECONDS": "1"}, GUNICORN_COMMAND)
+    assert server.post("/api/model/save", json={"version": "1.1.0"}).status_code == 201
+    public = open_dashboard(server).page
+    expect(public.locator("#rollout-note")).to_have_text("An API key (read) is needed to follow a canary.")
+    page = open_dashboard(server, key=api_keys["admin"]).page
+    expect(page.locator("#rollout-status")).to_have_text("no canary yet", timeout=5_000)
+    expect(page.locator("#canary-promote")).to_be_disabled()
+    started = server.post("/api/model/canary/1.1.0", json={
+        "percent": 50, "min_predictions": 40, "on_success": "hold",
+        "criteria": {"max_prediction_distance": None, "max_latency_p95_ratio": None}})
+    assert started.status_code == 201
+    expect(page.locator("#rollout-status")).to_have_text("running", timeout=5_000)
+    assert send(server, [[IRIS[i % len(IRIS)]] for i in range(200)]) == 200
+    expect(page.locator("#rollout-status")).to_have_text("held", timeout=15_000)
+    expect(page.locator('#rollout-arms tr[data-arm="candidate"]')).to_contain_text("1.1.0")
+    expect(page.locator('#rollout-checks li[data-criterion="max_confidence_drop"]')).to_have_class("check-ok")
+    expect(page.locator("#rollout-reason")).to_contain_text("passed: every criterion met")
+    assert len(chart_points(page, "chart-rollout", 1)) >= 1
+    expect(page.locator("#canary-promote")).to_be_enabled()
+    dialogs = accept_dialogs(page)
+    page.click("#canary-promote")
+    expect(page.locator("#rollout-status")).to_have_text("promoted", timeout=5_000)
+    expect(page.locator("#production-version")).to_have_text("1.1.0", timeout=5_000)
+    expect(page.locator("#canary-abort")).to_be_disabled()
+    assert dialogs and "Promote the canary" in dialogs[0]
+    screenshot(page, "dashboard-canary", "section[aria-labelledby=rollout-title]")
+
+
 def test_without_whoami_the_servers_403_still_explains(start_server, state_dir: Path, open_dashboard,
                                                       api_keys: dict[str, str]) -> None:
     """When whoami cannot answer (here the page's request is cut), the key's permissions are

@@ -106,3 +106,243 @@ def test_a_worse_candidate_is_aborted_by_itself(app, client) -> None:
     assert status["status"] == "aborted" and "max_prediction_distance" in status["reason"]
     assert client.get("/api/model/versions").get_json()["production_version"] == "1.0.0"
     assert predict_many(client, 20, "after") == {"1.0.0": 20}
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"percent": 0}, "percent"),
+    ({"percent": 51}, "percent"),
+    ({"percent": "10"}, "percent"),
+    ({"min_predictions": 5}, "min_predictions"),
+    ({"min_predictions": 2.5}, "min_predictions"),
+    ({"criteria": {"max_accuracy_drop": 0.1}}, "max_accuracy_drop"),
+    ({"criteria": {"max_error_rate_increase": -0.1}}, "max_error_rate_increase"),
+    ({"criteria": {"max_latency_p95_ratio": 0}}, "max_latency_p95_ratio"),
+    ({"on_success": "ship"}, "on_success"),
+    ({"on_failure": "promote"}, "on_failure"),
+    ({"mode": "shadow"}, "mode"),
+])
+def test_a_bad_canary_request_is_400_and_starts_nothing(app, client, body: dict, message: str) -> None:
+    copy_of_production(client, "1.1.0")
+    response = client.post("/api/model/canary/1.1.0", json=body)
+    assert response.status_code == 400 and message in response.get_json()["error"]["message"]
+    assert client.get("/api/model/canary").get_json() == {"rollout": None}
+    assert predict_many(client, 20) == {"1.0.0": 20}
+
+
+def test_what_cannot_be_canaried_is_a_clear_error(app, client, state_dir: Path, api_keys: dict[str, str]) -> None:
+    assert client.post("/api/model/canary/9.9.9", json={}).get_json()["error"]["code"] == "version_not_found"
+    assert client.post("/api/model/canary/..%2Fetc", json={}).status_code == 400
+    conflict = client.post("/api/model/canary/1.0.0", json={})
+    assert conflict.status_code == 409 and "already production" in conflict.get_json()["error"]["message"]
+    copy_of_production(client, "1.1.0")
+    copy_of_production(client, "1.2.0")
+    for key, status in ((api_keys["read"], 403), (api_keys["write"], 403), ("qk_" + "unknown", 401)):
+        assert client.post("/api/model/canary/1.1.0", json={}, headers={"X-API-Key": key}).status_code == status
+    artifact = next((state_dir / "models" / "1.2.0").glob("*.safetensors"))
+    artifact.write_bytes(artifact.read_bytes()[:-8] + b"tampered")
+    tampered = client.post("/api/model/canary/1.2.0", json={})
+    assert tampered.status_code == 422 and tampered.get_json()["error"]["code"] == "integrity_check_failed"
+    assert client.get("/api/model/canary").get_json() == {"rollout": None}
+    assert client.post("/api/model/canary/1.1.0", json={}).status_code == 201
+    second = client.post("/api/model/canary/1.2.0", json={})
+    assert second.status_code == 409 and second.get_json()["error"]["code"] == "rollout_conflict"
+    assert client.get("/api/health/detailed").status_code == 200
+
+
+def test_a_canary_needs_production_to_be_what_is_served(app, client) -> None:
+    copy_of_production(client, "1.1.0")
+    copy_of_production(client, "1.2.0")
+    assert client.post("/api/model/load/1.2.0").status_code == 200
+    refused = client.post("/api/model/canary/1.1.0", json={})
+    assert refused.status_code == 409 and "load production again" in refused.get_json()["error"]["message"]
+
+
+def test_promote_and_abort_by_hand(app, client, api_keys: dict[str, str]) -> None:
+    for decision in ("promote", "abort"):
+        refused = client.post(f"/api/model/canary/{decision}", json={})
+        assert refused.status_code == 409 and refused.get_json()["error"]["message"] == "no canary is active"
+    copy_of_production(client, "1.1.0")
+    assert client.post("/api/model/canary/1.1.0", json={"percent": 50}).status_code == 201
+    assert client.post("/api/model/canary/abort", json={"why": "x"}).status_code == 400
+    assert client.post("/api/model/canary/abort", json={}, headers={"X-API-Key": api_keys["read"]}).status_code == 403
+    served = predict_many(client, 60)
+    aborted = client.post("/api/model/canary/abort", json={"reason": "saw enough"})
+    assert aborted.status_code == 200
+    body = aborted.get_json()
+    assert body["status"] == "aborted" and body["reason"] == "saw enough" and body["verdict"] is None
+    assert body["arms"]["candidate"]["predictions"] + body["arms"]["production"]["predictions"] == sum(served.values())
+    assert predict_many(client, 20, "after-abort") == {"1.0.0": 20}
+    assert client.post("/api/model/canary/1.1.0", json={"percent": 50}).status_code == 201
+    promoted = client.post("/api/model/canary/promote", json={})
+    assert promoted.status_code == 200 and promoted.get_json()["status"] == "promoted"
+    assert client.get("/api/model/versions").get_json()["production_version"] == "1.1.0"
+    assert predict_many(client, 20, "after-promote") == {"1.1.0": 20}
+    actions = [entry["action"] for entry in client.get("/api/audit?limit=20").get_json()["entries"]]
+    assert {"rollouts.start_canary", "rollouts.abort_canary", "rollouts.promote_canary"} <= set(actions)
+    kinds = [alert["message"] for alert in client.get("/api/monitoring/alerts").get_json()["alerts"]
+             if alert["kind"] == "rollout"]
+    assert len(kinds) == 4 and kinds[0].startswith("canary of 1.1.0 promoted")
+
+
+def test_the_same_request_id_lands_on_the_same_arm(app, client) -> None:
+    copy_of_production(client, "1.1.0")
+    assert client.post("/api/model/canary/1.1.0", json={"percent": 50}).status_code == 201
+    first = [client.post("/api/predict", json={"inputs": [ROWS[0]]}, headers={"X-Request-ID": f"retry-{i}"})
+             for i in range(30)]
+    again = [client.post("/api/predict", json={"inputs": [ROWS[0]]}, headers={"X-Request-ID": f"retry-{i}"})
+             for i in range(30)]
+    assert [r.get_json()["model_version"] for r in first] == [r.get_json()["model_version"] for r in again]
+    assert {r.get_json()["request_id"] for r in first} == {f"retry-{i}" for i in range(30)}
+    assert len({r.get_json()["model_version"] for r in first}) == 2
+    for bad in ("has space", "x" * 201, "ünïcode"):
+        refused = client.post("/api/predict", json={"inputs": [ROWS[0]]}, headers={"X-Request-ID": bad})
+        assert refused.status_code == 400 and "X-Request-ID" in refused.get_json()["error"]["message"]
+
+
+def test_a_promote_or_rollback_during_a_canary_ends_it_first(app, client) -> None:
+    copy_of_production(client, "1.1.0")
+    copy_of_production(client, "1.2.0")
+    assert client.post("/api/model/canary/1.1.0", json={}).status_code == 201
+    assert client.post("/api/model/promote/1.2.0").status_code == 200
+    ended = client.get("/api/model/canary").get_json()["rollout"]
+    assert ended["status"] == "aborted" and ended["reason"].startswith("ended by the promote of 1.2.0")
+    assert predict_many(client, 20) == {"1.2.0": 20}
+    assert client.post("/api/model/canary/1.1.0", json={}).status_code == 201
+    assert client.post("/api/model/promote/1.1.0").status_code == 200
+    assert client.get("/api/model/canary").get_json()["rollout"]["status"] == "promoted"
+    assert client.post("/api/model/canary/1.2.0", json={}).status_code == 201
+    assert client.post("/api/model/rollback").status_code == 200
+    ended = client.get("/api/model/canary").get_json()["rollout"]
+    assert ended["status"] == "aborted" and ended["reason"].startswith("ended by the rollback")
+
+
+def test_maintenance_pauses_the_decision_and_hold_waits_for_an_operator(app, client) -> None:
+    copy_of_production(client, "1.1.0")
+    started = client.post("/api/model/canary/1.1.0", json={"percent": 50, "min_predictions": 100, "on_success": "hold",
+                                                           "criteria": {"max_prediction_distance": None}})
+    assert started.status_code == 201
+    predict_many(client, 400)
+    assert client.post("/api/mode/maintenance", json={"reason": "pause"}).status_code == 200
+    assert decide(app) is None
+    paused = client.get("/api/model/canary").get_json()["rollout"]
+    assert paused["status"] == "running" and paused["paused"] is True
+    assert client.post("/api/mode/inference", json={}).status_code == 200
+    held = decide(app)
+    assert held is not None and held.status == "held" and held.verdict == "passed"
+    assert decide(app) is None  # held: nothing more happens by itself
+    status = client.get("/api/model/canary").get_json()["rollout"]
+    assert status["status"] == "held" and len(status["history"]) >= 2 and status["paused"] is False
+    assert client.get("/api/model/versions").get_json()["production_version"] == "1.0.0"
+    assert len(predict_many(client, 100, "held")) == 2  # a held canary keeps serving its share
+    assert client.post("/api/model/canary/promote", json={"reason": "looks good"}).status_code == 200
+    assert client.get("/api/model/versions").get_json()["production_version"] == "1.1.0"
+
+
+def test_a_clear_breach_aborts_before_min_predictions(app, client) -> None:
+    import_random_model(client, "2.0.0")
+    assert client.post("/api/model/canary/2.0.0", json={"percent": 50, "min_predictions": 500}).status_code == 201
+    predict_many(client, 200)  # about 100 on the candidate: past the early look (500 // 10), short of 500
+    decided = decide(app)
+    assert decided is not None and decided.status == "aborted" and decided.reason.startswith("clear breach after")
+
+
+def test_a_restart_resumes_the_canary(app, client, state_dir: Path) -> None:
+    from app import create_app, start_serving, stop_serving
+
+    copy_of_production(client, "1.1.0")
+    assert client.post("/api/model/canary/1.1.0", json={"percent": 50}).status_code == 201
+    restarted = create_app(make_settings(state_dir, rollout_check_seconds=3600.0, rate_limit_enabled=False))
+    start_serving(restarted)
+    try:
+        canary = restarted.extensions["quadra"].model_server.canary
+        assert canary is not None and canary.model.version == "1.1.0" and canary.percent == 50
+    finally:
+        stop_serving(restarted)
+
+
+def test_metrics_show_each_arm(app, client) -> None:
+    from tests.conftest import promtool_findings
+
+    assert "quadra_rollout_active 0.0" in client.get("/metrics").get_data(as_text=True)
+    copy_of_production(client, "1.1.0")
+    assert client.post("/api/model/canary/1.1.0", json={"percent": 50, "min_predictions": 1000}).status_code == 201
+    predict_many(client, 100)
+    assert decide(app) is None
+    exposition = client.get("/metrics").get_data(as_text=True)
+    assert "quadra_rollout_active 1.0" in exposition and "quadra_rollout_percent 50.0" in exposition
+    for arm, version in (("production", "1.0.0"), ("candidate", "1.1.0")):
+        assert f'quadra_rollout_arm_predictions{{arm="{arm}",version="{version}"}}' in exposition
+        assert f'quadra_rollout_arm_latency_p95_seconds{{arm="{arm}",version="{version}"}}' in exposition
+    assert promtool_findings(exposition) == ""
+
+
+def test_the_cli_starts_follows_and_ends_a_canary(app, client) -> None:
+    runner = app.test_cli_runner()
+    assert runner.invoke(args=["rollout", "status"]).exit_code == 1
+    copy_of_production(client, "1.1.0")
+    refused = runner.invoke(args=["rollout", "start", "1.1.0", "--criteria", "{oops"])
+    assert refused.exit_code != 0 and "not valid JSON" in refused.output
+    refused = runner.invoke(args=["rollout", "start", "1.1.0", "--percent", "70"])
+    assert refused.exit_code == 1 and "percent" in refused.output
+    refused = runner.invoke(args=["rollout", "start", "../x"])
+    assert refused.exit_code == 1 and "version" in refused.output
+    started = runner.invoke(args=["rollout", "start", "1.1.0", "--percent", "20", "--min-predictions", "500",
+                                  "--criteria", '{"max_latency_p95_ratio": null}', "--on-success", "hold"])
+    assert started.exit_code == 0 and "1.1.0 serves 20%" in started.output
+    status = json.loads(runner.invoke(args=["rollout", "status"]).output)
+    assert status["status"] == "running" and status["criteria"]["max_latency_p95_ratio"] is None
+    assert status["on_success"] == "hold" and status["started_by"] == "cli"
+    aborted = runner.invoke(args=["rollout", "abort", "--reason", "not today"])
+    assert aborted.exit_code == 0 and "production 1.0.0 serves every request" in aborted.output
+    assert runner.invoke(args=["rollout", "abort"]).exit_code == 1
+    assert runner.invoke(args=["rollout", "start", "1.1.0"]).exit_code == 0
+    promoted = runner.invoke(args=["rollout", "promote"])
+    assert promoted.exit_code == 0 and "promoted 1.1.0" in promoted.output
+    actions = {entry["action"] for entry in client.get("/api/audit?limit=20").get_json()["entries"]}
+    assert {"rollouts.start_canary", "rollouts.abort_canary", "rollouts.promote_canary"} <= actions
+
+
+def rollout_row(version: str = "1.1.0"):
+    from utils.store import RolloutRow
+
+    return RolloutRow(id=0, version=version, baseline_version="1.0.0", percent=10.0, min_predictions=100, criteria={},
+                      on_success="promote", on_failure="abort", started_at=1.0, started_by="test", start_record_id=0,
+                      status="running")
+
+
+def test_one_rollout_at_a_time_and_each_ends_once(store) -> None:
+    from utils.store import StoreConflict
+
+    first = store.rollouts.start(rollout_row())
+    with pytest.raises(StoreConflict, match="1.1.0 is already active"):
+        store.rollouts.start(rollout_row("1.2.0"))
+    assert store.rollouts.finish(first.id, "promoted", "passed", "ok", "a")
+    assert not store.rollouts.finish(first.id, "aborted", None, "late", "b")  # a second decider loses
+    ended = store.rollouts.get(first.id)
+    assert ended is not None and ended.status == "promoted" and ended.decided_by == "a"
+    second = store.rollouts.start(rollout_row("1.2.0"))
+    assert second.id > first.id and store.rollouts.active() == second
+    assert store.rollouts.hold(second.id, "failed", "held", {"arms": {}})
+    assert not store.rollouts.hold(second.id, "failed", "again", {})  # only a running one is held
+    assert store.rollouts.active().status == "held"
+    assert [row.id for row in store.rollouts.list()] == [second.id, first.id]
+
+
+def test_arm_summaries_are_aggregated_in_the_store(store) -> None:
+    from utils.store import PredictionRecord
+
+    def record(version: str, predicted: str | None, confidence: float | None, success: bool = True) -> PredictionRecord:
+        return PredictionRecord(at=1.0, model_version=version, latency_ms=2.0, confidence=confidence,
+                                predicted_class=predicted, success=success, error=None if success else "boom",
+                                features=None, record_id=None)
+
+    store.predictions.insert([record("1.0.0", "a", 0.9)])
+    start = store.predictions.last_id()
+    store.predictions.insert([record("1.0.0", "a", 0.8), record("1.0.0", "b", 0.6), record("1.1.0", "b", 0.5),
+                              record("1.1.0", None, None, success=False), record("9.9.9", "a", 0.1)])
+    summaries = store.predictions.summaries(start, ("1.0.0", "1.1.0"))
+    production, candidate = summaries["1.0.0"], summaries["1.1.0"]
+    assert (production.count, production.errors, production.class_counts) == (2, 0, {"a": 1, "b": 1})
+    assert production.confidence_sum == pytest.approx(1.4) and production.confidence_count == 2
+    assert (candidate.count, candidate.errors, candidate.class_counts) == (2, 1, {"b": 1})
+    assert store.predictions.latencies(start, "1.1.0", 10) == [2.0, 2.0]

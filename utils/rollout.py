@@ -22,6 +22,7 @@ from utils.alerts import AlertManager
 from utils.drift import jensen_shannon_distance
 from utils.errors import RolloutConflict
 from utils.model_modes import ModelModeManager
+from utils.model_monitoring import ModelMonitor
 from utils.model_versioning import ModelVersionManager
 from utils.schemas import CanaryRequest
 from utils.serving import ModelServer, load_served_model
@@ -146,11 +147,12 @@ def _describe(breached: list[Check]) -> str:
 class Rollouts:
     """Start, follow, decide and end canaries for one deployment's store."""
 
-    def __init__(self, store: Store, registry: ModelVersionManager, model_server: ModelServer,
+    def __init__(self, store: Store, registry: ModelVersionManager, model_server: ModelServer, monitor: ModelMonitor,
                  alerts: AlertManager, modes: ModelModeManager) -> None:
         self.store = store
         self.registry = registry
         self.model_server = model_server
+        self.monitor = monitor
         self.alerts = alerts
         self.modes = modes
 
@@ -180,7 +182,9 @@ class Rollouts:
         return row
 
     def compare(self, rollout: RolloutRow) -> Comparison:
-        """Both arms' numbers since the rollout started, from the store."""
+        """Both arms' numbers since the rollout started, from the store (with this process's
+        buffered records written first, as every monitoring read does)."""
+        self.monitor.flush()
         versions = (rollout.baseline_version, rollout.version)
         summaries = self.store.predictions.summaries(rollout.start_record_id, versions)
         production, candidate = (

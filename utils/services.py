@@ -82,6 +82,6 @@ def build_services(settings: Settings, redis_outage: Outage) -> Services:
                               storage_for(settings, store, redis_outage))
     notices = ChangeNotices(settings.redis_url, settings.redis_prefix, redis_outage) if settings.redis_url else None
     scheduler = Scheduler(settings.monitoring_flush_seconds)
-    rollouts = Rollouts(store, registry, model_server, alerts, modes)
+    rollouts = Rollouts(store, registry, model_server, monitor, alerts, modes)
     return Services(settings, store, registry, model_server, monitor, alerts, modes, jobs, readiness, security, scheduler,
                     rollouts, notices)

@@ -1,0 +1,143 @@
+"""Canaries end to end: four gunicorn eventlet workers under steady prediction load; a model
+trained in a separate process on another sample is imported, canaried at 10% and promoted by
+the service itself; a deliberately shifted one is aborted by itself; no request fails."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load, save
+
+from tests.conftest import GUNICORN_COMMAND, ROOT, ServerProcess
+from utils.training import load_dataset
+
+pytestmark = pytest.mark.e2e
+
+TRAIN_ELSEWHERE = """
+import json, sys
+import torch
+from safetensors.torch import save_file
+from utils.training import Dataset, Hyperparameters, load_dataset, train_classifier
+
+# Another dataset: a bootstrap resample of the iris rows with measurement noise added.
+iris = load_dataset()
+generator = torch.Generator().manual_seed(11)
+rows = torch.randint(0, len(iris.labels), (600,), generator=generator)
+features = iris.features[rows] + 0.05 * torch.randn(600, 4, generator=generator)
+dataset = Dataset(features, iris.labels[rows], iris.feature_names, iris.class_names)
+model, metrics, _ = train_classifier(dataset, Hyperparameters(epochs=60, seed=5))
+save_file(model.state_dict(), sys.argv[1] + "/model.safetensors")
+json.dump({"config": model.quadra_config, "version": "2.0.0", "metrics": metrics, "tags": ["elsewhere"]},
+          open(sys.argv[1] + "/metadata.json", "w"))
+"""
+
+
+class Load:
+    """Prediction requests from eight client threads until stopped; counts every outcome."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+        self.rows = load_dataset().features.tolist()
+        self.statuses: dict[int, int] = {}
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(8)]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def _run(self, index: int) -> None:
+        import requests
+
+        session = requests.Session()
+        session.headers["X-API-Key"] = self.server.admin_key or ""
+        i = index
+        while not self._stop.is_set():
+            try:
+                status = session.post(f"{self.server.url}/api/predict", json={"inputs": [self.rows[i % 150]]},
+                                      timeout=30).status_code
+            except Exception as exc:  # a refused or dropped connection is a failed request too
+                with self._lock:
+                    self.errors.append(repr(exc))
+                continue
+            with self._lock:
+                self.statuses[status] = self.statuses.get(status, 0) + 1
+            i += 8
+
+
+def wait_for_decision(server: ServerProcess, rollout_id: int, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rollout = server.get("/api/model/canary").json()["rollout"]
+        if rollout["id"] == rollout_id and rollout["status"] not in ("running", "held"):
+            return rollout
+        time.sleep(0.5)
+    raise AssertionError(f"no decision after {timeout}s: {server.get('/api/model/canary').json()}\n{server.log()[-3000:]}")
+
+
+def import_version(server: ServerProcess, artifact: bytes, metadata: dict) -> None:
+    response = server.post("/api/model/versions", files={"artifact": ("model.safetensors", artifact)},
+                           data={"metadata": json.dumps(metadata)})
+    assert response.status_code == 201, response.text
+
+
+def test_a_retrained_model_is_promoted_and_a_shifted_one_aborted_under_load(start_server, state_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    server = start_server(state_dir, {"QUADRA_ROLLOUT_CHECK_SECONDS": "1"}, GUNICORN_COMMAND)
+    subprocess.run([sys.executable, "-c", TRAIN_ELSEWHERE, str(tmp_path)], cwd=ROOT, check=True, timeout=300)
+    import_version(server, (tmp_path / "model.safetensors").read_bytes(),
+                   json.loads((tmp_path / "metadata.json").read_text()))
+    exported = server.get("/api/model/versions/1.0.0/artifact").content
+    tensors = load(exported)
+    tensors["net.4.bias"] = tensors["net.4.bias"] + torch.tensor([25.0, 0.0, 0.0])  # nearly every answer: setosa
+    import_version(server, save(tensors), {"config": server.get("/api/model/versions/1.0.0").json()["config"],
+                                           "version": "2.1.0"})
+
+    with Load(server) as load_:
+        started = server.post("/api/model/canary/2.0.0", json={"percent": 10, "min_predictions": 300})
+        assert started.status_code == 201, started.text
+        promoted = wait_for_decision(server, started.json()["id"])
+        assert promoted["status"] == "promoted" and promoted["verdict"] == "passed", promoted
+        assert server.get("/api/model/versions").json()["production_version"] == "2.0.0"
+        arms = promoted["arms"]
+        share = arms["candidate"]["predictions"] / (arms["candidate"]["predictions"] + arms["production"]["predictions"])
+        assert arms["candidate"]["predictions"] >= 300 and 0.05 < share < 0.15, arms
+
+        started = server.post("/api/model/canary/2.1.0", json={"percent": 10, "min_predictions": 300})
+        assert started.status_code == 201, started.text
+        aborted = wait_for_decision(server, started.json()["id"])
+        assert aborted["status"] == "aborted" and aborted["verdict"] == "failed", aborted
+        assert "max_prediction_distance" in aborted["reason"]
+        assert server.get("/api/model/versions").json()["production_version"] == "2.0.0"
+
+        started = server.post("/api/model/canary/2.1.0", json={"percent": 10, "on_failure": "hold",
+                                                               "min_predictions": 300})
+        time.sleep(2)
+        assert server.post("/api/model/canary/abort", json={"reason": "by hand"}).status_code == 200
+        time.sleep(2)  # every worker drops the candidate within a poll
+
+    assert load_.errors == [] and set(load_.statuses) == {200}, (load_.statuses, load_.errors[:5])
+    assert sum(load_.statuses.values()) > 3000
+    served_after = {server.post("/api/predict", json={"inputs": [[5.1, 3.5, 1.4, 0.2]]},
+                                headers={"X-Request-ID": uuid.uuid4().hex}).json()["model_version"] for _ in range(40)}
+    assert served_after == {"2.0.0"}
+    history = server.get("/api/model/history").json()["history"]
+    assert history[0]["action"] == "promote" and history[0]["to_version"] == "2.0.0" and history[0]["actor"] == "rollout"
+    alerts = [a["message"] for a in server.get("/api/monitoring/alerts").json()["alerts"] if a["kind"] == "rollout"]
+    assert any("2.0.0 promoted by rollout" in m for m in alerts) and any("2.1.0 aborted by rollout" in m for m in alerts)
