@@ -9,14 +9,15 @@ from pathlib import Path
 
 import torch
 
-from bench import import_export, monitoring, predict_load, registry, request_path
+from bench import import_export, monitoring, predict_load, registry, request_path, rollout
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 NOTES = Path(__file__).resolve().parent / "NOTES.md"  # what changed because of the numbers, and the gaps
 
 
 def main() -> int:
-    sections = [predict_load.run(), request_path.run(), monitoring.run(), registry.run(), import_export.run()]
+    sections = [predict_load.run(), request_path.run(), monitoring.run(), registry.run(), import_export.run(),
+                rollout.run()]
     header = (
         f"# Benchmark results\n\n{datetime.now(UTC):%Y-%m-%d %H:%M} UTC · Python {platform.python_version()} · "
         f"torch {torch.__version__} · {platform.machine()} · {_cpu()} · `make bench`\n\n"

@@ -1,0 +1,105 @@
+"""Canary rollouts under load (wrk, gunicorn -w 4 eventlet): predict throughput with a 10%
+canary running against the same service without one (alternating runs, same server), and
+failed requests across a canary's start, its automatic promote and an abort by hand."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from bench.load import LoadResult, Server, wrk
+from bench.predict_load import IRIS, best, gunicorn, prepare
+
+ROUNDS = 2
+HOLD = {"percent": 10, "min_predictions": 1_000_000, "on_success": "hold", "on_failure": "hold"}
+DECIDING = {"percent": 10, "min_predictions": 2000, "criteria": {"max_latency_p95_ratio": 2.0}}
+
+
+def run() -> str:
+    with tempfile.TemporaryDirectory() as folder:
+        state = Path(folder) / "state"
+        key, _ = prepare(state)
+        env = {"QUADRA_STATE_DIR": str(state), "QUADRA_MAX_REQUESTS": "10000000", "QUADRA_LOG_LEVEL": "warning",
+               "QUADRA_ROLLOUT_CHECK_SECONDS": "1"}
+        headers = {"X-API-Key": key}
+        with Server(gunicorn("app:app", "gunicorn.conf.py"), env, "/api/health") as server:
+            api = Api(server.url, headers)
+            api.post("/api/model/save", {"version": "1.1.0"})
+            measured: dict[str, list[LoadResult]] = {"none": [], "canary": []}
+            body = {"inputs": IRIS[:1]}
+            wrk(f"{server.url}/api/predict", body, headers, duration=3)  # warm-up
+            for _ in range(ROUNDS):
+                measured["none"].append(wrk(f"{server.url}/api/predict", body, headers))
+                api.post("/api/model/canary/1.1.0", HOLD)
+                time.sleep(2)  # every worker loads the candidate within a poll
+                measured["canary"].append(wrk(f"{server.url}/api/predict", body, headers))
+                api.post("/api/model/canary/abort", {})
+                time.sleep(2)
+            lifecycle, decision = start_promote_abort(api, server.url, headers)
+    return _table(best(measured["none"]), best(measured["canary"]), lifecycle, decision)
+
+
+class Api:
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        self.url, self.headers = url, headers
+
+    def post(self, path: str, body: dict) -> dict:
+        response = requests.post(f"{self.url}{path}", json=body, headers=self.headers, timeout=60)
+        response.raise_for_status()
+        return response.json()
+
+    def canary(self) -> dict:
+        return requests.get(f"{self.url}/api/model/canary", headers=self.headers, timeout=60).json()["rollout"]
+
+
+def start_promote_abort(api: Api, url: str, headers: dict[str, str]) -> tuple[LoadResult, str]:
+    """One wrk run while a canary starts and is promoted by the service, then another starts
+    and is aborted by hand."""
+    outcome: dict[str, LoadResult] = {}
+    loader = threading.Thread(target=lambda: outcome.update(run=wrk(f"{url}/api/predict", {"inputs": IRIS[:1]},
+                                                                    headers, duration=25)))
+    loader.start()
+    time.sleep(2)
+    rollout = api.post("/api/model/canary/1.1.0", DECIDING)
+    deadline = time.monotonic() + 18
+    while api.canary()["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    decided = api.canary()
+    decision = f"{decided['status']} by {decided['decided_by']}: {decided['reason']}"
+    if decided["id"] == rollout["id"] and decided["status"] == "promoted":
+        api.post("/api/model/canary/1.0.0", HOLD)
+        time.sleep(1)
+        api.post("/api/model/canary/abort", {})
+    loader.join()
+    return outcome["run"], decision
+
+
+def _table(none: LoadResult, canary: LoadResult, lifecycle: LoadResult, decision: str) -> str:
+    ratio = canary.requests_per_second / none.requests_per_second
+    return "\n".join([
+        "## Canary rollouts under load\n",
+        "The full service under `gunicorn -w 4 --worker-class eventlet`, batch 1, wrk 2 threads / 16 connections, "
+        f"10 s runs, best of {ROUNDS} alternating runs on the same server; the canary's candidate is a copy of "
+        "production, held (no decision) for the measurement.\n",
+        "| run | req/s | p50 | p99 | failed | ratio to no canary | target |",
+        "|---|---|---|---|---|---|---|",
+        f"| no canary | {none.requests_per_second:,.0f} | {none.p50_ms:.2f} ms | {none.p99_ms:.2f} ms | {none.failed} "
+        "| 1.00× | |",
+        f"| 10% canary | {canary.requests_per_second:,.0f} | {canary.p50_ms:.2f} ms | {canary.p99_ms:.2f} ms "
+        f"| {canary.failed} | {ratio:.2f}× | ≥ 0.95× |",
+        "",
+        "**Start, automatic promote, abort under load** (one 25 s wrk run: a 10% canary started, "
+        "promoted by the service after 2,000 predictions on it, then another started and aborted by hand):\n",
+        "| requests | failed | req/s | p99 | decision |",
+        "|---|---|---|---|---|",
+        f"| {lifecycle.total:,} | {lifecycle.failed} | {lifecycle.requests_per_second:,.0f} | {lifecycle.p99_ms:.2f} ms "
+        f"| {decision} |",
+    ]) + "\n"
+
+
+if __name__ == "__main__":
+    print(run())
