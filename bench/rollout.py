@@ -1,6 +1,6 @@
-"""Canary rollouts under load (wrk, gunicorn -w 4 eventlet): predict throughput with a 10%
-canary running against the same service without one (alternating runs, same server), and
-failed requests across a canary's start, its automatic promote and an abort by hand."""
+"""Rollouts under load (wrk, gunicorn -w 4 eventlet): predict throughput with a 10% canary
+and with a 10% shadow against the same service without either (alternating runs, same
+server), and failed requests across a canary's start, its automatic promote and an abort."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from bench.predict_load import IRIS, best, gunicorn, prepare
 
 ROUNDS = 2
 HOLD = {"percent": 10, "min_predictions": 1_000_000, "on_success": "hold", "on_failure": "hold"}
+SHADOW_HOLD = {**HOLD, "mode": "shadow"}
 DECIDING = {"percent": 10, "min_predictions": 2000, "criteria": {"max_latency_p95_ratio": 2.0}}
 
 
@@ -29,18 +30,20 @@ def run() -> str:
         with Server(gunicorn("app:app", "gunicorn.conf.py"), env, "/api/health") as server:
             api = Api(server.url, headers)
             api.post("/api/model/save", {"version": "1.1.0"})
-            measured: dict[str, list[LoadResult]] = {"none": [], "canary": []}
+            measured: dict[str, list[LoadResult]] = {"none": [], "canary": [], "shadow": []}
             body = {"inputs": IRIS[:1]}
             wrk(f"{server.url}/api/predict", body, headers, duration=3)  # warm-up
             for _ in range(ROUNDS):
                 measured["none"].append(wrk(f"{server.url}/api/predict", body, headers))
-                api.post("/api/model/canary/1.1.0", HOLD)
-                time.sleep(2)  # every worker loads the candidate within a poll
-                measured["canary"].append(wrk(f"{server.url}/api/predict", body, headers))
-                api.post("/api/model/canary/abort", {})
-                time.sleep(2)
+                for name, rollout in (("canary", HOLD), ("shadow", SHADOW_HOLD)):
+                    api.post("/api/model/canary/1.1.0", rollout)
+                    time.sleep(2)  # every worker loads the candidate within a poll
+                    measured[name].append(wrk(f"{server.url}/api/predict", body, headers))
+                    shadow = api.canary()["shadow"]
+                    api.post("/api/model/canary/abort", {})
+                    time.sleep(2)
             lifecycle, decision = start_promote_abort(api, server.url, headers)
-    return _table(best(measured["none"]), best(measured["canary"]), lifecycle, decision)
+    return _table({name: best(runs) for name, runs in measured.items()}, shadow, lifecycle, decision)
 
 
 class Api:
@@ -78,19 +81,23 @@ def start_promote_abort(api: Api, url: str, headers: dict[str, str]) -> tuple[Lo
     return outcome["run"], decision
 
 
-def _table(none: LoadResult, canary: LoadResult, lifecycle: LoadResult, decision: str) -> str:
-    ratio = canary.requests_per_second / none.requests_per_second
+def _table(best_of: dict[str, LoadResult], shadow: dict, lifecycle: LoadResult, decision: str) -> str:
+    none = best_of["none"]
+    rows = [f"| {label} | {run.requests_per_second:,.0f} | {run.p50_ms:.2f} ms | {run.p99_ms:.2f} ms | {run.failed} "
+            f"| {run.requests_per_second / none.requests_per_second:.2f}× | {target} |"
+            for label, run, target in (("no rollout", none, ""), ("10% canary", best_of["canary"], "≥ 0.95×"),
+                                       ("10% shadow", best_of["shadow"], "≥ 0.9×"))]
     return "\n".join([
-        "## Canary rollouts under load\n",
+        "## Canary and shadow rollouts under load\n",
         "The full service under `gunicorn -w 4 --worker-class eventlet`, batch 1, wrk 2 threads / 16 connections, "
-        f"10 s runs, best of {ROUNDS} alternating runs on the same server; the canary's candidate is a copy of "
-        "production, held (no decision) for the measurement.\n",
-        "| run | req/s | p50 | p99 | failed | ratio to no canary | target |",
+        f"10 s runs, best of {ROUNDS} alternating runs on the same server; the candidate is a copy of production, "
+        "held (no decision) for the measurement.\n",
+        "| run | req/s | p50 | p99 | failed | ratio to no rollout | target |",
         "|---|---|---|---|---|---|---|",
-        f"| no canary | {none.requests_per_second:,.0f} | {none.p50_ms:.2f} ms | {none.p99_ms:.2f} ms | {none.failed} "
-        "| 1.00× | |",
-        f"| 10% canary | {canary.requests_per_second:,.0f} | {canary.p50_ms:.2f} ms | {canary.p99_ms:.2f} ms "
-        f"| {canary.failed} | {ratio:.2f}× | ≥ 0.95× |",
+        *rows,
+        "",
+        f"The last shadow run ran {shadow['requests']:,} copies ({shadow['dropped']:,} dropped for a full queue), "
+        f"agreement {shadow['agreement_rate']:.3f}.",
         "",
         "**Start, automatic promote, abort under load** (one 25 s wrk run: a 10% canary started, "
         "promoted by the service after 2,000 predictions on it, then another started and aborted by hand):\n",

@@ -73,7 +73,12 @@ def predict(body: PredictRequest) -> PredictResponse:
     svc = services()
     served = g.served or svc.model_server.require_current()
     inputs = rows_to_tensor(body.inputs, served.input_dim, svc.settings.max_batch_size)  # values checked by the schema
+    forward_started = time.perf_counter()
     results = served.predict(inputs)
-    svc.monitor.record_batch(body.inputs, results, time.perf_counter() - g.prediction_started, served.version)
+    finished = time.perf_counter()
+    svc.monitor.record_batch(body.inputs, results, finished - g.prediction_started, served.version)
+    shadow = svc.model_server.shadow_for(g.request_id)
+    if shadow is not None:
+        svc.shadows.submit(shadow, inputs, results, (finished - forward_started) * 1000.0)
     return PredictResponse.model_validate({"predictions": results, "model_version": served.version,
                                            "request_id": g.request_id})

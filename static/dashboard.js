@@ -511,6 +511,7 @@
   const CRITERIA = {
     max_error_rate_increase: "error rate increase", max_latency_p95_ratio: "p95 latency ratio",
     max_confidence_drop: "confidence drop", max_prediction_distance: "prediction distance",
+    max_disagreement_rate: "disagreement rate",
   };
 
   function renderRollout(payload) {
@@ -531,10 +532,22 @@
     }
     const tone = { running: "info", held: "warn", promoted: "ok", aborted: "bad" }[rollout.status] || "wait";
     setPill("rollout-status", rollout.paused ? `${rollout.status} (paused: maintenance)` : rollout.status, tone);
-    setText("rollout-detail", `${rollout.version} at ${rollout.percent}% beside production ${rollout.production_version}`
+    const share = rollout.mode === "shadow" ? `shadows ${rollout.percent}% of` : `answers ${rollout.percent}% of`;
+    setText("rollout-detail", `${rollout.mode}: ${rollout.version} ${share} predictions beside production ${rollout.production_version}`
       + ` · decides after ${rollout.min_predictions} predictions (${rollout.on_success} / ${rollout.on_failure})`
       + ` · started ${dateTime(rollout.started_at)} by ${rollout.started_by}`);
     setText("rollout-reason", rollout.reason ? `${rollout.verdict || "decided by hand"}: ${rollout.reason}` : "");
+    const shadow = rollout.shadow;
+    setText("rollout-shadow", shadow ? `on the same inputs: ${percent(shadow.agreement_rate)} agreement over ${shadow.rows} rows`
+      + ` · ${shadow.errors} failed · ${shadow.dropped} copies dropped` : "");
+    const confusion = shadow ? Object.entries(shadow.confusion) : [];
+    const classes = [...new Set(confusion.flatMap(([, row]) => Object.keys(row)).concat(confusion.map(([name]) => name)))].sort();
+    $("rollout-confusion").hidden = !confusion.length;
+    $("rollout-confusion").querySelector("thead").replaceChildren(el("tr", {},
+      el("th", { scope: "col" }, "production ↓ / candidate →"), ...classes.map((name) => el("th", { scope: "col" }, name))));
+    $("rollout-confusion").querySelector("tbody").replaceChildren(...confusion.map(([name, row]) =>
+      el("tr", { "data-class": name }, el("th", { scope: "row" }, name),
+        ...classes.map((other) => el("td", { class: other === name ? "" : (row[other] ? "row-bad" : "") }, String(row[other] || 0))))));
     const arms = rollout.arms ? [["production", rollout.arms.production], ["candidate", rollout.arms.candidate]] : [];
     $("rollout-arms").hidden = !arms.length;
     $("rollout-arms").querySelector("tbody").replaceChildren(...arms.map(([arm, a]) =>

@@ -141,3 +141,25 @@ def test_a_retrained_model_is_promoted_and_a_shifted_one_aborted_under_load(star
     assert history[0]["action"] == "promote" and history[0]["to_version"] == "2.0.0" and history[0]["actor"] == "rollout"
     alerts = [a["message"] for a in server.get("/api/monitoring/alerts").json()["alerts"] if a["kind"] == "rollout"]
     assert any("2.0.0 promoted by rollout" in m for m in alerts) and any("2.1.0 aborted by rollout" in m for m in alerts)
+
+
+def test_a_shadow_never_answers_and_is_promoted_by_its_agreement_under_load(start_server, state_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    server = start_server(state_dir, {"QUADRA_ROLLOUT_CHECK_SECONDS": "1"}, GUNICORN_COMMAND)
+    subprocess.run([sys.executable, "-c", TRAIN_ELSEWHERE, str(tmp_path)], cwd=ROOT, check=True, timeout=300)
+    import_version(server, (tmp_path / "model.safetensors").read_bytes(),
+                   json.loads((tmp_path / "metadata.json").read_text()))
+    with Load(server) as load_:
+        started = server.post("/api/model/canary/2.0.0", json={"mode": "shadow", "percent": 20, "min_predictions": 300})
+        assert started.status_code == 201, started.text
+        time.sleep(1)
+        answered = {server.post("/api/predict", json={"inputs": [[5.1, 3.5, 1.4, 0.2]]}).json()["model_version"]
+                    for _ in range(50)}
+        assert answered == {"1.0.0"}  # a shadow never answers
+        promoted = wait_for_decision(server, started.json()["id"])
+    assert promoted["status"] == "promoted" and promoted["verdict"] == "passed", promoted
+    shadow = promoted["shadow"]
+    assert shadow["rows"] >= 300 and shadow["agreement_rate"] > 0.95 and shadow["errors"] == 0, shadow
+    assert {c["name"] for c in promoted["checks"]} >= {"max_disagreement_rate", "max_latency_p95_ratio"}
+    assert load_.errors == [] and set(load_.statuses) == {200}, (load_.statuses, load_.errors[:5])
+    assert server.get("/api/model/versions").json()["production_version"] == "2.0.0"

@@ -62,7 +62,7 @@ def predict_many(client, count: int, prefix: str = "r") -> dict[str, int]:
 
 def decide(app):
     services = app.extensions["quadra"]
-    services.monitor.flush()
+    services.shadows.drain()
     return services.rollouts.decide()
 
 
@@ -119,7 +119,10 @@ def test_a_worse_candidate_is_aborted_by_itself(app, client) -> None:
     ({"criteria": {"max_latency_p95_ratio": 0}}, "max_latency_p95_ratio"),
     ({"on_success": "ship"}, "on_success"),
     ({"on_failure": "promote"}, "on_failure"),
-    ({"mode": "shadow"}, "mode"),
+    ({"mode": "mirror"}, "mode"),
+    ({"percent": 60}, "at most 50%"),
+    ({"mode": "shadow", "percent": 101}, "percent"),
+    ({"criteria": {"max_disagreement_rate": 0.1}}, "needs shadow mode"),
 ])
 def test_a_bad_canary_request_is_400_and_starts_nothing(app, client, body: dict, message: str) -> None:
     copy_of_production(client, "1.1.0")
@@ -305,7 +308,7 @@ def test_the_cli_starts_follows_and_ends_a_canary(app, client) -> None:
 def rollout_row(version: str = "1.1.0"):
     from utils.store import RolloutRow
 
-    return RolloutRow(id=0, version=version, baseline_version="1.0.0", percent=10.0, min_predictions=100, criteria={},
+    return RolloutRow(id=0, version=version, baseline_version="1.0.0", mode="canary", percent=10.0, min_predictions=100, criteria={},
                       on_success="promote", on_failure="abort", started_at=1.0, started_by="test", start_record_id=0,
                       status="running")
 
@@ -346,3 +349,59 @@ def test_arm_summaries_are_aggregated_in_the_store(store) -> None:
     assert production.confidence_sum == pytest.approx(1.4) and production.confidence_count == 2
     assert (candidate.count, candidate.errors, candidate.class_counts) == (2, 1, {"b": 1})
     assert store.predictions.latencies(start, "1.1.0", 10) == [2.0, 2.0]
+
+
+def test_a_shadow_answers_nothing_and_is_promoted_by_its_agreement(app, client) -> None:
+    copy_of_production(client, "1.1.0")
+    # Latency is left to the end-to-end runs: here the shadow thread shares the GIL with the test's requests.
+    started = client.post("/api/model/canary/1.1.0", json={"mode": "shadow", "percent": 100, "min_predictions": 100,
+                                                           "criteria": {"max_latency_p95_ratio": None}})
+    assert started.status_code == 201
+    body = started.get_json()
+    assert body["mode"] == "shadow" and body["criteria"]["max_disagreement_rate"] == 0.05
+    assert predict_many(client, 150) == {"1.0.0": 150}  # production answers every request
+    status = client.get("/api/model/canary").get_json()["rollout"]
+    shadow = status["shadow"]
+    assert shadow["requests"] == 150 and shadow["rows"] == 150 and shadow["agreement_rate"] == 1.0
+    assert shadow["errors"] == 0 and sum(sum(row.values()) for row in shadow["confusion"].values()) == 150
+    assert all(set(row) == {name} for name, row in shadow["confusion"].items())
+    assert status["arms"]["candidate"]["predictions"] == 150
+    decided = decide(app)
+    assert decided is not None and decided.status == "promoted" and decided.verdict == "passed"
+    assert client.get("/api/model/versions").get_json()["production_version"] == "1.1.0"
+    totals = client.get("/api/monitoring/stats").get_json()
+    assert totals["total_predictions"] == 150  # shadow runs are not served predictions
+
+
+def test_a_shadow_that_disagrees_is_aborted_and_its_confusion_shows_where(app, client) -> None:
+    import_random_model(client, "2.0.0")
+    started = client.post("/api/model/canary/2.0.0", json={
+        "mode": "shadow", "percent": 50, "min_predictions": 50,
+        "criteria": {"max_prediction_distance": None, "max_confidence_drop": None, "max_latency_p95_ratio": None}})
+    assert started.status_code == 201
+    assert predict_many(client, 200) == {"1.0.0": 200}
+    decided = decide(app)
+    assert decided is not None and decided.status == "aborted" and "max_disagreement_rate" in decided.reason
+    shadow = client.get("/api/model/canary").get_json()["rollout"]["shadow"]
+    assert 60 < shadow["rows"] < 140 and shadow["agreement_rate"] < 0.9
+    assert any(set(row) - {name} for name, row in shadow["confusion"].items())
+
+
+def test_a_failing_or_slow_shadow_counts_failures_and_drops_never_requests(store) -> None:
+    from utils.serving import Canary, ServedModel
+    from utils.shadow import ShadowRunner
+
+    class Broken(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("the candidate cannot run")
+
+    canary = Canary(7, 100.0, ServedModel("1.1.0", "0" * 64, Broken(), dict(CONFIG)), "shadow")
+    runner = ShadowRunner(store, queue_size=2)  # not started: the queue fills
+    results = [{"class": "setosa", "confidence": 0.9}]
+    for _ in range(5):
+        runner.submit(canary, torch.zeros(1, 4), results, 0.1)
+    runner.start()
+    runner.drain()
+    runner.stop()
+    total = store.shadow_tallies.total(7)
+    assert (total.requests, total.errors, total.dropped, total.rows) == (2, 2, 3, 0)

@@ -59,6 +59,8 @@ def schedule_background_work(services: Services) -> None:
     remove_crash_leftovers(services, owner)
     recover_journals()
     scheduler.every(settings.monitoring_flush_seconds, monitor.flush)
+    scheduler.every(settings.monitoring_flush_seconds, services.shadows.flush)
+    services.shadows.start()
     scheduler.every(JOURNAL_RECOVERY_SECONDS, recover_journals)
     scheduler.every(settings.drift_check_seconds, check_drift)
     scheduler.every(ROLL_UP_SECONDS, roll_up)

@@ -82,14 +82,19 @@ ARM_GAUGES = (
 
 
 def rollout_metrics(rollout: RolloutRow | None) -> Iterator[GaugeMetricFamily]:
-    """The active canary: its share and, as of its last check, each arm's numbers labelled by
-    arm ("production" or "candidate") and version."""
+    """The active rollout: its share and, as of its last check, each arm's numbers labelled by
+    arm ("production" or "candidate") and version (and a shadow's agreement rate)."""
     yield GaugeMetricFamily("quadra_rollout_active", "1 while a canary is running or held",
                             value=1.0 if rollout is not None else 0.0)
     if rollout is None:
         return
     yield GaugeMetricFamily("quadra_rollout_percent", "Share of predictions the canary's candidate serves",
                             value=rollout.percent)
+    shadow = (rollout.comparison or {}).get("shadow")
+    if shadow is not None and shadow["agreement_rate"] is not None:
+        yield GaugeMetricFamily("quadra_rollout_shadow_agreement_rate",
+                                "Share of shadowed rows where the candidate gave production's class",
+                                value=shadow["agreement_rate"])
     arms = (rollout.comparison or {}).get("arms", {})
     for name, documentation, field, scale in ARM_GAUGES:
         gauge = GaugeMetricFamily(name, documentation, labels=["arm", "version"])

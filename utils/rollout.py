@@ -1,6 +1,7 @@
-"""Canary rollouts: a candidate version serves a share of prediction requests beside
-production, both arms are compared from the monitoring records, and the service promotes or
-aborts by itself once the candidate has enough predictions (or at once on a clear breach).
+"""Rollouts: a candidate version serves a share of prediction requests beside production
+(canary), or runs beside it on a sampled copy of them (shadow, `utils.shadow`); both arms are
+compared, and the service promotes or aborts by itself once the candidate has enough
+predictions (or at once on a clear breach).
 
 The rollout lives in the store (`utils.store.rollouts`), so every worker and host routes by
 the same row (`utils.serving.ModelServer` loads the candidate and picks the arm per request)
@@ -25,8 +26,9 @@ from utils.model_modes import ModelModeManager
 from utils.model_monitoring import ModelMonitor
 from utils.model_versioning import ModelVersionManager
 from utils.schemas import CanaryRequest
-from utils.serving import ModelServer, load_served_model
-from utils.store import RolloutRow, Store, VersionSummary
+from utils.serving import Canary, ModelServer, load_served_model
+from utils.shadow import ShadowRunner
+from utils.store import RolloutRow, ShadowTally, Store, VersionSummary
 from utils.store.rollouts import HELD, RUNNING
 from utils.timestamps import iso_utc
 
@@ -69,8 +71,11 @@ class Check:
         return self.observed is not None and self.observed > 2 * self.limit
 
 
-def observe(name: str, production: Arm, candidate: Arm) -> float | None:
-    """The value of criterion `name` for the two arms; None while it cannot be measured."""
+def observe(name: str, production: Arm, candidate: Arm, shadow: ShadowTally | None) -> float | None:
+    """The value of criterion `name` for the two arms (and, in shadow mode, the candidate's
+    tally on production's inputs); None while it cannot be measured."""
+    if name == "max_disagreement_rate":
+        return 1.0 - shadow.agreements / shadow.rows if shadow is not None and shadow.rows else None
     if name == "max_error_rate_increase":
         if production.error_rate is None or candidate.error_rate is None:
             return None
@@ -92,12 +97,13 @@ def observe(name: str, production: Arm, candidate: Arm) -> float | None:
     raise ValueError(f"unknown rollout criterion {name!r}")
 
 
-def checks_for(criteria: dict[str, float | None], production: Arm, candidate: Arm) -> list[Check]:
+def checks_for(criteria: dict[str, float | None], production: Arm, candidate: Arm,
+               shadow: ShadowTally | None) -> list[Check]:
     checks = []
     for name, limit in criteria.items():
         if limit is None:
             continue
-        observed = observe(name, production, candidate)
+        observed = observe(name, production, candidate, shadow)
         checks.append(Check(name, limit, observed, None if observed is None else observed <= limit))
     return checks
 
@@ -110,6 +116,7 @@ class Comparison:
     candidate: Arm
     checks: list[Check]
     evaluated_at: float
+    shadow: ShadowTally | None = None
 
     def as_dict(self, earlier: dict[str, Any] | None) -> dict[str, Any]:
         """As stored with the rollout: the arms, the checks and the arms' history, `earlier`'s
@@ -120,7 +127,14 @@ class Comparison:
         history = (earlier or {}).get("history", [])[-(HISTORY_LENGTH - 1):]
         return {"arms": {"production": asdict(self.production), "candidate": asdict(self.candidate)},
                 "checks": [asdict(check) for check in self.checks], "evaluated_at": self.evaluated_at,
-                "history": [*history, point]}
+                "history": [*history, point], "shadow": _shadow_summary(self.shadow)}
+
+
+def _shadow_summary(tally: ShadowTally | None) -> dict[str, Any] | None:
+    if tally is None:
+        return None
+    return {"requests": tally.requests, "rows": tally.rows, "errors": tally.errors, "dropped": tally.dropped,
+            "agreement_rate": tally.agreements / tally.rows if tally.rows else None, "confusion": tally.confusion}
 
 
 def verdict_of(rollout: RolloutRow, comparison: Comparison) -> tuple[str, str] | None:
@@ -148,11 +162,12 @@ class Rollouts:
     """Start, follow, decide and end canaries for one deployment's store."""
 
     def __init__(self, store: Store, registry: ModelVersionManager, model_server: ModelServer, monitor: ModelMonitor,
-                 alerts: AlertManager, modes: ModelModeManager) -> None:
+                 shadows: ShadowRunner, alerts: AlertManager, modes: ModelModeManager) -> None:
         self.store = store
         self.registry = registry
         self.model_server = model_server
         self.monitor = monitor
+        self.shadows = shadows
         self.alerts = alerts
         self.modes = modes
 
@@ -171,26 +186,38 @@ class Rollouts:
             raise RolloutConflict("a canary is already active; promote or abort it first")
         candidate = load_served_model(self.registry, version)
         row = self.store.rollouts.start(RolloutRow(
-            id=0, version=version, baseline_version=deployment.production, percent=request.percent,
+            id=0, version=version, baseline_version=deployment.production, mode=request.mode, percent=request.percent,
             min_predictions=request.min_predictions, criteria=request.criteria.model_dump(),
             on_success=request.on_success, on_failure=request.on_failure, started_at=time.time(),
             started_by=actor, start_record_id=self.store.predictions.last_id(), status=RUNNING))
-        self.model_server.adopt_candidate(row.id, row.percent, candidate)
-        self.alerts.notify("rollout", f"canary of {version} started at {request.percent:g}% by {actor} "
+        self.model_server.adopt_candidate(Canary(row.id, row.percent, candidate, row.mode))
+        self.alerts.notify("rollout", f"{row.mode} of {version} started at {request.percent:g}% by {actor} "
                                       f"(production {deployment.production})",
-                           {"version": version, "production_version": deployment.production, "percent": request.percent})
+                           {"version": version, "production_version": deployment.production, "percent": request.percent,
+                            "mode": row.mode})
         return row
 
     def compare(self, rollout: RolloutRow) -> Comparison:
         """Both arms' numbers since the rollout started, from the store (with this process's
-        buffered records written first, as every monitoring read does)."""
+        buffered records and shadow tallies written first, as every monitoring read does).
+        A canary's candidate is measured by its monitoring records; a shadow's by its tallies."""
         self.monitor.flush()
-        versions = (rollout.baseline_version, rollout.version)
-        summaries = self.store.predictions.summaries(rollout.start_record_id, versions)
-        production, candidate = (
-            Arm.of(v, summaries[v], self.store.predictions.latencies(rollout.start_record_id, v, LATENCY_SAMPLE))
-            for v in versions)
-        return Comparison(production, candidate, checks_for(rollout.criteria, production, candidate), time.time())
+        predictions, start = self.store.predictions, rollout.start_record_id
+        summaries = predictions.summaries(start, (rollout.baseline_version, rollout.version))
+        shadow = None
+        if rollout.mode == "shadow":  # latency: both forward passes on the sampled requests
+            self.shadows.flush()
+            shadow = self.store.shadow_tallies.total(rollout.id)
+            production = Arm.of(rollout.baseline_version, summaries[rollout.baseline_version],
+                                shadow.production_latency_samples)
+            candidate = Arm.of(rollout.version, VersionSummary(  # a failed copy counts once, as a failed request does
+                shadow.rows + shadow.errors, shadow.errors, shadow.confidence_sum, shadow.confidence_count,
+                shadow.class_counts), shadow.latency_samples)
+        else:  # latency: each arm's requests as recorded
+            production, candidate = (Arm.of(v, summaries[v], predictions.latencies(start, v, LATENCY_SAMPLE))
+                                     for v in (rollout.baseline_version, rollout.version))
+        checks = checks_for(rollout.criteria, production, candidate, shadow)
+        return Comparison(production, candidate, checks, time.time(), shadow)
 
     def current(self) -> tuple[RolloutRow, dict[str, Any] | None] | None:
         """The active rollout with live numbers, else the last one with its final numbers."""
@@ -214,11 +241,11 @@ class Rollouts:
             self.registry.promote_to_production(row.version, actor=actor)
         except Exception as exc:
             self.store.rollouts.amend_outcome(row.id, "aborted", f"promote failed: {exc}")
-            self.alerts.notify("rollout", f"canary of {row.version}: promote failed, production stays "
+            self.alerts.notify("rollout", f"{row.mode} of {row.version}: promote failed, production stays "
                                           f"{row.baseline_version}: {exc}", {"version": row.version}, severity="warning")
             raise
         self.model_server.sync()
-        self.alerts.notify("rollout", f"canary of {row.version} promoted by {actor}: {why}",
+        self.alerts.notify("rollout", f"{row.mode} of {row.version} promoted by {actor}: {why}",
                            {"version": row.version, "previous_version": row.baseline_version, "verdict": verdict})
         return self._get(row.id)
 
@@ -230,7 +257,7 @@ class Rollouts:
         if not self.store.rollouts.finish(row.id, "aborted", verdict, why, actor, comparison):
             raise RolloutConflict("the canary ended meanwhile")
         self.model_server.sync()
-        self.alerts.notify("rollout", f"canary of {row.version} aborted by {actor}: {why}",
+        self.alerts.notify("rollout", f"{row.mode} of {row.version} aborted by {actor}: {why}",
                            {"version": row.version, "production_version": row.baseline_version, "verdict": verdict},
                            severity="warning" if verdict == "failed" else "info")
         return self._get(row.id)
@@ -250,7 +277,7 @@ class Rollouts:
             return None
         outcome, reason = verdict
         action = row.on_success if outcome == "passed" else row.on_failure
-        log.info("canary of %s %s: %s (%s)", row.version, outcome, reason, action)
+        log.info("%s of %s %s: %s (%s)", row.mode, row.version, outcome, reason, action)
         audit.record(self.store, "rollout", f"rollout.{action}", "success", target=row.version,
                      details={"verdict": outcome, "reason": reason})
         if action == "promote":
@@ -258,7 +285,7 @@ class Rollouts:
         if action == "abort":
             return self.abort("rollout", reason, outcome)
         if self.store.rollouts.hold(row.id, outcome, reason, snapshot):
-            self.alerts.notify("rollout", f"canary of {row.version} {outcome}, held for an operator: {reason}",
+            self.alerts.notify("rollout", f"{row.mode} of {row.version} {outcome}, held for an operator: {reason}",
                                {"version": row.version, "verdict": outcome}, severity="warning")
         return self._get(row.id)
 
@@ -277,11 +304,13 @@ class Rollouts:
 def rollout_view(row: RolloutRow, comparison: dict[str, Any] | None, paused: bool) -> dict[str, Any]:
     """A rollout as the API shows it (`utils.schemas.Rollout`)."""
     return {
-        "id": row.id, "status": row.status, "version": row.version, "production_version": row.baseline_version,
+        "id": row.id, "mode": row.mode, "status": row.status, "version": row.version,
+        "production_version": row.baseline_version,
         "percent": row.percent, "min_predictions": row.min_predictions, "criteria": row.criteria,
         "on_success": row.on_success, "on_failure": row.on_failure, "started_at": iso_utc(row.started_at),
         "started_by": row.started_by, "paused": paused and row.is_active,
         "arms": comparison["arms"] if comparison else None, "checks": comparison["checks"] if comparison else [],
+        "shadow": comparison.get("shadow") if comparison else None,
         "evaluated_at": iso_utc(comparison["evaluated_at"]) if comparison else None,
         "history": [{**point, "at": iso_utc(point["at"])} for point in comparison["history"]] if comparison else [],
         "verdict": row.verdict, "reason": row.reason, "decided_at": iso_utc(row.decided_at),

@@ -169,17 +169,35 @@ class RolloutCriteria(RequestBody):
         0.05, ge=0, le=1, description="production's mean confidence minus the candidate's")
     max_prediction_distance: float | None = Field(
         0.1, ge=0, le=1, description="Jensen-Shannon distance between the two arms' predicted-class distributions")
+    max_disagreement_rate: float | None = Field(
+        None, ge=0, le=1, description="shadow mode only (0.05 there unless given): share of rows where the candidate's "
+                                      "class differs from production's on the same input")
 
 
 class CanaryRequest(RequestBody):
-    """Send a share of prediction requests to a candidate version and decide by its numbers."""
+    """Send a share of prediction requests to a candidate version (canary), or run it beside
+    production on a sample of them (shadow), and decide by its numbers."""
 
-    percent: float = Field(10.0, ge=1, le=50, description="share of prediction requests the candidate serves")
+    mode: Literal["canary", "shadow"] = Field(
+        "canary", description="canary: the candidate answers its share; shadow: production answers every request and "
+                              "the candidate also runs a sampled copy, off the request path")
+    percent: float = Field(10.0, ge=1, le=100, description="the candidate's share of prediction requests: at most 50 "
+                                                           "for a canary, up to 100 for a shadow")
     min_predictions: Annotated[int, Field(ge=10, le=1_000_000), WholeNumber] = Field(
         1000, description="predictions on the candidate before the service decides by itself")
     criteria: RolloutCriteria = Field(default_factory=lambda: RolloutCriteria.model_validate({}))
     on_success: Literal["promote", "hold"] = Field("promote", description="hold: wait for an operator's promote or abort")
     on_failure: Literal["abort", "hold"] = Field("abort", description="hold: keep the canary for an operator to decide")
+
+    @model_validator(mode="after")
+    def _fits_the_mode(self) -> CanaryRequest:
+        if self.mode == "canary" and self.percent > 50:
+            raise ValueError("percent: a canary answers at most 50% of requests (a shadow may take up to 100)")
+        if self.mode == "canary" and self.criteria.max_disagreement_rate is not None:
+            raise ValueError("criteria.max_disagreement_rate needs shadow mode (it compares both on the same input)")
+        if self.mode == "shadow" and "max_disagreement_rate" not in self.criteria.model_fields_set:
+            self.criteria.max_disagreement_rate = 0.05
+        return self
 
 
 class RolloutDecisionRequest(RequestBody):
@@ -681,6 +699,17 @@ class RolloutPoint(ResponseBody):
     candidate: ArmPoint
 
 
+class ShadowSummary(ResponseBody):
+    """What the candidate did on the sampled copies of production's requests."""
+
+    requests: int
+    rows: int
+    agreement_rate: float | None = Field(description="rows where both gave the same class, over the rows compared")
+    errors: int
+    dropped: int = Field(description="copies not run because a process's shadow queue was full")
+    confusion: dict[str, dict[str, int]] = Field(description="production's class -> the candidate's class -> rows")
+
+
 class RolloutArms(ResponseBody):
     production: ArmSummary
     candidate: ArmSummary
@@ -690,6 +719,7 @@ class Rollout(ResponseBody):
     """A canary: the candidate, its share, its criteria and, once decided, the outcome."""
 
     id: int
+    mode: Literal["canary", "shadow"]
     status: Literal["running", "held", "promoted", "aborted"]
     version: str = Field(description="the candidate")
     production_version: str
@@ -702,6 +732,7 @@ class Rollout(ResponseBody):
     started_by: str
     paused: bool = Field(description="true in maintenance mode: no prediction is served, nothing is decided")
     arms: RolloutArms | None
+    shadow: ShadowSummary | None = Field(description="shadow mode: the candidate against production on the same inputs")
     checks: list[CriterionCheck]
     evaluated_at: Timestamp | None
     history: list[RolloutPoint] = Field(description="both arms at each check, oldest first (the last 120)")

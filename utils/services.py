@@ -23,6 +23,7 @@ from utils.rollout import Rollouts
 from utils.scheduler import Scheduler
 from utils.security import AuthManager, SecurityState, auth_manager_for, build_security, storage_for
 from utils.serving import ModelServer
+from utils.shadow import ShadowRunner
 from utils.store import Store, store_for
 from utils.training import TrainingJobs
 
@@ -42,6 +43,7 @@ class Services:
     readiness: Readiness
     security: SecurityState
     scheduler: Scheduler
+    shadows: ShadowRunner
     rollouts: Rollouts
     notices: ChangeNotices | None = None
     events: EventPusher | None = None
@@ -58,6 +60,7 @@ class Services:
             self.events.stop()
         self.scheduler.stop()
         self.model_server.stop()
+        self.shadows.stop()
         self.monitor.stop()
         self.security.stop()
 
@@ -82,6 +85,7 @@ def build_services(settings: Settings, redis_outage: Outage) -> Services:
                               storage_for(settings, store, redis_outage))
     notices = ChangeNotices(settings.redis_url, settings.redis_prefix, redis_outage) if settings.redis_url else None
     scheduler = Scheduler(settings.monitoring_flush_seconds)
-    rollouts = Rollouts(store, registry, model_server, monitor, alerts, modes)
+    shadows = ShadowRunner(store)
+    rollouts = Rollouts(store, registry, model_server, monitor, shadows, alerts, modes)
     return Services(settings, store, registry, model_server, monitor, alerts, modes, jobs, readiness, security, scheduler,
-                    rollouts, notices)
+                    shadows, rollouts, notices)

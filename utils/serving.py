@@ -170,11 +170,16 @@ def takes_candidate(rollout_id: int, request_id: str, percent: float) -> bool:
 
 @dataclass(frozen=True)
 class Canary:
-    """This process's part of an active rollout (`utils.rollout`): the loaded candidate and its share."""
+    """This process's part of an active rollout (`utils.rollout`): the loaded candidate, its
+    share, and whether it answers that share ("canary") or runs beside production ("shadow")."""
 
     rollout_id: int
     percent: float
     model: ServedModel
+    mode: str = "canary"
+
+    def takes(self, request_id: str) -> bool:
+        return takes_candidate(self.rollout_id, request_id, self.percent)
 
 
 class ModelServer:
@@ -204,16 +209,21 @@ class ModelServer:
         return self._canary
 
     def route(self, request_id: str) -> ServedModel | None:
-        """The model that serves a request: the candidate for its share of an active canary,
+        """The model that answers a request: the candidate for its share of an active canary,
         else the current one (None while nothing is loaded)."""
         canary = self._canary
-        if canary is not None and takes_candidate(canary.rollout_id, request_id, canary.percent):
+        if canary is not None and canary.mode == "canary" and canary.takes(request_id):
             return canary.model
         return self._current
 
-    def adopt_candidate(self, rollout_id: int, percent: float, candidate: ServedModel) -> None:
+    def shadow_for(self, request_id: str) -> Canary | None:
+        """The shadow rollout whose candidate also runs this request, if it is in its sample."""
+        canary = self._canary
+        return canary if canary is not None and canary.mode == "shadow" and canary.takes(request_id) else None
+
+    def adopt_candidate(self, canary: Canary) -> None:
         """Route by a rollout whose candidate the caller already loaded (the process that starts it)."""
-        self._canary = Canary(rollout_id, percent, candidate)
+        self._canary = canary
 
     def require_current(self) -> ServedModel:
         served = self._current
@@ -291,8 +301,8 @@ class ModelServer:
             self._failed_rollout, self._failed_rollout_at = rollout.id, time.monotonic()
             log.error("canary candidate %s refused here: %s", rollout.version, exc)
             return
-        self._canary = Canary(rollout.id, rollout.percent, candidate)
-        log.info("canary: %s serves %g%% of predictions here", rollout.version, rollout.percent)
+        self._canary = Canary(rollout.id, rollout.percent, candidate, rollout.mode)
+        log.info("%s: %s takes %g%% of predictions here", rollout.mode, rollout.version, rollout.percent)
 
     def _watch(self) -> None:
         while not self._stopping.wait(self.poll_seconds):

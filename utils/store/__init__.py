@@ -21,6 +21,7 @@ from utils.store.predictions import PredictionRecord, PredictionRow, PredictionS
 from utils.store.rollouts import RolloutRow, RolloutStore
 from utils.store.rollups import RollupRow, RollupStore
 from utils.store.service_state import LeaseStore, ModeRecord, ModeStore
+from utils.store.shadow_tallies import ShadowTally, ShadowTallyStore
 from utils.store.tables import SCHEMA_VERSION
 from utils.store.versions import Deployment, PromotionRow, VersionRow, VersionStore
 
@@ -30,8 +31,8 @@ if TYPE_CHECKING:
 __all__ = [
     "SCHEMA_VERSION", "AlertEpisode", "AlertRow", "ApiKeyRow", "AuditRow", "BaselineRow", "Database", "Deployment", "DriftCheck",
     "DriftHistoryEntry", "JobRow", "ModeRecord", "PredictionRecord", "PredictionRow", "PredictionTotals", "PromotionRow",
-    "RolloutRow", "RollupRow", "Store", "StoreConflict", "UsesConfiguredStore", "VersionRow", "VersionSummary", "folder_store", "get_store",
-    "store_for",
+    "RolloutRow", "RollupRow", "ShadowTally", "Store", "StoreConflict", "UsesConfiguredStore", "VersionRow",
+    "VersionSummary", "folder_store", "get_store", "store_for",
 ]
 
 
@@ -53,6 +54,7 @@ class Store:
         self.modes = ModeStore(self.database)
         self.leases = LeaseStore(self.database)
         self.rollouts = RolloutStore(self.database)
+        self.shadow_tallies = ShadowTallyStore(self.database)
 
 
 _stores: dict[str, Store] = {}

@@ -1,5 +1,5 @@
-"""Rollouts (canaries): which candidate serves what share of predictions against which
-production version, under which criteria, and how each one ended.
+"""Rollouts: which candidate serves (canary) or shadows (shadow) what share of predictions
+against which production version, under which criteria, and how each one ended.
 
 At most one rollout is active (`running` or `held`) at a time; every worker and host routes
 by the same row. An active rollout ends exactly once: `finish` changes it only while it is
@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import insert, select, update
 
-from utils.store.database import Database, StoreConflict, as_row, as_rows, columns_of
+from utils.store.database import Database, StoreConflict, as_row, as_rows, columns_of, inserted_id
 from utils.store.tables import rollouts
 
 RUNNING = "running"
@@ -28,6 +28,7 @@ class RolloutRow:
     id: int
     version: str
     baseline_version: str
+    mode: str
     percent: float
     min_predictions: int
     criteria: dict[str, float | None]
@@ -61,8 +62,8 @@ class RolloutStore:
             active = conn.execute(select(rollouts.c.version).where(rollouts.c.status.in_(ACTIVE_STATUSES))).first()
             if active is not None:
                 raise StoreConflict(f"a rollout of version {active.version} is already active")
-            new_id = conn.execute(insert(rollouts).values(**values)).inserted_primary_key[0]  # type: ignore[index]
-        return RolloutRow(**{**values, "id": int(new_id)})
+            new_id = inserted_id(conn.execute(insert(rollouts).values(**values)))
+        return RolloutRow(**{**values, "id": new_id})
 
     def active(self) -> RolloutRow | None:
         with self.database.read() as conn:

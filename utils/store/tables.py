@@ -201,6 +201,7 @@ rollouts = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("version", String(128), nullable=False),
     Column("baseline_version", String(128), nullable=False),
+    Column("mode", String(16), nullable=False),
     Column("percent", Float, nullable=False),
     Column("min_predictions", Integer, nullable=False),
     Column("criteria", JSON, nullable=False),
@@ -215,6 +216,26 @@ rollouts = Table(
     Column("decided_at", Float, nullable=True),
     Column("decided_by", String(200), nullable=True),
     Column("comparison", JSON, nullable=True),
+)
+
+
+shadow_tallies = Table(
+    "shadow_tallies",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("rollout_id", Integer, nullable=False, index=True),
+    Column("at", Float, nullable=False),
+    Column("requests", Integer, nullable=False),
+    Column("rows", Integer, nullable=False),
+    Column("agreements", Integer, nullable=False),
+    Column("errors", Integer, nullable=False),
+    Column("dropped", Integer, nullable=False),
+    Column("confidence_sum", Float, nullable=False),
+    Column("confidence_count", Integer, nullable=False),
+    Column("latency_samples", JSON, nullable=False),
+    Column("production_latency_samples", JSON, nullable=False),
+    Column("class_counts", JSON, nullable=False),
+    Column("confusion", JSON, nullable=False),
 )
 
 
@@ -245,7 +266,7 @@ def _migration_5(conn: Connection) -> None:
 
 
 def _migration_6(conn: Connection) -> None:
-    metadata.create_all(conn, tables=[rollouts])
+    metadata.create_all(conn, tables=[rollouts, shadow_tallies])
 
 
 # The schema's upgrade path: append a function per change; never edit a released one.
