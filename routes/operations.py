@@ -11,6 +11,10 @@ against their models and handed to it (`body=`, `query=`, path parameters by nam
 is a 400 with the model's error code. An operation that declares no body accepts none, an
 empty one or `{}`, and refuses any field.
 
+`headers=` documents request headers the view's own wrapper reads before anything else (the
+prediction's `X-Request-ID`, which picks a canary's arm before the body is validated), with
+the model that wrapper validates them with.
+
 A view with a JSON `response` model returns an instance of it (or `(instance, status,
 headers)` for a status it declares), and this decorator serialises it, once, with the
 declared status: what a client receives is what the OpenAPI document shows, because the same
@@ -33,7 +37,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from routes.common import json_body, services
 from utils.errors import ArtifactTooLarge, InvalidJson, InvalidRequest, UnsupportedMediaType
 from utils.openapi import ErrorSpec, Link, Operation
-from utils.schemas import PathParameters, QueryParameters, RequestBody, validate
+from utils.schemas import HeaderParameters, PathParameters, QueryParameters, RequestBody, validate
 
 View = Callable[..., Any]
 
@@ -48,13 +52,15 @@ def operation(
     upload: type[RequestBody] | None = None,
     query: type[QueryParameters] | None = None,
     path: type[PathParameters] | None = None,
+    headers: type[HeaderParameters] | None = None,
     errors: Mapping[int, ErrorSpec] | None = None,
     security: tuple[str, ...] | None = None,
     links: Mapping[str, Link] | None = None,
 ) -> Callable[[View], View]:
     """Validate the request against the models and document the view (see the module doc)."""
     spec = Operation(summary, response=response, status=status, media_type=media_type, body=body, upload=upload,
-                     query=query, path=path, errors=dict(errors or {}), security=security, links=dict(links or {}))
+                     query=query, path=path, headers=headers, errors=dict(errors or {}), security=security,
+                     links=dict(links or {}))
 
     def decorator(view: View) -> View:
         @wraps(view)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import re
 import time
-import uuid
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
@@ -13,15 +11,14 @@ from flask import Blueprint, g, request
 
 from routes.common import error_code, services
 from routes.operations import operation
-from utils.errors import InvalidRequest, Maintenance
-from utils.schemas import PredictRequest, PredictResponse
+from utils.errors import Maintenance
+from utils.schemas import PredictHeaders, PredictRequest, PredictResponse, new_request_id, validate
 from utils.security import require_permission
 from utils.serving import rows_to_tensor
 
 bp = Blueprint("predict", __name__)
 F = TypeVar("F", bound=Callable[..., Any])
 REQUEST_ID_HEADER = "X-Request-ID"
-REQUEST_ID = re.compile(r"[!-~]{1,200}")
 
 
 def _monitored(view: F) -> F:
@@ -51,25 +48,21 @@ def _monitored(view: F) -> F:
 def _request_id() -> str:
     """The caller's X-Request-ID (so a retried request keeps its id, and its canary arm), else a new one."""
     given = request.headers.get(REQUEST_ID_HEADER)
-    if given is None:
-        return uuid.uuid4().hex
-    if not REQUEST_ID.fullmatch(given):
-        raise InvalidRequest(f"{REQUEST_ID_HEADER} must be 1 to 200 printable ASCII characters without spaces")
-    return given
+    if given is None:  # the model's default, without the cost of validating nothing
+        return new_request_id()
+    return validate(PredictHeaders, {REQUEST_ID_HEADER: given}).request_id
 
 
 @bp.post("/api/predict")
 @require_permission("read")
 @_monitored
-@operation("Classify a batch of rows", body=PredictRequest, response=PredictResponse,
+@operation("Classify a batch of rows", body=PredictRequest, headers=PredictHeaders, response=PredictResponse,
            errors={400: "Invalid input: a row of the wrong width, a value that is not a finite float32 number, "
                         "unknown fields, or more rows than QUADRA_MAX_BATCH_SIZE",
                    503: "Maintenance mode, or the serving model is not loaded yet (with Retry-After)"})
 def predict(body: PredictRequest) -> PredictResponse:
     """`{"inputs": [[...], ...]}` -> class, probabilities and confidence per row; every row
-    (or the failed request) is recorded for monitoring off the request path. An `X-Request-ID`
-    header (1 to 200 printable ASCII characters, no spaces) becomes the `request_id`, so a
-    retried request lands on the same arm of a canary; without one, a new id is made."""
+    (or the failed request) is recorded for monitoring off the request path."""
     svc = services()
     served = g.served or svc.model_server.require_current()
     inputs = rows_to_tensor(body.inputs, served.input_dim, svc.settings.max_batch_size)  # values checked by the schema

@@ -1,13 +1,13 @@
-"""Canaries end to end: four gunicorn eventlet workers under steady prediction load; a model
-trained in a separate process on another sample is imported, canaried at 10% and promoted by
-the service itself; a deliberately shifted one is aborted by itself; no request fails."""
+"""Rollouts end to end: four gunicorn eventlet workers under steady prediction load (twelve
+clients); a model trained in a separate process on another sample is imported, canaried at
+10% and promoted by the service itself; a deliberately shifted one is aborted by itself; a
+shadow never answers and is promoted by its agreement; no request fails."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load, save
 
 from tests.conftest import GUNICORN_COMMAND, ROOT, ServerProcess
-from utils.training import load_dataset
+from tests.test_e2e_reload import Load
 
 pytestmark = pytest.mark.e2e
 
@@ -38,47 +38,6 @@ save_file(model.state_dict(), sys.argv[1] + "/model.safetensors")
 json.dump({"config": model.quadra_config, "version": "2.0.0", "metrics": metrics, "tags": ["elsewhere"]},
           open(sys.argv[1] + "/metadata.json", "w"))
 """
-
-
-class Load:
-    """Prediction requests from eight client threads until stopped; counts every outcome."""
-
-    def __init__(self, server: ServerProcess) -> None:
-        self.server = server
-        self.rows = load_dataset().features.tolist()
-        self.statuses: dict[int, int] = {}
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(8)]
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
-
-    def _run(self, index: int) -> None:
-        import requests
-
-        session = requests.Session()
-        session.headers["X-API-Key"] = self.server.admin_key or ""
-        i = index
-        while not self._stop.is_set():
-            try:
-                status = session.post(f"{self.server.url}/api/predict", json={"inputs": [self.rows[i % 150]]},
-                                      timeout=30).status_code
-            except Exception as exc:  # a refused or dropped connection is a failed request too
-                with self._lock:
-                    self.errors.append(repr(exc))
-                continue
-            with self._lock:
-                self.statuses[status] = self.statuses.get(status, 0) + 1
-            i += 8
 
 
 def wait_for_decision(server: ServerProcess, rollout_id: int, timeout: float = 120.0) -> dict:
@@ -109,7 +68,7 @@ def test_a_retrained_model_is_promoted_and_a_shifted_one_aborted_under_load(star
     import_version(server, save(tensors), {"config": server.get("/api/model/versions/1.0.0").json()["config"],
                                            "version": "2.1.0"})
 
-    with Load(server) as load_:
+    with Load(server, server.admin_key) as load_:
         started = server.post("/api/model/canary/2.0.0", json={"percent": 10, "min_predictions": 300})
         assert started.status_code == 201, started.text
         promoted = wait_for_decision(server, started.json()["id"])
@@ -132,8 +91,8 @@ def test_a_retrained_model_is_promoted_and_a_shifted_one_aborted_under_load(star
         assert server.post("/api/model/canary/abort", json={"reason": "by hand"}).status_code == 200
         time.sleep(2)  # every worker drops the candidate within a poll
 
-    assert load_.errors == [] and set(load_.statuses) == {200}, (load_.statuses, load_.errors[:5])
-    assert sum(load_.statuses.values()) > 3000
+    assert load_.failures == [], load_.summary()
+    assert load_.answered_requests > 3000
     served_after = {server.post("/api/predict", json={"inputs": [[5.1, 3.5, 1.4, 0.2]]},
                                 headers={"X-Request-ID": uuid.uuid4().hex}).json()["model_version"] for _ in range(40)}
     assert served_after == {"2.0.0"}
@@ -149,7 +108,7 @@ def test_a_shadow_never_answers_and_is_promoted_by_its_agreement_under_load(star
     subprocess.run([sys.executable, "-c", TRAIN_ELSEWHERE, str(tmp_path)], cwd=ROOT, check=True, timeout=300)
     import_version(server, (tmp_path / "model.safetensors").read_bytes(),
                    json.loads((tmp_path / "metadata.json").read_text()))
-    with Load(server) as load_:
+    with Load(server, server.admin_key) as load_:
         started = server.post("/api/model/canary/2.0.0", json={"mode": "shadow", "percent": 20, "min_predictions": 300})
         assert started.status_code == 201, started.text
         time.sleep(1)
@@ -161,5 +120,5 @@ def test_a_shadow_never_answers_and_is_promoted_by_its_agreement_under_load(star
     shadow = promoted["shadow"]
     assert shadow["rows"] >= 300 and shadow["agreement_rate"] > 0.95 and shadow["errors"] == 0, shadow
     assert {c["name"] for c in promoted["checks"]} >= {"max_disagreement_rate", "max_latency_p95_ratio"}
-    assert load_.errors == [] and set(load_.statuses) == {200}, (load_.statuses, load_.errors[:5])
+    assert load_.failures == [], load_.summary()
     assert server.get("/api/model/versions").json()["production_version"] == "2.0.0"

@@ -297,6 +297,10 @@ def test_the_cli_starts_follows_and_ends_a_canary(app, client) -> None:
     assert status["on_success"] == "hold" and status["started_by"] == "cli"
     aborted = runner.invoke(args=["rollout", "abort", "--reason", "not today"])
     assert aborted.exit_code == 0 and "production 1.0.0 serves every request" in aborted.output
+    shadowed = runner.invoke(args=["rollout", "start", "1.1.0", "--mode", "shadow", "--percent", "80"])
+    assert shadowed.exit_code == 0 and "1.1.0 shadows 80%" in shadowed.output
+    assert json.loads(runner.invoke(args=["rollout", "status"]).output)["mode"] == "shadow"
+    assert runner.invoke(args=["rollout", "abort"]).exit_code == 0
     assert runner.invoke(args=["rollout", "abort"]).exit_code == 1
     assert runner.invoke(args=["rollout", "start", "1.1.0"]).exit_code == 0
     promoted = runner.invoke(args=["rollout", "promote"])
@@ -343,7 +347,7 @@ def test_arm_summaries_are_aggregated_in_the_store(store) -> None:
     start = store.predictions.last_id()
     store.predictions.insert([record("1.0.0", "a", 0.8), record("1.0.0", "b", 0.6), record("1.1.0", "b", 0.5),
                               record("1.1.0", None, None, success=False), record("9.9.9", "a", 0.1)])
-    summaries = store.predictions.summaries(start, ("1.0.0", "1.1.0"))
+    summaries = store.predictions.summaries(start, store.predictions.last_id(), ("1.0.0", "1.1.0"))
     production, candidate = summaries["1.0.0"], summaries["1.1.0"]
     assert (production.count, production.errors, production.class_counts) == (2, 0, {"a": 1, "b": 1})
     assert production.confidence_sum == pytest.approx(1.4) and production.confidence_count == 2
@@ -403,5 +407,27 @@ def test_a_failing_or_slow_shadow_counts_failures_and_drops_never_requests(store
     runner.start()
     runner.drain()
     runner.stop()
-    total = store.shadow_tallies.total(7)
+    total, last_id = store.shadow_tallies.total(7)
+    assert last_id > 0 and store.shadow_tallies.total(7, last_id)[0].requests == 0
     assert (total.requests, total.errors, total.dropped, total.rows) == (2, 2, 3, 0)
+
+
+def test_each_check_adds_only_what_arrived_since_the_last(app, client) -> None:
+    copy_of_production(client, "1.1.0")
+    assert client.post("/api/model/canary/1.1.0", json={"percent": 50, "min_predictions": 100_000}).status_code == 201
+    services = app.extensions["quadra"]
+    served: dict[str, int] = {}
+    for round_ in range(3):
+        for version, count in predict_many(client, 60, f"round-{round_}").items():
+            served[version] = served.get(version, 0) + count
+        assert decide(app) is None
+        rollout = services.store.rollouts.active()
+        arms = rollout.comparison["arms"]
+        assert {arms[arm]["version"]: arms[arm]["predictions"] for arm in arms} == served
+        assert rollout.comparison["progress"]["record_id"] == services.store.predictions.last_id()
+    start = services.store.rollouts.active().start_record_id
+    from_scratch = services.store.predictions.summaries(start, services.store.predictions.last_id(), ("1.0.0", "1.1.0"))
+    live = client.get("/api/model/canary").get_json()["rollout"]["arms"]
+    assert live["candidate"]["class_distribution"] == from_scratch["1.1.0"].class_counts
+    assert live["production"]["confidence_mean"] == pytest.approx(
+        from_scratch["1.0.0"].confidence_sum / from_scratch["1.0.0"].confidence_count)

@@ -19,6 +19,7 @@ from utils.model_versioning import ModelVersionManager
 from utils.rollout import rollout_view
 from utils.schemas import CanaryRequest, ImportMetadata, VersionPath, validate
 from utils.security import AuthManager
+from utils.store import RolloutRow
 from utils.training import Hyperparameters
 
 
@@ -340,27 +341,32 @@ rollout_cli = OperatorGroup("rollout", help="Start, follow, promote and abort a 
 
 @rollout_cli.command("start")
 @click.argument("version")
-@click.option("--percent", type=float, default=10.0, show_default=True, help="Share of predictions (1-50).")
+@click.option("--mode", type=click.Choice(["canary", "shadow"]), default="canary", show_default=True,
+              help="canary: the candidate answers its share; shadow: it runs beside production on a copy.")
+@click.option("--percent", type=float, default=10.0, show_default=True,
+              help="Share of predictions (1-50 for a canary, up to 100 for a shadow).")
 @click.option("--min-predictions", type=int, default=1000, show_default=True,
               help="Predictions on the candidate before the service decides.")
 @click.option("--criteria", "criteria_json", default="{}",
               help='JSON limits, e.g. \'{"max_latency_p95_ratio": 2.0, "max_confidence_drop": null}\'.')
 @click.option("--on-success", type=click.Choice(["promote", "hold"]), default="promote", show_default=True)
 @click.option("--on-failure", type=click.Choice(["abort", "hold"]), default="abort", show_default=True)
-def rollout_start_command(version: str, percent: float, min_predictions: int, criteria_json: str, on_success: str,
-                          on_failure: str) -> None:
-    """Send a share of predictions to VERSION; promote or abort by its numbers."""
+def rollout_start_command(version: str, mode: str, percent: float, min_predictions: int, criteria_json: str,
+                          on_success: str, on_failure: str) -> None:
+    """Send a share of predictions to VERSION (or shadow them); promote or abort by its numbers."""
     try:
         criteria = json.loads(criteria_json)
     except ValueError:
         raise click.BadParameter("not valid JSON", param_hint="--criteria") from None
-    request = validate(CanaryRequest, {"percent": percent, "min_predictions": min_predictions, "criteria": criteria,
+    request = validate(CanaryRequest, {"mode": mode, "percent": percent, "min_predictions": min_predictions,
+                                       "criteria": criteria,
                                        "on_success": on_success, "on_failure": on_failure})
     services = current_app.extensions["quadra"]
     row = services.rollouts.start(validate(VersionPath, {"version": version}).version, request, "cli")
     audit.record(services.store, "cli", "rollouts.start_canary", "success", target=version,
                  details=request.model_dump())
-    click.echo(f"canary {row.id}: {version} serves {percent:g}% beside production {row.baseline_version}")
+    share = "shadows" if mode == "shadow" else "serves"
+    click.echo(f"{mode} {row.id}: {version} {share} {percent:g}% beside production {row.baseline_version}")
 
 
 @rollout_cli.command("status")
@@ -378,23 +384,26 @@ def rollout_status_command() -> None:
 @rollout_cli.command("promote")
 @click.option("--reason", default="", help="Why; kept with the rollout and sent with the notice.")
 def rollout_promote_command(reason: str) -> None:
-    """Promote the canary's candidate now (through the normal promote path)."""
-    services = current_app.extensions["quadra"]
-    row = services.rollouts.promote("cli", reason)
-    audit.record(services.store, "cli", "rollouts.promote_canary", "success", target=row.version,
-                 details={"reason": reason})
+    """Promote the candidate now (through the normal promote path)."""
+    row = _decide_rollout("promote", reason)
     click.echo(f"promoted {row.version}; it is production on every worker within a poll")
 
 
 @rollout_cli.command("abort")
 @click.option("--reason", default="", help="Why; kept with the rollout and sent with the notice.")
 def rollout_abort_command(reason: str) -> None:
-    """End the canary; production serves every request again."""
+    """End the rollout; production serves every request again."""
+    row = _decide_rollout("abort", reason)
+    click.echo(f"aborted the {row.mode} of {row.version}; production {row.baseline_version} serves every request")
+
+
+def _decide_rollout(decision: str, reason: str) -> RolloutRow:
     services = current_app.extensions["quadra"]
-    row = services.rollouts.abort("cli", reason)
-    audit.record(services.store, "cli", "rollouts.abort_canary", "success", target=row.version,
+    decide = services.rollouts.promote if decision == "promote" else services.rollouts.abort
+    row: RolloutRow = decide("cli", reason)
+    audit.record(services.store, "cli", f"rollouts.{decision}_canary", "success", target=row.version,
                  details={"reason": reason})
-    click.echo(f"aborted the canary of {row.version}; production {row.baseline_version} serves every request")
+    return row
 
 
 def _when(timestamp: str | None) -> str:

@@ -21,7 +21,7 @@ from flask import Flask
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from utils.schemas import Error, PathParameters, QueryParameters, RequestBody
+from utils.schemas import Error, HeaderParameters, PathParameters, QueryParameters, RequestBody
 
 OPENAPI_VERSION = "3.1.0"
 API_VERSION = "1.0.0"
@@ -68,6 +68,7 @@ class Operation:
     upload: type[RequestBody] | None = None  # multipart: an `artifact` file and a JSON `metadata` part of this model
     query: type[QueryParameters] | None = None
     path: type[PathParameters] | None = None
+    headers: type[HeaderParameters] | None = None  # read (and validated) by the view's own wrapper, before the body
     errors: Mapping[int, ErrorSpec] = field(default_factory=dict)  # the domain's own error statuses
     security: tuple[str, ...] | None = None        # default: both schemes when a permission is required
     links: Mapping[str, Link] = field(default_factory=dict)  # operations that use what the success body holds
@@ -99,7 +100,7 @@ def build_document(app: Flask, rate_limited: Callable[[str], bool], title: str, 
             paths.setdefault(_RULE_ARGUMENT.sub(r"{\1}", rule.rule), {})[method.lower()] = entry
         if op.path is not None and set(op.path.model_fields) != set(rule.arguments):
             raise ValueError(f"{rule.endpoint}: path model {op.path.__name__} does not match {rule.rule}")
-    for model in {model for _, op in routes for model in (op.query, op.path) if model is not None}:
+    for model in {model for _, op in routes for model in (op.query, op.path, op.headers) if model is not None}:
         del schemas["$defs"][_ref(model, "validation", schemas)["$ref"].rpartition("/")[2]]  # inlined as parameters
     return {
         "openapi": OPENAPI_VERSION,
@@ -115,7 +116,7 @@ def _component_schemas(operations: Iterable[Operation]) -> dict[str, Any]:
     response models as serialised)."""
     models: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {(Error, "serialization"): None}
     for op in operations:
-        for model in (op.body, op.upload, op.query, op.path):
+        for model in (op.body, op.upload, op.query, op.path, op.headers):
             if model is not None:
                 models[(model, "validation")] = None
         for spec in (op.response, *(s[1] for s in op.errors.values() if isinstance(s, tuple))):
@@ -135,7 +136,8 @@ def _operation(endpoint: str, method: str, op: Operation, view: Callable[..., An
     entry: dict[str, Any] = {"operationId": endpoint, "summary": op.summary, "tags": [tag]}
     if description:
         entry["description"] = description
-    parameters = [*_parameters(op.path, "path", schemas), *_parameters(op.query, "query", schemas)]
+    parameters = [*_parameters(op.path, "path", schemas), *_parameters(op.query, "query", schemas),
+                  *_parameters(op.headers, "header", schemas)]
     if parameters:
         entry["parameters"] = parameters
     if op.body is not None:
@@ -183,7 +185,7 @@ def _parameters(model: type[BaseModel] | None, location: str, schemas: dict[str,
 def _error_responses(op: Operation, method: str, permission: str | None, security: tuple[str, ...], rate_limited: bool,
                      schemas: dict[str, Any]) -> dict[str, Any]:
     statuses: set[int] = {500}
-    if op.body or op.upload or op.query or op.path or method != "GET":  # without a body model, a body is refused
+    if op.body or op.upload or op.query or op.path or op.headers or method != "GET":  # without a body model, a body is refused
         statuses.add(400)
     if op.body is not None or op.upload is not None:
         statuses |= {413, 415}

@@ -25,7 +25,7 @@ from utils.errors import RolloutConflict
 from utils.model_modes import ModelModeManager
 from utils.model_monitoring import ModelMonitor
 from utils.model_versioning import ModelVersionManager
-from utils.schemas import CanaryRequest
+from utils.schemas import ArmSummary, CanaryRequest, CriterionCheck
 from utils.serving import Canary, ModelServer, load_served_model
 from utils.shadow import ShadowRunner
 from utils.store import RolloutRow, ShadowTally, Store, VersionSummary
@@ -39,39 +39,16 @@ CURVES = ("predictions", "error_rate", "latency_p95_ms", "confidence_mean")
 log = logging.getLogger("quadra.rollout")
 
 
-@dataclass(frozen=True)
-class Arm:
-    version: str
-    predictions: int
-    errors: int
-    error_rate: float | None
-    latency_p95_ms: float | None
-    confidence_mean: float | None
-    class_distribution: dict[str, int]
-
-    @classmethod
-    def of(cls, version: str, summary: VersionSummary, latencies: list[float]) -> Arm:
-        count = summary.count
-        return cls(version, count, summary.errors, summary.errors / count if count else None,
-                   float(np.percentile(latencies, 95)) if latencies else None,
-                   summary.confidence_sum / summary.confidence_count if summary.confidence_count else None,
-                   summary.class_counts)
+def arm_of(version: str, summary: VersionSummary, latencies: list[float]) -> ArmSummary:
+    count = summary.count
+    return ArmSummary(version=version, predictions=count, errors=summary.errors,
+                      error_rate=summary.errors / count if count else None,
+                      latency_p95_ms=float(np.percentile(latencies, 95)) if latencies else None,
+                      confidence_mean=summary.confidence_sum / summary.confidence_count if summary.confidence_count
+                      else None, class_distribution=summary.class_counts)
 
 
-@dataclass(frozen=True)
-class Check:
-    name: str
-    limit: float
-    observed: float | None
-    passed: bool | None
-
-    @property
-    def clearly_breached(self) -> bool:
-        """Beyond twice its limit: bad enough to abort before `min_predictions`."""
-        return self.observed is not None and self.observed > 2 * self.limit
-
-
-def observe(name: str, production: Arm, candidate: Arm, shadow: ShadowTally | None) -> float | None:
+def observe(name: str, production: ArmSummary, candidate: ArmSummary, shadow: ShadowTally | None) -> float | None:
     """The value of criterion `name` for the two arms (and, in shadow mode, the candidate's
     tally on production's inputs); None while it cannot be measured."""
     if name == "max_disagreement_rate":
@@ -97,26 +74,52 @@ def observe(name: str, production: Arm, candidate: Arm, shadow: ShadowTally | No
     raise ValueError(f"unknown rollout criterion {name!r}")
 
 
-def checks_for(criteria: dict[str, float | None], production: Arm, candidate: Arm,
-               shadow: ShadowTally | None) -> list[Check]:
+def checks_for(criteria: dict[str, float | None], production: ArmSummary, candidate: ArmSummary,
+               shadow: ShadowTally | None) -> list[CriterionCheck]:
     checks = []
     for name, limit in criteria.items():
         if limit is None:
             continue
         observed = observe(name, production, candidate, shadow)
-        checks.append(Check(name, limit, observed, None if observed is None else observed <= limit))
+        checks.append(CriterionCheck(name=name, limit=limit, observed=observed,
+                                     passed=None if observed is None else observed <= limit))
     return checks
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A rollout's sums so far, kept with its comparison so that each check reads only what
+    arrived since the last one: the arms' records up to `record_id` and, for a shadow, the
+    candidate's tallies up to `tally_id`."""
+
+    record_id: int
+    production: VersionSummary
+    candidate: VersionSummary
+    tally_id: int = 0
+    tally: ShadowTally | None = None
+
+    @classmethod
+    def of(cls, rollout: RolloutRow) -> Progress:
+        stored = (rollout.comparison or {}).get("progress")
+        if stored is None:
+            return cls(rollout.start_record_id, VersionSummary(), VersionSummary(),
+                       tally=ShadowTally() if rollout.mode == "shadow" else None)
+        return cls(stored["record_id"], VersionSummary(**stored["production"]), VersionSummary(**stored["candidate"]),
+                   stored["tally_id"], ShadowTally(**stored["tally"]) if stored["tally"] is not None else None)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
 class Comparison:
     """Both arms side by side and each criterion's check, at one moment."""
 
-    production: Arm
-    candidate: Arm
-    checks: list[Check]
+    production: ArmSummary
+    candidate: ArmSummary
+    checks: list[CriterionCheck]
     evaluated_at: float
-    shadow: ShadowTally | None = None
+    progress: Progress
 
     def as_dict(self, earlier: dict[str, Any] | None) -> dict[str, Any]:
         """As stored with the rollout: the arms, the checks and the arms' history, `earlier`'s
@@ -125,9 +128,10 @@ class Comparison:
                                              for arm, numbers in (("production", self.production),
                                                                   ("candidate", self.candidate))}}
         history = (earlier or {}).get("history", [])[-(HISTORY_LENGTH - 1):]
-        return {"arms": {"production": asdict(self.production), "candidate": asdict(self.candidate)},
-                "checks": [asdict(check) for check in self.checks], "evaluated_at": self.evaluated_at,
-                "history": [*history, point], "shadow": _shadow_summary(self.shadow)}
+        return {"arms": {"production": self.production.model_dump(), "candidate": self.candidate.model_dump()},
+                "checks": [check.model_dump() for check in self.checks], "evaluated_at": self.evaluated_at,
+                "history": [*history, point], "shadow": _shadow_summary(self.progress.tally),
+                "progress": self.progress.as_dict()}
 
 
 def _shadow_summary(tally: ShadowTally | None) -> dict[str, Any] | None:
@@ -154,7 +158,7 @@ def verdict_of(rollout: RolloutRow, comparison: Comparison) -> tuple[str, str] |
         f"{seen} predictions and no criteria"
 
 
-def _describe(breached: list[Check]) -> str:
+def _describe(breached: list[CriterionCheck]) -> str:
     return "; ".join(f"{c.name} {c.observed:.4g} > {c.limit:g}" for c in breached)
 
 
@@ -202,22 +206,33 @@ class Rollouts:
         buffered records and shadow tallies written first, as every monitoring read does).
         A canary's candidate is measured by its monitoring records; a shadow's by its tallies."""
         self.monitor.flush()
+        progress = self._progress(rollout)
         predictions, start = self.store.predictions, rollout.start_record_id
-        summaries = predictions.summaries(start, (rollout.baseline_version, rollout.version))
-        shadow = None
-        if rollout.mode == "shadow":  # latency: both forward passes on the sampled requests
-            self.shadows.flush()
-            shadow = self.store.shadow_tallies.total(rollout.id)
-            production = Arm.of(rollout.baseline_version, summaries[rollout.baseline_version],
-                                shadow.production_latency_samples)
-            candidate = Arm.of(rollout.version, VersionSummary(  # a failed copy counts once, as a failed request does
+        shadow = progress.tally
+        if shadow is not None:  # latency: both forward passes on the sampled requests
+            production = arm_of(rollout.baseline_version, progress.production, shadow.production_latency_samples)
+            candidate = arm_of(rollout.version, VersionSummary(  # a failed copy counts once, as a failed request does
                 shadow.rows + shadow.errors, shadow.errors, shadow.confidence_sum, shadow.confidence_count,
                 shadow.class_counts), shadow.latency_samples)
-        else:  # latency: each arm's requests as recorded
-            production, candidate = (Arm.of(v, summaries[v], predictions.latencies(start, v, LATENCY_SAMPLE))
-                                     for v in (rollout.baseline_version, rollout.version))
+        else:  # latency: each arm's newest requests as recorded
+            production, candidate = (arm_of(v, summary, predictions.latencies(start, v, LATENCY_SAMPLE))
+                                     for v, summary in ((rollout.baseline_version, progress.production),
+                                                        (rollout.version, progress.candidate)))
         checks = checks_for(rollout.criteria, production, candidate, shadow)
-        return Comparison(production, candidate, checks, time.time(), shadow)
+        return Comparison(production, candidate, checks, time.time(), progress)
+
+    def _progress(self, rollout: RolloutRow) -> Progress:
+        """The rollout's stored sums plus what arrived since they were taken."""
+        earlier = Progress.of(rollout)
+        up_to = self.store.predictions.last_id()
+        new = self.store.predictions.summaries(earlier.record_id, up_to, (rollout.baseline_version, rollout.version))
+        tally, tally_id = earlier.tally, earlier.tally_id
+        if tally is not None:
+            self.shadows.flush()
+            arrived, tally_id = self.store.shadow_tallies.total(rollout.id, earlier.tally_id)
+            tally.add(arrived)
+        return Progress(up_to, earlier.production.plus(new[rollout.baseline_version]),
+                        earlier.candidate.plus(new[rollout.version]), tally_id, tally)
 
     def current(self) -> tuple[RolloutRow, dict[str, Any] | None] | None:
         """The active rollout with live numbers, else the last one with its final numbers."""

@@ -12,6 +12,7 @@ configured batch size) stay in the handlers.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
@@ -95,6 +96,15 @@ class PathParameters(QueryParameters):
     """Path parameters (the URL's own segments)."""
 
 
+class HeaderParameters(BaseModel):
+    """Request headers an operation reads, by the names they are sent under (other headers
+    are none of its business)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=False)
+    error: ClassVar[type[InvalidRequest]] = InvalidRequest
+    field_errors: ClassVar[dict[str, type[InvalidRequest]]] = {}
+
+
 M = TypeVar("M", bound=BaseModel)
 MAX_REPORTED_ERRORS = 3
 
@@ -129,6 +139,17 @@ class PredictRequest(RequestBody):
         description="one row per sample; at most QUADRA_MAX_BATCH_SIZE rows (1024 by default)",
         examples=[[[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]],
     )
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class PredictHeaders(HeaderParameters):
+    request_id: Annotated[str, StringConstraints(pattern=r"^[!-~]{1,200}$")] = Field(
+        default_factory=new_request_id, alias="X-Request-ID", examples=["order-4711-attempt-1"],
+        description="the answer's request_id (1 to 200 printable ASCII characters, no spaces): a retried request "
+                    "with the same id lands on the same arm of a canary; without it a new id is made")
 
 
 class SaveRequest(RequestBody):
@@ -682,6 +703,11 @@ class CriterionCheck(ResponseBody):
     limit: float
     observed: float | None = Field(description="null until both arms have predictions to compare")
     passed: bool | None
+
+    @property
+    def clearly_breached(self) -> bool:
+        """Beyond twice its limit: bad enough to abort before `min_predictions`."""
+        return self.observed is not None and self.observed > 2 * self.limit
 
 
 class ArmPoint(ResponseBody):

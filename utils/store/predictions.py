@@ -69,6 +69,14 @@ class VersionSummary:
     confidence_count: int = 0
     class_counts: dict[str, int] = field(default_factory=dict)
 
+    def plus(self, other: VersionSummary) -> VersionSummary:
+        classes = dict(self.class_counts)
+        for name, count in other.class_counts.items():
+            classes[name] = classes.get(name, 0) + count
+        return VersionSummary(self.count + other.count, self.errors + other.errors,
+                              self.confidence_sum + other.confidence_sum, self.confidence_count + other.confidence_count,
+                              classes)
+
 
 class PredictionStore:
     def __init__(self, database: Database) -> None:
@@ -136,12 +144,13 @@ class PredictionStore:
             window["success"] = list(map(bool, window["success"]))
         return window
 
-    def summaries(self, after_id: int, versions: tuple[str, ...]) -> dict[str, VersionSummary]:
-        """A `VersionSummary` of each of `versions` over the records with id > after_id,
+    def summaries(self, after_id: int, up_to_id: int, versions: tuple[str, ...]) -> dict[str, VersionSummary]:
+        """A `VersionSummary` of each of `versions` over the records with after_id < id <= up_to_id,
         aggregated in the database (one pass over that range of the primary key)."""
         query = (select(predictions.c.model_version, predictions.c.predicted_class, predictions.c.success, func.count(),
                         func.coalesce(func.sum(predictions.c.confidence), 0.0), func.count(predictions.c.confidence))
-                 .where(predictions.c.id > after_id, predictions.c.model_version.in_(versions))
+                 .where(predictions.c.id > after_id, predictions.c.id <= up_to_id,
+                        predictions.c.model_version.in_(versions))
                  .group_by(predictions.c.model_version, predictions.c.predicted_class, predictions.c.success))
         parts: dict[str, dict[str, Any]] = {v: {"count": 0, "errors": 0, "confidence_sum": 0.0, "confidence_count": 0,
                                                 "class_counts": {}} for v in versions}

@@ -11,7 +11,7 @@ from sqlalchemy import insert, select
 from utils.store.database import Database, as_rows, columns_of
 from utils.store.tables import shadow_tallies
 
-MAX_LATENCY_SAMPLES = 5000  # the newest per rollout, for its p95
+MAX_LATENCY_SAMPLES = 2000  # the newest per rollout, for its p95
 
 
 @dataclass(slots=True)
@@ -76,14 +76,16 @@ class ShadowTallyStore:
         with self.database.write() as conn:
             conn.execute(insert(shadow_tallies).values(rollout_id=rollout_id, at=time.time(), **columns_of(tally)))
 
-    def total(self, rollout_id: int) -> ShadowTally:
-        """Every process's tallies of a rollout, summed (latency samples: the newest)."""
+    def total(self, rollout_id: int, after_id: int = 0) -> tuple[ShadowTally, int]:
+        """Every process's tallies of a rollout with id > after_id, summed (latency samples: the
+        newest), and the last id summed (`after_id` when there was none)."""
         with self.database.read() as conn:
-            rows = as_rows(_TallyRow, conn.execute(select(shadow_tallies).where(shadow_tallies.c.rollout_id == rollout_id)
-                                                   .order_by(shadow_tallies.c.id)))
+            rows = as_rows(_TallyRow, conn.execute(
+                select(shadow_tallies).where(shadow_tallies.c.rollout_id == rollout_id, shadow_tallies.c.id > after_id)
+                .order_by(shadow_tallies.c.id)))
         total = ShadowTally()
         for row in rows:
             total.add(ShadowTally(row.requests, row.rows, row.agreements, row.errors, row.dropped, row.confidence_sum,
                                   row.confidence_count, row.latency_samples, row.production_latency_samples,
                                   row.class_counts, row.confusion))
-        return total
+        return total, rows[-1].id if rows else after_id
