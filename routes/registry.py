@@ -149,8 +149,9 @@ def save_model(body: SaveRequest) -> VersionInfo:
 @require_permission("admin")
 @operation("Serve a version", path=VersionPath, response=ServingChange, errors=DEPLOYABLE)
 def load_version(version: str) -> ServingChange:
-    """Serve `version` on every process without changing production."""
+    """Serve `version` on every process without changing production (an active rollout ends first)."""
     svc = services()
+    svc.rollouts.end_for_deployment("load", actor(), version)
     result = svc.registry.set_serving_version(version, actor=actor())
     svc.model_server.sync()
     return ServingChange.model_validate(result)
@@ -161,8 +162,10 @@ def load_version(version: str) -> ServingChange:
 @operation("Promote a version to production", path=VersionPath, response=ProductionChange,
            errors=DEPLOYABLE)
 def promote_version(version: str) -> ProductionChange:
-    """Verify the artifact, then make the version production and serving on every process."""
+    """Verify the artifact, then make the version production and serving on every process (an
+    active rollout ends first: as promoted when this promotes its candidate)."""
     svc = services()
+    svc.rollouts.end_for_deployment("promote", actor(), version)
     result = svc.registry.promote_to_production(version, actor=actor())
     svc.model_server.sync()
     return ProductionChange.model_validate(result)
@@ -173,8 +176,9 @@ def promote_version(version: str) -> ProductionChange:
 @operation("Roll production back", response=ProductionChange,
            errors={**INTEGRITY, **UNAVAILABLE, 409: "No earlier production version to return to"})
 def rollback() -> ProductionChange:
-    """Make the production version before the current one production again."""
+    """Make the production version before the current one production again (an active rollout ends first)."""
     svc = services()
+    svc.rollouts.end_for_deployment("rollback", actor())
     result = svc.registry.rollback(actor=actor())
     svc.model_server.sync()
     return ProductionChange.model_validate(result)

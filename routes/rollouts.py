@@ -11,7 +11,7 @@ from utils.schemas import CanaryRequest, Rollout, RolloutDecisionRequest, Rollou
 from utils.security import require_permission
 
 bp = Blueprint("rollouts", __name__)
-NO_CANARY = {409: "No canary is active"}
+NO_CANARY = {409: "No rollout is active"}
 
 
 @bp.get("/api/model/canary")
@@ -52,8 +52,9 @@ def abort_canary(body: RolloutDecisionRequest) -> Rollout:
 @require_permission("admin")
 @operation("Start a canary", path=VersionPath, body=CanaryRequest, response=Rollout, status=201,
            errors={404: "No such version",
-                   409: "A canary is already active, the version is production, or a loaded version is not production",
-                   422: "The candidate's SHA-256 does not match the recorded one",
+                   409: "A rollout is already active, the version is production, a loaded version is not production, "
+                        "or the candidate takes other inputs or names other classes than production",
+                   422: "The candidate's SHA-256 does not match the recorded one, or it cannot be built and loaded here",
                    503: "The artifact store is unreachable (with Retry-After)"})
 def start_canary(version: str, body: CanaryRequest) -> Rollout:
     """Verify, load and warm the candidate, then send `percent` of prediction requests to it on

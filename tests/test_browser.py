@@ -260,11 +260,11 @@ def test_the_canary_panel_follows_a_rollout_and_promotes_by_hand(start_server, s
     expect(page.locator("#rollout-status")).to_have_text("no canary yet", timeout=5_000)
     expect(page.locator("#canary-promote")).to_be_disabled()
     started = server.post("/api/model/canary/1.1.0", json={
-        "percent": 50, "min_predictions": 40, "on_success": "hold",
+        "percent": 50, "min_predictions": 100, "on_success": "hold",
         "criteria": {"max_prediction_distance": None, "max_latency_p95_ratio": None}})
     assert started.status_code == 201
     expect(page.locator("#rollout-status")).to_have_text("running", timeout=5_000)
-    assert send(server, [[IRIS[i % len(IRIS)]] for i in range(200)]) == 200
+    assert send(server, [[IRIS[i % len(IRIS)]] for i in range(300)]) == 300
     expect(page.locator("#rollout-status")).to_have_text("held", timeout=15_000)
     expect(page.locator('#rollout-arms tr[data-arm="candidate"]')).to_contain_text("1.1.0")
     expect(page.locator('#rollout-checks li[data-criterion="max_confidence_drop"]')).to_have_class("check-ok")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -97,9 +98,9 @@ def test_a_good_candidate_is_promoted_by_itself(app, client) -> None:
 
 def test_a_worse_candidate_is_aborted_by_itself(app, client) -> None:
     import_random_model(client, "2.0.0")
-    assert client.post("/api/model/canary/2.0.0", json={"percent": 30, "min_predictions": 40}).status_code == 201
+    assert client.post("/api/model/canary/2.0.0", json={"percent": 50, "min_predictions": 100}).status_code == 201
     served = predict_many(client, 300)
-    assert served["2.0.0"] > 40
+    assert served["2.0.0"] > 100
     decided = decide(app)
     assert decided is not None and decided.status == "aborted" and decided.verdict == "failed"
     status = client.get("/api/model/canary").get_json()["rollout"]
@@ -163,7 +164,7 @@ def test_a_canary_needs_production_to_be_what_is_served(app, client) -> None:
 def test_promote_and_abort_by_hand(app, client, api_keys: dict[str, str]) -> None:
     for decision in ("promote", "abort"):
         refused = client.post(f"/api/model/canary/{decision}", json={})
-        assert refused.status_code == 409 and refused.get_json()["error"]["message"] == "no canary is active"
+        assert refused.status_code == 409 and refused.get_json()["error"]["message"] == "no rollout is active"
     copy_of_production(client, "1.1.0")
     assert client.post("/api/model/canary/1.1.0", json={"percent": 50}).status_code == 201
     assert client.post("/api/model/canary/abort", json={"why": "x"}).status_code == 400
@@ -216,7 +217,7 @@ def test_a_promote_or_rollback_during_a_canary_ends_it_first(app, client) -> Non
     assert client.post("/api/model/canary/1.2.0", json={}).status_code == 201
     assert client.post("/api/model/rollback").status_code == 200
     ended = client.get("/api/model/canary").get_json()["rollout"]
-    assert ended["status"] == "aborted" and ended["reason"].startswith("ended by the rollback")
+    assert ended["status"] == "aborted" and ended["reason"].startswith("ended by a rollback by test-admin")
 
 
 def test_maintenance_pauses_the_decision_and_hold_waits_for_an_operator(app, client) -> None:
@@ -243,8 +244,8 @@ def test_maintenance_pauses_the_decision_and_hold_waits_for_an_operator(app, cli
 
 def test_a_clear_breach_aborts_before_min_predictions(app, client) -> None:
     import_random_model(client, "2.0.0")
-    assert client.post("/api/model/canary/2.0.0", json={"percent": 50, "min_predictions": 500}).status_code == 201
-    predict_many(client, 200)  # about 100 on the candidate: past the early look (500 // 10), short of 500
+    assert client.post("/api/model/canary/2.0.0", json={"percent": 50, "min_predictions": 1000}).status_code == 201
+    predict_many(client, 300)  # about 150 on the candidate: past the early look (100), short of 1000
     decided = decide(app)
     assert decided is not None and decided.status == "aborted" and decided.reason.startswith("clear breach after")
 
@@ -320,6 +321,7 @@ def rollout_row(version: str = "1.1.0"):
 def test_one_rollout_at_a_time_and_each_ends_once(store) -> None:
     from utils.store import StoreConflict
 
+    store.versions.deploy("promote", "1.0.0", "test", set_production=True)
     first = store.rollouts.start(rollout_row())
     with pytest.raises(StoreConflict, match="1.1.0 is already active"):
         store.rollouts.start(rollout_row("1.2.0"))
@@ -347,12 +349,13 @@ def test_arm_summaries_are_aggregated_in_the_store(store) -> None:
     start = store.predictions.last_id()
     store.predictions.insert([record("1.0.0", "a", 0.8), record("1.0.0", "b", 0.6), record("1.1.0", "b", 0.5),
                               record("1.1.0", None, None, success=False), record("9.9.9", "a", 0.1)])
-    summaries = store.predictions.summaries(start, store.predictions.last_id(), ("1.0.0", "1.1.0"))
+    summaries = store.predictions.summaries(start, store.predictions.last_id(), ("1.0.0", "1.1.0"), ("boom",))
     production, candidate = summaries["1.0.0"], summaries["1.1.0"]
     assert (production.count, production.errors, production.class_counts) == (2, 0, {"a": 1, "b": 1})
     assert production.confidence_sum == pytest.approx(1.4) and production.confidence_count == 2
     assert (candidate.count, candidate.errors, candidate.class_counts) == (2, 1, {"b": 1})
-    assert store.predictions.latencies(start, "1.1.0", 10) == [2.0, 2.0]
+    assert store.predictions.latencies(start, store.predictions.last_id(), ("1.1.0",), ("boom",)) == {"1.1.0": [2.0, 2.0]}
+    assert store.predictions.summaries(start, store.predictions.last_id(), ("1.1.0",), ())["1.1.0"].count == 1
 
 
 def test_a_shadow_answers_nothing_and_is_promoted_by_its_agreement(app, client) -> None:
@@ -380,14 +383,14 @@ def test_a_shadow_answers_nothing_and_is_promoted_by_its_agreement(app, client) 
 def test_a_shadow_that_disagrees_is_aborted_and_its_confusion_shows_where(app, client) -> None:
     import_random_model(client, "2.0.0")
     started = client.post("/api/model/canary/2.0.0", json={
-        "mode": "shadow", "percent": 50, "min_predictions": 50,
+        "mode": "shadow", "percent": 50, "min_predictions": 100,
         "criteria": {"max_prediction_distance": None, "max_confidence_drop": None, "max_latency_p95_ratio": None}})
     assert started.status_code == 201
-    assert predict_many(client, 200) == {"1.0.0": 200}
+    assert predict_many(client, 300) == {"1.0.0": 300}
     decided = decide(app)
     assert decided is not None and decided.status == "aborted" and "max_disagreement_rate" in decided.reason
     shadow = client.get("/api/model/canary").get_json()["rollout"]["shadow"]
-    assert 60 < shadow["rows"] < 140 and shadow["agreement_rate"] < 0.9
+    assert 100 <= shadow["rows"] < 200 and shadow["agreement_rate"] < 0.9
     assert any(set(row) - {name} for name, row in shadow["confusion"].items())
 
 
@@ -426,8 +429,105 @@ def test_each_check_adds_only_what_arrived_since_the_last(app, client) -> None:
         assert {arms[arm]["version"]: arms[arm]["predictions"] for arm in arms} == served
         assert rollout.comparison["progress"]["record_id"] == services.store.predictions.last_id()
     start = services.store.rollouts.active().start_record_id
-    from_scratch = services.store.predictions.summaries(start, services.store.predictions.last_id(), ("1.0.0", "1.1.0"))
+    from_scratch = services.store.predictions.summaries(start, services.store.predictions.last_id(), ("1.0.0", "1.1.0"),
+                                                        ())
     live = client.get("/api/model/canary").get_json()["rollout"]["arms"]
     assert live["candidate"]["class_distribution"] == from_scratch["1.1.0"].class_counts
     assert live["production"]["confidence_mean"] == pytest.approx(
         from_scratch["1.0.0"].confidence_sum / from_scratch["1.0.0"].confidence_count)
+
+
+def test_a_clients_bad_requests_count_against_no_arm(app, client) -> None:
+    copy_of_production(client, "1.1.0")
+    assert client.post("/api/model/canary/1.1.0", json={"percent": 50, "min_predictions": 100}).status_code == 201
+    candidate_ids = [f"bad-{i}" for i in range(400) if takes_candidate(1, f"bad-{i}", 50.0)]
+    for request_id in candidate_ids[:150]:  # aimed at the candidate, to make it look broken
+        refused = client.post("/api/predict", json={"inputs": [[1.0, 2.0]]}, headers={"X-Request-ID": request_id})
+        assert refused.status_code == 400
+    predict_many(client, 300)
+    decided = decide(app)
+    assert decided is not None and decided.status == "promoted", decided.reason
+    candidate = decided.comparison["arms"]["candidate"]
+    assert candidate["errors"] == 0 and candidate["error_rate"] == 0.0
+    assert client.get("/api/monitoring/stats").get_json()["error_count"] == 150  # monitoring still counts them
+
+
+def test_a_candidate_must_answer_like_production(app, client) -> None:
+    wider = {**CONFIG, "input_dim": 5}
+    torch.manual_seed(1)
+    for version, config in (("2.0.0", wider), ("2.1.0", {**CONFIG, "class_names": ["a", "b", "c"]})):
+        tensors = {name: t.contiguous() for name, t in build_model(config).state_dict().items()}
+        fields = {"artifact": (io.BytesIO(save(tensors)), "model.safetensors"),
+                  "metadata": json.dumps({"config": config, "version": version})}
+        assert client.post("/api/model/versions", data=fields, content_type="multipart/form-data").status_code == 201
+    wrong_width = client.post("/api/model/canary/2.0.0", json={})
+    assert wrong_width.status_code == 409 and "input_dim 5" in wrong_width.get_json()["error"]["message"]
+    renamed = client.post("/api/model/canary/2.1.0", json={})
+    assert renamed.status_code == 409 and "class_names" in renamed.get_json()["error"]["message"]
+    assert client.get("/api/model/canary").get_json() == {"rollout": None}
+
+
+def test_a_promote_that_cannot_happen_leaves_the_rollout_running(app, client, state_dir: Path) -> None:
+    copy_of_production(client, "1.1.0")
+    assert client.post("/api/model/canary/1.1.0", json={"percent": 50}).status_code == 201
+    deleted = client.delete("/api/model/versions/1.1.0")
+    assert deleted.status_code == 409
+    assert deleted.get_json()["error"]["message"].endswith("the candidate of the active canary and cannot be deleted")
+    archived = app.test_cli_runner().invoke(args=["registry", "archive", "1.1.0"])
+    assert archived.exit_code == 1 and "cannot be archived" in archived.output
+    artifact = next((state_dir / "models" / "1.1.0").glob("*.safetensors"))
+    artifact.write_bytes(artifact.read_bytes()[:-8] + b"tampered")
+    failed = client.post("/api/model/canary/promote", json={})
+    assert failed.status_code == 422 and failed.get_json()["error"]["code"] == "integrity_check_failed"
+    assert client.get("/api/model/canary").get_json()["rollout"]["status"] == "running"
+    assert client.get("/api/model/versions").get_json()["production_version"] == "1.0.0"
+    assert client.post("/api/model/promote/1.1.0").status_code == 422  # nor does a promote by hand end it
+    assert client.get("/api/model/canary").get_json()["rollout"]["status"] == "running"
+
+
+def test_a_deployment_outside_the_api_ends_the_rollout_at_the_next_check(app, client) -> None:
+    copy_of_production(client, "1.1.0")
+    assert client.post("/api/model/canary/1.1.0", json={"percent": 50}).status_code == 201
+    app.extensions["quadra"].registry.promote_to_production("1.1.0", actor="console")  # the Python API
+    ended = decide(app)
+    assert ended is not None and ended.status == "promoted" and ended.reason.startswith("production became 1.1.0")
+
+
+def test_a_worker_that_cannot_load_the_candidate_serves_production_and_says_so(app, client, state_dir: Path) -> None:
+    from utils.store import RolloutRow
+
+    copy_of_production(client, "1.1.0")
+    copy_of_production(client, "1.2.0")
+    services = app.extensions["quadra"]
+    assert client.post("/api/model/canary/1.1.0", json={"percent": 50}).status_code == 201
+    assert client.post("/api/model/canary/abort", json={}).status_code == 200
+    artifact = next((state_dir / "models" / "1.2.0").glob("*.safetensors"))
+    artifact.write_bytes(artifact.read_bytes()[:-8] + b"tampered")
+    services.store.rollouts.start(RolloutRow(  # as another host would, after verifying its own copy
+        id=0, version="1.2.0", baseline_version="1.0.0", mode="canary", percent=50.0, min_predictions=100,
+        criteria={}, on_success="promote", on_failure="abort", started_at=1.0, started_by="elsewhere",
+        start_record_id=0, status="running"))
+    services.model_server.sync()
+    assert services.model_server.canary is None and "1.2.0" in (services.model_server.candidate_error or "")
+    assert predict_many(client, 20) == {"1.0.0": 20}
+
+
+def test_a_start_checks_production_under_the_deployments_lock(store) -> None:
+    from utils.store import StoreConflict
+
+    store.versions.deploy("promote", "1.0.0", "test", set_production=True)
+    with pytest.raises(StoreConflict, match="production is 1.0.0"):
+        store.rollouts.start(replace(rollout_row(), baseline_version="0.9.0"))
+    assert store.rollouts.active() is None
+
+
+def test_shadow_tallies_of_ended_rollouts_are_removed(store) -> None:
+    from utils.store import ShadowTally
+
+    store.versions.deploy("promote", "1.0.0", "test", set_production=True)
+    row = store.rollouts.start(rollout_row())
+    store.shadow_tallies.add(row.id, ShadowTally(requests=1, rows=1, agreements=1))
+    store.shadow_tallies.add(999, ShadowTally(requests=1))  # a late add for a rollout long gone
+    assert store.shadow_tallies.prune(row.id) == 1
+    assert store.rollouts.finish(row.id, "aborted", None, "done", "test")
+    assert store.shadow_tallies.total(row.id) == (ShadowTally(), 0)

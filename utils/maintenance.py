@@ -40,6 +40,8 @@ def schedule_background_work(services: Services) -> None:
     def roll_up() -> None:
         if store.leases.try_acquire(MONITORING_LEASE, owner, settings.drift_check_seconds * 3):
             monitor.roll_up(settings.monitoring_retention_hours * 3600)
+            route = store.rollouts.route()
+            store.shadow_tallies.prune(route.id if route else None)
 
     def decide_rollout() -> None:
         if store.leases.try_acquire(ROLLOUT_LEASE, owner, settings.rollout_check_seconds * 3):
@@ -48,6 +50,9 @@ def schedule_background_work(services: Services) -> None:
     def check_model() -> None:
         if services.model_server.last_error:
             services.alerts.raise_alert("health", services.model_server.last_error, {"process": owner})
+        if services.model_server.candidate_error:
+            services.alerts.raise_alert("rollout", services.model_server.candidate_error, {"process": owner},
+                                        severity="warning")
 
     def recover_journals() -> None:
         if store.leases.try_acquire(JOURNAL_LEASE, owner, JOURNAL_RECOVERY_SECONDS * 3):

@@ -291,16 +291,14 @@ class ModelVersionManager:
 
         Promoting the production version again changes nothing (`changed` is false) and
         writes no history, so it never becomes a step that a rollback would return to."""
-        self._check_deployable(version)
-        self._end_rollout("promote", version, actor)
+        self.check_deployable(version)
         previous = self.store.versions.deploy("promote", version, actor, set_production=True)
         self.write_registry_mirror()
         return _production_change(version, previous)
 
     def set_serving_version(self, version: str, actor: str = "system") -> dict[str, Any]:
         """Serve `version` on every process without changing production (the "load" action)."""
-        self._check_deployable(version)
-        self._end_rollout("load", version, actor)
+        self.check_deployable(version)
         previous = self.store.versions.deploy("load", version, actor, set_production=False)
         self.write_registry_mirror()
         return {"serving_version": version, "previous_version": previous, "changed": previous != version}
@@ -313,8 +311,7 @@ class ModelVersionManager:
             candidate = self.store.versions.rollback_target(current)
             if candidate is None:
                 raise VersionConflict("there is no previous production version to roll back to")
-            self._check_deployable(candidate)
-            self._end_rollout("rollback", candidate, actor)
+            self.check_deployable(candidate)
             try:
                 previous = self.store.versions.deploy("rollback", candidate, actor, set_production=True,
                                                         expected_production=current)
@@ -324,26 +321,24 @@ class ModelVersionManager:
             return _production_change(candidate, previous)
         raise VersionConflict("production kept changing during the rollback; try again")
 
-    def _end_rollout(self, action: str, version: str, actor: str) -> None:
-        """A promote, load or rollback during a canary ends the canary first: as promoted when
-        it promotes the candidate, else as aborted (production's change is the operator's)."""
+    def refuse_rollout_candidate(self, version: str, what: str) -> None:
+        """A version an active rollout serves or shadows cannot be `what` (deleted, archived)."""
         rollout = self.store.rollouts.active()
-        if rollout is None:
-            return
-        promoted = action == "promote" and version == rollout.version
-        self.store.rollouts.finish(rollout.id, "promoted" if promoted else "aborted", None,
-                                   f"ended by the {action} of {version} by {actor}", actor)
-        log.info("canary of %s ended by the %s of %s", rollout.version, action, version)
+        if rollout is not None and rollout.version == version:
+            raise VersionConflict(f"version {version} is the candidate of the active {rollout.mode} and cannot be {what}")
 
-    def _check_deployable(self, version: str) -> None:
+    def check_deployable(self, version: str) -> None:
+        """Refuse a version that cannot be deployed now: its hash (when verifying), archived."""
         if self.verify_integrity:
             self.read_state_dict(version, verify_integrity=True)
         elif self.version_row(version).archived:
             raise VersionConflict(f"version {version} is archived; restore it first")
 
     def delete_version(self, version: str) -> None:
-        """Delete a version and its artifact; refused for the production and serving versions."""
+        """Delete a version and its artifact; refused for the production and serving versions
+        and a rollout's candidate."""
         validate_version(version)
+        self.refuse_rollout_candidate(version, "deleted")
         try:
             row = self.store.versions.delete(version)
         except StoreConflict as exc:

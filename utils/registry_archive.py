@@ -19,6 +19,7 @@ def archive(registry: ModelVersionManager, version: str) -> dict[str, Any]:
         return registry.get_version_info(version)
     if registry.store.versions.deployment().role_of(version) is not None:
         raise VersionConflict(f"version {version} is in use and cannot be archived")
+    registry.refuse_rollout_candidate(version, "archived")
     data = registry.read_artifact(row)
     check_digest(version, row.sha256, hashlib.sha256(data).hexdigest())
     key = f"{version}/{ARCHIVE_NAME}"

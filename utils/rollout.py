@@ -1,7 +1,7 @@
 """Rollouts: a candidate version serves a share of prediction requests beside production
 (canary), or runs beside it on a sampled copy of them (shadow, `utils.shadow`); both arms are
-compared, and the service promotes or aborts by itself once the candidate has enough
-predictions (or at once on a clear breach).
+compared (`utils.rollout_numbers`), and the service promotes or aborts by itself once the
+candidate has enough predictions (or at once on a clear breach).
 
 The rollout lives in the store (`utils.store.rollouts`), so every worker and host routes by
 the same row (`utils.serving.ModelServer` loads the candidate and picks the arm per request)
@@ -13,157 +13,28 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
 from typing import Any
-
-import numpy as np
 
 from utils import audit
 from utils.alerts import AlertManager
-from utils.drift import jensen_shannon_distance
-from utils.errors import RolloutConflict
+from utils.errors import InvalidArtifact, QuadraError, RolloutConflict
+from utils.model_import import MODEL_ERRORS
 from utils.model_modes import ModelModeManager
 from utils.model_monitoring import ModelMonitor
 from utils.model_versioning import ModelVersionManager
-from utils.schemas import ArmSummary, CanaryRequest, CriterionCheck
-from utils.serving import Canary, ModelServer, load_served_model
+from utils.rollout_numbers import LATENCY_SAMPLE, MODEL_FAILURES, Comparison, Progress, comparison_of, verdict_of
+from utils.schemas import CanaryRequest
+from utils.serving import Canary, ModelServer, ServedModel, class_names_of, load_served_model
 from utils.shadow import ShadowRunner
-from utils.store import RolloutRow, ShadowTally, Store, VersionSummary
+from utils.store import RolloutRow, Store, StoreConflict
 from utils.store.rollouts import HELD, RUNNING
 from utils.timestamps import iso_utc
 
-LATENCY_SAMPLE = 5000          # the newest records per arm whose latencies give its p95
-EARLY_ABORT_MIN_PREDICTIONS = 30
-HISTORY_LENGTH = 120           # points of each arm's curves kept with the rollout
-CURVES = ("predictions", "error_rate", "latency_p95_ms", "confidence_mean")
 log = logging.getLogger("quadra.rollout")
 
 
-def arm_of(version: str, summary: VersionSummary, latencies: list[float]) -> ArmSummary:
-    count = summary.count
-    return ArmSummary(version=version, predictions=count, errors=summary.errors,
-                      error_rate=summary.errors / count if count else None,
-                      latency_p95_ms=float(np.percentile(latencies, 95)) if latencies else None,
-                      confidence_mean=summary.confidence_sum / summary.confidence_count if summary.confidence_count
-                      else None, class_distribution=summary.class_counts)
-
-
-def observe(name: str, production: ArmSummary, candidate: ArmSummary, shadow: ShadowTally | None) -> float | None:
-    """The value of criterion `name` for the two arms (and, in shadow mode, the candidate's
-    tally on production's inputs); None while it cannot be measured."""
-    if name == "max_disagreement_rate":
-        return 1.0 - shadow.agreements / shadow.rows if shadow is not None and shadow.rows else None
-    if name == "max_error_rate_increase":
-        if production.error_rate is None or candidate.error_rate is None:
-            return None
-        return candidate.error_rate - production.error_rate
-    if name == "max_latency_p95_ratio":
-        if not production.latency_p95_ms or candidate.latency_p95_ms is None:
-            return None
-        return candidate.latency_p95_ms / production.latency_p95_ms
-    if name == "max_confidence_drop":
-        if production.confidence_mean is None or candidate.confidence_mean is None:
-            return None
-        return production.confidence_mean - candidate.confidence_mean
-    if name == "max_prediction_distance":
-        classes = sorted(set(production.class_distribution) | set(candidate.class_distribution))
-        if not production.class_distribution or not candidate.class_distribution:
-            return None
-        return jensen_shannon_distance(np.array([production.class_distribution.get(c, 0) for c in classes], dtype=float),
-                                       np.array([candidate.class_distribution.get(c, 0) for c in classes], dtype=float))
-    raise ValueError(f"unknown rollout criterion {name!r}")
-
-
-def checks_for(criteria: dict[str, float | None], production: ArmSummary, candidate: ArmSummary,
-               shadow: ShadowTally | None) -> list[CriterionCheck]:
-    checks = []
-    for name, limit in criteria.items():
-        if limit is None:
-            continue
-        observed = observe(name, production, candidate, shadow)
-        checks.append(CriterionCheck(name=name, limit=limit, observed=observed,
-                                     passed=None if observed is None else observed <= limit))
-    return checks
-
-
-@dataclass(frozen=True)
-class Progress:
-    """A rollout's sums so far, kept with its comparison so that each check reads only what
-    arrived since the last one: the arms' records up to `record_id` and, for a shadow, the
-    candidate's tallies up to `tally_id`."""
-
-    record_id: int
-    production: VersionSummary
-    candidate: VersionSummary
-    tally_id: int = 0
-    tally: ShadowTally | None = None
-
-    @classmethod
-    def of(cls, rollout: RolloutRow) -> Progress:
-        stored = (rollout.comparison or {}).get("progress")
-        if stored is None:
-            return cls(rollout.start_record_id, VersionSummary(), VersionSummary(),
-                       tally=ShadowTally() if rollout.mode == "shadow" else None)
-        return cls(stored["record_id"], VersionSummary(**stored["production"]), VersionSummary(**stored["candidate"]),
-                   stored["tally_id"], ShadowTally(**stored["tally"]) if stored["tally"] is not None else None)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """Both arms side by side and each criterion's check, at one moment."""
-
-    production: ArmSummary
-    candidate: ArmSummary
-    checks: list[CriterionCheck]
-    evaluated_at: float
-    progress: Progress
-
-    def as_dict(self, earlier: dict[str, Any] | None) -> dict[str, Any]:
-        """As stored with the rollout: the arms, the checks and the arms' history, `earlier`'s
-        history (the rollout's stored comparison) followed by this moment."""
-        point = {"at": self.evaluated_at, **{arm: {key: getattr(numbers, key) for key in CURVES}
-                                             for arm, numbers in (("production", self.production),
-                                                                  ("candidate", self.candidate))}}
-        history = (earlier or {}).get("history", [])[-(HISTORY_LENGTH - 1):]
-        return {"arms": {"production": self.production.model_dump(), "candidate": self.candidate.model_dump()},
-                "checks": [check.model_dump() for check in self.checks], "evaluated_at": self.evaluated_at,
-                "history": [*history, point], "shadow": _shadow_summary(self.progress.tally),
-                "progress": self.progress.as_dict()}
-
-
-def _shadow_summary(tally: ShadowTally | None) -> dict[str, Any] | None:
-    if tally is None:
-        return None
-    return {"requests": tally.requests, "rows": tally.rows, "errors": tally.errors, "dropped": tally.dropped,
-            "agreement_rate": tally.agreements / tally.rows if tally.rows else None, "confusion": tally.confusion}
-
-
-def verdict_of(rollout: RolloutRow, comparison: Comparison) -> tuple[str, str] | None:
-    """("passed" | "failed", why) once the criteria decide; None while they cannot yet."""
-    seen = comparison.candidate.predictions
-    early = min(rollout.min_predictions, max(EARLY_ABORT_MIN_PREDICTIONS, rollout.min_predictions // 10))
-    breached = [c for c in comparison.checks if c.passed is False]
-    if seen >= early and any(c.clearly_breached for c in breached):
-        return "failed", f"clear breach after {seen} predictions: {_describe(breached)}"
-    if seen < rollout.min_predictions:
-        return None
-    if breached:
-        return "failed", f"after {seen} predictions: {_describe(breached)}"
-    if any(c.passed is None for c in comparison.checks):
-        return None
-    return "passed", f"every criterion met after {seen} predictions" if comparison.checks else \
-        f"{seen} predictions and no criteria"
-
-
-def _describe(breached: list[CriterionCheck]) -> str:
-    return "; ".join(f"{c.name} {c.observed:.4g} > {c.limit:g}" for c in breached)
-
-
 class Rollouts:
-    """Start, follow, decide and end canaries for one deployment's store."""
+    """Start, follow, decide and end the rollouts of one deployment's store."""
 
     def __init__(self, store: Store, registry: ModelVersionManager, model_server: ModelServer, monitor: ModelMonitor,
                  shadows: ShadowRunner, alerts: AlertManager, modes: ModelModeManager) -> None:
@@ -175,64 +46,83 @@ class Rollouts:
         self.alerts = alerts
         self.modes = modes
 
+    @property
+    def paused(self) -> bool:
+        return not self.modes.serves_predictions()
+
+    # -- starting -----------------------------------------------------------------------
+
     def start(self, version: str, request: CanaryRequest, actor: str) -> RolloutRow:
         """Verify, load and warm `version` here (a bad artifact fails now, not on a worker),
         then record the rollout: every process routes by it within its next poll."""
         deployment = self.store.versions.deployment()
-        if deployment.production is None:
-            raise RolloutConflict("there is no production version to compare a canary with")
-        if deployment.serving != deployment.production:
-            raise RolloutConflict(f"version {deployment.serving} is loaded over production {deployment.production}; "
-                                  "promote it or load production again before a canary")
-        if version == deployment.production:
+        production = deployment.production
+        if production is None:
+            raise RolloutConflict("there is no production version to compare a candidate with")
+        if deployment.serving != production:
+            raise RolloutConflict(f"version {deployment.serving} is loaded over production {production}; "
+                                  "promote it or load production again first")
+        if version == production:
             raise RolloutConflict(f"version {version} is already production")
         if self.store.rollouts.active() is not None:
-            raise RolloutConflict("a canary is already active; promote or abort it first")
-        candidate = load_served_model(self.registry, version)
-        row = self.store.rollouts.start(RolloutRow(
-            id=0, version=version, baseline_version=deployment.production, mode=request.mode, percent=request.percent,
-            min_predictions=request.min_predictions, criteria=request.criteria.model_dump(),
-            on_success=request.on_success, on_failure=request.on_failure, started_at=time.time(),
-            started_by=actor, start_record_id=self.store.predictions.last_id(), status=RUNNING))
+            raise RolloutConflict("a rollout is already active; promote or abort it first")
+        candidate = self._load_candidate(version, production)
+        try:
+            row = self.store.rollouts.start(RolloutRow(
+                id=0, version=version, baseline_version=production, mode=request.mode, percent=request.percent,
+                min_predictions=request.min_predictions, criteria=request.criteria.model_dump(),
+                on_success=request.on_success, on_failure=request.on_failure, started_at=time.time(),
+                started_by=actor, start_record_id=self.store.predictions.last_id(), status=RUNNING))
+        except StoreConflict as exc:  # another start or a deployment won the race
+            raise RolloutConflict(str(exc)) from None
         self.model_server.adopt_candidate(Canary(row.id, row.percent, candidate, row.mode))
         self.alerts.notify("rollout", f"{row.mode} of {version} started at {request.percent:g}% by {actor} "
-                                      f"(production {deployment.production})",
-                           {"version": version, "production_version": deployment.production, "percent": request.percent,
+                                      f"(production {production})",
+                           {"version": version, "production_version": production, "percent": request.percent,
                             "mode": row.mode})
         return row
 
+    def _load_candidate(self, version: str, production: str) -> ServedModel:
+        """The candidate, loaded and warmed; it must take the same inputs and name the same
+        classes as production, or its share of clients would be answered differently."""
+        try:
+            candidate = load_served_model(self.registry, version)
+        except QuadraError:  # not found, its hash, the artifact store: as the registry says
+            raise
+        except MODEL_ERRORS as exc:  # its architecture is not registered here, or its weights do not fit it
+            raise InvalidArtifact(f"version {version} cannot be served: {exc}") from None
+        config = self.registry.version_row(production).config
+        for name, theirs, ours in (("input_dim", candidate.input_dim, int(config["input_dim"])),
+                                   ("class_names", candidate.class_names, class_names_of(config))):
+            if theirs != ours:
+                raise RolloutConflict(f"version {version} has {name} {theirs}, production {production} has {ours}: "
+                                      "its share of clients would be answered differently")
+        return candidate
+
+    # -- numbers ------------------------------------------------------------------------
+
     def compare(self, rollout: RolloutRow) -> Comparison:
-        """Both arms' numbers since the rollout started, from the store (with this process's
-        buffered records and shadow tallies written first, as every monitoring read does).
-        A canary's candidate is measured by its monitoring records; a shadow's by its tallies."""
+        """Both arms' numbers since the rollout started (this process's buffered records and
+        shadow tallies are written first, as every monitoring read does)."""
         self.monitor.flush()
-        progress = self._progress(rollout)
-        predictions, start = self.store.predictions, rollout.start_record_id
-        shadow = progress.tally
-        if shadow is not None:  # latency: both forward passes on the sampled requests
-            production = arm_of(rollout.baseline_version, progress.production, shadow.production_latency_samples)
-            candidate = arm_of(rollout.version, VersionSummary(  # a failed copy counts once, as a failed request does
-                shadow.rows + shadow.errors, shadow.errors, shadow.confidence_sum, shadow.confidence_count,
-                shadow.class_counts), shadow.latency_samples)
-        else:  # latency: each arm's newest requests as recorded
-            production, candidate = (arm_of(v, summary, predictions.latencies(start, v, LATENCY_SAMPLE))
-                                     for v, summary in ((rollout.baseline_version, progress.production),
-                                                        (rollout.version, progress.candidate)))
-        checks = checks_for(rollout.criteria, production, candidate, shadow)
-        return Comparison(production, candidate, checks, time.time(), progress)
+        return comparison_of(rollout, self._progress(rollout), time.time())
 
     def _progress(self, rollout: RolloutRow) -> Progress:
         """The rollout's stored sums plus what arrived since they were taken."""
-        earlier = Progress.of(rollout)
-        up_to = self.store.predictions.last_id()
-        new = self.store.predictions.summaries(earlier.record_id, up_to, (rollout.baseline_version, rollout.version))
+        earlier, predictions = Progress.of(rollout), self.store.predictions
+        versions = (rollout.baseline_version, rollout.version)
+        up_to = predictions.last_id()
+        new = predictions.summaries(earlier.record_id, up_to, versions, MODEL_FAILURES)
+        latencies = predictions.latencies(earlier.record_id, up_to, versions, MODEL_FAILURES)
         tally, tally_id = earlier.tally, earlier.tally_id
         if tally is not None:
             self.shadows.flush()
             arrived, tally_id = self.store.shadow_tallies.total(rollout.id, earlier.tally_id)
             tally.add(arrived)
         return Progress(up_to, earlier.production.plus(new[rollout.baseline_version]),
-                        earlier.candidate.plus(new[rollout.version]), tally_id, tally)
+                        earlier.candidate.plus(new[rollout.version]),
+                        (earlier.production_latencies + latencies[rollout.baseline_version])[-LATENCY_SAMPLE:],
+                        (earlier.candidate_latencies + latencies[rollout.version])[-LATENCY_SAMPLE:], tally_id, tally)
 
     def current(self) -> tuple[RolloutRow, dict[str, Any] | None] | None:
         """The active rollout with live numbers, else the last one with its final numbers."""
@@ -241,73 +131,108 @@ class Rollouts:
             return None
         return row, self.compare(row).as_dict(row.comparison) if row.is_active else row.comparison
 
-    @property
-    def paused(self) -> bool:
-        return not self.modes.serves_predictions()
+    # -- decisions ----------------------------------------------------------------------
 
-    def promote(self, actor: str, reason: str = "", verdict: str | None = None) -> RolloutRow:
-        """End the active canary by promoting its candidate through the normal promote path."""
+    def promote(self, actor: str, reason: str = "", verdict: str | None = None,
+                comparison: Comparison | None = None) -> RolloutRow:
+        """End the active rollout by promoting its candidate through the normal promote path.
+        The candidate is verified first: if it cannot be promoted now (its hash, an unreachable
+        artifact store) the rollout goes on and the error is the caller's to see."""
         row = self._active()
-        comparison = self.compare(row).as_dict(row.comparison)
+        self.registry.check_deployable(row.version)
+        snapshot = (comparison or self.compare(row)).as_dict(row.comparison)
         why = reason or f"promoted by {actor}"
-        if not self.store.rollouts.finish(row.id, "promoted", verdict, why, actor, comparison):
-            raise RolloutConflict("the canary ended meanwhile")
+        if not self.store.rollouts.finish(row.id, "promoted", verdict, why, actor, snapshot):
+            raise RolloutConflict("the rollout ended meanwhile")
         try:
             self.registry.promote_to_production(row.version, actor=actor)
         except Exception as exc:
-            self.store.rollouts.amend_outcome(row.id, "aborted", f"promote failed: {exc}")
-            self.alerts.notify("rollout", f"{row.mode} of {row.version}: promote failed, production stays "
-                                          f"{row.baseline_version}: {exc}", {"version": row.version}, severity="warning")
+            self._promote_failed(row, exc)
             raise
         self.model_server.sync()
         self.alerts.notify("rollout", f"{row.mode} of {row.version} promoted by {actor}: {why}",
                            {"version": row.version, "previous_version": row.baseline_version, "verdict": verdict})
         return self._get(row.id)
 
-    def abort(self, actor: str, reason: str = "", verdict: str | None = None) -> RolloutRow:
-        """End the active canary: production serves every request again."""
+    def _promote_failed(self, row: RolloutRow, exc: Exception) -> None:
+        if self.store.versions.deployment().production == row.version:
+            return  # production changed; what failed came after (the registry's mirror file)
+        message = exc.message if isinstance(exc, QuadraError) else "an internal error (see the service's log)"
+        self.store.rollouts.amend_outcome(row.id, "aborted", f"promote failed: {message}")
+        self.alerts.notify("rollout", f"{row.mode} of {row.version}: promote failed, production stays "
+                                      f"{row.baseline_version}: {message}", {"version": row.version}, severity="warning")
+
+    def abort(self, actor: str, reason: str = "", verdict: str | None = None,
+              comparison: Comparison | None = None) -> RolloutRow:
+        """End the active rollout: production serves every request again."""
         row = self._active()
         why = reason or f"aborted by {actor}"
-        comparison = self.compare(row).as_dict(row.comparison)
-        if not self.store.rollouts.finish(row.id, "aborted", verdict, why, actor, comparison):
-            raise RolloutConflict("the canary ended meanwhile")
+        return self._end(row, "aborted", verdict, why, actor, comparison)
+
+    def end_for_deployment(self, action: str, actor: str, version: str | None = None) -> None:
+        """A promote, load or rollback by hand ends an active rollout first (as promoted when it
+        promotes the candidate), so production's change is the operator's, not the rollout's.
+        The version deployed is verified before, so a deployment that cannot happen ends nothing."""
+        row = self.store.rollouts.active()
+        if row is not None:
+            if version is not None:
+                self.registry.check_deployable(version)
+            promoted = action == "promote" and version == row.version
+            what = f"the {action} of {version}" if version else f"a {action}"
+            self._end(row, "promoted" if promoted else "aborted", None, f"ended by {what} by {actor}", actor, None)
+
+    def _end(self, row: RolloutRow, status: str, verdict: str | None, why: str, actor: str,
+             comparison: Comparison | None) -> RolloutRow:
+        snapshot = (comparison or self.compare(row)).as_dict(row.comparison)
+        if not self.store.rollouts.finish(row.id, status, verdict, why, actor, snapshot):
+            raise RolloutConflict("the rollout ended meanwhile")
         self.model_server.sync()
-        self.alerts.notify("rollout", f"{row.mode} of {row.version} aborted by {actor}: {why}",
+        self.alerts.notify("rollout", f"{row.mode} of {row.version} {status} by {actor}: {why}",
                            {"version": row.version, "production_version": row.baseline_version, "verdict": verdict},
                            severity="warning" if verdict == "failed" else "info")
         return self._get(row.id)
 
     def decide(self) -> RolloutRow | None:
-        """One look at the active canary (the scheduler's task, on one process at a time):
+        """One look at the active rollout (the scheduler's task, on one process at a time):
         keep its numbers for /metrics and the dashboard and, unless paused or held, act on a
-        verdict as the rollout says. Returns the rollout when this call ended or held it."""
+        verdict as the rollout says. A rollout whose production changed under it (a promote
+        from the Python API) ends. Returns the rollout when this call ended or held it."""
         row = self.store.rollouts.active()
         if row is None:
             return None
         comparison = self.compare(row)
-        snapshot = comparison.as_dict(row.comparison)
+        deployment = self.store.versions.deployment()
+        if deployment.production != row.baseline_version or deployment.serving != row.baseline_version:
+            promoted = deployment.production == row.version
+            return self._end(row, "promoted" if promoted else "aborted", None,
+                             f"production became {deployment.production} (serving {deployment.serving}) meanwhile",
+                             "rollout", comparison)
         verdict = None if row.status == HELD or self.paused else verdict_of(row, comparison)
         if verdict is None:
-            self.store.rollouts.record_comparison(row.id, snapshot)
+            self.store.rollouts.record_comparison(row.id, comparison.as_dict(row.comparison))
             return None
-        outcome, reason = verdict
+        return self._act(row, comparison, *verdict)
+
+    def _act(self, row: RolloutRow, comparison: Comparison, outcome: str, reason: str) -> RolloutRow:
         action = row.on_success if outcome == "passed" else row.on_failure
         log.info("%s of %s %s: %s (%s)", row.mode, row.version, outcome, reason, action)
-        audit.record(self.store, "rollout", f"rollout.{action}", "success", target=row.version,
-                     details={"verdict": outcome, "reason": reason})
         if action == "promote":
-            return self.promote("rollout", reason, outcome)
-        if action == "abort":
-            return self.abort("rollout", reason, outcome)
-        if self.store.rollouts.hold(row.id, outcome, reason, snapshot):
-            self.alerts.notify("rollout", f"{row.mode} of {row.version} {outcome}, held for an operator: {reason}",
-                               {"version": row.version, "verdict": outcome}, severity="warning")
-        return self._get(row.id)
+            decided = self.promote("rollout", reason, outcome, comparison)
+        elif action == "abort":
+            decided = self.abort("rollout", reason, outcome, comparison)
+        else:
+            if self.store.rollouts.hold(row.id, outcome, reason, comparison.as_dict(row.comparison)):
+                self.alerts.notify("rollout", f"{row.mode} of {row.version} {outcome}, held for an operator: {reason}",
+                                   {"version": row.version, "verdict": outcome}, severity="warning")
+            decided = self._get(row.id)
+        audit.record(self.store, "rollout", f"rollouts.{action}_canary", "success", target=row.version,
+                     details={"verdict": outcome, "reason": reason})
+        return decided
 
     def _active(self) -> RolloutRow:
         row = self.store.rollouts.active()
         if row is None:
-            raise RolloutConflict("no canary is active")
+            raise RolloutConflict("no rollout is active")
         return row
 
     def _get(self, rollout_id: int) -> RolloutRow:

@@ -204,7 +204,7 @@ class CanaryRequest(RequestBody):
                               "the candidate also runs a sampled copy, off the request path")
     percent: float = Field(10.0, ge=1, le=100, description="the candidate's share of prediction requests: at most 50 "
                                                            "for a canary, up to 100 for a shadow")
-    min_predictions: Annotated[int, Field(ge=10, le=1_000_000), WholeNumber] = Field(
+    min_predictions: Annotated[int, Field(ge=100, le=1_000_000), WholeNumber] = Field(
         1000, description="predictions on the candidate before the service decides by itself")
     criteria: RolloutCriteria = Field(default_factory=lambda: RolloutCriteria.model_validate({}))
     on_success: Literal["promote", "hold"] = Field("promote", description="hold: wait for an operator's promote or abort")

@@ -110,6 +110,12 @@ def rows_to_tensor(rows: list[list[float]], input_dim: int, max_batch: int) -> t
     return torch.tensor(rows, dtype=torch.float32)
 
 
+def class_names_of(config: dict[str, Any]) -> list[str]:
+    """A model config's class names: its `class_names`, else the class indices as text."""
+    names = config.get("class_names")
+    return list(names) if names else [str(i) for i in range(int(config["num_classes"]))]
+
+
 @dataclass(frozen=True)
 class ServedModel:
     """One loaded, verified, warmed-up version."""
@@ -125,8 +131,7 @@ class ServedModel:
 
     @property
     def class_names(self) -> list[str]:
-        names = self.config.get("class_names")
-        return list(names) if names else [str(i) for i in range(int(self.config["num_classes"]))]
+        return class_names_of(self.config)
 
     def predict(self, inputs: torch.Tensor) -> list[dict[str, Any]]:
         """Class, confidence and probabilities per row. Inputs far outside what the model was
@@ -190,6 +195,7 @@ class ModelServer:
         self.registry = registry
         self.poll_seconds = poll_seconds
         self.last_error: str | None = None
+        self.candidate_error: str | None = None  # a rollout's candidate this process could not load
         self._current: ServedModel | None = None
         self._canary: Canary | None = None
         self._failed_version: str | None = None
@@ -286,12 +292,11 @@ class ModelServer:
         return True
 
     def _sync_canary(self) -> None:
-        rollout = self.registry.store.rollouts.active()
-        if rollout is None:
-            self._canary = None
-            return
+        rollout = self.registry.store.rollouts.route()
         canary = self._canary
-        if canary is not None and canary.rollout_id == rollout.id:
+        if canary is not None and (rollout is None or canary.rollout_id != rollout.id):
+            self._canary = None  # that rollout ended: nothing more goes to its candidate
+        if rollout is None or (canary is not None and canary.rollout_id == rollout.id):
             return
         if rollout.id == self._failed_rollout and time.monotonic() - self._failed_rollout_at < RETRY_FAILED_SECONDS:
             return
@@ -299,8 +304,10 @@ class ModelServer:
             candidate = load_served_model(self.registry, rollout.version)
         except Exception as exc:  # this process serves production only until a retry succeeds
             self._failed_rollout, self._failed_rollout_at = rollout.id, time.monotonic()
-            log.error("canary candidate %s refused here: %s", rollout.version, exc)
+            self.candidate_error = f"could not load the {rollout.mode} candidate {rollout.version}: {exc}"
+            log.error("%s", self.candidate_error)
             return
+        self.candidate_error = None
         self._canary = Canary(rollout.id, rollout.percent, candidate, rollout.mode)
         log.info("%s: %s takes %g%% of predictions here", rollout.mode, rollout.version, rollout.percent)
 

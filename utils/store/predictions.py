@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, TypedDict
 
-from sqlalchemy import Connection, TextClause, func, insert, select, text
+from sqlalchemy import Connection, TextClause, func, insert, or_, select, text
 
 from utils.store.database import Database, as_rows
 from utils.store.service_state import lock_states, read_states, write_state
@@ -144,13 +144,15 @@ class PredictionStore:
             window["success"] = list(map(bool, window["success"]))
         return window
 
-    def summaries(self, after_id: int, up_to_id: int, versions: tuple[str, ...]) -> dict[str, VersionSummary]:
+    def summaries(self, after_id: int, up_to_id: int, versions: tuple[str, ...],
+                  failures: tuple[str, ...]) -> dict[str, VersionSummary]:
         """A `VersionSummary` of each of `versions` over the records with after_id < id <= up_to_id,
-        aggregated in the database (one pass over that range of the primary key)."""
+        aggregated in the database (one pass over that range of the primary key). Only
+        failures whose error code is in `failures` count; other failed requests (a client's
+        bad input) are left out, as they say nothing about the model."""
         query = (select(predictions.c.model_version, predictions.c.predicted_class, predictions.c.success, func.count(),
                         func.coalesce(func.sum(predictions.c.confidence), 0.0), func.count(predictions.c.confidence))
-                 .where(predictions.c.id > after_id, predictions.c.id <= up_to_id,
-                        predictions.c.model_version.in_(versions))
+                 .where(*_range(after_id, up_to_id, versions, failures))
                  .group_by(predictions.c.model_version, predictions.c.predicted_class, predictions.c.success))
         parts: dict[str, dict[str, Any]] = {v: {"count": 0, "errors": 0, "confidence_sum": 0.0, "confidence_count": 0,
                                                 "class_counts": {}} for v in versions}
@@ -167,13 +169,16 @@ class PredictionStore:
             part["class_counts"][str(predicted_class)] = count
         return {version: VersionSummary(**part) for version, part in parts.items()}
 
-    def latencies(self, after_id: int, version: str, limit: int) -> list[float]:
-        """The latencies (ms) of `version`'s newest `limit` records with id > after_id."""
-        query = (select(predictions.c.latency_ms)
-                 .where(predictions.c.id > after_id, predictions.c.model_version == version)
-                 .order_by(predictions.c.id.desc()).limit(limit))
+    def latencies(self, after_id: int, up_to_id: int, versions: tuple[str, ...],
+                  failures: tuple[str, ...]) -> dict[str, list[float]]:
+        """The latencies (ms) of the records `summaries` counts, by version, oldest first."""
+        query = (select(predictions.c.model_version, predictions.c.latency_ms)
+                 .where(*_range(after_id, up_to_id, versions, failures)).order_by(predictions.c.id))
+        found: dict[str, list[float]] = {version: [] for version in versions}
         with self.database.read() as conn:
-            return [float(v) for v in conn.execute(query).scalars()]
+            for version, latency in conn.execute(query):
+                found[version].append(float(latency))
+        return found
 
     def last_id(self) -> int:
         with self.database.read() as conn:
@@ -184,6 +189,11 @@ class PredictionStore:
             return int(conn.execute(
                 select(func.count()).select_from(predictions).where(predictions.c.at >= since, predictions.c.id > after_id)
             ).scalar_one())
+
+
+def _range(after_id: int, up_to_id: int, versions: tuple[str, ...], failures: tuple[str, ...]) -> tuple[Any, ...]:
+    return (predictions.c.id > after_id, predictions.c.id <= up_to_id, predictions.c.model_version.in_(versions),
+            or_(predictions.c.success, predictions.c.error.in_(failures)))
 
 
 def _last_id(conn: Connection) -> int:

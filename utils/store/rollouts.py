@@ -13,10 +13,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 
 from utils.store.database import Database, StoreConflict, as_row, as_rows, columns_of, inserted_id
-from utils.store.tables import rollouts
+from utils.store.service_state import lock_states
+from utils.store.tables import rollouts, shadow_tallies
+from utils.store.versions import PRODUCTION, SERVING, Deployment
 
 RUNNING = "running"
 HELD = "held"
@@ -49,21 +51,41 @@ class RolloutRow:
         return self.status in ACTIVE_STATUSES
 
 
+@dataclass(frozen=True, slots=True)
+class RolloutRoute:
+    id: int
+    version: str
+    mode: str
+    percent: float
+
+
 class RolloutStore:
     def __init__(self, database: Database) -> None:
         self.database = database
 
     def start(self, row: RolloutRow) -> RolloutRow:
-        """Insert a running rollout (its `id` is assigned); StoreConflict while another is active."""
+        """Insert a running rollout (its `id` is assigned). StoreConflict while another is
+        active, or unless `row.baseline_version` is production and serving: checked under the
+        deployment's lock, so a promote cannot slip in between."""
         values = columns_of(row)
         values.pop("id")
         with self.database.write() as conn:
             self.database.lock_table(conn, "rollouts")
+            deployment = Deployment.of(lock_states(conn, (PRODUCTION, SERVING)))
+            if deployment.production != row.baseline_version or deployment.serving != row.baseline_version:
+                raise StoreConflict(f"production is {deployment.production} and {deployment.serving} is serving now")
             active = conn.execute(select(rollouts.c.version).where(rollouts.c.status.in_(ACTIVE_STATUSES))).first()
             if active is not None:
                 raise StoreConflict(f"a rollout of version {active.version} is already active")
             new_id = inserted_id(conn.execute(insert(rollouts).values(**values)))
         return RolloutRow(**{**values, "id": new_id})
+
+    def route(self) -> RolloutRoute | None:
+        """What a worker routes by: the active rollout's id, candidate, mode and share (not its numbers)."""
+        with self.database.read() as conn:
+            row = conn.execute(select(rollouts.c.id, rollouts.c.version, rollouts.c.mode, rollouts.c.percent)
+                               .where(rollouts.c.status.in_(ACTIVE_STATUSES)).order_by(rollouts.c.id.desc())).first()
+        return RolloutRoute(*row) if row is not None else None
 
     def active(self) -> RolloutRow | None:
         with self.database.read() as conn:
@@ -105,8 +127,11 @@ class RolloutStore:
         if comparison is not None:
             values["comparison"] = comparison
         with self.database.write() as conn:
-            return conn.execute(update(rollouts).where(rollouts.c.id == rollout_id,
-                                                       rollouts.c.status.in_(ACTIVE_STATUSES)).values(**values)).rowcount > 0
+            ended = conn.execute(update(rollouts).where(rollouts.c.id == rollout_id,
+                                                        rollouts.c.status.in_(ACTIVE_STATUSES)).values(**values)).rowcount > 0
+            if ended:  # its final numbers are kept with it
+                conn.execute(delete(shadow_tallies).where(shadow_tallies.c.rollout_id == rollout_id))
+            return ended
 
     def amend_outcome(self, rollout_id: int, status: str, reason: str) -> None:
         """Correct how an ended rollout ended (a promote that failed after the decision)."""

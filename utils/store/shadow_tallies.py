@@ -6,12 +6,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from sqlalchemy import insert, select
+from sqlalchemy import delete, insert, select
 
 from utils.store.database import Database, as_rows, columns_of
+from utils.store.service_state import lock_states
 from utils.store.tables import shadow_tallies
 
 MAX_LATENCY_SAMPLES = 2000  # the newest per rollout, for its p95
+SHADOW_TALLIES = "shadow_tallies"  # the lock name of adds
 
 
 @dataclass(slots=True)
@@ -73,8 +75,17 @@ class ShadowTallyStore:
         self.database = database
 
     def add(self, rollout_id: int, tally: ShadowTally) -> None:
+        """Add a process's tally. Adds are serialised (as prediction inserts are), so ids commit
+        in order and a reader that has summed up to an id never misses a lower one later."""
         with self.database.write() as conn:
+            lock_states(conn, (SHADOW_TALLIES,))
             conn.execute(insert(shadow_tallies).values(rollout_id=rollout_id, at=time.time(), **columns_of(tally)))
+
+    def prune(self, active_rollout_id: int | None) -> int:
+        """Remove the tallies of rollouts that are not active (added late, after they ended)."""
+        others = shadow_tallies.c.rollout_id != (active_rollout_id or 0)
+        with self.database.write() as conn:
+            return conn.execute(delete(shadow_tallies).where(others)).rowcount
 
     def total(self, rollout_id: int, after_id: int = 0) -> tuple[ShadowTally, int]:
         """Every process's tallies of a rollout with id > after_id, summed (latency samples: the
