@@ -109,16 +109,19 @@ def test_a_shadow_never_answers_and_is_promoted_by_its_agreement_under_load(star
     import_version(server, (tmp_path / "model.safetensors").read_bytes(),
                    json.loads((tmp_path / "metadata.json").read_text()))
     with Load(server, server.admin_key) as load_:
-        started = server.post("/api/model/canary/2.0.0", json={"mode": "shadow", "percent": 20, "min_predictions": 300})
+        # Enough rows that the decision takes several seconds of this load: until then only production answers.
+        started = server.post("/api/model/canary/2.0.0", json={"mode": "shadow", "percent": 20, "min_predictions": 3000})
         assert started.status_code == 201, started.text
         time.sleep(1)
         answered = {server.post("/api/predict", json={"inputs": [[5.1, 3.5, 1.4, 0.2]]}).json()["model_version"]
                     for _ in range(50)}
+        running = server.get("/api/model/canary").json()["rollout"]
+        assert running["status"] == "running" and running["shadow"]["rows"] > 0
         assert answered == {"1.0.0"}  # a shadow never answers
         promoted = wait_for_decision(server, started.json()["id"])
     assert promoted["status"] == "promoted" and promoted["verdict"] == "passed", promoted
     shadow = promoted["shadow"]
-    assert shadow["rows"] >= 300 and shadow["agreement_rate"] > 0.95 and shadow["errors"] == 0, shadow
+    assert shadow["rows"] >= 3000 and shadow["agreement_rate"] > 0.95 and shadow["errors"] == 0, shadow
     assert {c["name"] for c in promoted["checks"]} >= {"max_disagreement_rate", "max_latency_p95_ratio"}
     assert load_.failures == [], load_.summary()
     assert server.get("/api/model/versions").json()["production_version"] == "2.0.0"
