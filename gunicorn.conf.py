@@ -8,6 +8,9 @@ worker class.
 import os
 import shutil
 import sys
+import time
+
+from gunicorn.workers.base_async import AsyncWorker
 
 from utils.config import ConfigError, Settings
 
@@ -43,7 +46,19 @@ def post_worker_init(worker):
 
     start_serving(worker.wsgi)
     answer_connections_accepted_before_a_stop(worker)
+    spread_connections_across_workers(worker)
     freeze_start_up_objects()
+
+
+def post_request(worker, req, environ, resp):
+    """Let the worker's other connections run once this response is sent. An async worker
+    (eventlet, gevent) switches green threads only where one would block; a keep-alive client
+    whose next request is already in the socket buffer never blocks, so its green thread served
+    request after request while the worker's other connections waited: p50 1-2 ms, p99 in the
+    hundreds under load. `time.sleep(0)` is the hub's yield under both (their monkey-patching
+    replaces it); a threaded worker has no such queue and skips it."""
+    if isinstance(worker, AsyncWorker):
+        time.sleep(0)
 
 
 class _KnownListener:
@@ -63,8 +78,6 @@ def answer_connections_accepted_before_a_stop(worker):
     handler had not started yet, first asks the closed listener its address, gets EBADF
     ("Socket error processing request") and is closed unanswered: the client sees a reset.
     Its handler gets the address read while the listener was open instead, and answers."""
-    from gunicorn.workers.base_async import AsyncWorker
-
     if not isinstance(worker, AsyncWorker):
         return
     names = [listener.getsockname() for listener in worker.sockets]
@@ -78,6 +91,60 @@ def answer_connections_accepted_before_a_stop(worker):
         return handle(listener, client, addr)
 
     worker.handle = handle_with_known_address
+
+
+# How long an eventlet worker waits before it accepts a connection, per connection it has open
+# (up to the cap): long enough for an idle worker, woken by the same readiness event, to take it.
+ACCEPT_DELAY_PER_OPEN_CONNECTION = 0.0005
+MAX_ACCEPT_DELAY = 0.01
+
+
+class _OpenConnections:
+    """The connections a worker has accepted and not finished with (keep-alive ones included)."""
+
+    def __init__(self):
+        self.count = 0
+
+
+class _PatientListener:
+    """A listening socket whose accept first waits in proportion to the connections its worker
+    has open, so a less busy worker takes a new connection first."""
+
+    def __init__(self, sock, open_connections):
+        self._sock = sock
+        self._open = open_connections
+
+    def accept(self):
+        if self._open.count:
+            time.sleep(min(self._open.count * ACCEPT_DELAY_PER_OPEN_CONNECTION, MAX_ACCEPT_DELAY))
+        accepted = self._sock.accept()
+        self._open.count += 1
+        return accepted
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def spread_connections_across_workers(worker):
+    """gunicorn's eventlet acceptor takes every pending connection before it yields, so the
+    worker that wakes first can take all of a client's keep-alive connections (16 of 16 in
+    bench/NOTES.md: half the throughput, one core) while the others idle. Each eventlet
+    worker's accept now waits a little per connection it has open, as Puma's
+    `wait_for_less_busy_worker` does; a worker with none accepts at once. (gevent's server
+    accepts from its hub's callback, where no wait is possible.)"""
+    if type(worker).__module__ != "gunicorn.workers.geventlet":
+        return
+    open_connections = _OpenConnections()
+    worker.sockets = [_PatientListener(sock, open_connections) for sock in worker.sockets]
+    handle = worker.handle
+
+    def handle_and_count(listener, client, addr):
+        try:
+            return handle(listener, client, addr)
+        finally:
+            open_connections.count -= 1
+
+    worker.handle = handle_and_count
 
 
 def worker_exit(server, worker):

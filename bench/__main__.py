@@ -4,20 +4,79 @@ from __future__ import annotations
 
 import platform
 import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-from bench import import_export, monitoring, predict_load, registry, request_path, rollout
+from bench import (
+    feedback,
+    import_export,
+    latency,
+    memory,
+    monitoring,
+    predict_load,
+    registry,
+    request_path,
+    rollout,
+    worker_classes,
+)
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+FAILED_RESULTS = Path(__file__).resolve().parent / ".work" / "RESULTS.failed.md"
 NOTES = Path(__file__).resolve().parent / "NOTES.md"  # what changed because of the numbers, and the gaps
 
 
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    measures: str
+    minutes: int  # about, on a 2-core machine
+    run: Callable[[], str]
+
+
+PHASES = (
+    Phase("predict under load", "/api/predict: full service, exact limits and bare app at batch 1 and 32, hot swaps, "
+          "TorchServe, MLflow and KServe (installed under bench/.work on the first run: 10 more minutes)", 8,
+          predict_load.run),
+    Phase("latency at equal offered load", "open loop at 25%, 50% and 75% of the bare app's capacity, and at each "
+          "server's own 50%: the service, the bare app and every peer", 5, latency.run),
+    Phase("worker classes", "the full service and the bare app under eventlet, gevent and gthread", 4,
+          worker_classes.run),
+    Phase("request path", "the WSGI app in one process, layer by layer", 1, request_path.run),
+    Phase("monitoring", "recording cost, drift and statistics over 1k-100k records", 1, monitoring.run),
+    Phase("registry", "save and verified load of 1 MB, 100 MB and 1 GB models against safetensors", 1, registry.run),
+    Phase("import and export", "a 96 MB artifact in and out against hashing it", 1, import_export.run),
+    Phase("rollouts", "throughput with a 10% canary and shadow; a canary decided under load", 2, rollout.run),
+    Phase("labels and quality", "10,000-label calls, quality over 100,000 labels, predict while labels stream", 2,
+          feedback.run),
+    Phase("worker memory", "worker RSS of the service, the bare app and every peer after warm-up, 10k and 100k "
+          "requests", 9, memory.run),
+)
+
+
 def main() -> int:
-    sections = [predict_load.run(), request_path.run(), monitoring.run(), registry.run(), import_export.run(),
-                rollout.run()]
+    total = sum(phase.minutes for phase in PHASES)
+    print(f"make bench: {len(PHASES)} phases, about {total} minutes on 2 cores", flush=True)
+    sections, failed = [], []
+    for number, phase in enumerate(PHASES, 1):
+        print(f"[{number}/{len(PHASES)}] {phase.name}: {phase.measures} (about {phase.minutes} min)", flush=True)
+        started, threads_before = time.monotonic(), set(threading.enumerate())
+        try:
+            section = phase.run()
+            _no_threads_left(phase.name, threads_before)
+            sections.append(section)
+        except Exception as exc:
+            traceback.print_exc()
+            failed.append(phase.name)
+            sections.append(f"## {phase.name}\n\nFailed in this run: {exc}\n")
+        outcome = "FAILED" if phase.name in failed else "done"
+        print(f"[{number}/{len(PHASES)}] {phase.name}: {outcome} in {time.monotonic() - started:.0f} s", flush=True)
     header = (
         f"# Benchmark results\n\n{datetime.now(UTC):%Y-%m-%d %H:%M} UTC · Python {platform.python_version()} · "
         f"torch {torch.__version__} · {platform.machine()} · {_cpu()} · `make bench`\n\n"
@@ -25,9 +84,22 @@ def main() -> int:
         "(these machines are noisy).\n"
     )
     text = header + "\n".join(sections) + "\n" + NOTES.read_text()
+    if failed:  # the committed results stay those of the last complete run
+        FAILED_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        FAILED_RESULTS.write_text(text)
+        print(f"make bench: {len(failed)} phase(s) failed: {', '.join(failed)}; this run's tables are in {FAILED_RESULTS}")
+        return 1
     RESULTS.write_text(text)
-    print(text)
+    print(f"make bench: every phase done; results in {RESULTS}")
     return 0
+
+
+def _no_threads_left(phase: str, threads_before: set[threading.Thread]) -> None:
+    """A phase stops every thread it started before its temporary folders go (a thread left
+    running would outlive the store it works on)."""
+    left = [thread.name for thread in threading.enumerate() if thread not in threads_before]
+    if left:
+        raise RuntimeError(f"{phase} left threads running: {', '.join(left)}")
 
 
 def _cpu() -> str:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
@@ -59,13 +61,20 @@ def wrk(url: str, body: dict, headers: dict[str, str], duration: int = DURATION_
     )
 
 
+def wrk_after_warm_up(url: str, body: dict, headers: dict[str, str]) -> LoadResult:
+    """A 3 s run to warm the server and the connections' paths, then the measured run."""
+    wrk(url, body, headers, duration=3)
+    return wrk(url, body, headers)
+
+
 def _latency(output: str, percentile: str) -> float:
     value, unit = re.search(rf"^\s+{re.escape(percentile)}\s+([\d.]+)(us|ms|s)\s*$", output, re.M).groups()
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
 class Server:
-    """A server process on a free port, stopped with SIGTERM."""
+    """A server process on a free port, in a session of its own; stopped with SIGTERM, then
+    whatever it started and left behind (a CLI's server child, a worker) is killed."""
 
     def __init__(self, command: list[str], env: dict[str, str], ready_path: str, cwd: Path = ROOT,
                  port: int | None = None) -> None:
@@ -73,7 +82,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+b", suffix=".log", delete=False)
         command = [part.replace("{port}", str(self.port)) for part in command]
-        self.process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env}, stdout=self.log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
         self._wait(ready_path)
 
     def _wait(self, path: str, timeout: float = 180.0) -> None:
@@ -95,6 +105,11 @@ class Server:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # nothing left
+            pass
         self.log.close()
         os.unlink(self.log.name)
 
@@ -103,3 +118,15 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A running server that answers predictions: where to POST, the request body its protocol
+    wants for some rows, the headers it needs (a key), and its process."""
+
+    name: str
+    predict_url: str
+    body: Callable[[list[list[float]]], dict]
+    server: Server
+    headers: dict[str, str] = field(default_factory=dict)

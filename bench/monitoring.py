@@ -38,7 +38,8 @@ def best_of(repeats: int, function: Callable[[], object]) -> float:
 def recording_cost(monitor: ModelMonitor) -> tuple[float, float]:
     """Seconds per recorded prediction on the request path, and one forward pass of one row."""
     rows = [[5.1, 3.5, 1.4, 0.2]]
-    results = [{"confidence": 0.9, "class": "setosa"}]
+    results = [{"id": "0190a5e4c3d27c1a9b5e6f708192a3b4:0", "confidence": 0.9, "class": "setosa",
+                "probabilities": {"setosa": 0.9, "versicolor": 0.06, "virginica": 0.04}}]
     count = 20_000
     per_record = best_of(5, lambda: [monitor.record_batch(rows, results, 0.001, "1.0.0") for _ in range(count)]) / count
     monitor.flush()  # off the timed path: leaves nothing buffered for the exit hook
@@ -55,8 +56,10 @@ def fill(monitor: ModelMonitor, count: int, shift: float, rng: np.random.Generat
     classes = rng.choice(["a", "b", "c"], count)
     for start in range(0, count, 1000):
         block = slice(start, start + 1000)
-        monitor.record_batch(features[block].tolist(), [{"confidence": float(c), "class": str(k)}
-                                                        for c, k in zip(confidences[block], classes[block], strict=True)], 0.001, "1.0.0")
+        results = [{"id": f"fill-{start}:{i}", "confidence": float(c), "class": str(k),
+                    "probabilities": {"a": float(c), "b": 1 - float(c), "c": 0.0}}
+                   for i, (c, k) in enumerate(zip(confidences[block], classes[block], strict=True))]
+        monitor.record_batch(features[block].tolist(), results, 0.001, "1.0.0")
         monitor.flush()
 
 

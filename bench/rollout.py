@@ -12,7 +12,7 @@ from pathlib import Path
 import requests
 
 from bench.load import LoadResult, Server, wrk
-from bench.predict_load import IRIS, best, gunicorn, prepare
+from bench.predict_load import IRIS, best, gunicorn, prepare, service_env
 
 ROUNDS = 2
 HOLD = {"percent": 10, "min_predictions": 1_000_000, "on_success": "hold", "on_failure": "hold"}
@@ -24,8 +24,7 @@ def run() -> str:
     with tempfile.TemporaryDirectory() as folder:
         state = Path(folder) / "state"
         key, _ = prepare(state)
-        env = {"QUADRA_STATE_DIR": str(state), "QUADRA_MAX_REQUESTS": "10000000", "QUADRA_LOG_LEVEL": "warning",
-               "QUADRA_ROLLOUT_CHECK_SECONDS": "1"}
+        env = service_env(state, QUADRA_ROLLOUT_CHECK_SECONDS="1")
         headers = {"X-API-Key": key}
         with Server(gunicorn("app:app", "gunicorn.conf.py"), env, "/api/health") as server:
             api = Api(server.url, headers)

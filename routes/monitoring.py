@@ -1,12 +1,26 @@
-"""Monitoring over HTTP: statistics, drift, baseline and alerts."""
+"""Monitoring over HTTP: statistics, drift, baseline, alerts, label feedback and quality."""
 
 from __future__ import annotations
 
-from flask import Blueprint
+from collections import Counter
+
+from flask import Blueprint, g
 
 from routes.common import actor, services
 from routes.operations import operation
-from utils.schemas import Alerts, AlertsQuery, Baseline, BaselineRemoved, Drift, Statistics
+from utils.metrics import FEEDBACK_LABELS
+from utils.schemas import (
+    Alerts,
+    AlertsQuery,
+    Baseline,
+    BaselineRemoved,
+    Drift,
+    FeedbackRequest,
+    FeedbackResponse,
+    Quality,
+    QualityQuery,
+    Statistics,
+)
 from utils.security import require_permission
 
 bp = Blueprint("monitoring", __name__)
@@ -51,3 +65,29 @@ def reset_baseline() -> BaselineRemoved:
 def alerts(query: AlertsQuery) -> Alerts:
     """Drift and health alerts, newest first."""
     return Alerts.model_validate({"alerts": services().alerts.recent(query.limit)})
+
+
+@bp.post("/api/feedback")
+@require_permission("write")
+@operation("Record true classes for earlier predictions", body=FeedbackRequest, response=FeedbackResponse,
+           errors={413: "More items than QUADRA_FEEDBACK_MAX_LABELS (or a body over QUADRA_MAX_BODY_BYTES)"})
+def feedback(body: FeedbackRequest) -> FeedbackResponse:
+    """Labels by prediction id (the `id` of each row of a /api/predict answer), in any order,
+    late or twice (the last label wins, counted once). Each item is answered in `results`;
+    an unknown, expired, mistyped or wrongly classed item is reported there, never a 4xx."""
+    result = services().monitor.record_feedback(body.labels)
+    for status, count in Counter(item["status"] for item in result["results"]).items():
+        FEEDBACK_LABELS.labels(status).inc(count)
+    g.audit_details = {key: result[key] for key in ("recorded", "relabelled", "rejected")}
+    return FeedbackResponse.model_validate(result)
+
+
+@bp.get("/api/monitoring/quality")
+@require_permission("read")
+@operation("Model quality from labelled predictions", query=QualityQuery, response=Quality,
+           errors={404: "The version asked for is not registered"})
+def quality(query: QualityQuery) -> Quality:
+    """Per version, over a window: labelled count and coverage, accuracy, per-class precision,
+    recall, F1 and support, macro-F1, confusion matrix, log loss, Brier score, calibration (ECE
+    over 10 bins) and accuracy over time, beside the version's validation accuracy."""
+    return Quality.model_validate(services().monitor.quality(query.version, query.window))

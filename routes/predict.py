@@ -12,7 +12,8 @@ from flask import Blueprint, g, request
 from routes.common import error_code, services
 from routes.operations import operation
 from utils.errors import Maintenance
-from utils.schemas import PredictHeaders, PredictRequest, PredictResponse, new_request_id, validate
+from utils.request_ids import new_request_id, prediction_id
+from utils.schemas import PredictHeaders, PredictRequest, PredictResponse, validate
 from utils.security import require_permission
 from utils.serving import rows_to_tensor
 
@@ -61,17 +62,21 @@ def _request_id() -> str:
                         "unknown fields, or more rows than QUADRA_MAX_BATCH_SIZE",
                    503: "Maintenance mode, or the serving model is not loaded yet (with Retry-After)"})
 def predict(body: PredictRequest) -> PredictResponse:
-    """`{"inputs": [[...], ...]}` -> class, probabilities and confidence per row; every row
-    (or the failed request) is recorded for monitoring off the request path."""
+    """`{"inputs": [[...], ...]}` -> id, class, probabilities and confidence per row; every row
+    (or the failed request) is recorded for monitoring off the request path, and each row's id
+    takes its true class later (POST /api/feedback)."""
     svc = services()
     served = g.served or svc.model_server.require_current()
     inputs = rows_to_tensor(body.inputs, served.input_dim, svc.settings.max_batch_size)  # values checked by the schema
     forward_started = time.perf_counter()
-    results = served.predict(inputs)
+    results = svc.batcher.predict(served, inputs)
+    request_id = g.request_id  # once: each read of `g` goes through a context-local proxy
+    for row, result in enumerate(results):
+        result["id"] = prediction_id(request_id, row)
     finished = time.perf_counter()
     svc.monitor.record_batch(body.inputs, results, finished - g.prediction_started, served.version)
-    shadow = svc.model_server.shadow_for(g.request_id)
+    shadow = svc.model_server.shadow_for(request_id)
     if shadow is not None:
         svc.shadows.submit(shadow, inputs, results, (finished - forward_started) * 1000.0)
     return PredictResponse.model_validate({"predictions": results, "model_version": served.version,
-                                           "request_id": g.request_id})
+                                           "request_id": request_id})

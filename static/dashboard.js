@@ -4,7 +4,7 @@
 "use strict";
 
 (() => {
-  const TOPICS = ["mode", "versions", "health", "stats", "drift", "training", "alerts", "rollout"];
+  const TOPICS = ["mode", "versions", "health", "stats", "drift", "training", "alerts", "rollout", "quality", "resources"];
   const KEY_STORAGE = "quadra.apiKey";
   const MAX_POINTS = 120;
   const MIN_SPAN_MS = 30_000;
@@ -281,9 +281,9 @@
     charts[canvasId] = new Chart($(canvasId), {
       type: "line",
       data: {
-        datasets: datasets.map(({ label, color, yAxisID = "y", dashed = false }) => ({
+        datasets: datasets.map(({ label, color, yAxisID = "y", dashed = false, points = false }) => ({
           label, yAxisID, data: [], borderColor: color, backgroundColor: color,
-          borderWidth: 2, borderDash: dashed ? [6, 4] : [], pointRadius: 0, tension: 0.25, spanGaps: false,
+          borderWidth: 2, borderDash: dashed ? [6, 4] : [], pointRadius: points ? 3 : 0, tension: 0.25, spanGaps: false,
         })),
       },
       options: {
@@ -327,6 +327,16 @@
       { label: "production error rate", color: COLORS.slate, dashed: true },
       { label: "candidate error rate", color: COLORS.red, dashed: true },
     ], { xTicks: timeTicks, yMax: 1 });
+    lineChart("chart-quality", [
+      { label: "production accuracy", color: COLORS.blue, points: true },
+      { label: "production validation", color: COLORS.blue, dashed: true },
+      { label: "other version accuracy", color: COLORS.amber, points: true },
+      { label: "other version validation", color: COLORS.amber, dashed: true },
+    ], { xTicks: timeTicks, yMax: 1 });
+    lineChart("chart-calibration", [
+      { label: "observed accuracy", color: COLORS.violet, points: true },
+      { label: "perfectly calibrated", color: COLORS.slate, dashed: true },
+    ], { xTicks: (value) => fixed(value, 1), xTitle: "confidence", yMax: 1 });
     lineChart("chart-drift", [
       { label: "drift score", color: COLORS.blue },
       { label: "threshold", color: COLORS.red, dashed: true },
@@ -401,6 +411,16 @@
         el("span", { "aria-hidden": "true" }, passed ? "✓ " : "✗ "), name.replaceAll("_", " "),
         el("span", { class: "sr-only" }, passed ? " passed" : " failed"));
     }));
+  }
+
+  function renderResources(r) {
+    const hours = Math.floor(r.uptime_minutes / 60);
+    setText("resource-uptime", hours ? `${hours} h ${r.uptime_minutes % 60} min` : `${r.uptime_minutes} min`);
+    setText("resource-memory", `${count(r.worker_memory_mb)} MB`);
+    setText("resource-database", `${fixed(r.database_mb, 1)} MB`);
+    setText("resource-artifacts", `${fixed(r.artifacts_mb, 1)} MB`);
+    setText("resource-disk", `${fixed(r.disk_free_gb, 1)} GB`);
+    setText("resource-versions", `${count(r.versions)} (${fixed(r.average_model_kb, 1)} kB)`);
   }
 
   function renderStats(stats) {
@@ -511,7 +531,7 @@
   const CRITERIA = {
     max_error_rate_increase: "error rate increase", max_latency_p95_ratio: "p95 latency ratio",
     max_confidence_drop: "confidence drop", max_prediction_distance: "prediction distance",
-    max_disagreement_rate: "disagreement rate",
+    max_disagreement_rate: "disagreement rate", max_accuracy_drop: "accuracy drop (labels)",
   };
 
   function renderRollout(payload) {
@@ -564,6 +584,57 @@
       series("production", "error_rate"), series("candidate", "error_rate")]);
   }
 
+  /** Production's accuracy against the alert's floor, every version's numbers, production's
+      confusion matrix, accuracy over the window (production and the newest other version,
+      each with its validation accuracy as a dashed line) and production's calibration. */
+  function renderQuality(payload) {
+    const report = payload.quality;
+    const check = report ? report.check : null;
+    if (!report) {
+      setPill("quality-verdict", "no quality check yet", "wait");
+      setText("quality-detail", "Send true classes to POST /api/feedback by the ids of the predictions.");
+    } else {
+      const tone = check.below_floor ? "bad" : check.evaluated ? "ok" : "wait";
+      setPill("quality-verdict", check.below_floor ? "below the floor" : check.evaluated ? "at or above the floor" : "not enough labels", tone);
+      setText("quality-detail", `${check.version || "–"} over the last ${report.window}: accuracy ${fixed(check.accuracy, 3)}`
+        + ` on ${count(check.labelled)} labels (${check.min_labels} needed) · floor ${fixed(check.floor, 3)}`
+        + ` · checked ${clock(report.until)}`);
+    }
+    const versions = report ? report.versions : [];
+    $("quality-versions").hidden = !versions.length;
+    $("quality-versions").querySelector("tbody").replaceChildren(...versions.map((v) =>
+      el("tr", { "data-version": v.version },
+        el("th", { scope: "row" }, v.version), el("td", {}, count(v.labelled)), el("td", {}, percent(v.coverage)),
+        el("td", {}, fixed(v.accuracy, 3)), el("td", {}, fixed(v.validation_accuracy, 3)), el("td", {}, fixed(v.macro_f1, 3)),
+        el("td", {}, fixed(v.log_loss, 3)), el("td", {}, fixed(v.expected_calibration_error, 3)))));
+    const production = versions.find((v) => v.version === report.production_version) || null;
+    const other = versions.find((v) => v !== production && v.labelled > 0) || null;
+    renderConfusion(production);
+    const chart = charts["chart-quality"];
+    [production ? production.version : "production", other ? other.version : "other version"].forEach((name, i) => {
+      chart.data.datasets[2 * i].label = `${name} accuracy`;
+      chart.data.datasets[2 * i + 1].label = `${name} validation`;
+    });
+    const timeline = (v) => (v ? v.timeline.map((p) => ({ x: epochMs(p.start), y: p.accuracy })) : []);
+    const reference = (v) => (v && isNumber(v.validation_accuracy) && report
+      ? [{ x: epochMs(report.since), y: v.validation_accuracy }, { x: epochMs(report.until), y: v.validation_accuracy }] : []);
+    replacePoints("chart-quality", [timeline(production), reference(production), timeline(other), reference(other)]);
+    const bins = production ? production.calibration.filter((b) => b.count > 0) : [];
+    replacePoints("chart-calibration", [bins.map((b) => ({ x: b.confidence_mean, y: b.accuracy })),
+      [{ x: 0, y: 0 }, { x: 1, y: 1 }]]);
+  }
+
+  function renderConfusion(version) {
+    const table = $("quality-confusion");
+    table.hidden = !version || !version.labelled;
+    if (table.hidden) return;
+    table.querySelector("thead").replaceChildren(el("tr", {}, el("th", { scope: "col" }, `${version.version}: true ↓ / predicted →`),
+      ...version.classes.map((name) => el("th", { scope: "col" }, name))));
+    table.querySelector("tbody").replaceChildren(...version.confusion_matrix.map((row, i) =>
+      el("tr", { "data-class": version.classes[i] }, el("th", { scope: "row" }, version.classes[i]),
+        ...row.map((n, j) => el("td", { class: i !== j && n ? "row-bad" : "" }, String(n))))));
+  }
+
   function decideCanary(decision) {
     return (event) => act(event.currentTarget, {
       confirmText: decision === "promote" ? "Promote the canary's candidate to production now?" : "Abort the canary?",
@@ -575,7 +646,8 @@
 
   const RENDER = {
     mode: renderMode, versions: renderVersions, health: renderHealth, stats: renderStats,
-    drift: renderDrift, training: renderTraining, alerts: renderAlerts, rollout: renderRollout,
+    drift: renderDrift, training: renderTraining, alerts: renderAlerts, rollout: renderRollout, quality: renderQuality,
+    resources: renderResources,
   };
 
   /** Show what needs a permission only while the channel sends it (a snapshot holds exactly
@@ -585,6 +657,9 @@
     const rollout = state.topics.has("rollout");
     $("rollout-note").hidden = rollout;
     $("rollout-body").hidden = !rollout;
+    const quality = state.topics.has("quality");
+    $("quality-note").hidden = quality;
+    $("quality-body").hidden = !quality;
     const training = state.topics.has("training");
     $("training-note").hidden = training;
     $("jobs").hidden = !training;

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -184,6 +185,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Pooled connections idle longer than this are closed before the next request: below gunicorn's
+# --keep-alive (2 s), so a request never goes out on a connection the server is closing at that
+# moment (a reset with no response, DEPLOYMENT.md "Clients and keep-alive connections").
+KEEP_ALIVE_EXPIRY_SECONDS = 1.0
+
+
 class ServerProcess:
     """A real `python app.py` (or gunicorn) process on a free port, with its log captured."""
 
@@ -192,6 +199,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{port}"
         self.admin_key = admin_key
         self.session = requests.Session()
+        self._last_used = time.monotonic()
+        self._pool_lock = threading.Lock()
         if admin_key:
             self.session.headers["X-API-Key"] = admin_key
         self.log_path = log_path
@@ -214,7 +223,17 @@ class ServerProcess:
     def request(self, method: str, path: str, **kwargs: object) -> requests.Response:
         """A request with the admin key (pass headers={"X-API-Key": ...} to act as another key)."""
         kwargs.setdefault("timeout", 30)
-        return self.session.request(method, f"{self.url}{path}", **kwargs)
+        self._expire_idle_connections()
+        try:
+            return self.session.request(method, f"{self.url}{path}", **kwargs)
+        finally:
+            self._last_used = time.monotonic()
+
+    def _expire_idle_connections(self) -> None:
+        with self._pool_lock:
+            if time.monotonic() - self._last_used > KEEP_ALIVE_EXPIRY_SECONDS:
+                self.session.close()  # its adapters' pools empty; the session opens new connections
+            self._last_used = time.monotonic()
 
     def get(self, path: str, **kwargs: object) -> requests.Response:
         return self.request("GET", path, **kwargs)

@@ -115,6 +115,9 @@ def test_the_page_loads_live_with_no_console_errors(start_server, state_dir: Pat
     expect(page.locator("#serving-version")).to_have_text("1.0.0", timeout=5_000)
     expect(page.locator("#production-version")).to_have_text("1.0.0", timeout=5_000)
     expect(page.locator("#drift-verdict")).to_have_text("not evaluated", timeout=5_000)
+    expect(page.locator("#resource-versions")).to_have_text(re.compile(r"^1 \(\d+\.\d kB\)$"), timeout=5_000)
+    expect(page.locator("#resource-memory")).to_have_text(re.compile(r"^[\d,]+ MB$"))
+    expect(page.locator("#resource-uptime")).to_have_text(re.compile(r"^\d+ min$"))
     expect(page.locator("#versions-note")).to_contain_text("API key", timeout=5_000)
     expect(page.locator("#versions")).to_be_hidden()
     expect(page.locator("button[data-mode=training]")).to_be_disabled()
@@ -278,6 +281,30 @@ def test_the_canary_panel_follows_a_rollout_and_promotes_by_hand(start_server, s
     expect(page.locator("#canary-abort")).to_be_disabled()
     assert dialogs and "Promote the canary" in dialogs[0]
     screenshot(page, "dashboard-canary", "section[aria-labelledby=rollout-title]")
+
+
+def test_the_quality_panel_shows_an_accuracy_drop_and_its_recovery(start_server, state_dir: Path, open_dashboard,
+                                                                   api_keys: dict[str, str]) -> None:
+    env = {"QUADRA_DRIFT_CHECK_SECONDS": "1", "QUADRA_QUALITY_MIN_LABELS": "20", "QUADRA_QUALITY_MAX_DROP": "0.1",
+           "QUADRA_QUALITY_WINDOW": "hour"}
+    server = start_server(state_dir, env, GUNICORN_COMMAND)
+    public = open_dashboard(server).page
+    expect(public.locator("#quality-note")).to_have_text("An API key (read) is needed to see quality from labels.")
+    page = open_dashboard(server, key=api_keys["read"]).page
+    answers = [p for start in range(0, 150, 5) for p in server.post(
+        "/api/predict", json={"inputs": IRIS[start:start + 5]}).json()["predictions"]]
+    wrong = [{"id": a["id"], "label": (a["class_index"] + 1) % 3} for a in answers]
+    assert server.post("/api/feedback", json={"labels": wrong}).json()["recorded"] == 150
+    expect(page.locator("#quality-verdict")).to_have_text("below the floor", timeout=15_000)
+    expect(page.locator('#quality-versions tr[data-version="1.0.0"]')).to_contain_text("150")
+    expect(page.locator('#quality-confusion tr[data-class="setosa"] td.row-bad')).to_have_count(1)
+    assert len(chart_points(page, "chart-quality", 0)) >= 1 and len(chart_points(page, "chart-quality", 1)) == 2
+    assert chart_points(page, "chart-calibration", 0)[0]["y"] == 0.0
+    right = [{"id": a["id"], "label": a["class"]} for a in answers]
+    assert server.post("/api/feedback", json={"labels": right}).json()["relabelled"] == 150
+    expect(page.locator("#quality-verdict")).to_have_text("at or above the floor", timeout=15_000)
+    expect(page.locator("#quality-detail")).to_contain_text("accuracy 1.000 on 150 labels")
+    screenshot(page, "dashboard-quality", "section[aria-labelledby=quality-title]")
 
 
 def test_without_whoami_the_servers_403_still_explains(start_server, state_dir: Path, open_dashboard,

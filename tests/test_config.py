@@ -35,8 +35,11 @@ def test_values_are_typed() -> None:
             "QUADRA_REDIS_URL": "redis://127.0.0.1:6379/0",
             "QUADRA_ARTIFACT_URI": "s3://bucket/prefix",
             "QUADRA_ARCHITECTURE_MODULES": "my_models.cnn, other",
+            "QUADRA_BATCH_MAX_SIZE": "32",
+            "QUADRA_BATCH_MAX_DELAY_MS": "2.5",
         }
     )
+    assert settings.batch_max_rows == 32 and settings.batch_max_delay_ms == 2.5
     assert settings.port == 8080 and settings.auth_enabled is False and settings.drift_threshold == 3.5
     assert settings.cors_origins == ("https://a.example", "http://localhost:3000")
     assert settings.architecture_modules == ("my_models.cnn", "other")
@@ -66,6 +69,10 @@ def test_values_are_typed() -> None:
         ("QUADRA_MAX_TRAINING_JOBS", "0"),
         ("QUADRA_RATE_LIMIT_SYNC_SECONDS", "-0.1"),
         ("QUADRA_RATE_LIMIT_SYNC_SECONDS", "soon"),
+        ("QUADRA_BATCH_MAX_SIZE", "0"),
+        ("QUADRA_BATCH_MAX_SIZE", "many"),
+        ("QUADRA_BATCH_MAX_DELAY_MS", "-1"),
+        ("QUADRA_BATCH_MAX_DELAY_MS", "5000"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:

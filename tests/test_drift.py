@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
+from tests.conftest import ROOT
 from utils.drift import ColumnDrift, clean, column_drift, dataset_drift
 
 # Any warning (division by zero, NaN in sqrt, ...) is a failure here.
@@ -257,3 +262,27 @@ def test_100k_row_categorical_column() -> None:
     result = column_drift("s", reference, current)
     assert (result.kind, result.test, result.drift_detected) == ("categorical", "jensen_shannon", False)
     assert 0.0 <= result.statistic < 0.02
+
+
+def test_a_serving_process_loads_scipy_only_when_it_computes_drift(state_dir: Path, tmp_path: Path) -> None:
+    """scipy costs each worker about 60 MiB; only the worker running drift checks needs it."""
+    script = """
+import sys
+from app import create_app, start_serving, stop_serving
+from utils.drift import column_drift
+app = create_app()
+start_serving(app)
+answer = app.test_client().post("/api/predict", json={"inputs": [[5.1, 3.5, 1.4, 0.2]]})
+assert answer.status_code == 200, answer.get_json()
+print("scipy after a prediction:", "scipy" in sys.modules)
+column_drift("x", [1.0, 2.0, 3.0] * 10, [1.5, 2.5, 3.5] * 10)
+print("scipy after a drift test:", "scipy" in sys.modules)
+stop_serving(app)
+"""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("QUADRA_")},
+           "QUADRA_STATE_DIR": str(state_dir), "QUADRA_AUTH_ENABLED": "false", "QUADRA_DRIFT_CHECK_SECONDS": "86400"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = [line for line in result.stdout.splitlines() if line.startswith("scipy after")]
+    assert answers == ["scipy after a prediction: False", "scipy after a drift test: True"]

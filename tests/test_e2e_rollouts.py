@@ -69,7 +69,10 @@ def test_a_retrained_model_is_promoted_and_a_shifted_one_aborted_under_load(star
                                            "version": "2.1.0"})
 
     with Load(server, server.admin_key) as load_:
-        started = server.post("/api/model/canary/2.0.0", json={"percent": 10, "min_predictions": 300})
+        # The p95 of sub-millisecond requests is scheduling noise on a loaded machine (2.75x seen in a
+        # full suite run): widened as DEPLOYMENT.md advises for tiny models, so the classes decide here.
+        started = server.post("/api/model/canary/2.0.0", json={"percent": 10, "min_predictions": 300,
+                                                               "criteria": {"max_latency_p95_ratio": 5.0}})
         assert started.status_code == 201, started.text
         promoted = wait_for_decision(server, started.json()["id"])
         assert promoted["status"] == "promoted" and promoted["verdict"] == "passed", promoted
@@ -92,7 +95,9 @@ def test_a_retrained_model_is_promoted_and_a_shifted_one_aborted_under_load(star
         time.sleep(2)  # every worker drops the candidate within a poll
 
     assert load_.failures == [], load_.summary()
-    assert load_.answered_requests > 3000
+    # Rows, not requests: 300 rows on a 10% candidate mean about 3,000 answered rows whatever the
+    # machine's speed (a slow CI machine answered 2,600 requests of 1-4 rows in this test).
+    assert load_.answered_rows >= 3000, load_.summary()
     served_after = {server.post("/api/predict", json={"inputs": [[5.1, 3.5, 1.4, 0.2]]},
                                 headers={"X-Request-ID": uuid.uuid4().hex}).json()["model_version"] for _ in range(40)}
     assert served_after == {"2.0.0"}

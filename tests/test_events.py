@@ -16,7 +16,7 @@ import socketio
 from tests.conftest import GUNICORN_COMMAND, make_settings
 from utils.events import TOPICS
 
-PROTECTED_TOPICS = {"training", "rollout"}  # GET /api/train and /api/model/canary need read; the others are public
+PROTECTED_TOPICS = {"training", "rollout", "quality"}  # /api/train, /api/model/canary, /api/monitoring/quality need read
 PUBLIC_TOPICS = set(TOPICS) - PROTECTED_TOPICS
 
 
@@ -91,6 +91,7 @@ def test_pusher_emits_only_what_changed(app, client) -> None:
     pusher.push_changes()
     sio_client.get_received()
     assert set(pusher.push_changes()) <= {"stats"}  # only the timestamped statistics move
+    assert pusher.read("health")["checks"]["disk_space"]["free_bytes"] % (1024 * 1024) == 0  # not every write
     client.post("/api/mode/maintenance", json={"reason": "pusher test"})
     changed = pusher.push_changes()
     assert "mode" in changed and "alerts" in changed
@@ -129,17 +130,40 @@ class Listener:
         self.client.connect(url, transports=["websocket"], wait_timeout=10)
 
 
+def all_see_maintenance(server, listeners: list[Listener], reason: str) -> None:
+    """Every listener connects, the mode goes to maintenance, and each is told within 5 s."""
+    assert all(listener.connected.wait(10) for listener in listeners)
+    assert server.post("/api/mode/maintenance", json={"reason": reason}).status_code == 200
+    deadline = time.monotonic() + 5
+    while not all("maintenance" in listener.modes for listener in listeners):
+        assert time.monotonic() < deadline, [listener.modes for listener in listeners]
+        time.sleep(0.1)
+
+
+@pytest.mark.e2e
+def test_the_service_and_its_dashboard_socket_run_under_the_gevent_worker(start_server, state_dir: Path) -> None:
+    """gunicorn 26 has no eventlet worker: the service runs on gevent, which it still ships."""
+    command = [GUNICORN_COMMAND[0], "-w", "2", "-b", "127.0.0.1:{port}", "-k", "gevent", "app:app"]
+    server = start_server(state_dir, command=command)
+    listeners = [Listener(server.url) for _ in range(4)]
+    try:
+        answers = [server.post("/api/predict", json={"inputs": [[5.1, 3.5, 1.4, 0.2]] * batch}) for batch in (1, 32)]
+        assert [len(answer.json()["predictions"]) for answer in answers] == [1, 32]
+        all_see_maintenance(server, listeners, "gevent")
+    finally:
+        for listener in listeners:
+            listener.client.disconnect()
+    server.process.terminate()
+    assert server.process.wait(timeout=30) == 0, server.log()[-3000:]
+    assert "Traceback" not in server.log(), server.log()[-3000:]
+
+
 @pytest.mark.e2e
 def test_twenty_clients_on_four_workers_all_see_a_mode_change(start_server, state_dir: Path) -> None:
     server = start_server(state_dir, command=GUNICORN_COMMAND)
     listeners = [Listener(server.url) for _ in range(20)]
     try:
-        assert all(listener.connected.wait(10) for listener in listeners)
-        assert server.post("/api/mode/maintenance", json={"reason": "broadcast test"}).status_code == 200
-        deadline = time.monotonic() + 5
-        while not all("maintenance" in listener.modes for listener in listeners):
-            assert time.monotonic() < deadline, [listener.modes for listener in listeners]
-            time.sleep(0.1)
+        all_see_maintenance(server, listeners, "broadcast test")
     finally:
         for listener in listeners:
             listener.client.disconnect()

@@ -64,6 +64,15 @@ def test_mode_is_shared_through_the_store(store: Store) -> None:
     assert state["mode"] == "maintenance" and state["reason"] == "db migration" and state["changed_by"] == "ops"
 
 
+def test_a_switch_through_one_process_reads_back_at_once_from_another(store: Store) -> None:
+    writer = ModelModeManager(store=store)
+    reader = ModelModeManager(store=store, refresh_seconds=3600.0)
+    assert reader.mode is ModelMode.INFERENCE  # cached for the prediction path from here on
+    writer.enter_training_mode("retrain")
+    assert reader.mode is ModelMode.INFERENCE  # the per-prediction check may lag by refresh_seconds
+    assert reader.state()["mode"] == "training" and reader.mode is ModelMode.TRAINING
+
+
 def test_callbacks_fire_in_the_process_that_observes_the_change(store: Store) -> None:
     writer = ModelModeManager(store=store, refresh_seconds=0.0)
     observer = ModelModeManager(store=store, refresh_seconds=0.0)

@@ -6,6 +6,7 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,6 +33,13 @@ def monitor(store: Store, tmp_path: Path) -> ModelMonitor:
 def record_rows(monitor: ModelMonitor, rows: list[list[float]], confidence: float = 0.9, cls: str = "a") -> None:
     for row in rows:
         monitor.record_prediction(row, 0.002, confidence=confidence, predicted_class=cls, model_version="1.0.0")
+
+
+def served_row(prediction_id: str, cls: str, confidence: float) -> dict[str, Any]:
+    """One row of a served answer, as the predict route hands it to `record_batch`."""
+    other = "b" if cls == "a" else "a"
+    return {"id": prediction_id, "class": cls, "confidence": confidence,
+            "probabilities": {cls: confidence, other: 1 - confidence}}
 
 
 def test_records_are_buffered_then_flushed_exactly_once(monitor: ModelMonitor) -> None:
@@ -116,7 +124,7 @@ def test_prediction_window_is_recent_predictions_column_by_column(store: Store, 
     for limit, after_id in ((1100, 0), (1100, 250), (5, 0), (10, 10_000)):
         rows = store.predictions.recent(limit, after_id)
         window = store.predictions.window(limit, after_id, columns)
-        assert window["features"] == [None if r.features is None else json.dumps(r.features) for r in rows]
+        assert [None if text is None else json.loads(text) for text in window["features"]] == [r.features for r in rows]
         for name in columns[:-1]:
             assert window[name] == [getattr(r, name) for r in rows]
         assert all(type(value) is bool for value in window["success"])
@@ -478,6 +486,44 @@ def test_alerts_endpoint_and_metrics(client, anonymous, app) -> None:
     assert promtool_findings(body) == ""
 
 
+def series_value(body: str, series: str) -> float:
+    return next((float(line.split()[-1]) for line in body.splitlines() if line.startswith(series + " ")), 0.0)
+
+
+def test_the_checklists_success_metrics_are_exposed(client, anonymous, app, api_keys: dict[str, str]) -> None:
+    """Version count, model size, load/save time, confidence distribution, drift episodes, token
+    expirations, key usage by key id (never the key), uptime, storage and memory."""
+    import jwt
+
+    services = app.extensions["quadra"]
+    before = anonymous.get("/metrics").get_data(as_text=True)
+    predict_all(client, IRIS[:20])
+    assert client.post("/api/model/save", json={"version": "1.0.1"}).status_code == 201
+    assert client.post("/api/model/load/1.0.1").status_code == 200
+    expired = jwt.encode({"sub": "ops", "name": "ops", "perms": ["read"], "iat": 1, "exp": 2, "iss": "quadra",
+                          "aud": "quadra-api", "jti": "x"}, services.auth.secret_key, algorithm="HS256")
+    assert anonymous.get("/api/model/versions", headers={"Authorization": f"Bearer {expired}"}).status_code == 401
+    services.alerts.observe("drift", True, "drift detected by input", {})
+    services.monitor.flush()
+    body = anonymous.get("/metrics").get_data(as_text=True)
+    delta = lambda series: series_value(body, series) - series_value(before, series)  # noqa: E731
+    assert series_value(body, 'quadra_model_versions{archived="false"}') == 2.0
+    assert series_value(body, 'quadra_model_size_bytes{version="1.0.1"}') > 1000
+    assert delta("quadra_model_save_seconds_count") == 1.0 and delta("quadra_model_load_seconds_count") >= 1.0
+    assert series_value(body, 'quadra_prediction_confidence_bucket{le="+Inf"}') == 20.0
+    assert series_value(body, "quadra_prediction_confidence_count") == 20.0
+    assert delta("quadra_token_expirations_total") == 1.0
+    assert series_value(body, 'quadra_alert_episodes_total{kind="drift"}') == 1.0
+    admin_key_id = services.auth.authenticate_key(api_keys["admin"]).id
+    assert delta(f'quadra_api_key_requests_total{{key_id="{admin_key_id}"}}') == 3.0  # predict, save, load
+    assert not any(key in body for key in api_keys.values())
+    assert series_value(body, "quadra_worker_start_time_seconds") <= time.time()
+    assert series_value(body, "quadra_worker_resident_memory_bytes") > 10_000_000
+    assert series_value(body, 'quadra_storage_bytes{part="database"}') > 0
+    assert series_value(body, 'quadra_storage_bytes{part="artifacts"}') > 2000
+    assert promtool_findings(body) == ""
+
+
 def test_logs_are_json_lines_under_the_monitoring_folder(app, client) -> None:
     client.post("/api/monitoring/baseline")
     import logging
@@ -534,7 +580,7 @@ def test_a_requests_rows_are_one_journal_line_and_replay_as_rows_with_their_ids(
 
     folder = tmp_path / "journal"
     monitor = ModelMonitor(tmp_path, store=store, journal=RecordJournal(folder))
-    results = [{"confidence": 0.5 + i / 100, "class": "ab"[i % 2]} for i in range(32)]
+    results = [served_row(f"r1:{i}", "ab"[i % 2], 0.5 + i / 100) for i in range(32)]
     monitor.record_batch(IRIS[:32], results, 0.004, "1.0.0")
     monitor.record_failure("invalid_input", 0.001, "1.0.0")
     assert monitor.pending == 33 and monitor.error_count == 1
@@ -551,6 +597,8 @@ def test_a_requests_rows_are_one_journal_line_and_replay_as_rows_with_their_ids(
     assert [r.confidence for r in stored[:32]] == [r["confidence"] for r in results]
     assert [r.features for r in stored[:32]] == IRIS[:32] and stored[32].error == "invalid_input"
     assert len({r.record_id for r in stored}) == 34 and replay.total_predictions == 34
+    kept = store.outcomes.find(f"r1:{i}" for i in range(33))
+    assert sorted(kept) == sorted(f"r1:{i}" for i in range(32))  # the rows' ids, for labels; no failure
 
 
 def test_a_baseline_ignores_records_without_a_confidence(monitor: ModelMonitor) -> None:
@@ -573,7 +621,8 @@ def test_a_full_buffer_drops_the_oldest_requests_and_says_so(monitor: ModelMonit
 
     monkeypatch.setattr(utils.record_buffer, "MAX_BUFFERED", 10)  # the store unreachable for a long time
     for i in range(3):
-        monitor.record_batch(IRIS[4 * i:4 * i + 4], [{"confidence": 0.9, "class": "a"}] * 4, 0.001, "1.0.0")
+        monitor.record_batch(IRIS[4 * i:4 * i + 4], [served_row(f"r{i}:{j}", "a", 0.9) for j in range(4)], 0.001,
+                             "1.0.0")
     assert monitor.pending == 8 and monitor.dropped == 4
     assert monitor.flush() == 8 and monitor.get_statistics()["dropped_records"] == 4
     assert [r.features for r in monitor.store.predictions.recent(10)] == IRIS[4:12]

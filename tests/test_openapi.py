@@ -87,7 +87,7 @@ def test_a_view_answering_anything_but_its_declared_model_is_a_bug_never_sent(ap
 
 def test_a_prediction_answers_class_by_its_alias(client) -> None:
     body = client.post("/api/predict", json={"inputs": [SETOSA]}).get_json()
-    assert set(body["predictions"][0]) == {"class", "class_index", "confidence", "probabilities"}
+    assert set(body["predictions"][0]) == {"id", "class", "class_index", "confidence", "probabilities"}
 
 
 def test_operations_declare_security_errors_and_schemas(anonymous) -> None:

@@ -521,3 +521,18 @@ def test_generated_versions_in_the_same_second_get_a_suffix(registry: ModelVersi
     monkeypatch.setattr(versioning, "generate_version_string", lambda prefix=None: "20261126-120000")
     saved = [registry.save_model(make_model(), config=CONFIG).version for _ in range(3)]
     assert saved == ["20261126-120000", "20261126-120000-2", "20261126-120000-3"]
+
+
+def test_a_generated_version_deleted_in_its_second_is_not_given_again(registry: ModelVersionManager,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Monitoring records, labels and the audit trail name a version: a save right after a
+    delete must not take the deleted model's name."""
+    import utils.model_versioning as versioning
+
+    monkeypatch.setattr(versioning, "generate_version_string", lambda prefix=None: "20261126-120000")
+    first = registry.save_model(make_model(), config=CONFIG).version
+    registry.delete_version(first)
+    second = registry.save_model(make_model(), config=CONFIG).version
+    assert (first, second) == ("20261126-120000", "20261126-120000-2")
+    monkeypatch.setattr(versioning, "generate_version_string", lambda prefix=None: "20261126-120001")
+    assert registry.save_model(make_model(), config=CONFIG).version == "20261126-120001"  # a new second starts over

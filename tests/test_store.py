@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
+import sqlite3
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Column, Integer, Table, inspect
+from sqlalchemy import Column, Integer, Table, inspect, select
 from sqlalchemy.exc import OperationalError
 
 from utils.store import (
@@ -26,7 +29,7 @@ from utils.store import (
     tables,
 )
 from utils.store.drift_records import DRIFT_CHECK
-from utils.store.service_state import write_state
+from utils.store.service_state import read_states, write_state
 
 
 def version_row(version: str) -> VersionRow:
@@ -211,7 +214,11 @@ def test_concurrent_prediction_flushes_from_several_processes_keep_exact_totals(
     _run_together(_flush_predictions, store_url, 40)
     store = Store(store_url)
     assert len(store.predictions.recent(10_000)) == 4 * 40 * 7
-    assert store.predictions.totals() == PredictionTotals(count=4 * 40 * 7, errors=4 * 8 * 7)
+    totals = store.predictions.totals()
+    assert (totals.count, totals.errors) == (4 * 40 * 7, 4 * 8 * 7)
+    successes = 4 * 32 * 7  # each with confidence 0.9: the bucket up to 0.9
+    assert totals.confidence_counts == (0, 0, 0, 0, successes, 0, 0, 0, 0)
+    assert totals.confidence_sum == pytest.approx(0.9 * successes)
     store.database.dispose()
 
 
@@ -230,6 +237,59 @@ def test_sqlite_uses_wal_and_a_busy_timeout(tmp_path: Path) -> None:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
     store.database.dispose()
+
+
+def test_a_sqlite_writer_waits_for_another_process_lock_outside_sqlite_and_gives_up_at_the_deadline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """The wait for the write lock sleeps in Python (the event loop's sleep under an async
+    worker), not in SQLite's busy handler; the busy timeout is back for what follows."""
+    path = tmp_path / "locked.db"
+    store = Store(f"sqlite:///{path}")
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    request.addfinalizer(other.close)
+    other.execute("BEGIN IMMEDIATE")
+    released = threading.Event()
+
+    def release_later() -> None:
+        time.sleep(0.3)
+        released.set()
+        other.execute("COMMIT")
+
+    releaser = threading.Thread(target=release_later)
+    releaser.start()
+    with store.database.write() as conn:
+        assert released.is_set()  # the lock was taken only once the other writer let go
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+        write_state(conn, "lock-test", {"written": True}, "test")
+    releaser.join()
+    monkeypatch.setattr(database, "WRITE_LOCK_WAIT_SECONDS", 0.2)
+    other.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    with pytest.raises(OperationalError, match="locked"):  # SQLAlchemy's, like every other statement's
+        with store.database.write():
+            pass
+    assert time.monotonic() - started < 5
+    other.execute("ROLLBACK")
+    with store.database.read() as conn:
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+    store.database.dispose()
+
+
+def test_json_columns_read_back_what_was_written(store: Store) -> None:
+    """The columns' fast encoder reads back the same values: non-ASCII text, and on SQLite
+    (PostgreSQL's json type has neither) json.dumps' NaN and Infinity and, through json.dumps
+    itself, a lone surrogate."""
+    value: dict[str, object] = {"tiny": 1e-7, "name": "Iris \u00e9t\u00e9 \u2013 \U0001f33c", "nested": [[1, 2.5], {"k": None}]}
+    if store.database.is_sqlite:
+        value.update({"nan": math.nan, "inf": math.inf, "surrogate": "\ud800"})
+    with store.database.write() as conn:
+        write_state(conn, "json-round-trip", value, "test")
+    with store.database.read() as conn:
+        read = read_states(conn, ("json-round-trip",))["json-round-trip"]
+    if store.database.is_sqlite:
+        assert math.isnan(read.pop("nan"))
+        value.pop("nan")
+    assert read == value
 
 
 def test_drift_checks_keep_the_latest_verdict_and_a_bounded_history(store: Store) -> None:
@@ -257,7 +317,8 @@ def test_resetting_the_window_zeroes_the_totals_and_keeps_the_records(store: Sto
         {"at": time.time(), "model_version": "1.0.0", "latency_ms": 1.0, "confidence": 0.9, "predicted_class": "a",
          "success": index != 0, "error": None, "features": None, "record_id": f"r{index}"} for index in range(3)]
     assert store.predictions.insert(records) == 3 and store.predictions.insert(records) == 0
-    assert store.predictions.totals() == PredictionTotals(count=3, errors=1) and store.predictions.window_start() == 0
+    assert store.predictions.totals() == PredictionTotals(3, 1, (0, 0, 0, 0, 2, 0, 0, 0, 0), 1.8)
+    assert store.predictions.window_start() == 0
     store.predictions.reset_window(actor="test")
     assert store.predictions.totals() == PredictionTotals() and store.predictions.window_start() == store.predictions.last_id()
     assert len(store.predictions.recent(10)) == 3
@@ -271,3 +332,30 @@ def test_a_key_is_revoked_once(store: Store) -> None:
     assert store.keys.find("h" * 64) == row
     assert store.keys.revoke("key_1", at=2.0) and not store.keys.revoke("key_1", at=3.0)
     assert store.keys.get("key_1").revoked_at == 2.0 and store.keys.revoke("key_missing", at=2.0) is False
+
+
+def test_monitoring_rows_written_through_the_driver_read_back_as_written(store: Store) -> None:
+    """The monitoring insert bypasses SQLAlchemy's parameter processing: JSON columns still read
+    back as values (None as JSON null, as before), and an outcome whose id is stored keeps its
+    first prediction on both databases."""
+    at = time.time()
+    records: list[PredictionRecord] = [
+        {"at": at, "model_version": "1.0.0", "latency_ms": 2.5, "confidence": 0.75, "predicted_class": "\u00e9t\u00e9",
+         "success": True, "error": None, "features": [5.1, 3.5, 1e-7, 0.2], "record_id": "w__1",
+         "prediction_id": "req:0", "probabilities": [0.75, 0.25]},
+        {"at": at, "model_version": None, "latency_ms": 1.0, "confidence": None, "predicted_class": None,
+         "success": False, "error": "invalid_input", "features": None, "record_id": "w__2"},
+    ]
+    assert store.predictions.insert(records) == 2
+    retried = {**records[0], "record_id": "w__3", "predicted_class": "other", "probabilities": [0.1, 0.9]}
+    assert store.predictions.insert([retried]) == 1
+    with store.database.read() as conn:
+        stored = conn.execute(select(tables.predictions.c.record_id, tables.predictions.c.features,
+                                     tables.predictions.c.success).order_by(tables.predictions.c.id)).all()
+        kept = conn.execute(select(tables.outcomes.c.predicted_class, tables.outcomes.c.probabilities)).all()
+        sql_nulls = conn.execute(select(tables.predictions.c.record_id)
+                                 .where(tables.predictions.c.features.is_(None))).scalars().all()
+    assert [tuple(row) for row in stored] == [("w__1", [5.1, 3.5, 1e-7, 0.2], True), ("w__2", None, False),
+                                              ("w__3", [5.1, 3.5, 1e-7, 0.2], True)]
+    assert [tuple(row) for row in kept] == [("\u00e9t\u00e9", [0.75, 0.25])]
+    assert sql_nulls == []  # a row without features holds JSON null, as SQLAlchemy's JSON type wrote it

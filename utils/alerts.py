@@ -102,6 +102,7 @@ class AlertManager:
                 episode.clear_checks = 0
                 if not episode.active:
                     episode.active, episode.since = True, now
+                    episode.episodes += 1
                     if now - episode.last_alert_at >= self.cooldown_seconds:
                         episode.last_alert_at = now
                         outcome["record"] = True

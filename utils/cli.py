@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 from flask import Flask, current_app
@@ -211,7 +213,7 @@ def audit_command(limit: int, action: str | None) -> None:
                    f"{entry['target'] or '-':<20} {entry['ip'] or '-'}")
 
 
-monitoring_cli = OperatorGroup("monitoring", help="Monitoring statistics, drift and the drift baseline.")
+monitoring_cli = OperatorGroup("monitoring", help="Monitoring statistics, drift, the drift baseline, labels and quality.")
 baseline_cli = OperatorGroup("baseline", help="Set, show or reset the drift baseline.")
 monitoring_cli.add_command(baseline_cli)
 
@@ -236,6 +238,57 @@ def drift_command() -> None:
     result = _monitor().detect_drift()
     _echo_json(result)
     if result["drift_detected"]:
+        raise SystemExit(1)
+
+
+@monitoring_cli.command("feedback")
+@click.argument("labels_file", type=click.File("r", encoding="utf-8"))
+def feedback_command(labels_file: TextIO) -> None:
+    """Back-fill true classes from a CSV file with the columns id and label (a class name, or
+    an index when it is all digits), in requests of QUADRA_FEEDBACK_MAX_LABELS; prints the
+    counts and every item not recorded; exit 1 when any was rejected."""
+    monitor = _monitor()
+    reader = csv.DictReader(labels_file)
+    if reader.fieldnames is None or not {"id", "label"} <= set(reader.fieldnames):
+        raise click.ClickException("the CSV file needs a header row with the columns id and label")
+    totals = {"recorded": 0, "relabelled": 0, "rejected": 0}
+    for first_line, batch in _csv_batches(reader, monitor.feedback.policy.max_labels):
+        result = monitor.record_feedback(batch)
+        for key in totals:
+            totals[key] += result[key]
+        for item in result["results"]:
+            if item["status"] not in ("recorded", "relabelled"):
+                click.echo(f"line {first_line + item['index']}: {item['id']}: {item['status']}: {item['message']}", err=True)
+    audit.record(current_app.extensions["quadra"].store, "cli", "monitoring.feedback", "success",
+                 target=labels_file.name, details=totals)
+    click.echo(" ".join(f"{key}={value}" for key, value in totals.items()))
+    if totals["rejected"]:
+        raise SystemExit(1)
+
+
+def _csv_batches(reader: csv.DictReader[str], size: int) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """(file line of the batch's first row, its items) per `size` rows; a label of digits is an index."""
+    batch: list[dict[str, Any]] = []
+    first_line = 2
+    for row in reader:
+        label = (row.get("label") or "").strip()
+        batch.append({"id": (row.get("id") or "").strip(), "label": int(label) if label.isdigit() else label})
+        if len(batch) == size:
+            yield first_line, batch
+            first_line, batch = first_line + size, []
+    if batch:
+        yield first_line, batch
+
+
+@monitoring_cli.command("quality")
+@click.option("--version", default=None, help="One version (default: every version with predictions in the window).")
+@click.option("--window", type=click.Choice(["hour", "day", "monitoring", "horizon"]), default="day", show_default=True)
+def quality_command(version: str | None, window: str) -> None:
+    """Quality from labelled predictions, as JSON; exit 1 when production's accuracy is below
+    the configured floor (QUADRA_QUALITY_MIN_ACCURACY / QUADRA_QUALITY_MAX_DROP)."""
+    report = _monitor().quality(version, window)
+    _echo_json(report)
+    if report["check"]["below_floor"]:
         raise SystemExit(1)
 
 

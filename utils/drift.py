@@ -10,7 +10,10 @@ The test for a column depends on its kind and on the reference size after cleani
 
 A column is categorical when the caller says so, when it holds strings, or when reference and
 current together hold at most 5 distinct values. A dataset drifts when at least half (by default) of its columns drift.
-Pure numpy/scipy: no Flask, no database.
+Pure numpy/scipy: no Flask, no database. scipy is imported by the statistical tests that use
+it (KS, chi-square, z, Jensen-Shannon) the first time they run, not with this module: it costs
+a process about 60 MiB, and of a deployment's workers only the one running the drift checks
+(or a canary's comparison) needs it; that worker pays the import once, on its first check.
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import ConfigDict
-from scipy import stats
-from scipy.spatial import distance
 
 KS_P_VALUE = 0.05
 CHI2_P_VALUE = 0.05
@@ -127,6 +128,8 @@ def _aligned_counts(ref: np.ndarray, cur: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def _ks(reference: np.ndarray, current: np.ndarray, threshold: float) -> TestOutcome:
+    from scipy import stats
+
     result = stats.ks_2samp(reference, current)
     p_value = float(result.pvalue)
     return float(result.statistic), p_value, p_value <= threshold
@@ -140,6 +143,8 @@ def _z_test(ref_counts: np.ndarray, cur_counts: np.ndarray, threshold: float) ->
     p1, p2 = ref_counts[0] / n1, cur_counts[0] / n2
     pooled = (p1 * n1 + p2 * n2) / (n1 + n2)
     z = float((p1 - p2) / np.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2)))
+    from scipy import stats
+
     p_value = float(2 * stats.norm.sf(abs(z)))  # = 2(1 - Φ(|z|)), without cancellation for large |z|
     return z, p_value, p_value < threshold
 
@@ -153,6 +158,8 @@ def _chi_square(ref_counts: np.ndarray, cur_counts: np.ndarray, threshold: float
     """
     if not ref_counts.all():
         return None, 0.0, True
+    from scipy import stats
+
     expected = ref_counts * (cur_counts.sum() / ref_counts.sum())
     result = stats.chisquare(cur_counts, expected)
     p_value = float(result.pvalue)
@@ -188,6 +195,8 @@ def jensen_shannon_distance(ref_counts: np.ndarray, cur_counts: np.ndarray) -> f
     negative number whose square root is NaN (e.g. counts 58569/58546 vs 58570/58547): that is
     a distance of 0.
     """
+    from scipy.spatial import distance
+
     with np.errstate(invalid="ignore"):
         value = float(distance.jensenshannon(ref_counts / ref_counts.sum(), cur_counts / cur_counts.sum()))
     return 0.0 if np.isnan(value) else value

@@ -183,6 +183,13 @@ class ArtifactTooLarge(QuadraError, ValueError):
     code = "artifact_too_large"
 
 
+class TooManyLabels(QuadraError, ValueError):
+    """A feedback request with more items than QUADRA_FEEDBACK_MAX_LABELS."""
+
+    status = 413
+    code = "too_many_labels"
+
+
 class TooManyRequests(QuadraError):
     """A request or authentication-failure budget is spent until `reset_at` (epoch seconds).
 

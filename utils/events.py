@@ -18,6 +18,7 @@ from flask import current_app, request
 from flask_socketio import ConnectionRefusedError, SocketIO, emit, join_room
 
 from utils.errors import TooManyRequests
+from utils.metrics import resource_summary
 from utils.rollout import rollout_view
 from utils.security import AUTH_DISABLED_PRINCIPAL, PERMISSIONS, Principal
 from utils.timestamps import iso_utc
@@ -37,7 +38,7 @@ def detect_async_mode() -> str:
     return "threading"
 
 
-TOPICS = ("mode", "versions", "health", "stats", "drift", "training", "alerts", "rollout")
+TOPICS = ("mode", "versions", "health", "stats", "drift", "training", "alerts", "rollout", "quality", "resources")
 # The permission each topic needs: that of the REST endpoint showing the same data (None: public).
 TOPIC_PERMISSIONS: dict[str, str | None] = {
     "mode": None,        # GET /api/mode
@@ -49,12 +50,15 @@ TOPIC_PERMISSIONS: dict[str, str | None] = {
     "training": "read",  # GET /api/train
     "alerts": None,      # GET /api/monitoring/alerts
     "rollout": "read",   # GET /api/model/canary
+    "quality": "read",   # GET /api/monitoring/quality
+    "resources": None,   # GET /metrics
 }
 PUBLIC_ROOM = "public"
 CREDENTIAL_FIELDS = ("apiKey", "token")  # in the Socket.IO `auth` payload; a query string is never read
 PUSH_INTERVAL_SECONDS = 1.0
 RECENT_JOBS = 5
 RECENT_ALERTS = 20
+FREE_DISK_STEP = 1024 * 1024  # health is pushed when free disk space moves by a MiB, not by a byte
 log = logging.getLogger("quadra.events")
 
 
@@ -302,6 +306,8 @@ class EventPusher:
         if topic == "health":
             report = svc.readiness.report()
             report.pop("timestamp", None)
+            disk = report["checks"]["disk_space"]
+            disk["free_bytes"] -= disk["free_bytes"] % FREE_DISK_STEP  # any file write moves it by bytes
             return report
         if topic == "stats":
             return svc.monitor.get_statistics()
@@ -318,6 +324,10 @@ class EventPusher:
         if topic == "rollout":  # as of its last check (`Rollouts.decide`), so a push costs one read
             row = svc.store.rollouts.latest()
             return {"rollout": rollout_view(row, row.comparison, svc.rollouts.paused) if row else None}
+        if topic == "resources":
+            return resource_summary(svc.store, svc.settings.state_dir)
+        if topic == "quality":  # as of the last quality check (`observe_quality`), so a push costs one read
+            return {"quality": svc.store.outcomes.latest_report()}
         raise ValueError(f"unknown topic {topic}")
 
 

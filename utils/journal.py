@@ -42,6 +42,8 @@ class RecordBatch:
     success: bool = True
     error: str | None = None
     first_id: str | None = None  # the journal's id of the first row; the next rows count on from it
+    prediction_ids: list[str] | None = None  # with probabilities: the rows' ids for labels
+    probabilities: list[list[float]] | None = None
 
     def __len__(self) -> int:
         return len(self.confidences)
@@ -49,10 +51,12 @@ class RecordBatch:
     def records(self) -> list[PredictionRecord]:
         """One store row per record."""
         rows = zip(self.confidences, self.classes, self.features, strict=False)  # a replayed line may be short
+        ids, probabilities = self.prediction_ids or [], self.probabilities or []
         return [
             {"at": self.at, "model_version": self.model_version, "latency_ms": self.latency_ms, "confidence": confidence,
              "predicted_class": predicted_class, "success": self.success, "error": self.error, "features": features,
-             "record_id": self._record_id(index)}
+             "record_id": self._record_id(index), "prediction_id": ids[index] if index < len(ids) else None,
+             "probabilities": probabilities[index] if index < len(probabilities) else None}
             for index, (confidence, predicted_class, features) in enumerate(rows)
         ]
 
@@ -99,7 +103,8 @@ class RecordJournal:
     def append(self, batch: RecordBatch) -> None:
         """Write a request's records as one line in one call; the caller holds the monitor's lock."""
         self._handle.write(to_json([batch.at, batch.model_version, batch.latency_ms, batch.confidences, batch.classes,
-                                    batch.features, batch.success, batch.error, batch.first_id]) + b"\n")
+                                    batch.features, batch.success, batch.error, batch.first_id, batch.prediction_ids,
+                                    batch.probabilities]) + b"\n")
         self._handle.flush()
 
     def rotate(self) -> Path:

@@ -1,6 +1,6 @@
 """Background work on each process's scheduler (`utils.scheduler`).
 
-Drift checks (with their alerts and history), canary decisions, roll-ups and journal recovery run on one
+Drift and quality checks (with their alerts and history), canary decisions, roll-ups and journal recovery run on one
 process of the deployment at a time, under leases in the store; the model health check, the
 mode refresh (which fires mode callbacks) and the reaping of dead training jobs run everywhere.
 """
@@ -11,8 +11,10 @@ import logging
 import os
 import socket
 import time
+from typing import Any
 
 from utils.artifact_files import crash_leftovers, remove_path
+from utils.instruments import mark_worker_started, record_memory
 from utils.services import Services
 from utils.store import DriftCheck
 
@@ -22,6 +24,7 @@ ROLLOUT_LEASE = "rollout-decision"
 DRIFT_HISTORY_LENGTH = 120
 ROLL_UP_SECONDS = 60.0
 JOB_REAP_SECONDS = 5.0
+MEMORY_SAMPLE_SECONDS = 5.0
 JOURNAL_RECOVERY_SECONDS = 10.0
 CLEANUP_LEASE = "crash-leftovers"
 CLEANUP_LEASE_SECONDS = 60.0
@@ -36,6 +39,7 @@ def schedule_background_work(services: Services) -> None:
     def check_drift() -> None:
         if store.leases.try_acquire(MONITORING_LEASE, owner, settings.drift_check_seconds * 3):
             record_drift_check(services)
+            observe_quality(services)
 
     def roll_up() -> None:
         if store.leases.try_acquire(MONITORING_LEASE, owner, settings.drift_check_seconds * 3):
@@ -73,6 +77,8 @@ def schedule_background_work(services: Services) -> None:
     scheduler.every(settings.drift_check_seconds, check_model)
     scheduler.every(settings.monitoring_flush_seconds, services.modes.state)
     scheduler.every(JOB_REAP_SECONDS, services.jobs.reap)
+    scheduler.every(MEMORY_SAMPLE_SECONDS, record_memory)
+    mark_worker_started()
     scheduler.start()
 
 
@@ -112,3 +118,18 @@ def record_drift_check(services: Services) -> DriftCheck:
         services.alerts.observe("drift", report.drift_detected, message,
                                 report.model_dump(include={"drift_score", "threshold", "fired", "drifted_features"}))
     return check
+
+
+def observe_quality(services: Services) -> dict[str, Any]:
+    """Compute the quality report over QUADRA_QUALITY_WINDOW, keep it for the dashboard, and
+    feed production's verdict against the floor to the alerts (one alert per episode, cleared
+    after consecutive checks at or above the floor). Returns the report."""
+    report = services.monitor.quality(window=services.settings.quality_window)
+    services.store.outcomes.record_report(report)
+    check = report["check"]
+    if check["evaluated"]:
+        message = f"accuracy of {check['version']} {check['reason']}"
+        services.alerts.observe("quality", check["below_floor"], message,
+                                {key: check[key] for key in ("version", "window", "labelled", "accuracy",
+                                                             "validation_accuracy", "floor")})
+    return report

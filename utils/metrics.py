@@ -9,8 +9,10 @@ from the store at scrape time, so it is the same whichever worker answers.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, g, request
@@ -23,11 +25,14 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from utils.instruments import record_memory, uptime_seconds
 from utils.model_modes import ModelMode
-from utils.store import RolloutRow
+from utils.quality_report import QualityCheck
+from utils.store import Coverage, PredictionTotals, RolloutRow, Store, VersionRow
+from utils.store.predictions import CONFIDENCE_BUCKETS
 
 disable_created_metrics()
 REQUESTS = Counter("quadra_http_requests_total", "HTTP requests by endpoint, method and status", ["endpoint", "method", "status"])
@@ -38,6 +43,9 @@ LATENCY = Histogram(
 INTEGRITY_FAILURES = Counter("quadra_integrity_failures_total", "Artifacts refused because their SHA-256 did not match")
 AUTH_FAILURES = Counter("quadra_auth_failures_total", "Requests refused for missing or bad credentials")
 RATE_LIMITED = Counter("quadra_rate_limited_total", "Requests refused by the rate limit")
+KEY_REQUESTS = Counter("quadra_api_key_requests_total", "Authenticated requests by API key id (a token counts for "
+                       "the key it was made for)", ["key_id"])
+FEEDBACK_LABELS = Counter("quadra_feedback_labels_total", "Feedback items by their result", ["status"])
 
 
 class StoreCollector:
@@ -71,6 +79,18 @@ class StoreCollector:
             mode.add_metric([name], 1.0 if name == state["mode"] else 0.0)
         yield mode
         yield from rollout_metrics(state["rollout"])
+        yield from quality_metrics(state["quality"], state["quality_check"])
+        yield from registry_metrics(state["versions"])
+        yield confidence_histogram(state["totals"])
+        storage = GaugeMetricFamily("quadra_storage_bytes", "Bytes used by the store's database and the registry's "
+                                    "artifacts, and free on the state folder's disk", labels=["part"])
+        for part, value in state["storage"].items():
+            storage.add_metric([part], value)
+        yield storage
+        episodes = CounterMetricFamily("quadra_alert_episodes", "Alert episodes started (drift, quality)", labels=["kind"])
+        for kind, value in state["alert_episodes"].items():
+            episodes.add_metric([kind], value)
+        yield episodes
 
 
 ARM_GAUGES = (
@@ -104,6 +124,51 @@ def rollout_metrics(rollout: RolloutRow | None) -> Iterator[GaugeMetricFamily]:
         yield gauge
 
 
+def registry_metrics(versions: list[VersionRow]) -> Iterator[GaugeMetricFamily]:
+    """How many versions (archived or not) and each one's artifact size."""
+    count = GaugeMetricFamily("quadra_model_versions", "Registered model versions", labels=["archived"])
+    for archived in (False, True):
+        count.add_metric([str(archived).lower()], sum(1 for row in versions if row.archived == archived))
+    yield count
+    size = GaugeMetricFamily("quadra_model_size_bytes", "Artifact size of each registered version", labels=["version"])
+    for row in versions:
+        size.add_metric([row.version], row.size_bytes)
+    yield size
+
+
+def confidence_histogram(totals: PredictionTotals) -> HistogramMetricFamily:
+    """The confidence of every successful prediction since the counters were reset (all workers)."""
+    cumulative, buckets = 0, []
+    for bound, count in zip((*CONFIDENCE_BUCKETS, float("inf")), totals.confidence_counts, strict=True):
+        cumulative += count
+        buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+    return HistogramMetricFamily("quadra_prediction_confidence", "Confidence of successful predictions (all workers; "
+                                 "reset with the monitoring counters)", buckets=buckets, sum_value=totals.confidence_sum)
+
+
+def quality_metrics(coverage: dict[str, Coverage], check: QualityCheck) -> Iterator[GaugeMetricFamily]:
+    """Per version over the quality alert's window: labelled predictions, label coverage and
+    accuracy; and production's floor and verdict."""
+    labelled = GaugeMetricFamily("quadra_quality_labelled", "Labelled predictions in the quality window",
+                                 labels=["version"])
+    share = GaugeMetricFamily("quadra_quality_label_coverage", "Share of predictions in the quality window with a label",
+                              labels=["version"])
+    accuracy = GaugeMetricFamily("quadra_quality_accuracy", "Accuracy of the labelled predictions in the quality window",
+                                 labels=["version"])
+    for version, numbers in coverage.items():
+        labelled.add_metric([version], numbers.labelled)
+        share.add_metric([version], numbers.labelled / numbers.predictions if numbers.predictions else 0.0)
+        if numbers.labelled:
+            accuracy.add_metric([version], numbers.correct / numbers.labelled)
+    yield from (labelled, share, accuracy)
+    if check.floor is not None:
+        yield GaugeMetricFamily("quadra_quality_accuracy_floor", "Accuracy below which the quality alert fires",
+                                value=check.floor)
+    if check.evaluated:
+        yield GaugeMetricFamily("quadra_quality_below_floor", "1 when production's accuracy is below the floor",
+                                value=1.0 if check.below_floor else 0.0)
+
+
 def init_metrics(app: Flask, read_state: Callable[[], dict[str, Any]]) -> None:
     """Count and time every request, and serve GET /metrics."""
 
@@ -116,6 +181,9 @@ def init_metrics(app: Flask, read_state: Callable[[], dict[str, Any]]) -> None:
         endpoint = request.endpoint or "unmatched"
         REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
         LATENCY.labels(endpoint).observe(time.perf_counter() - g.get("request_started", time.perf_counter()))
+        principal = g.get("quadra_principal")
+        if principal is not None and principal.key_id is not None:
+            KEY_REQUESTS.labels(principal.key_id).inc()
         if response.status_code == 401:
             AUTH_FAILURES.inc()
         elif response.status_code == 429:
@@ -144,6 +212,8 @@ def _process_registry() -> CollectorRegistry:
 def shared_state(services: Any) -> dict[str, Any]:
     """What /metrics reports from the store: the same whichever worker answers."""
     drift = services.store.drift_checks.latest()
+    reporter = services.monitor.quality_reporter
+    versions = services.store.versions.list()
     deployment = services.store.versions.deployment()
     return {
         "predictions": services.monitor.total_predictions,
@@ -156,4 +226,29 @@ def shared_state(services: Any) -> dict[str, Any]:
         "mode": services.modes.mode.value,
         "modes": tuple(mode.value for mode in ModelMode),
         "rollout": services.store.rollouts.active(),
+        "quality": services.store.outcomes.coverage(*reporter.window_range(reporter.floor.window, time.time())),
+        "quality_check": reporter.check(),
+        "versions": versions,
+        "totals": services.store.predictions.totals(),
+        "storage": storage_usage(services.store, services.settings.state_dir, versions),
+        "alert_episodes": services.store.alerts.episodes(),
     }
+
+
+def storage_usage(store: Store, state_dir: Path, versions: list[VersionRow]) -> dict[str, int]:
+    """Bytes of the database and of the registered artifacts, and free on the state folder's disk."""
+    return {"database": store.database.size_bytes(), "artifacts": sum(row.size_bytes for row in versions),
+            "disk_free": shutil.disk_usage(state_dir).free}
+
+
+def resource_summary(store: Store, state_dir: Path) -> dict[str, Any]:
+    """What the dashboard shows of the checklist's resources, rounded so that a push goes out
+    when something moved, not at every tick: uptime (minutes), this worker's memory (MB),
+    storage, the version count and average model size."""
+    versions = [row for row in store.versions.list() if not row.archived]
+    storage = storage_usage(store, state_dir, versions)
+    return {"uptime_minutes": int(uptime_seconds() // 60), "worker_memory_mb": record_memory() // 2**20,
+            "database_mb": round(storage["database"] / 2**20, 1), "artifacts_mb": round(storage["artifacts"] / 2**20, 1),
+            "disk_free_gb": round(storage["disk_free"] / 2**30, 1), "versions": len(versions),
+            "average_model_kb": round(sum(row.size_bytes for row in versions) / len(versions) / 1024, 1)
+            if versions else None}

@@ -5,8 +5,9 @@ training jobs. MAINTENANCE refuses predictions (503) but lets operators retrain,
 promote, roll back and reset the baseline.
 
 A manager given a store holds the deployment's mode there: a change made anywhere (a worker,
-the CLI, a console) is seen by every process within `refresh_seconds`, and callbacks fire in
-each process when it observes the change. The service's manager and this module's
+the CLI, a console) is read back at once by `state()` in every process, the per-prediction
+check sees it within `refresh_seconds`, and callbacks fire in each process when it observes
+the change. The service's manager and this module's
 `mode_manager` are such managers. A `ModelModeManager(initial_mode=...)` built without a
 store is process-local: it starts in `initial_mode` and only this object changes it.
 """
@@ -74,15 +75,17 @@ class ModelModeManager:
 
     def state(self) -> dict[str, Any]:
         """{"mode", "reason", "changed_by", "changed_at"} (ISO 8601 UTC, None if the mode never
-        changed), refreshed at most every refresh_seconds."""
-        return _public(self._current())
+        changed), read from the store: a client that switched the mode through one worker reads
+        the new mode back from any other (only the per-prediction check may lag)."""
+        return _public(self._current(fresh=True))
 
-    def _current(self) -> dict[str, Any]:
-        """The stored state as cached (changed_at in epoch seconds), refreshed at most every
-        refresh_seconds; `mode` reads it on every prediction, so it converts nothing."""
+    def _current(self, fresh: bool = False) -> dict[str, Any]:
+        """The stored state as cached (changed_at in epoch seconds), refreshed when `fresh` or
+        at most every refresh_seconds; `mode` reads it on every prediction, so it converts nothing."""
         store = self._shared_store()
         initial = {"mode": self.initial_mode.value, "reason": "initial mode", "changed_by": "system", "changed_at": None}
-        if store is not None and (self._cached is None or time.monotonic() - self._read_at >= self.refresh_seconds):
+        stale = self._cached is None or fresh or time.monotonic() - self._read_at >= self.refresh_seconds
+        if store is not None and stale:
             stored = store.modes.get()
             self._observe(asdict(stored) if stored else initial)
         elif self._cached is None:

@@ -26,8 +26,10 @@ import numpy as np
 from utils import drift_detection
 from utils.config import current_settings, is_service_folder
 from utils.errors import InsufficientData as InsufficientData  # the Python API imports it from here
+from utils.feedback import FeedbackPolicy, LabelFeedback
 from utils.journal import RecordBatch, RecordJournal
 from utils.monitoring_window import MonitoringWindow, counts, present
+from utils.quality_report import QualityFloor, QualityReporter
 from utils.record_buffer import RecordBuffer
 from utils.schemas import Drift
 from utils.store import Store, folder_store, store_for
@@ -50,6 +52,8 @@ class PredictionMetrics:
     error: str | None = None
     model_version: str | None = None
     features: list[float] | None = None
+    prediction_id: str | None = None  # with probabilities (in class order): labels can be recorded for it
+    probabilities: list[float] | None = None
 
 
 def _summary(values: np.ndarray) -> dict[str, float | None]:
@@ -82,7 +86,7 @@ class ModelMonitor:
     the QUADRA_* settings (window, drift threshold, baseline minimum, sampling).
 
     Records are buffered; `flush()` writes them, and so does every read (statistics, drift,
-    baseline). The service flushes every QUADRA_MONITORING_FLUSH_SECONDS on its scheduler and
+    baseline, quality). The service flushes every QUADRA_MONITORING_FLUSH_SECONDS on its scheduler and
     at exit; a console monitor writes when it reads or is flushed, stopped or left as a
     context manager."""
 
@@ -96,6 +100,8 @@ class ModelMonitor:
         feature_sample_rate: float | None = None,
         baseline_min_samples: int | None = None,
         journal: RecordJournal | None = None,
+        feedback_policy: FeedbackPolicy | None = None,
+        quality_floor: QualityFloor | None = None,
     ) -> None:
         settings = current_settings()
         if store is None:
@@ -109,6 +115,9 @@ class ModelMonitor:
         self.baseline_min_samples = (settings.baseline_min_samples if baseline_min_samples is None
                                      else baseline_min_samples)
         self.buffer = RecordBuffer(store, journal)
+        self.feedback = LabelFeedback(store, feedback_policy or FeedbackPolicy.from_settings(settings))
+        floor = quality_floor or QualityFloor.from_settings(settings)
+        self.quality_reporter = QualityReporter(store, self.window_size, self.feedback.policy.horizon_seconds, floor)
 
     def __enter__(self) -> ModelMonitor:
         return self
@@ -141,15 +150,22 @@ class ModelMonitor:
         """Record one prediction described by a `PredictionMetrics` (for the Python API: a
         prediction made elsewhere, with its own time and features, kept as given)."""
         features = list(metrics.features) if metrics.features is not None and self._keep_features() else None
+        ids, probabilities = None, None
+        if metrics.prediction_id is not None and metrics.probabilities is not None:
+            ids, probabilities = [metrics.prediction_id], [list(metrics.probabilities)]
         self.buffer.append(RecordBatch(metrics.at, metrics.model_version, metrics.latency_ms, [metrics.confidence],
-                                 [metrics.predicted_class], [features], metrics.success, metrics.error))
+                                       [metrics.predicted_class], [features], metrics.success, metrics.error,
+                                       prediction_ids=ids, probabilities=probabilities))
 
     def record_batch(self, rows: list[list[float]], results: list[dict[str, Any]], seconds: float, model_version: str) -> None:
-        """Record each row of a served request (the request path's fast variant)."""
+        """Record each row of a served request (the request path's fast variant): results carry
+        their prediction `id` and `probabilities` (class -> probability) for labels."""
         features: list[list[float] | None] = (list(rows) if self.feature_sample_rate >= 1.0
                                               else [row if self._keep_features() else None for row in rows])
         self.buffer.append(RecordBatch(time.time(), model_version, seconds * 1000.0, [r["confidence"] for r in results],
-                                 [r["class"] for r in results], features))
+                                       [r["class"] for r in results], features,
+                                       prediction_ids=[r["id"] for r in results],
+                                       probabilities=[list(r["probabilities"].values()) for r in results]))
 
     def _keep_features(self) -> bool:
         return self.feature_sample_rate >= 1.0 or random.random() < self.feature_sample_rate
@@ -288,11 +304,30 @@ class ModelMonitor:
         per feature and prediction (class) drift; `drift_detected` when any fires."""
         return self.drift_report().model_dump()
 
+    # -- labels and quality -------------------------------------------------------------
+
+    def record_feedback(self, labels: Sequence[Any]) -> dict[str, Any]:
+        """Record true classes: `labels` is a sequence of {"id": <a prediction's id>, "label":
+        <a class name or index>}. Returns per item its status (`utils.feedback`) and the counts;
+        raises `TooManyLabels` past the configured maximum."""
+        self.flush()
+        return self.feedback.record(labels)
+
+    def quality(self, version: str | None = None, window: str = "day") -> dict[str, Any]:
+        """Accuracy, per-class precision / recall / F1, confusion matrix, log loss, Brier score
+        and calibration of each version's labelled predictions in `window` (hour, day,
+        monitoring or horizon), as GET /api/monitoring/quality answers."""
+        self.flush()
+        return self.quality_reporter.report(window, version)
+
     # -- retention ----------------------------------------------------------------------
 
     def roll_up(self, retention_seconds: float) -> int:
-        """Fold raw records older than the retention into per-minute rows."""
-        return self.store.rollups.roll_up(time.time() - retention_seconds)
+        """Fold raw records older than the retention into per-minute rows, and forget the
+        predictions older than the label horizon."""
+        now = time.time()
+        self.store.outcomes.prune(now - self.feedback.policy.horizon_seconds)
+        return self.store.rollups.roll_up(now - retention_seconds)
 
 
 class HealthChecker:

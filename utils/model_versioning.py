@@ -29,6 +29,7 @@ from utils.artifact_files import ARTIFACT_NAME, UnsafeArtifact, atomic_write_tex
 from utils.artifact_store import ArtifactStore, artifact_store_for
 from utils.config import current_settings, is_service_folder
 from utils.errors import IntegrityCheckFailed, InvalidVersion, VersionConflict, VersionNotFound
+from utils.instruments import MODEL_LOAD_SECONDS, MODEL_SAVE_SECONDS
 from utils.local_artifacts import LocalArtifactStore
 from utils.safetensors_reader import read_private, sha256_file, tensors_from_buffer
 from utils.store import Deployment, Store, StoreConflict, VersionRow, folder_store, store_for
@@ -127,6 +128,10 @@ class ModelVersionManager:
         self.store = store or folder_store(self.models_dir)
         self.verify_integrity = verify_integrity
         self.artifacts = artifacts or LocalArtifactStore(self.models_dir)
+        # The last generated name's timestamp and attempt: a name this process gave and that was
+        # deleted within the same second is not given again to another model (its monitoring
+        # records, labels and audit trail name it).
+        self._last_generated: tuple[str, int] = ("", 0)
         if not (self.models_dir / REGISTRY_MIRROR).exists():
             self.write_registry_mirror()
 
@@ -162,14 +167,23 @@ class ModelVersionManager:
 
     def add_version(self, version: str | None, add: Callable[[str], VersionMetadata]) -> VersionMetadata:
         """`add(version)`; without `version`, `add` under the first free timestamp version."""
+        with MODEL_SAVE_SECONDS.time():
+            return self._add_version(version, add)
+
+    def _add_version(self, version: str | None, add: Callable[[str], VersionMetadata]) -> VersionMetadata:
         if version is not None:
             return add(validate_version(version))
         base = generate_version_string()
-        for attempt in range(1, MAX_GENERATED_ATTEMPTS + 1):
+        last_base, last_attempt = self._last_generated
+        first = last_attempt + 1 if base == last_base else 1
+        for attempt in range(first, first + MAX_GENERATED_ATTEMPTS):
             try:
-                return add(base if attempt == 1 else f"{base}-{attempt}")
+                added = add(base if attempt == 1 else f"{base}-{attempt}")
             except VersionConflict:
                 continue
+            if base != self._last_generated[0] or attempt > self._last_generated[1]:
+                self._last_generated = (base, attempt)
+            return added
         raise VersionConflict(f"could not find a free version after {base}")
 
     def publish_staged(self, staging: Path, row: VersionRow) -> VersionMetadata:
@@ -202,14 +216,16 @@ class ModelVersionManager:
         if row.archived:
             raise VersionConflict(f"version {version} is archived; restore it first")
         check = self.verify_integrity if verify_integrity is None else verify_integrity
-        with self.artifact_file(row) as path:
-            data, actual = read_private(path, check)
-        if check:
-            check_digest(version, row.sha256, actual)
-        try:
-            return tensors_from_buffer(data), row
-        except (ValueError, KeyError, TypeError) as exc:
-            raise IntegrityCheckFailed(f"integrity check failed for version {version}: unreadable artifact ({exc!r})") from None
+        with MODEL_LOAD_SECONDS.time():
+            with self.artifact_file(row) as path:
+                data, actual = read_private(path, check)
+            if check:
+                check_digest(version, row.sha256, actual)
+            try:
+                return tensors_from_buffer(data), row
+            except (ValueError, KeyError, TypeError) as exc:
+                raise IntegrityCheckFailed(
+                    f"integrity check failed for version {version}: unreadable artifact ({exc!r})") from None
 
     def read_artifact(self, row: VersionRow) -> bytes:
         with _unreadable_is_integrity_failure(row):

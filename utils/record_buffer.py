@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import replace
@@ -14,7 +15,11 @@ from pathlib import Path
 from utils.journal import RecordBatch, RecordJournal
 from utils.store import Store
 
-MAX_FLUSH_BATCH = 5000
+# Records per write transaction. Under an async worker the flusher shares the event loop with
+# the requests, and other workers' writers wait for the SQLite lock while it is held: a
+# transaction stalls requests for as long as it runs (about 30 µs a record), so the flush goes
+# in small ones and lets the requests run between them.
+MAX_FLUSH_BATCH = 500
 MAX_BUFFERED = 200_000
 log = logging.getLogger("quadra.monitoring")
 
@@ -64,6 +69,7 @@ class RecordBuffer:
                 if self.journal is not None and batches:
                     self._journal_files.append(self.journal.rotate())
             for start, group in _groups(batches):
+                time.sleep(0)  # an async worker's requests run here (monkey-patched sleep); a thread yields the GIL
                 try:
                     written += self.store.predictions.insert([r for batch in group for r in batch.records()])
                 except Exception:

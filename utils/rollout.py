@@ -105,7 +105,10 @@ class Rollouts:
         """Both arms' numbers since the rollout started (this process's buffered records and
         shadow tallies are written first, as every monitoring read does)."""
         self.monitor.flush()
-        return comparison_of(rollout, self._progress(rollout), time.time())
+        now = time.time()
+        labels = (self.store.outcomes.coverage(rollout.started_at, now, (rollout.baseline_version, rollout.version))
+                  if rollout.criteria.get("max_accuracy_drop") is not None else {})
+        return comparison_of(rollout, self._progress(rollout), now, labels)
 
     def _progress(self, rollout: RolloutRow) -> Progress:
         """The rollout's stored sums plus what arrived since they were taken."""

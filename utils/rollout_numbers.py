@@ -17,9 +17,10 @@ import numpy as np
 from utils.drift import jensen_shannon_distance
 from utils.errors import QuadraError
 from utils.schemas import ArmSummary, CriterionCheck
-from utils.store import RolloutRow, ShadowTally, VersionSummary
+from utils.store import Coverage, RolloutRow, ShadowTally, VersionSummary
 
 LATENCY_SAMPLE = 2000          # the newest latencies per arm, for its p95
+MIN_LABELLED_PER_ARM = 30      # labelled predictions each arm needs before accuracies are compared
 EARLY_ABORT_MIN_PREDICTIONS = 100
 HISTORY_LENGTH = 120           # points of each arm's curves kept with the rollout
 CURVES = ("predictions", "error_rate", "latency_p95_ms", "confidence_mean")
@@ -51,6 +52,10 @@ def arm_of(version: str, summary: VersionSummary, latencies: list[float]) -> Arm
 def observe(name: str, production: ArmSummary, candidate: ArmSummary, shadow: ShadowTally | None) -> float | None:
     """The value of criterion `name` for the two arms (and, in shadow mode, the candidate's
     tally on production's inputs); None while it cannot be measured."""
+    if name == "max_accuracy_drop":
+        if min(production.labelled, candidate.labelled) < MIN_LABELLED_PER_ARM:
+            return None
+        return production.accuracy - candidate.accuracy  # type: ignore[operator]  # set with labels
     if name == "max_disagreement_rate":
         return 1.0 - shadow.agreements / shadow.rows if shadow is not None and shadow.rows else None
     if name == "max_error_rate_increase":
@@ -177,7 +182,16 @@ def _describe(breached: list[CriterionCheck]) -> str:
     return "; ".join(f"{c.name} {c.observed:.4g} > {c.limit:g}" for c in breached)
 
 
-def comparison_of(rollout: RolloutRow, progress: Progress, at: float) -> Comparison:
-    production, candidate = progress.arms(rollout.baseline_version, rollout.version)
+def with_labels(arm: ArmSummary, labels: dict[str, Coverage]) -> ArmSummary:
+    """The arm with its labelled predictions' count and accuracy (`labels`: by version)."""
+    found = labels.get(arm.version)
+    if found is None or not found.labelled:
+        return arm
+    return arm.model_copy(update={"labelled": found.labelled, "accuracy": found.correct / found.labelled})
+
+
+def comparison_of(rollout: RolloutRow, progress: Progress, at: float, labels: dict[str, Coverage]) -> Comparison:
+    """Both arms (with `labels`, each version's labelled predictions since the start) and the checks."""
+    production, candidate = (with_labels(arm, labels) for arm in progress.arms(rollout.baseline_version, rollout.version))
     return Comparison(production, candidate, checks_for(rollout.criteria, production, candidate, progress.tally), at,
                       progress)

@@ -12,7 +12,6 @@ configured batch size) stay in the handlers.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
@@ -32,6 +31,7 @@ from utils.drift import ColumnDrift
 from utils.errors import InvalidInput, InvalidMode, InvalidParameter, InvalidRequest, InvalidTrainingData, InvalidVersion
 from utils.model_modes import ModelMode
 from utils.model_versioning import MAX_VERSION_LENGTH, VERSION_PATTERN, validate_version
+from utils.request_ids import new_request_id
 from utils.security import RATE_LIMIT_PATTERN, validate_rate_limit
 from utils.serving import FLOAT32_MAX
 from utils.training import Hyperparameters
@@ -45,6 +45,8 @@ MAX_HIDDEN_LAYERS, MAX_HIDDEN_WIDTH = 8, 4096
 MAX_TOKEN_SECONDS = 30 * 86400  # the widest QUADRA_JWT_MAX_TTL_SECONDS
 MAX_GRACE_SECONDS = 30 * 86400
 MAX_REASON = 500
+MAX_PREDICTION_ID = 240
+MAX_CLASS_NAME = 128
 
 
 # -- shared types --------------------------------------------------------------------------
@@ -141,10 +143,6 @@ class PredictRequest(RequestBody):
     )
 
 
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
 class PredictHeaders(HeaderParameters):
     request_id: Annotated[str, StringConstraints(pattern=r"^[!-~]{1,200}$")] = Field(
         default_factory=new_request_id, alias="X-Request-ID", examples=["order-4711-attempt-1"],
@@ -193,6 +191,10 @@ class RolloutCriteria(RequestBody):
     max_disagreement_rate: float | None = Field(
         None, ge=0, le=1, description="shadow mode only (0.05 there unless given): share of rows where the candidate's "
                                       "class differs from production's on the same input")
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, le=1, description="canary mode only: production's accuracy minus the candidate's, on their "
+                                      "predictions since the start that have a label (POST /api/feedback); the "
+                                      "decision waits until each arm has 30 labelled predictions")
 
 
 class CanaryRequest(RequestBody):
@@ -216,6 +218,9 @@ class CanaryRequest(RequestBody):
             raise ValueError("percent: a canary answers at most 50% of requests (a shadow may take up to 100)")
         if self.mode == "canary" and self.criteria.max_disagreement_rate is not None:
             raise ValueError("criteria.max_disagreement_rate needs shadow mode (it compares both on the same input)")
+        if self.mode == "shadow" and self.criteria.max_accuracy_drop is not None:
+            raise ValueError("criteria.max_accuracy_drop needs canary mode (a shadow's answers reach no client, so they "
+                             "take no labels)")
         if self.mode == "shadow" and "max_disagreement_rate" not in self.criteria.model_fields_set:
             self.criteria.max_disagreement_rate = 0.05
         return self
@@ -318,6 +323,36 @@ class AuditQuery(QueryParameters):
         None, description="only this actor, e.g. 'ops (key_3cc8…)'")
 
 
+class FeedbackRequest(RequestBody):
+    """True classes for predictions the service made. Each item is checked on its own and
+    answered in `results`: a bad item never rejects the others."""
+
+    labels: list[JsonValue] = Field(
+        min_length=1,
+        description="items {\"id\": <a prediction's id>, \"label\": <a class name or index of its version>}; "
+                    "at most QUADRA_FEEDBACK_MAX_LABELS (10000 by default) per request",
+        examples=[[{"id": "0190a5e4c3d27c1a9b5e6f708192a3b4:0", "label": "setosa"},
+                   {"id": "0190a5e4c3d27c1a9b5e6f708192a3b4:1", "label": 2}]])
+
+
+class FeedbackItem(RequestBody):
+    """One item of a FeedbackRequest."""
+
+    id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PREDICTION_ID)]
+    label: Annotated[str, StringConstraints(min_length=1, max_length=MAX_CLASS_NAME)] | Annotated[int, Field(ge=0)]
+
+
+QualityWindow = Literal["hour", "day", "monitoring", "horizon"]
+
+
+class QualityQuery(QueryParameters):
+    field_errors: ClassVar[dict[str, type[InvalidRequest]]] = {"version": InvalidVersion}
+    version: Version | None = Field(None, description="omitted: every version with predictions in the window")
+    window: QualityWindow = Field(
+        "day", description="the predictions made in the last hour or day, since the oldest record of the monitoring "
+                           "window, or within the label horizon (QUADRA_FEEDBACK_HORIZON_DAYS)")
+
+
 class AlertsQuery(QueryParameters):
     limit: Annotated[int, Field(ge=1, le=500)] = 50
 
@@ -407,6 +442,7 @@ class ModeChange(ResponseBody):
 
 
 class Prediction(ResponseBody):
+    id: str = Field(description="`<request_id>:<row>`: send it back with the true class to POST /api/feedback")
     class_: str = Field(alias="class")
     class_index: int
     confidence: float
@@ -504,6 +540,93 @@ class Histogram(ResponseBody):
 class ConfidenceSummary(Summary):
     min: float | None
     histogram: Histogram
+
+
+FeedbackStatus = Literal["recorded", "relabelled", "superseded", "unknown_id", "expired", "invalid_label",
+                         "invalid_item"]
+
+
+class FeedbackResult(ResponseBody):
+    index: int = Field(description="the item's position in `labels`")
+    id: str | None
+    status: FeedbackStatus = Field(
+        description="recorded: a first label; relabelled: replaced an earlier label (counted once); superseded: a "
+                    "later item of this request labels the same id; unknown_id: no such prediction; expired: older "
+                    "than the label horizon; invalid_label: not a class of the prediction's version; invalid_item: "
+                    "not an object {id, label} of the right types")
+    message: str | None = None
+
+
+class FeedbackResponse(ResponseBody):
+    recorded: int
+    relabelled: int
+    rejected: int = Field(description="items not recorded (every status but recorded and relabelled)")
+    results: list[FeedbackResult]
+
+
+class ClassQuality(ResponseBody):
+    precision: float
+    recall: float
+    f1: float
+    support: int = Field(description="labelled predictions whose true class this is")
+
+
+class CalibrationBin(ResponseBody):
+    lower: float
+    upper: float
+    count: int
+    confidence_mean: float | None
+    accuracy: float | None
+
+
+class QualityPoint(ResponseBody):
+    start: Timestamp
+    labelled: int
+    accuracy: float
+
+
+class VersionQuality(ResponseBody):
+    version: str
+    classes: list[str]
+    predictions: int = Field(description="successful predictions of the version made in the window")
+    labelled: int
+    coverage: float | None = Field(description="labelled / predictions")
+    accuracy: float | None
+    validation_accuracy: float | None = Field(
+        description="the reference line: the version's metrics val_accuracy, else accuracy (what training records)")
+    macro_f1: float | None
+    log_loss: float | None
+    brier_score: float | None
+    expected_calibration_error: float | None
+    per_class: dict[str, ClassQuality]
+    confusion_matrix: list[list[int]] = Field(description="rows: true class, columns: predicted, in `classes` order")
+    calibration: list[CalibrationBin] = Field(description="10 equal-width bins of confidence")
+    timeline: list[QualityPoint] = Field(description="accuracy per 1/24 of the window, where labels exist")
+
+
+class QualityCheck(ResponseBody):
+    """Production's accuracy against the alert's floor, as the quality alert judges it."""
+
+    version: str | None
+    window: QualityWindow = Field(description="QUADRA_QUALITY_WINDOW")
+    labelled: int
+    min_labels: int = Field(description="QUADRA_QUALITY_MIN_LABELS: fewer labels, no verdict")
+    accuracy: float | None
+    validation_accuracy: float | None
+    floor: float | None = Field(description="the higher of QUADRA_QUALITY_MIN_ACCURACY and validation accuracy minus "
+                                            "QUADRA_QUALITY_MAX_DROP; null when neither is set")
+    evaluated: bool
+    below_floor: bool
+    reason: str
+
+
+class Quality(ResponseBody):
+    window: QualityWindow
+    since: Timestamp
+    until: Timestamp
+    production_version: str | None
+    versions: list[VersionQuality]
+    check: QualityCheck
 
 
 class StatisticsWindow(ResponseBody):
@@ -696,6 +819,8 @@ class ArmSummary(ResponseBody):
     latency_p95_ms: float | None
     confidence_mean: float | None
     class_distribution: dict[str, int]
+    labelled: int = Field(default=0, description="its predictions since the start that have a label (with max_accuracy_drop)")
+    accuracy: float | None = Field(default=None, description="on those labelled predictions")
 
 
 class CriterionCheck(ResponseBody):

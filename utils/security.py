@@ -121,6 +121,11 @@ class Principal:
         return self.id if self.id.startswith("token:") else f"key:{self.id}"
 
     @property
+    def key_id(self) -> str | None:
+        """The API key behind the call (directly or through a token made for it), if any."""
+        return None if self.via == "disabled" or self.id.startswith("token:") else self.id
+
+    @property
     def label(self) -> str:
         return f"{self.name} ({self.id})"
 

@@ -10,14 +10,17 @@ from dataclasses import dataclass
 
 from utils.alerts import AlertManager
 from utils.artifact_store import artifact_store_for
+from utils.batching import Batcher, offload_for
 from utils.change_notices import ChangeNotices
 from utils.config import Settings
-from utils.events import EventPusher
+from utils.events import EventPusher, detect_async_mode
+from utils.feedback import FeedbackPolicy
 from utils.journal import RecordJournal
 from utils.model_modes import ModelModeManager
 from utils.model_monitoring import ModelMonitor
 from utils.model_versioning import ModelVersionManager
 from utils.outage import Outage
+from utils.quality_report import QualityFloor
 from utils.readiness import Readiness
 from utils.rollout import Rollouts
 from utils.scheduler import Scheduler
@@ -36,6 +39,7 @@ class Services:
     store: Store
     registry: ModelVersionManager
     model_server: ModelServer
+    batcher: Batcher
     monitor: ModelMonitor
     alerts: AlertManager
     modes: ModelModeManager
@@ -72,10 +76,12 @@ def build_services(settings: Settings, redis_outage: Outage) -> Services:
     artifacts = artifact_store_for(settings.artifact_uri, settings.models_dir, settings.artifact_cache_dir)
     registry = ModelVersionManager(settings.models_dir, store, settings.verify_integrity, artifacts)
     model_server = ModelServer(registry, settings.model_poll_seconds)
+    batcher = Batcher(settings.batch_max_rows, settings.batch_max_delay_ms / 1000.0, offload_for(detect_async_mode()))
     monitor = ModelMonitor(
         settings.monitoring_dir, settings.monitoring_window, settings.drift_threshold, store,
         feature_sample_rate=settings.feature_sample_rate, baseline_min_samples=settings.baseline_min_samples,
         journal=RecordJournal(settings.monitoring_dir / "journal"),
+        feedback_policy=FeedbackPolicy.from_settings(settings), quality_floor=QualityFloor.from_settings(settings),
     )
     alerts = AlertManager(store, settings.alert_webhook, settings.alert_webhook_allow_private, settings.alert_cooldown_seconds)
     modes = ModelModeManager(store=store)
@@ -87,5 +93,5 @@ def build_services(settings: Settings, redis_outage: Outage) -> Services:
     scheduler = Scheduler(settings.monitoring_flush_seconds)
     shadows = ShadowRunner(store)
     rollouts = Rollouts(store, registry, model_server, monitor, shadows, alerts, modes)
-    return Services(settings, store, registry, model_server, monitor, alerts, modes, jobs, readiness, security, scheduler,
-                    shadows, rollouts, notices)
+    return Services(settings, store, registry, model_server, batcher, monitor, alerts, modes, jobs, readiness, security,
+                    scheduler, shadows, rollouts, notices)

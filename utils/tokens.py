@@ -10,6 +10,7 @@ from typing import Any
 import jwt
 
 from utils.errors import InvalidRequest
+from utils.instruments import TOKEN_EXPIRATIONS
 
 JWT_ALGORITHM = "HS256"
 JWT_ISSUER = "quadra"
@@ -54,6 +55,9 @@ class TokenCodec:
         try:
             claims: dict[str, Any] = jwt.decode(token, self.secret_key, algorithms=[JWT_ALGORITHM], audience=JWT_AUDIENCE,
                                                 issuer=JWT_ISSUER, options={"require": REQUIRED_CLAIMS})
+        except jwt.ExpiredSignatureError:
+            TOKEN_EXPIRATIONS.inc()
+            return None
         except jwt.PyJWTError:
             return None
         times = [claims[name] for name in TIME_CLAIMS if name in claims]

@@ -17,6 +17,7 @@ from utils.store.database import Database, StoreConflict
 from utils.store.drift_records import BaselineRow, BaselineStore, DriftCheck, DriftCheckStore, DriftHistoryEntry
 from utils.store.jobs import JobRow, JobStore
 from utils.store.keys import ApiKeyRow, AuditRow, AuditStore, KeyStore
+from utils.store.outcomes import Coverage, OutcomeStore, StoredOutcome
 from utils.store.predictions import PredictionRecord, PredictionRow, PredictionStore, PredictionTotals, VersionSummary
 from utils.store.rollouts import RolloutRow, RolloutStore
 from utils.store.rollups import RollupRow, RollupStore
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
     from utils.config import Settings
 
 __all__ = [
-    "SCHEMA_VERSION", "AlertEpisode", "AlertRow", "ApiKeyRow", "AuditRow", "BaselineRow", "Database", "Deployment", "DriftCheck",
+    "SCHEMA_VERSION", "AlertEpisode", "AlertRow", "ApiKeyRow", "AuditRow", "BaselineRow", "Coverage", "Database", "Deployment",
+    "DriftCheck", "StoredOutcome",
     "DriftHistoryEntry", "JobRow", "ModeRecord", "PredictionRecord", "PredictionRow", "PredictionTotals", "PromotionRow",
     "RolloutRow", "RollupRow", "ShadowTally", "Store", "StoreConflict", "UsesConfiguredStore", "VersionRow",
     "VersionSummary", "folder_store", "get_store", "store_for",
@@ -55,6 +57,7 @@ class Store:
         self.leases = LeaseStore(self.database)
         self.rollouts = RolloutStore(self.database)
         self.shadow_tallies = ShadowTallyStore(self.database)
+        self.outcomes = OutcomeStore(self.database)
 
 
 _stores: dict[str, Store] = {}

@@ -11,7 +11,9 @@ from sqlalchemy import insert, select, update
 
 from utils.store.database import Database, as_rows, inserted_id
 from utils.store.service_state import lock_states, write_state
-from utils.store.tables import alerts
+from utils.store.tables import alerts, service_state
+
+EPISODE_PREFIX = "alert_state:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,7 @@ class AlertEpisode:
     since: float | None = None
     last_alert_at: float = 0.0
     clear_checks: int = 0
+    episodes: int = 0  # started since the store was created (a Prometheus counter)
 
 
 class AlertStore:
@@ -55,13 +58,20 @@ class AlertStore:
         """Let `change` update the episode of `kind` in one locked read-modify-write, so two
         processes never both start an episode; returns the episode as written. `change` must
         not use the store (it runs inside the transaction)."""
-        name = f"alert_state:{kind}"
+        name = f"{EPISODE_PREFIX}{kind}"
         with self.database.write() as conn:
             stored = lock_states(conn, (name,)).get(name)
             episode = AlertEpisode(**stored) if stored else AlertEpisode()
             change(episode)
             write_state(conn, name, asdict(episode), "alerts")
         return episode
+
+    def episodes(self) -> dict[str, int]:
+        """How many episodes each kind of alert has started."""
+        with self.database.read() as conn:
+            rows = conn.execute(select(service_state.c.name, service_state.c.value)
+                                .where(service_state.c.name.like(f"{EPISODE_PREFIX}%"))).all()
+        return {name[len(EPISODE_PREFIX):]: int((value or {}).get("episodes", 0)) for name, value in rows}
 
     def list(self, limit: int = 50, after_id: int = 0) -> list[AlertRow]:
         """The newest alerts first."""

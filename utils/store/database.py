@@ -9,19 +9,28 @@ half-way. PostgreSQL is used unchanged when the database URL says so.
 from __future__ import annotations
 
 import dataclasses
+import json
+import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import cache
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
-from sqlalchemy import Connection, Engine, Row, create_engine, event, insert, select, text, update
+from pydantic_core import PydanticSerializationError, to_json
+from sqlalchemy import JSON, Connection, Dialect, Engine, Row, Table, create_engine, event, insert, select, text, update
 from sqlalchemy.engine import CursorResult, make_url
 from sqlalchemy.exc import OperationalError
 
 from utils.store.tables import MIGRATIONS, SCHEMA_VERSION, metadata, schema_info
 
 _PG_UPGRADE_LOCK = 0x51_75_61_64  # arbitrary advisory-lock id for schema upgrades
+BUSY_TIMEOUT_MS = 30_000
+WRITE_LOCK_WAIT_SECONDS = BUSY_TIMEOUT_MS / 1000
+WRITE_LOCK_FIRST_DELAY = 0.0005
+WRITE_LOCK_MAX_DELAY = 0.01
 
 
 class StoreConflict(Exception):
@@ -98,6 +107,17 @@ class Database:
                 )
         return SCHEMA_VERSION
 
+    def size_bytes(self) -> int:
+        """The database's size on disk: SQLite's file with its WAL, or PostgreSQL's database."""
+        if not self.is_sqlite:
+            with self.read() as conn:
+                return int(conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one())
+        path = make_url(self.url).database
+        if not path or path == ":memory:":
+            return 0
+        files = (Path(path), Path(f"{path}-wal"), Path(f"{path}-shm"))
+        return sum(file.stat().st_size for file in files if file.exists())
+
     def schema_version(self) -> int:
         with self.read() as conn:
             return int(conn.execute(select(schema_info.c.version)).scalar_one())
@@ -132,13 +152,60 @@ def inserted_id(result: CursorResult[Any]) -> int:
     return int(key[0])
 
 
+def insert_many(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], skip_conflicts_on: str | None = None) -> None:
+    """INSERT many rows of `table` in the caller's transaction through the driver's own
+    executemany, each row's JSON columns encoded as the engine encodes them (Python None as
+    JSON `null`, as SQLAlchemy's JSON type stores it). The same INSERT through SQLAlchemy's
+    executemany cost more in per-row parameter processing than SQLite's own work: at 32 rows per
+    request, the monitoring flush's share of a worker's CPU (bench/NOTES.md, issue 18). Keys
+    that are not columns are ignored; with `skip_conflicts_on`, a row whose key is stored is
+    skipped (ON CONFLICT DO NOTHING, SQLite and PostgreSQL alike)."""
+    if not rows:
+        return
+    columns = tuple(column.name for column in table.columns if column.name in rows[0])
+    sql, json_positions = _insert_plan(conn.dialect, table, columns, skip_conflicts_on)
+    pick = itemgetter(*columns)
+    values = []
+    for row in rows:
+        value = list(pick(row))
+        for i in json_positions:
+            value[i] = _json_text(value[i])
+        values.append(tuple(value))
+    conn.exec_driver_sql(sql, values)
+
+
+@cache
+def _insert_plan(dialect: Dialect, table: Table, columns: tuple[str, ...],
+                 skip_conflicts_on: str | None) -> tuple[str, tuple[int, ...]]:
+    """The INSERT in the driver's parameter style, and which of its values are JSON columns."""
+    quote = dialect.identifier_preparer.quote
+    marker = "?" if dialect.paramstyle == "qmark" else "%s"
+    sql = (f"INSERT INTO {quote(table.name)} ({', '.join(quote(name) for name in columns)}) "
+           f"VALUES ({', '.join(marker for _ in columns)})")
+    if skip_conflicts_on:
+        sql += f" ON CONFLICT ({quote(skip_conflicts_on)}) DO NOTHING"
+    return sql, tuple(i for i, name in enumerate(columns) if isinstance(table.c[name].type, JSON))
+
+
+def _json_text(value: Any) -> str:
+    """JSON columns' encoder: pydantic-core, about six times faster than `json.dumps` (each
+    monitoring row carries two such columns, encoded by the flusher on the worker's event
+    loop), with NaN and Infinity written as `json.dumps` writes them. The text is compact and
+    UTF-8; read back, the values are the same. What pydantic-core cannot encode (a lone
+    surrogate in a string) goes through `json.dumps`, as before."""
+    try:
+        return to_json(value, inf_nan_mode="constants").decode()
+    except PydanticSerializationError:
+        return json.dumps(value)
+
+
 def _create_engine(url: str, is_sqlite: bool) -> Engine:
     if not is_sqlite:
-        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, json_serializer=_json_text)
     database = make_url(url).database
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}, json_serializer=_json_text)
     event.listen(engine, "connect", _configure_sqlite_connection)
     event.listen(engine, "begin", _begin_sqlite_transaction)
     return engine
@@ -149,11 +216,49 @@ def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
 
 def _begin_sqlite_transaction(conn: Connection) -> None:
-    immediate = conn.get_execution_options().get("sqlite_immediate", False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    if conn.get_execution_options().get("sqlite_immediate", False):
+        _take_write_lock(conn.connection.dbapi_connection)
+    else:
+        conn.exec_driver_sql("BEGIN")
+
+
+def _take_write_lock(dbapi_connection: Any) -> None:
+    """BEGIN IMMEDIATE, waiting for another writer with `time.sleep` between tries instead of
+    in SQLite's busy handler. That handler sleeps in C, up to 100 ms a time, and under an async
+    worker (eventlet, gevent) a sleep in C stalls every request of the process, not one: under
+    load the workers' monitoring flushes queued on each other's locks and p99 reached hundreds
+    of milliseconds. `time.sleep` is the event loop's own sleep there (monkey-patched), and an
+    ordinary one under threads. The busy timeout stays for the statements that follow. Errors
+    leave as SQLAlchemy's, as every other statement's do (the "begin" hook runs outside its
+    wrapping)."""
+    if not isinstance(dbapi_connection, sqlite3.Connection):  # another SQLite driver: its own busy handler
+        dbapi_connection.execute("BEGIN IMMEDIATE")
+        return
+    try:
+        _retry_begin_immediate(dbapi_connection)
+    except sqlite3.Error as exc:
+        raise OperationalError("BEGIN IMMEDIATE", None, exc) from exc
+
+
+def _retry_begin_immediate(dbapi_connection: sqlite3.Connection) -> None:
+    deadline = time.monotonic() + WRITE_LOCK_WAIT_SECONDS
+    delay = WRITE_LOCK_FIRST_DELAY
+    dbapi_connection.execute("PRAGMA busy_timeout=0")
+    try:
+        while True:
+            try:
+                dbapi_connection.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:  # SQLITE_BUSY and its extended codes (e.g. WAL recovery)
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, WRITE_LOCK_MAX_DELAY)
+    finally:
+        dbapi_connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")

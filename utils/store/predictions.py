@@ -3,13 +3,15 @@ read back as rows or, for the monitoring window, column by column."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
-from sqlalchemy import Connection, TextClause, func, insert, or_, select, text
+from sqlalchemy import Connection, TextClause, func, or_, select, text
 
-from utils.store.database import Database, as_rows
+from utils.store.database import Database, as_rows, insert_many
+from utils.store.outcomes import OutcomeRecord, insert_outcomes
 from utils.store.service_state import lock_states, read_states, write_state
 from utils.store.tables import predictions
 
@@ -34,6 +36,8 @@ class PredictionRecord(TypedDict):
     error: str | None
     features: list[float] | None
     record_id: str | None
+    prediction_id: NotRequired[str | None]  # with probabilities: kept as an outcome for labels
+    probabilities: NotRequired[list[float] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +54,31 @@ class PredictionRow:
     record_id: str | None
 
 
+CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)  # upper bounds (le), then +Inf
+
+
 @dataclass(frozen=True, slots=True)
 class PredictionTotals:
-    """Every prediction recorded since the counters were last reset, and how many failed."""
+    """Every prediction recorded since the counters were last reset, how many failed, and the
+    successful ones' confidences as a histogram: counts per bucket of CONFIDENCE_BUCKETS (the
+    last one past them), not cumulative, and their sum."""
 
     count: int = 0
     errors: int = 0
+    confidence_counts: tuple[int, ...] = (0,) * (len(CONFIDENCE_BUCKETS) + 1)
+    confidence_sum: float = 0.0
+
+    def plus(self, records: list[PredictionRecord]) -> PredictionTotals:
+        counts = list(self.confidence_counts)
+        confidences = [r["confidence"] for r in records if r["success"] and r["confidence"] is not None]
+        for confidence in confidences:
+            counts[bisect_left(CONFIDENCE_BUCKETS, confidence)] += 1
+        return PredictionTotals(self.count + len(records), self.errors + sum(1 for r in records if not r["success"]),
+                                tuple(counts), self.confidence_sum + sum(confidences))
+
+    def as_state(self) -> dict[str, Any]:
+        return {"count": self.count, "errors": self.errors, "confidence_counts": list(self.confidence_counts),
+                "confidence_sum": self.confidence_sum}
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +106,9 @@ class PredictionStore:
         self.database = database
 
     def insert(self, records: list[PredictionRecord]) -> int:
-        """Insert a batch of records and add them to the totals, atomically. Records whose
-        `record_id` is already stored are skipped; returns how many were new."""
+        """Insert a batch of records and add them to the totals, atomically, with the outcomes
+        of those that carry a prediction id. Records whose `record_id` is already stored are
+        skipped; returns how many were new."""
         if not records:
             return 0
         with self.database.write() as conn:
@@ -95,9 +119,9 @@ class PredictionStore:
                 records = [r for r in records if r.get("record_id") not in known]
             if not records:
                 return 0
-            errors = sum(1 for r in records if not r["success"])
-            conn.execute(insert(predictions), records)
-            write_state(conn, TOTALS, {"count": totals.count + len(records), "errors": totals.errors + errors}, "monitor")
+            insert_many(conn, predictions, records)
+            insert_outcomes(conn, _outcomes(records))
+            write_state(conn, TOTALS, totals.plus(records).as_state(), "monitor")
         return len(records)
 
     def totals(self) -> PredictionTotals:
@@ -114,7 +138,7 @@ class PredictionStore:
         with self.database.write() as conn:
             lock_states(conn, (TOTALS, WINDOW_START))
             write_state(conn, WINDOW_START, _last_id(conn), actor)
-            write_state(conn, TOTALS, {"count": 0, "errors": 0}, actor)
+            write_state(conn, TOTALS, PredictionTotals().as_state(), actor)
 
     def recent(self, limit: int, after_id: int = 0) -> list[PredictionRow]:
         """The newest `limit` records with id > after_id, oldest first."""
@@ -196,13 +220,29 @@ def _range(after_id: int, up_to_id: int, versions: tuple[str, ...], failures: tu
             or_(predictions.c.success, predictions.c.error.in_(failures)))
 
 
+def _outcomes(records: list[PredictionRecord]) -> list[OutcomeRecord]:
+    """The outcomes of the successful records that carry a prediction id and probabilities."""
+    found: list[OutcomeRecord] = []
+    for r in records:
+        key, probabilities, version, predicted = (r.get("prediction_id"), r.get("probabilities"), r["model_version"],
+                                                  r["predicted_class"])
+        if key and probabilities and version is not None and predicted is not None and r["success"]:
+            found.append({"prediction_id": key, "at": r["at"], "model_version": version, "predicted_class": predicted,
+                          "probabilities": probabilities})
+    return found
+
+
 def _last_id(conn: Connection) -> int:
     return int(conn.execute(select(func.max(predictions.c.id))).scalar() or 0)
 
 
 def _totals(state: dict[str, Any]) -> PredictionTotals:
+    """The stored totals (those of earlier releases have no histogram: it starts empty)."""
     stored = state.get(TOTALS) or {}
-    return PredictionTotals(count=int(stored.get("count", 0)), errors=int(stored.get("errors", 0)))
+    counts = stored.get("confidence_counts")
+    return PredictionTotals(int(stored.get("count", 0)), int(stored.get("errors", 0)),
+                            tuple(counts) if counts and len(counts) == len(CONFIDENCE_BUCKETS) + 1
+                            else PredictionTotals().confidence_counts, float(stored.get("confidence_sum", 0.0)))
 
 
 def _window_column(name: str) -> str:

@@ -239,6 +239,20 @@ shadow_tallies = Table(
 )
 
 
+outcomes = Table(
+    "outcomes",
+    metadata,
+    Column("prediction_id", String(240), primary_key=True),
+    Column("at", Float, nullable=False, index=True),
+    Column("model_version", String(128), nullable=False),
+    Column("predicted_class", String(128), nullable=False),
+    Column("probabilities", JSON, nullable=False),
+    Column("label", String(128), nullable=True),
+    Column("labelled_at", Float, nullable=True),
+)
+Index("ix_outcomes_version_at", outcomes.c.model_version, outcomes.c.at)
+
+
 def _migration_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[model_versions, service_state, promotions, leases])
 
@@ -269,7 +283,12 @@ def _migration_6(conn: Connection) -> None:
     metadata.create_all(conn, tables=[rollouts, shadow_tallies])
 
 
+def _migration_7(conn: Connection) -> None:
+    """Each successful prediction's id, class and probabilities, kept for the label horizon, and its label."""
+    metadata.create_all(conn, tables=[outcomes])
+
+
 # The schema's upgrade path: append a function per change; never edit a released one.
 MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4, _migration_5,
-                                                 _migration_6]
+                                                 _migration_6, _migration_7]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,154 @@
+"""Dynamic batching: concurrent prediction requests in one worker that go to the same model
+are grouped into one forward pass. Opt-in (QUADRA_BATCH_MAX_SIZE > 1); when off, each request
+runs its own forward pass where it is, as it always did.
+
+The first request to arrive opens a batch and waits up to `max_delay_seconds` for others to
+join it, or less once the batch holds `max_rows` rows; then it runs the batch's forward pass
+off the event loop (eventlet's or gevent's pool of real threads; under plain threads in the
+request's own thread), so the worker keeps accepting and parsing requests, which gather in
+the next batch meanwhile. Torch releases the GIL in the forward pass. Each request gets its
+own rows back and is monitored, routed (canary arms are different models, so they never
+share a batch) and timed as without batching.
+
+A batch whose forward pass fails is run again request by request, so a failure fails only
+the requests it concerns. A request larger than `max_rows` runs alone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from utils.instruments import BATCH_REQUESTS, BATCH_ROWS, BATCH_WAIT_SECONDS
+from utils.serving import ServedModel
+
+Offload = Callable[[Callable[[], Any]], Any]
+Results = list[dict[str, Any]]
+
+
+def offload_for(async_mode: str) -> Offload:
+    """How this process runs a forward pass off its event loop: eventlet's or gevent's thread
+    pool under those workers (a green thread waits, the others run), else in the calling thread."""
+    if async_mode == "eventlet":
+        from eventlet import tpool
+
+        return lambda function: tpool.execute(function)
+    if async_mode == "gevent":
+        import gevent
+
+        return lambda function: gevent.get_hub().threadpool.apply(function)
+    return lambda function: function()
+
+
+@dataclass
+class _Batch:
+    """Requests gathered for one forward pass of `served`."""
+
+    served: ServedModel
+    opened_at: float = field(default_factory=time.perf_counter)
+    parts: list[torch.Tensor] = field(default_factory=list)
+    rows: int = 0
+    full: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    outcomes: list[Results | BaseException] = field(default_factory=list)
+
+    def join(self, inputs: torch.Tensor) -> int:
+        self.parts.append(inputs)
+        self.rows += len(inputs)
+        return len(self.parts) - 1
+
+    def outcome(self, slot: int) -> Results:
+        result = self.outcomes[slot]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+
+class Batcher:
+    """This worker's open batches, one per model."""
+
+    def __init__(self, max_rows: int, max_delay_seconds: float, offload: Offload) -> None:
+        self.max_rows = max_rows
+        self.max_delay_seconds = max_delay_seconds
+        self._offload = offload
+        self._open: dict[int, _Batch] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_rows > 1
+
+    def predict(self, served: ServedModel, inputs: torch.Tensor) -> Results:
+        """`served.predict(inputs)`: in a forward pass shared with concurrent requests when
+        batching is on, else right here."""
+        if not self.enabled:
+            return served.predict(inputs)
+        with self._lock:
+            batch, slot, leads = self._enter(served, inputs)
+        if leads:
+            batch.full.wait(self.max_delay_seconds)
+            self._close(batch)
+            self._run(batch)
+        else:
+            batch.done.wait()
+        return batch.outcome(slot)
+
+    def _enter(self, served: ServedModel, inputs: torch.Tensor) -> tuple[_Batch, int, bool]:
+        """Join the model's open batch if it has room, else open one (and lead it). A batch
+        keeps its model alive, so `id(served)` names one model while its batch is open."""
+        batch = self._open.get(id(served))
+        leads = batch is None or batch.rows + len(inputs) > self.max_rows
+        if leads:
+            if batch is not None:
+                batch.full.set()  # no room for this request: the open batch need not wait longer
+            batch = self._open[id(served)] = _Batch(served)
+        assert batch is not None
+        slot = batch.join(inputs)
+        if batch.rows >= self.max_rows:
+            batch.full.set()
+        return batch, slot, leads
+
+    def _close(self, batch: _Batch) -> None:
+        with self._lock:
+            if self._open.get(id(batch.served)) is batch:
+                del self._open[id(batch.served)]
+
+    def _run(self, batch: _Batch) -> None:
+        BATCH_WAIT_SECONDS.observe(time.perf_counter() - batch.opened_at)
+        BATCH_ROWS.observe(batch.rows)
+        BATCH_REQUESTS.observe(len(batch.parts))
+        try:
+            batch.outcomes = self._offload(lambda: _forward(batch.served, batch.parts))
+        except BaseException as exc:  # the offload itself failed: every request of the batch fails
+            batch.outcomes = [exc] * len(batch.parts)
+        finally:
+            batch.done.set()
+
+
+def _forward(served: ServedModel, parts: list[torch.Tensor]) -> list[Results | BaseException]:
+    """One forward pass over every request's rows, split back per request; if it fails, each
+    request alone, so only the requests that fail get an error."""
+    if len(parts) == 1:
+        return [_alone(served, parts[0])]
+    try:
+        results = served.predict(torch.cat(parts))
+    except Exception:
+        return [_alone(served, part) for part in parts]
+    split: list[Results | BaseException] = []
+    start = 0
+    for part in parts:
+        split.append(results[start:start + len(part)])
+        start += len(part)
+    return split
+
+
+def _alone(served: ServedModel, inputs: torch.Tensor) -> Results | BaseException:
+    try:
+        return served.predict(inputs)
+    except Exception as exc:
+        return exc
