@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from bench import (
+    batching,
     feedback,
     import_export,
     latency,
@@ -46,6 +47,8 @@ PHASES = (
           predict_load.run),
     Phase("latency at equal offered load", "open loop at 25%, 50% and 75% of the bare app's capacity, and at each "
           "server's own 50%: the service, the bare app and every peer", 5, latency.run),
+    Phase("dynamic batching", "a model whose forward pass dominates: the service and TorchServe, each without and "
+          "with its own batching", 4, batching.run),
     Phase("worker classes", "the full service and the bare app under eventlet, gevent and gthread", 4,
           worker_classes.run),
     Phase("request path", "the WSGI app in one process, layer by layer", 1, request_path.run),

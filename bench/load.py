@@ -37,8 +37,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wrk(url: str, body: dict, headers: dict[str, str], duration: int = DURATION_SECONDS) -> LoadResult:
-    """POST `body` as fast as CONNECTIONS connections allow for `duration` seconds."""
+def wrk(url: str, body: dict, headers: dict[str, str], duration: int = DURATION_SECONDS,
+        connections: int = CONNECTIONS) -> LoadResult:
+    """POST `body` as fast as `connections` connections allow for `duration` seconds."""
     lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(json.dumps(body))}",
              'wrk.headers["Content-Type"] = "application/json"']
     lines += [f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()]
@@ -46,7 +47,7 @@ def wrk(url: str, body: dict, headers: dict[str, str], duration: int = DURATION_
         script.write("\n".join(lines) + "\n")
     try:
         output = subprocess.run(
-            ["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{duration}s", "--latency", "-s", script.name, url],
+            ["wrk", f"-t{min(THREADS, connections)}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", script.name, url],
             capture_output=True, text=True, timeout=duration + 60, check=True,
         ).stdout
     finally:
@@ -61,10 +62,10 @@ def wrk(url: str, body: dict, headers: dict[str, str], duration: int = DURATION_
     )
 
 
-def wrk_after_warm_up(url: str, body: dict, headers: dict[str, str]) -> LoadResult:
+def wrk_after_warm_up(url: str, body: dict, headers: dict[str, str], connections: int = CONNECTIONS) -> LoadResult:
     """A 3 s run to warm the server and the connections' paths, then the measured run."""
-    wrk(url, body, headers, duration=3)
-    return wrk(url, body, headers)
+    wrk(url, body, headers, duration=3, connections=connections)
+    return wrk(url, body, headers, connections=connections)
 
 
 def _latency(output: str, percentile: str) -> float:

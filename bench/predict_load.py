@@ -87,7 +87,7 @@ def bare_app(folder: Path, model_dir: Path, worker_class: tuple[str, ...] = EVEN
         yield Endpoint("bare Flask app", f"{server.url}/api/predict", quadra_body, server)
 
 
-def forward_seconds(model_dir: Path, batch: int) -> float:
+def forward_seconds(model_dir: Path, batch: int, iterations: int = 2000) -> float:
     """The floor: one forward pass of `batch` rows, in-process, one thread."""
     import json
 
@@ -99,12 +99,12 @@ def forward_seconds(model_dir: Path, batch: int) -> float:
     model.eval()
     x = torch.tensor(IRIS[:batch])
     with torch.inference_mode():
-        for _ in range(200):
+        for _ in range(iterations // 10):
             model(x)
         started = time.perf_counter()
-        for _ in range(2000):
+        for _ in range(iterations):
             model(x)
-    return (time.perf_counter() - started) / 2000
+    return (time.perf_counter() - started) / iterations
 
 
 def best(results: list[LoadResult]) -> LoadResult:

@@ -3,6 +3,7 @@ with a handler that takes and returns the service's JSON shapes."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import textwrap
@@ -62,8 +63,16 @@ def archive(bin_dir: Path, model_dir: Path) -> Path:
     return store
 
 
+def model_registration(batch_size: int, max_batch_delay_ms: int) -> str:
+    """config.properties' `models`: iris.mar on WORKERS workers, batched as told (1: each
+    request alone, TorchServe's default)."""
+    return json.dumps({"iris": {"1.0": {
+        "defaultVersion": True, "marName": "iris.mar", "minWorkers": WORKERS, "maxWorkers": WORKERS,
+        "batchSize": batch_size, "maxBatchDelay": max_batch_delay_ms, "responseTimeout": 120}}})
+
+
 @contextmanager
-def serve(model_dir: Path, row: list[float]) -> Iterator[Endpoint]:
+def serve(model_dir: Path, row: list[float], batch_size: int = 1, max_batch_delay_ms: int = 100) -> Iterator[Endpoint]:
     bin_dir = virtualenv(FOLDER, PACKAGES)
     store = archive(bin_dir, model_dir)
     inference, management, metrics = free_port(), free_port(), free_port()
@@ -71,10 +80,10 @@ def serve(model_dir: Path, row: list[float]) -> Iterator[Endpoint]:
         f"inference_address=http://127.0.0.1:{inference}\nmanagement_address=http://127.0.0.1:{management}\n"
         f"metrics_address=http://127.0.0.1:{metrics}\ndefault_workers_per_model={WORKERS}\n"
         "disable_token_authorization=true\nenable_model_api=false\ninstall_py_dep_per_model=false\n"
-        f"model_store={store}\nload_models=iris=iris.mar\n"
+        f"model_store={store}\nload_models=iris.mar\nmodels={model_registration(batch_size, max_batch_delay_ms)}\n"
     )
     command = [str(bin_dir / "torchserve"), "--start", "--foreground", "--ncs", "--disable-token-auth",
-               "--ts-config", str(FOLDER / "config.properties"), "--model-store", str(store), "--models", "iris=iris.mar"]
+               "--ts-config", str(FOLDER / "config.properties"), "--model-store", str(store)]
     stop = [str(bin_dir / "torchserve"), "--stop"]
     env = peer_env(bin_dir)
     subprocess.run(stop, capture_output=True, env=env)  # a leftover from an aborted run

@@ -421,6 +421,13 @@
     setText("resource-artifacts", `${fixed(r.artifacts_mb, 1)} MB`);
     setText("resource-disk", `${fixed(r.disk_free_gb, 1)} GB`);
     setText("resource-versions", `${count(r.versions)} (${fixed(r.average_model_kb, 1)} kB)`);
+    setText("resource-batching", batchingText(r.batching));
+  }
+
+  function batchingText(batching) {
+    if (!batching) return "off";
+    const limits = `≤ ${count(batching.max_rows)} rows, ${fixed(batching.max_delay_ms, 1)} ms`;
+    return isNumber(batching.requests_per_pass) ? `${limits} · ${fixed(batching.requests_per_pass, 1)} requests per pass` : limits;
   }
 
   function renderStats(stats) {

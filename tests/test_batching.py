@@ -63,6 +63,7 @@ def test_concurrent_requests_share_one_forward_pass_and_each_gets_its_own_rows()
     batcher = Batcher(max_rows=12, max_delay_seconds=LONG_DELAY, offload=IN_THREADS)  # 12 = the six requests' rows
     results = concurrently(batcher, [(served, rows(i, 1 + i % 3)) for i in range(6)])
     assert batch_sizes(served) == [12]
+    assert batcher.summary() == {"max_rows": 12, "max_delay_ms": LONG_DELAY * 1000, "requests_per_pass": 6.0}
     for got, want in zip(results, expected, strict=True):
         assert [r["class"] for r in got] == [r["class"] for r in want]
         assert [r["confidence"] for r in got] == pytest.approx([r["confidence"] for r in want], abs=1e-6)
@@ -109,13 +110,18 @@ def test_a_request_larger_than_a_batch_runs_alone() -> None:
     assert batch_sizes(served) == [5]
 
 
-def test_different_models_never_share_a_batch() -> None:
+def test_a_canarys_arms_never_share_a_pass_and_close_together() -> None:
+    """The candidate's lone request runs when production's batch fills, not after the delay."""
     production, candidate = served_model("1.0.0"), served_model("2.0.0")
     batch_sizes(production).clear()
     batch_sizes(candidate).clear()
     batcher = Batcher(max_rows=2, max_delay_seconds=LONG_DELAY, offload=IN_THREADS)
-    concurrently(batcher, [(production, rows(0)), (candidate, rows(1)), (production, rows(2)), (candidate, rows(3))])
-    assert batch_sizes(production) == [2] and batch_sizes(candidate) == [2]
+    with ThreadPoolExecutor(3) as pool:
+        lone = pool.submit(batcher.predict, candidate, rows(0))
+        time.sleep(0.3)  # the candidate's request waits in the window (for up to LONG_DELAY)
+        both = [pool.submit(batcher.predict, production, rows(i)) for i in (1, 2)]
+        assert len(lone.result(timeout=30)) == 1 and [len(f.result(timeout=30)) for f in both] == [1, 1]
+    assert batch_sizes(production) == [2] and batch_sizes(candidate) == [1]
 
 
 def test_without_batching_each_request_runs_where_it_is() -> None:
@@ -123,7 +129,7 @@ def test_without_batching_each_request_runs_where_it_is() -> None:
     batch_sizes(served).clear()
     offloaded: list[object] = []
     batcher = Batcher(max_rows=1, max_delay_seconds=LONG_DELAY, offload=offloaded.append)
-    assert not batcher.enabled and len(batcher.predict(served, rows(0, 3))) == 3
+    assert not batcher.enabled and batcher.summary() is None and len(batcher.predict(served, rows(0, 3))) == 3
     assert batch_sizes(served) == [3] and offloaded == []
 
 

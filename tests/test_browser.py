@@ -118,6 +118,7 @@ def test_the_page_loads_live_with_no_console_errors(start_server, state_dir: Pat
     expect(page.locator("#resource-versions")).to_have_text(re.compile(r"^1 \(\d+\.\d kB\)$"), timeout=5_000)
     expect(page.locator("#resource-memory")).to_have_text(re.compile(r"^[\d,]+ MB$"))
     expect(page.locator("#resource-uptime")).to_have_text(re.compile(r"^\d+ min$"))
+    expect(page.locator("#resource-batching")).to_have_text("off")
     expect(page.locator("#versions-note")).to_contain_text("API key", timeout=5_000)
     expect(page.locator("#versions")).to_be_hidden()
     expect(page.locator("button[data-mode=training]")).to_be_disabled()
@@ -141,6 +142,14 @@ def test_a_prediction_load_moves_the_counters_and_charts(start_server, state_dir
     assert len(chart_points(page, "chart-throughput")) <= 120
     screenshot(page, "dashboard-traffic")
     assert dashboard.errors == []
+
+
+def test_the_resources_panel_shows_this_workers_batching(start_server, state_dir: Path, open_dashboard) -> None:
+    server = start_server(state_dir, {"QUADRA_BATCH_MAX_SIZE": "16"}, command=GUNICORN_COMMAND)
+    assert send(server, [[IRIS[i]] for i in range(20)]) == 20
+    page = open_dashboard(server).page
+    expect(page.locator("#resource-batching")).to_have_text(
+        re.compile(r"^≤ 16 rows, 5\.0 ms( · \d+\.\d requests per pass)?$"), timeout=5_000)
 
 
 def test_a_mode_switch_shows_within_two_seconds_and_the_buttons_switch(start_server, state_dir: Path, open_dashboard,

@@ -19,7 +19,7 @@ import pytest
 import requests
 from sqlalchemy import func, insert, select
 
-from tests.conftest import GUNICORN_COMMAND, KEYS_FILE
+from tests.conftest import GUNICORN_COMMAND, KEEP_ALIVE_EXPIRY_SECONDS, KEYS_FILE
 from tests.test_e2e_server import logged_swaps, worker_pids
 from utils.config import Settings, resolve_secret_key
 from utils.journal import process_alive
@@ -37,8 +37,9 @@ REQUEST_TIMEOUT = 120  # generous: new workers load the model while requests wai
 
 class Load:
     """CLIENTS threads predicting continuously, each on its own keep-alive session (as a
-    client library does). Counts the rows answered with 200 and every failure: a status other
-    than 200, or an exception (a reset connection, a request that got no answer)."""
+    client library does, closing a connection idle for longer than the server keeps it).
+    Counts the rows answered with 200 and every failure: a status other than 200, or an
+    exception (a reset connection, a request that got no answer)."""
 
     def __init__(self, server, api_key: str) -> None:
         self.url = f"{server.url}/api/predict"
@@ -53,12 +54,15 @@ class Load:
 
     def _run(self, index: int) -> None:
         rng = random.Random(index)
+        last_answer = time.monotonic()
         with requests.Session() as session:
             session.headers.update(self.headers)
             while not self._stop.is_set():
                 start = rng.randrange(150)
                 rows = IRIS[start:start + rng.randint(1, 4)]
                 failure, closing = None, False
+                if time.monotonic() - last_answer > KEEP_ALIVE_EXPIRY_SECONDS:
+                    session.close()  # a thread this late may find its connection closed by --keep-alive
                 try:
                     response = session.post(self.url, json={"inputs": rows}, timeout=REQUEST_TIMEOUT)
                     closing = response.headers.get("Connection", "").lower() == "close"
@@ -66,6 +70,7 @@ class Load:
                         failure = f"HTTP {response.status_code}: {response.text[:200]}"
                 except requests.RequestException as exc:
                     failure = f"{type(exc).__name__}: {exc}"
+                last_answer = time.monotonic()
                 with self._lock:
                     self.closing_answers += closing
                     if failure is None:

@@ -3,7 +3,8 @@ are grouped into one forward pass. Opt-in (QUADRA_BATCH_MAX_SIZE > 1); when off,
 runs its own forward pass where it is, as it always did.
 
 The first request to arrive opens a batch and waits up to `max_delay_seconds` for others to
-join it, or less once the batch holds `max_rows` rows; then it runs the batch's forward pass
+join it, or less once the batch holds `max_rows` rows (the batches of a canary's two arms
+gather and close together); then it runs the batch's forward pass
 off the event loop (eventlet's or gevent's pool of real threads; under plain threads in the
 request's own thread), so the worker keeps accepting and parsing requests, which gather in
 the next batch meanwhile. Torch releases the GIL in the forward pass. Each request gets its
@@ -50,10 +51,8 @@ class _Batch:
     """Requests gathered for one forward pass of `served`."""
 
     served: ServedModel
-    opened_at: float = field(default_factory=time.perf_counter)
     parts: list[torch.Tensor] = field(default_factory=list)
     rows: int = 0
-    full: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     outcomes: list[Results | BaseException] = field(default_factory=list)
 
@@ -69,15 +68,28 @@ class _Batch:
         return result
 
 
+@dataclass
+class _Window:
+    """The batches gathering at once, one per model (a canary's two arms). They close together,
+    at the delay or when one fills, so a rarely used arm's requests wait no longer than the
+    busy arm's (a canary's latency is compared with production's)."""
+
+    opened_at: float = field(default_factory=time.perf_counter)
+    batches: dict[int, _Batch] = field(default_factory=dict)  # by id(model): a batch keeps its model alive
+    closed: threading.Event = field(default_factory=threading.Event)
+
+
 class Batcher:
-    """This worker's open batches, one per model."""
+    """This worker's gathering window and the batches in it."""
 
     def __init__(self, max_rows: int, max_delay_seconds: float, offload: Offload) -> None:
         self.max_rows = max_rows
         self.max_delay_seconds = max_delay_seconds
         self._offload = offload
-        self._open: dict[int, _Batch] = {}
+        self._window: _Window | None = None
         self._lock = threading.Lock()
+        self.passes = 0  # grouped forward passes run by this worker
+        self.batched_requests = 0  # the requests they answered
 
     @property
     def enabled(self) -> bool:
@@ -89,37 +101,58 @@ class Batcher:
         if not self.enabled:
             return served.predict(inputs)
         with self._lock:
-            batch, slot, leads = self._enter(served, inputs)
+            window, batch, slot, leads = self._enter(served, inputs)
         if leads:
-            batch.full.wait(self.max_delay_seconds)
-            self._close(batch)
-            self._run(batch)
+            window.closed.wait(max(0.0, window.opened_at + self.max_delay_seconds - time.perf_counter()))
+            self._close(window, batch)
+            self._run(batch, time.perf_counter() - window.opened_at)
         else:
             batch.done.wait()
         return batch.outcome(slot)
 
-    def _enter(self, served: ServedModel, inputs: torch.Tensor) -> tuple[_Batch, int, bool]:
-        """Join the model's open batch if it has room, else open one (and lead it). A batch
-        keeps its model alive, so `id(served)` names one model while its batch is open."""
-        batch = self._open.get(id(served))
-        leads = batch is None or batch.rows + len(inputs) > self.max_rows
-        if leads:
-            if batch is not None:
-                batch.full.set()  # no room for this request: the open batch need not wait longer
-            batch = self._open[id(served)] = _Batch(served)
-        assert batch is not None
+    def _enter(self, served: ServedModel, inputs: torch.Tensor) -> tuple[_Window, _Batch, int, bool]:
+        """Join the model's batch in the open window if it has room; else close the window and
+        open the next. The first request of a model's batch leads it (waits, then runs it)."""
+        window = self._window or self._open_window()
+        batch = window.batches.get(id(served))
+        if batch is not None and batch.rows + len(inputs) > self.max_rows:
+            self._end(window)
+            window, batch = self._open_window(), None
+        leads = batch is None
+        if batch is None:
+            batch = window.batches[id(served)] = _Batch(served)
         slot = batch.join(inputs)
         if batch.rows >= self.max_rows:
-            batch.full.set()
-        return batch, slot, leads
+            self._end(window)
+        return window, batch, slot, leads
 
-    def _close(self, batch: _Batch) -> None:
+    def _open_window(self) -> _Window:
+        self._window = _Window()
+        return self._window
+
+    def _end(self, window: _Window) -> None:
+        """No request joins `window` from here on, and its leaders stop waiting (under the lock)."""
+        if self._window is window:
+            self._window = None
+        window.closed.set()
+
+    def _close(self, window: _Window, batch: _Batch) -> None:
+        """A leader's wait is over: its window takes no more requests."""
         with self._lock:
-            if self._open.get(id(batch.served)) is batch:
-                del self._open[id(batch.served)]
+            self._end(window)
+            self.passes += 1
+            self.batched_requests += len(batch.parts)
 
-    def _run(self, batch: _Batch) -> None:
-        BATCH_WAIT_SECONDS.observe(time.perf_counter() - batch.opened_at)
+    def summary(self) -> dict[str, Any] | None:
+        """What the dashboard shows of this worker's batching (None when off)."""
+        if not self.enabled:
+            return None
+        per_pass = self.batched_requests / self.passes if self.passes else None
+        return {"max_rows": self.max_rows, "max_delay_ms": self.max_delay_seconds * 1000.0,
+                "requests_per_pass": round(per_pass, 1) if per_pass is not None else None}
+
+    def _run(self, batch: _Batch, waited: float) -> None:
+        BATCH_WAIT_SECONDS.observe(waited)
         BATCH_ROWS.observe(batch.rows)
         BATCH_REQUESTS.observe(len(batch.parts))
         try:

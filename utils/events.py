@@ -325,7 +325,7 @@ class EventPusher:
             row = svc.store.rollouts.latest()
             return {"rollout": rollout_view(row, row.comparison, svc.rollouts.paused) if row else None}
         if topic == "resources":
-            return resource_summary(svc.store, svc.settings.state_dir)
+            return resource_summary(svc.store, svc.settings.state_dir, svc.batcher.summary())
         if topic == "quality":  # as of the last quality check (`observe_quality`), so a push costs one read
             return {"quality": svc.store.outcomes.latest_report()}
         raise ValueError(f"unknown topic {topic}")

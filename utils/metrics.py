@@ -241,14 +241,15 @@ def storage_usage(store: Store, state_dir: Path, versions: list[VersionRow]) -> 
             "disk_free": shutil.disk_usage(state_dir).free}
 
 
-def resource_summary(store: Store, state_dir: Path) -> dict[str, Any]:
+def resource_summary(store: Store, state_dir: Path, batching: dict[str, Any] | None) -> dict[str, Any]:
     """What the dashboard shows of the checklist's resources, rounded so that a push goes out
     when something moved, not at every tick: uptime (minutes), this worker's memory (MB),
-    storage, the version count and average model size."""
+    storage, the version count and average model size, and this worker's `batching`
+    (`Batcher.summary`)."""
     versions = [row for row in store.versions.list() if not row.archived]
     storage = storage_usage(store, state_dir, versions)
     return {"uptime_minutes": int(uptime_seconds() // 60), "worker_memory_mb": record_memory() // 2**20,
             "database_mb": round(storage["database"] / 2**20, 1), "artifacts_mb": round(storage["artifacts"] / 2**20, 1),
             "disk_free_gb": round(storage["disk_free"] / 2**30, 1), "versions": len(versions),
             "average_model_kb": round(sum(row.size_bytes for row in versions) / len(versions) / 1024, 1)
-            if versions else None}
+            if versions else None, "batching": batching}
