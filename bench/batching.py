@@ -22,7 +22,7 @@ from utils.store import Store
 
 MAX_ROWS = 32
 MAX_DELAY_MS = 5
-VERSION = "wide-1"
+VERSION = "2.0.0"
 WIDE = {"QUADRA_ARCHITECTURE_MODULES": "bench.wide_model"}
 
 
