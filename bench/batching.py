@@ -46,6 +46,8 @@ def run() -> str:
         servers: dict[str, Callable[[], AbstractContextManager[Endpoint]]] = {
             "service": lambda: full_service(state, key, **WIDE),
             "service, batched": lambda: full_service(state, key, **WIDE, **batched),
+            "service, batched, no delay": lambda: full_service(state, key, **WIDE, **{
+                **batched, "QUADRA_BATCH_MAX_DELAY_MS": "0"}),
             "TorchServe": lambda: torchserve.serve(model_dir, IRIS[0]),
             "TorchServe, batched": lambda: torchserve.serve(model_dir, IRIS[0], MAX_ROWS, MAX_DELAY_MS),
         }
@@ -70,7 +72,8 @@ def _table(measured: dict[str, tuple[LoadResult, LoadResult]], floors: dict[int,
         f"{CONFIG['depth']} layers {CONFIG['width']} wide; one forward pass on one thread takes "
         f"{floors[1] * 1000:.2f} ms for 1 row and {floors[MAX_ROWS] * 1000:.2f} ms for {MAX_ROWS}), one row per "
         f"request, 4 workers each. Batched: the service with `QUADRA_BATCH_MAX_SIZE={MAX_ROWS}` and "
-        f"`QUADRA_BATCH_MAX_DELAY_MS={MAX_DELAY_MS}`, TorchServe with `batchSize` {MAX_ROWS} and `maxBatchDelay` "
+        f"`QUADRA_BATCH_MAX_DELAY_MS={MAX_DELAY_MS}` (no delay: `0`, so a request to an idle model runs at once and "
+        "only those that come while a pass runs are grouped), TorchServe with `batchSize` {MAX_ROWS} and `maxBatchDelay` "
         f"{MAX_DELAY_MS} ms. 16 connections: wrk, 2 threads, 10 s after a 3 s warm-up; one connection: the same, "
         "one request at a time.\n",
         "| server | 16 connections | ÷ service unbatched | p50 | p99 | one connection: req/s | p50 | p99 |",

@@ -77,6 +77,27 @@ def test_the_delay_bounds_the_wait_of_a_batch_that_does_not_fill() -> None:
     assert batch_sizes(served) == [1, 1]
 
 
+def test_while_a_pass_runs_the_next_batch_gathers_until_it_ends() -> None:
+    """No delay: a request to an idle model runs at once; those that come while its pass runs
+    wait for it to end and share the next pass."""
+    served = served_model()
+    model = served.model
+    assert isinstance(model, PoisonedLinear)
+    model.gate = threading.Event()
+    batch_sizes(served).clear()
+    batcher = Batcher(max_rows=32, max_delay_seconds=0.0, offload=IN_THREADS)
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(batcher.predict, served, rows(0))
+        while batch_sizes(served) != [1]:  # the first pass started at once, and holds at the gate
+            time.sleep(0.01)
+        later = [pool.submit(batcher.predict, served, rows(i)) for i in (1, 2, 3)]
+        time.sleep(0.3)  # they gather meanwhile (with no delay they would have run at once)
+        assert batch_sizes(served) == [1] and not any(future.done() for future in later)
+        model.gate.set()
+        assert len(first.result(timeout=30)) == 1 and [len(f.result(timeout=30)) for f in later] == [1, 1, 1]
+    assert batch_sizes(served) == [1, 3]
+
+
 def test_a_failing_row_fails_only_its_own_request() -> None:
     served = served_model()
     batch_sizes(served).clear()

@@ -2,9 +2,10 @@
 are grouped into one forward pass. Opt-in (QUADRA_BATCH_MAX_SIZE > 1); when off, each request
 runs its own forward pass where it is, as it always did.
 
-The first request to arrive opens a batch and waits up to `max_delay_seconds` for others to
-join it, or less once the batch holds `max_rows` rows (the batches of a canary's two arms
-gather and close together); then it runs the batch's forward pass
+The first request to arrive opens a batch and waits `max_delay_seconds` for others to join
+it, less once the batch holds `max_rows` rows, and longer while the worker's previous forward
+pass of the same model still runs (the batch keeps gathering until it ends; the batches of a
+canary's two arms gather and close together); then it runs the batch's forward pass
 off the event loop (eventlet's or gevent's pool of real threads; under plain threads in the
 request's own thread), so the worker keeps accepting and parsing requests, which gather in
 the next batch meanwhile. Torch releases the GIL in the forward pass. Each request gets its
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,23 +73,24 @@ class _Batch:
 @dataclass
 class _Window:
     """The batches gathering at once, one per model (a canary's two arms). They close together,
-    at the delay or when one fills, so a rarely used arm's requests wait no longer than the
-    busy arm's (a canary's latency is compared with production's)."""
+    so a rarely used arm's requests wait no longer than the busy arm's (a canary's latency is
+    compared with production's)."""
 
     opened_at: float = field(default_factory=time.perf_counter)
     batches: dict[int, _Batch] = field(default_factory=dict)  # by id(model): a batch keeps its model alive
-    closed: threading.Event = field(default_factory=threading.Event)
+    ended: bool = False
 
 
 class Batcher:
-    """This worker's gathering window and the batches in it."""
+    """This worker's gathering window, the batches in it, and its forward passes in flight."""
 
     def __init__(self, max_rows: int, max_delay_seconds: float, offload: Offload) -> None:
         self.max_rows = max_rows
         self.max_delay_seconds = max_delay_seconds
         self._offload = offload
         self._window: _Window | None = None
-        self._lock = threading.Lock()
+        self._running: Counter[int] = Counter()  # this worker's passes in flight, by id(model)
+        self._changed = threading.Condition()  # guards the above; notified when a window ends or a pass does
         self.passes = 0  # grouped forward passes run by this worker
         self.batched_requests = 0  # the requests they answered
 
@@ -100,18 +103,22 @@ class Batcher:
         batching is on, else right here."""
         if not self.enabled:
             return served.predict(inputs)
-        with self._lock:
+        with self._changed:
             window, batch, slot, leads = self._enter(served, inputs)
-        if leads:
-            window.closed.wait(max(0.0, window.opened_at + self.max_delay_seconds - time.perf_counter()))
-            self._close(window, batch)
-            self._run(batch, time.perf_counter() - window.opened_at)
-        else:
+            if leads:
+                self._gather(window, id(served))
+                self._start_pass(window, batch)
+        if not leads:
             batch.done.wait()
+            return batch.outcome(slot)
+        try:
+            self._run(batch, time.perf_counter() - window.opened_at)
+        finally:
+            self._end_pass(id(served))
         return batch.outcome(slot)
 
     def _enter(self, served: ServedModel, inputs: torch.Tensor) -> tuple[_Window, _Batch, int, bool]:
-        """Join the model's batch in the open window if it has room; else close the window and
+        """Join the model's batch in the open window if it has room; else end the window and
         open the next. The first request of a model's batch leads it (waits, then runs it)."""
         window = self._window or self._open_window()
         batch = window.batches.get(id(served))
@@ -126,22 +133,40 @@ class Batcher:
             self._end(window)
         return window, batch, slot, leads
 
+    def _gather(self, window: _Window, model: int) -> None:
+        """A leader's wait: until its window ends (a batch filled), at least until the delay is
+        up, and past it while this worker's previous pass of the model still runs, so under
+        load batches grow instead of passes competing for the cores."""
+        deadline = window.opened_at + self.max_delay_seconds
+        while not window.ended:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0 and not self._running[model]:
+                return
+            self._changed.wait(remaining if remaining > 0 else None)
+
     def _open_window(self) -> _Window:
         self._window = _Window()
         return self._window
 
     def _end(self, window: _Window) -> None:
-        """No request joins `window` from here on, and its leaders stop waiting (under the lock)."""
+        """No request joins `window` from here on, and its leaders stop waiting."""
         if self._window is window:
             self._window = None
-        window.closed.set()
+        window.ended = True
+        self._changed.notify_all()
 
-    def _close(self, window: _Window, batch: _Batch) -> None:
-        """A leader's wait is over: its window takes no more requests."""
-        with self._lock:
-            self._end(window)
-            self.passes += 1
-            self.batched_requests += len(batch.parts)
+    def _start_pass(self, window: _Window, batch: _Batch) -> None:
+        self._end(window)
+        self._running[id(batch.served)] += 1
+        self.passes += 1
+        self.batched_requests += len(batch.parts)
+
+    def _end_pass(self, model: int) -> None:
+        with self._changed:
+            self._running[model] -= 1
+            if not self._running[model]:
+                del self._running[model]
+            self._changed.notify_all()
 
     def summary(self) -> dict[str, Any] | None:
         """What the dashboard shows of this worker's batching (None when off)."""
