@@ -1,4 +1,7 @@
-"""`python -m bench`: run every benchmark and write bench/RESULTS.md."""
+"""`python -m bench`: run every benchmark and write bench/RESULTS.md.
+
+`python -m bench "PHASE" ...` runs only the named phases and replaces their sections in
+RESULTS.md (each marked with when it ran alone), leaving the others from the last full run."""
 
 from __future__ import annotations
 
@@ -63,12 +66,17 @@ PHASES = (
 )
 
 
-def main() -> int:
-    total = sum(phase.minutes for phase in PHASES)
-    print(f"make bench: {len(PHASES)} phases, about {total} minutes on 2 cores", flush=True)
+def main(names: list[str]) -> int:
+    unknown = set(names) - {phase.name for phase in PHASES}
+    if unknown:
+        print(f"make bench: no phase named {', '.join(sorted(unknown))}; phases: {', '.join(p.name for p in PHASES)}")
+        return 2
+    phases = [phase for phase in PHASES if phase.name in names] if names else list(PHASES)
+    total = sum(phase.minutes for phase in phases)
+    print(f"make bench: {len(phases)} phases, about {total} minutes on 2 cores", flush=True)
     sections, failed = [], []
-    for number, phase in enumerate(PHASES, 1):
-        print(f"[{number}/{len(PHASES)}] {phase.name}: {phase.measures} (about {phase.minutes} min)", flush=True)
+    for number, phase in enumerate(phases, 1):
+        print(f"[{number}/{len(phases)}] {phase.name}: {phase.measures} (about {phase.minutes} min)", flush=True)
         started, threads_before = time.monotonic(), set(threading.enumerate())
         try:
             section = phase.run()
@@ -79,14 +87,8 @@ def main() -> int:
             failed.append(phase.name)
             sections.append(f"## {phase.name}\n\nFailed in this run: {exc}\n")
         outcome = "FAILED" if phase.name in failed else "done"
-        print(f"[{number}/{len(PHASES)}] {phase.name}: {outcome} in {time.monotonic() - started:.0f} s", flush=True)
-    header = (
-        f"# Benchmark results\n\n{datetime.now(UTC):%Y-%m-%d %H:%M} UTC · Python {platform.python_version()} · "
-        f"torch {torch.__version__} · {platform.machine()} · {_cpu()} · `make bench`\n\n"
-        "Every number comes with a baseline measured in the same run; compare the ratios, not the absolute times "
-        "(these machines are noisy).\n"
-    )
-    text = header + "\n".join(sections) + "\n" + NOTES.read_text()
+        print(f"[{number}/{len(phases)}] {phase.name}: {outcome} in {time.monotonic() - started:.0f} s", flush=True)
+    text = _with_sections(sections) if names else _full_results(sections)
     if failed:  # the committed results stay those of the last complete run
         FAILED_RESULTS.parent.mkdir(parents=True, exist_ok=True)
         FAILED_RESULTS.write_text(text)
@@ -95,6 +97,34 @@ def main() -> int:
     RESULTS.write_text(text)
     print(f"make bench: every phase done; results in {RESULTS}")
     return 0
+
+
+def _full_results(sections: list[str]) -> str:
+    header = (
+        f"# Benchmark results\n\n{datetime.now(UTC):%Y-%m-%d %H:%M} UTC · Python {platform.python_version()} · "
+        f"torch {torch.__version__} · {platform.machine()} · {_cpu()} · `make bench`\n\n"
+        "Every number comes with a baseline measured in the same run; compare the ratios, not the absolute times "
+        "(these machines are noisy).\n"
+    )
+    return header + "\n".join(sections) + "\n" + NOTES.read_text()
+
+
+def _with_sections(sections: list[str]) -> str:
+    """RESULTS.md with each section (a phase run alone) in place of the one with its heading,
+    or last when it has none yet, marked with when it ran; then the notes as they are now."""
+    notes = NOTES.read_text()
+    text = RESULTS.read_text()
+    text = text[:text.index(notes.partition("\n")[0])].rstrip("\n") + "\n"
+    for section in sections:
+        heading, _, body = section.partition("\n")
+        replacement = f"{heading}\n\n_Run alone: `python -m bench` with this phase, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC._\n{body}"
+        start = text.find(heading + "\n")
+        if start < 0:
+            text += "\n" + replacement
+            continue
+        following = text.find("\n## ", start + len(heading))
+        text = text[:start] + replacement + (text[following:] if following >= 0 else "")
+    return text + "\n" + notes
 
 
 def _no_threads_left(phase: str, threads_before: set[threading.Thread]) -> None:
@@ -116,4 +146,4 @@ def _cpu() -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

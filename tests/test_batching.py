@@ -16,12 +16,11 @@ import torch
 
 from tests.conftest import GUNICORN_COMMAND
 from tests.fixtures.poisoned_arch import CONFIG, POISON, PoisonedLinear
-from utils.batching import Batcher, offload_for
+from utils.batching import Batcher
 from utils.model_versioning import ModelVersionManager
 from utils.serving import ServedModel, build_model
 from utils.store import Store
 
-IN_THREADS = offload_for("threading")
 LONG_DELAY = 60.0  # a batch that waited this long would fail its test's join timeout
 
 
@@ -60,7 +59,7 @@ def test_concurrent_requests_share_one_forward_pass_and_each_gets_its_own_rows()
     served = served_model()
     expected = [served.predict(rows(i, 1 + i % 3)) for i in range(6)]
     batch_sizes(served).clear()
-    batcher = Batcher(max_rows=12, max_delay_seconds=LONG_DELAY, offload=IN_THREADS)  # 12 = the six requests' rows
+    batcher = Batcher(max_rows=12, max_delay_seconds=LONG_DELAY)  # 12 = the six requests' rows
     results = concurrently(batcher, [(served, rows(i, 1 + i % 3)) for i in range(6)])
     assert batch_sizes(served) == [12]
     assert batcher.summary() == {"max_rows": 12, "max_delay_ms": LONG_DELAY * 1000, "requests_per_pass": 6.0}
@@ -72,7 +71,7 @@ def test_concurrent_requests_share_one_forward_pass_and_each_gets_its_own_rows()
 def test_the_delay_bounds_the_wait_of_a_batch_that_does_not_fill() -> None:
     served = served_model()
     batch_sizes(served).clear()
-    batcher = Batcher(max_rows=1000, max_delay_seconds=0.01, offload=IN_THREADS)
+    batcher = Batcher(max_rows=1000, max_delay_seconds=0.01)
     assert [r["class"] for r in batcher.predict(served, rows(0))] == [r["class"] for r in served.predict(rows(0))]
     assert batch_sizes(served) == [1, 1]
 
@@ -85,7 +84,7 @@ def test_while_a_pass_runs_the_next_batch_gathers_until_it_ends() -> None:
     assert isinstance(model, PoisonedLinear)
     model.gate = threading.Event()
     batch_sizes(served).clear()
-    batcher = Batcher(max_rows=32, max_delay_seconds=0.0, offload=IN_THREADS)
+    batcher = Batcher(max_rows=32, max_delay_seconds=0.0)
     with ThreadPoolExecutor(4) as pool:
         first = pool.submit(batcher.predict, served, rows(0))
         while batch_sizes(served) != [1]:  # the first pass started at once, and holds at the gate
@@ -101,7 +100,7 @@ def test_while_a_pass_runs_the_next_batch_gathers_until_it_ends() -> None:
 def test_a_failing_row_fails_only_its_own_request() -> None:
     served = served_model()
     batch_sizes(served).clear()
-    batcher = Batcher(max_rows=4, max_delay_seconds=LONG_DELAY, offload=IN_THREADS)
+    batcher = Batcher(max_rows=4, max_delay_seconds=LONG_DELAY)
     results = concurrently(batcher, [(served, rows(1)), (served, rows(POISON)), (served, rows(2)), (served, rows(3))])
     assert isinstance(results[1], ValueError) and "poisoned row" in str(results[1])
     assert all(isinstance(result, list) and len(result) == 1 for i, result in enumerate(results) if i != 1)
@@ -111,7 +110,7 @@ def test_a_failing_row_fails_only_its_own_request() -> None:
 def test_a_request_without_room_releases_the_open_batch_and_opens_the_next() -> None:
     served = served_model()
     batch_sizes(served).clear()
-    batcher = Batcher(max_rows=4, max_delay_seconds=LONG_DELAY, offload=IN_THREADS)
+    batcher = Batcher(max_rows=4, max_delay_seconds=LONG_DELAY)
     with ThreadPoolExecutor(3) as pool:
         first = pool.submit(batcher.predict, served, rows(0, 3))
         time.sleep(0.3)  # the first request waits in its batch (for up to LONG_DELAY)
@@ -126,7 +125,7 @@ def test_a_request_without_room_releases_the_open_batch_and_opens_the_next() -> 
 def test_a_request_larger_than_a_batch_runs_alone() -> None:
     served = served_model()
     batch_sizes(served).clear()
-    batcher = Batcher(max_rows=2, max_delay_seconds=LONG_DELAY, offload=IN_THREADS)
+    batcher = Batcher(max_rows=2, max_delay_seconds=LONG_DELAY)
     assert len(batcher.predict(served, rows(0, 5))) == 5
     assert batch_sizes(served) == [5]
 
@@ -136,7 +135,7 @@ def test_a_canarys_arms_never_share_a_pass_and_close_together() -> None:
     production, candidate = served_model("1.0.0"), served_model("2.0.0")
     batch_sizes(production).clear()
     batch_sizes(candidate).clear()
-    batcher = Batcher(max_rows=2, max_delay_seconds=LONG_DELAY, offload=IN_THREADS)
+    batcher = Batcher(max_rows=2, max_delay_seconds=LONG_DELAY)
     with ThreadPoolExecutor(3) as pool:
         lone = pool.submit(batcher.predict, candidate, rows(0))
         time.sleep(0.3)  # the candidate's request waits in the window (for up to LONG_DELAY)
@@ -148,10 +147,9 @@ def test_a_canarys_arms_never_share_a_pass_and_close_together() -> None:
 def test_without_batching_each_request_runs_where_it_is() -> None:
     served = served_model()
     batch_sizes(served).clear()
-    offloaded: list[object] = []
-    batcher = Batcher(max_rows=1, max_delay_seconds=LONG_DELAY, offload=offloaded.append)
+    batcher = Batcher(max_rows=1, max_delay_seconds=LONG_DELAY)
     assert not batcher.enabled and batcher.summary() is None and len(batcher.predict(served, rows(0, 3))) == 3
-    assert batch_sizes(served) == [3] and offloaded == []
+    assert batch_sizes(served) == [3]
 
 
 # -- end to end -----------------------------------------------------------------------------

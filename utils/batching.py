@@ -5,12 +5,13 @@ runs its own forward pass where it is, as it always did.
 The first request to arrive opens a batch and waits `max_delay_seconds` for others to join
 it, less once the batch holds `max_rows` rows, and longer while the worker's previous forward
 pass of the same model still runs (the batch keeps gathering until it ends; the batches of a
-canary's two arms gather and close together); then it runs the batch's forward pass
-off the event loop (eventlet's or gevent's pool of real threads; under plain threads in the
-request's own thread), so the worker keeps accepting and parsing requests, which gather in
-the next batch meanwhile. Torch releases the GIL in the forward pass. Each request gets its
-own rows back and is monitored, routed (canary arms are different models, so they never
-share a batch) and timed as without batching.
+canary's two arms gather and close together); then it runs the batch's forward pass in its own
+thread, green or not, as an unbatched request does. Not in a pool of real threads: torch
+releases the GIL inside each operation but takes it back between layers, and the worker's
+event loop, parsing the next requests, holds it for up to the interpreter's switch interval
+(5 ms) each time, so a pass of 7.5 ms took 65 ms beside a busy loop (bench/NOTES.md). Each
+request gets its own rows back and is monitored, routed (canary arms are different models, so
+they never share a batch) and timed as without batching.
 
 A batch whose forward pass fails is run again request by request, so a failure fails only
 the requests it concerns. A request larger than `max_rows` runs alone.
@@ -21,7 +22,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,22 +30,7 @@ import torch
 from utils.instruments import BATCH_REQUESTS, BATCH_ROWS, BATCH_WAIT_SECONDS
 from utils.serving import ServedModel
 
-Offload = Callable[[Callable[[], Any]], Any]
 Results = list[dict[str, Any]]
-
-
-def offload_for(async_mode: str) -> Offload:
-    """How this process runs a forward pass off its event loop: eventlet's or gevent's thread
-    pool under those workers (a green thread waits, the others run), else in the calling thread."""
-    if async_mode == "eventlet":
-        from eventlet import tpool
-
-        return lambda function: tpool.execute(function)
-    if async_mode == "gevent":
-        import gevent
-
-        return lambda function: gevent.get_hub().threadpool.apply(function)
-    return lambda function: function()
 
 
 @dataclass
@@ -84,10 +69,9 @@ class _Window:
 class Batcher:
     """This worker's gathering window, the batches in it, and its forward passes in flight."""
 
-    def __init__(self, max_rows: int, max_delay_seconds: float, offload: Offload) -> None:
+    def __init__(self, max_rows: int, max_delay_seconds: float) -> None:
         self.max_rows = max_rows
         self.max_delay_seconds = max_delay_seconds
-        self._offload = offload
         self._window: _Window | None = None
         self._running: Counter[int] = Counter()  # this worker's passes in flight, by id(model)
         self._changed = threading.Condition()  # guards the above; notified when a window ends or a pass does
@@ -105,12 +89,13 @@ class Batcher:
             return served.predict(inputs)
         with self._changed:
             window, batch, slot, leads = self._enter(served, inputs)
-            if leads:
-                self._gather(window, id(served))
-                self._start_pass(window, batch)
         if not leads:
             batch.done.wait()
             return batch.outcome(slot)
+        time.sleep(0)  # the requests this worker has already read join first (an async worker switches here)
+        with self._changed:
+            self._gather(window, id(served))
+            self._start_pass(window, batch)
         try:
             self._run(batch, time.perf_counter() - window.opened_at)
         finally:
@@ -181,9 +166,7 @@ class Batcher:
         BATCH_ROWS.observe(batch.rows)
         BATCH_REQUESTS.observe(len(batch.parts))
         try:
-            batch.outcomes = self._offload(lambda: _forward(batch.served, batch.parts))
-        except BaseException as exc:  # the offload itself failed: every request of the batch fails
-            batch.outcomes = [exc] * len(batch.parts)
+            batch.outcomes = _forward(batch.served, batch.parts)
         finally:
             batch.done.set()
 

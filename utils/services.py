@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 from utils.alerts import AlertManager
 from utils.artifact_store import artifact_store_for
-from utils.batching import Batcher, offload_for
+from utils.batching import Batcher
 from utils.change_notices import ChangeNotices
 from utils.config import Settings
-from utils.events import EventPusher, detect_async_mode
+from utils.events import EventPusher
 from utils.feedback import FeedbackPolicy
 from utils.journal import RecordJournal
 from utils.model_modes import ModelModeManager
@@ -76,7 +76,7 @@ def build_services(settings: Settings, redis_outage: Outage) -> Services:
     artifacts = artifact_store_for(settings.artifact_uri, settings.models_dir, settings.artifact_cache_dir)
     registry = ModelVersionManager(settings.models_dir, store, settings.verify_integrity, artifacts)
     model_server = ModelServer(registry, settings.model_poll_seconds)
-    batcher = Batcher(settings.batch_max_rows, settings.batch_max_delay_ms / 1000.0, offload_for(detect_async_mode()))
+    batcher = Batcher(settings.batch_max_rows, settings.batch_max_delay_ms / 1000.0)
     monitor = ModelMonitor(
         settings.monitoring_dir, settings.monitoring_window, settings.drift_threshold, store,
         feature_sample_rate=settings.feature_sample_rate, baseline_min_samples=settings.baseline_min_samples,
