@@ -72,6 +72,7 @@ def main(names: list[str]) -> int:
         print(f"make bench: no phase named {', '.join(sorted(unknown))}; phases: {', '.join(p.name for p in PHASES)}")
         return 2
     phases = [phase for phase in PHASES if phase.name in names] if names else list(PHASES)
+    results = _results_before_notes() if names else ""  # a partial run splices into these: check them first
     total = sum(phase.minutes for phase in phases)
     print(f"make bench: {len(phases)} phases, about {total} minutes on 2 cores", flush=True)
     sections, failed = [], []
@@ -88,7 +89,7 @@ def main(names: list[str]) -> int:
             sections.append(f"## {phase.name}\n\nFailed in this run: {exc}\n")
         outcome = "FAILED" if phase.name in failed else "done"
         print(f"[{number}/{len(phases)}] {phase.name}: {outcome} in {time.monotonic() - started:.0f} s", flush=True)
-    text = _with_sections(sections) if names else _full_results(sections)
+    text = _with_sections(results, sections) if names else _full_results(sections)
     if failed:  # the committed results stay those of the last complete run
         FAILED_RESULTS.parent.mkdir(parents=True, exist_ok=True)
         FAILED_RESULTS.write_text(text)
@@ -109,22 +110,30 @@ def _full_results(sections: list[str]) -> str:
     return header + "\n".join(sections) + "\n" + NOTES.read_text()
 
 
-def _with_sections(sections: list[str]) -> str:
-    """RESULTS.md with each section (a phase run alone) in place of the one with its heading,
-    or last when it has none yet, marked with when it ran; then the notes as they are now."""
-    notes = NOTES.read_text()
+def _results_before_notes() -> str:
+    """RESULTS.md's tables: the text before its copy of the notes (which start with NOTES.md's heading)."""
+    heading = NOTES.read_text().partition("\n")[0]
     text = RESULTS.read_text()
-    text = text[:text.index(notes.partition("\n")[0])].rstrip("\n") + "\n"
+    at = text.find(f"\n{heading}\n")
+    if at < 0:
+        raise SystemExit(f"make bench: {RESULTS} has no '{heading}' section; run every phase (make bench)")
+    return text[:at + 1]
+
+
+def _with_sections(results: str, sections: list[str]) -> str:
+    """`results` (the tables) with each section, a phase run alone, in place of the one with
+    its heading, or last when it has none yet, marked with when it ran; then the notes."""
+    text = results.rstrip("\n") + "\n"
     for section in sections:
         heading, _, body = section.partition("\n")
         replacement = f"{heading}\n\n_Run alone: `python -m bench` with this phase, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC._\n{body}"
-        start = text.find(heading + "\n")
+        start = text.find(f"\n{heading}\n")
         if start < 0:
             text += "\n" + replacement
             continue
-        following = text.find("\n## ", start + len(heading))
-        text = text[:start] + replacement + (text[following:] if following >= 0 else "")
-    return text + "\n" + notes
+        following = text.find("\n## ", start + 1 + len(heading))
+        text = text[:start + 1] + replacement + (text[following:] if following >= 0 else "")
+    return text + "\n" + NOTES.read_text()
 
 
 def _no_threads_left(phase: str, threads_before: set[threading.Thread]) -> None:

@@ -1,6 +1,6 @@
 """Dynamic batching: concurrent requests share one forward pass, each gets its own rows back,
 a failing row fails only its own request, the size and delay bound a batch; in-process with
-threads, and end to end under gunicorn -w 4 with eventlet (forward passes in its thread pool)."""
+threads, and end to end under gunicorn -w 4 with eventlet (passes in the requests' green threads)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def concurrently(batcher: Batcher, calls: list[tuple[ServedModel, torch.Tensor]]
         start.wait()
         try:
             return batcher.predict(served, inputs)
-        except Exception as exc:
+        except BaseException as exc:
             return exc
 
     with ThreadPoolExecutor(len(calls)) as pool:
@@ -72,8 +72,27 @@ def test_the_delay_bounds_the_wait_of_a_batch_that_does_not_fill() -> None:
     served = served_model()
     batch_sizes(served).clear()
     batcher = Batcher(max_rows=1000, max_delay_seconds=0.01)
-    assert [r["class"] for r in batcher.predict(served, rows(0))] == [r["class"] for r in served.predict(rows(0))]
+    with ThreadPoolExecutor(1) as pool:  # a wait that ignored the delay fails here rather than hangs
+        answer = pool.submit(batcher.predict, served, rows(0)).result(timeout=30)
+    assert [r["class"] for r in answer] == [r["class"] for r in served.predict(rows(0))]
     assert batch_sizes(served) == [1, 1]
+
+
+class Halt(BaseException):
+    """Not a model's error: what stops a thread (a worker's shutdown, say)."""
+
+
+def test_a_pass_stopped_by_a_base_exception_fails_every_request_of_its_batch() -> None:
+    served = served_model()
+
+    def halt(x: torch.Tensor) -> torch.Tensor:
+        raise Halt()
+
+    served.model.forward = halt
+    batcher = Batcher(max_rows=3, max_delay_seconds=LONG_DELAY)
+    assert all(isinstance(result, Halt) for result in concurrently(batcher, [(served, rows(i)) for i in range(3)]))
+    del served.model.forward  # the class's forward again: the batcher still serves
+    assert len(batcher.predict(served, rows(0, 3))) == 3
 
 
 def test_while_a_pass_runs_the_next_batch_gathers_until_it_ends() -> None:
@@ -157,7 +176,7 @@ def test_without_batching_each_request_runs_where_it_is() -> None:
 @pytest.mark.e2e
 def test_batching_under_gunicorn_eventlet_answers_each_caller_and_isolates_a_failure(
         start_server, state_dir: Path, api_keys: dict[str, str]) -> None:
-    """Four workers, forward passes in eventlet's thread pool: 40 concurrent requests, 4 with a
+    """Four eventlet workers, each pass in a request's green thread: 40 concurrent requests, 4 with a
     poisoned row; the others get exactly their own rows' answers, the poisoned ones a JSON 500,
     requests were grouped, and the service stays healthy."""
     store = Store(f"sqlite:///{state_dir / 'quadra.db'}")

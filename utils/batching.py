@@ -38,6 +38,7 @@ class _Batch:
     """Requests gathered for one forward pass of `served`."""
 
     served: ServedModel
+    opened_at: float = field(default_factory=time.perf_counter)
     parts: list[torch.Tensor] = field(default_factory=list)
     rows: int = 0
     done: threading.Event = field(default_factory=threading.Event)
@@ -47,6 +48,11 @@ class _Batch:
         self.parts.append(inputs)
         self.rows += len(inputs)
         return len(self.parts) - 1
+
+    def fail(self, exc: BaseException) -> None:
+        """Every request of the batch gets `exc`: its leader died before or during the pass."""
+        self.outcomes = [exc] * len(self.parts)
+        self.done.set()
 
     def outcome(self, slot: int) -> Results:
         result = self.outcomes[slot]
@@ -75,7 +81,7 @@ class Batcher:
         self._window: _Window | None = None
         self._running: Counter[int] = Counter()  # this worker's passes in flight, by id(model)
         self._changed = threading.Condition()  # guards the above; notified when a window ends or a pass does
-        self.passes = 0  # grouped forward passes run by this worker
+        self.passes = 0  # forward passes this worker's batcher ran (a lone request's included)
         self.batched_requests = 0  # the requests they answered
 
     @property
@@ -92,15 +98,26 @@ class Batcher:
         if not leads:
             batch.done.wait()
             return batch.outcome(slot)
-        time.sleep(0)  # the requests this worker has already read join first (an async worker switches here)
-        with self._changed:
-            self._gather(window, id(served))
-            self._start_pass(window, batch)
         try:
-            self._run(batch, time.perf_counter() - window.opened_at)
+            self._lead(window, batch)
+        except BaseException as exc:  # killed while gathering (a worker's shutdown): no follower waits forever
+            with self._changed:
+                self._end(window)
+            batch.fail(exc)
+            raise
+        try:
+            self._run(batch)
         finally:
             self._end_pass(id(served))
         return batch.outcome(slot)
+
+    def _lead(self, window: _Window, batch: _Batch) -> None:
+        """Gather the batch, then start its pass: no request joins it from here on."""
+        if not window.ended:
+            time.sleep(0)  # the requests this worker has already read join first (an async worker switches here)
+        with self._changed:
+            self._gather(window, id(batch.served))
+            self._start_pass(window, batch)
 
     def _enter(self, served: ServedModel, inputs: torch.Tensor) -> tuple[_Window, _Batch, int, bool]:
         """Join the model's batch in the open window if it has room; else end the window and
@@ -161,14 +178,16 @@ class Batcher:
         return {"max_rows": self.max_rows, "max_delay_ms": self.max_delay_seconds * 1000.0,
                 "requests_per_pass": round(per_pass, 1) if per_pass is not None else None}
 
-    def _run(self, batch: _Batch, waited: float) -> None:
-        BATCH_WAIT_SECONDS.observe(waited)
+    def _run(self, batch: _Batch) -> None:
+        BATCH_WAIT_SECONDS.observe(time.perf_counter() - batch.opened_at)
         BATCH_ROWS.observe(batch.rows)
         BATCH_REQUESTS.observe(len(batch.parts))
         try:
             batch.outcomes = _forward(batch.served, batch.parts)
-        finally:
-            batch.done.set()
+        except BaseException as exc:  # not a model's error (those are each request's outcome): stop, as unbatched
+            batch.fail(exc)
+            raise
+        batch.done.set()
 
 
 def _forward(served: ServedModel, parts: list[torch.Tensor]) -> list[Results | BaseException]:
@@ -188,7 +207,7 @@ def _forward(served: ServedModel, parts: list[torch.Tensor]) -> list[Results | B
     return split
 
 
-def _alone(served: ServedModel, inputs: torch.Tensor) -> Results | BaseException:
+def _alone(served: ServedModel, inputs: torch.Tensor) -> Results | Exception:
     try:
         return served.predict(inputs)
     except Exception as exc:
