@@ -601,6 +601,26 @@ def test_a_requests_rows_are_one_journal_line_and_replay_as_rows_with_their_ids(
     assert sorted(kept) == sorted(f"r1:{i}" for i in range(32))  # the rows' ids, for labels; no failure
 
 
+def test_a_buffered_backlog_leaves_the_garbage_collectors_view(monitor: ModelMonitor) -> None:
+    """A saturated worker buffers tens of thousands of rows between flushes; each full
+    collection walked every one of them (100-250 ms stalls of the worker's loop). Buffered
+    requests cost the collector one object each, whatever their row count, and keep their
+    values exactly."""
+    import gc
+
+    rows = [list(row) for row in IRIS[:32]]
+    gc.collect()
+    tracked_before = len(gc.get_objects())
+    for i in range(200):
+        monitor.record_batch(rows, [served_row(f"r{i}:{j}", "ab"[j % 2], 0.75) for j in range(32)], 0.001, "1.0.0")
+    gc.collect()
+    assert monitor.pending == 6400
+    assert len(gc.get_objects()) - tracked_before < 2 * 200  # a list per row (12,800) before
+    assert monitor.flush() == 6400
+    stored = monitor.store.predictions.recent(32)
+    assert [r.features for r in stored] == IRIS[:32] and stored[0].confidence == 0.75
+
+
 def test_a_baseline_ignores_records_without_a_confidence(monitor: ModelMonitor) -> None:
     record_rows(monitor, IRIS[:60], confidence=0.8)
     for row in IRIS[60:70]:

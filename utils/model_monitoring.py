@@ -159,13 +159,14 @@ class ModelMonitor:
 
     def record_batch(self, rows: list[list[float]], results: list[dict[str, Any]], seconds: float, model_version: str) -> None:
         """Record each row of a served request (the request path's fast variant): results carry
-        their prediction `id` and `probabilities` (class -> probability) for labels."""
-        features: list[list[float] | None] = (list(rows) if self.feature_sample_rate >= 1.0
-                                              else [row if self._keep_features() else None for row in rows])
-        self.buffer.append(RecordBatch(time.time(), model_version, seconds * 1000.0, [r["confidence"] for r in results],
-                                       [r["class"] for r in results], features,
-                                       prediction_ids=[r["id"] for r in results],
-                                       probabilities=[list(r["probabilities"].values()) for r in results]))
+        their prediction `id` and `probabilities` (class -> probability) for labels. Kept as
+        tuples, which the garbage collector stops tracking (see `RecordBatch`)."""
+        features = (tuple(map(tuple, rows)) if self.feature_sample_rate >= 1.0
+                    else tuple(tuple(row) if self._keep_features() else None for row in rows))
+        self.buffer.append(RecordBatch(time.time(), model_version, seconds * 1000.0,
+                                       tuple([r["confidence"] for r in results]), tuple([r["class"] for r in results]),
+                                       features, prediction_ids=tuple([r["id"] for r in results]),
+                                       probabilities=tuple([tuple(r["probabilities"].values()) for r in results])))
 
     def _keep_features(self) -> bool:
         return self.feature_sample_rate >= 1.0 or random.random() < self.feature_sample_rate

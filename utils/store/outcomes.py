@@ -4,7 +4,7 @@ transaction), joined to labels by primary key, read per version and time range f
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -29,7 +29,7 @@ class OutcomeRecord(TypedDict):
     at: float
     model_version: str
     predicted_class: str
-    probabilities: list[float]
+    probabilities: Sequence[float]
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ read back as rows or, for the monitoring window, column by column."""
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, NotRequired, TypedDict
@@ -34,10 +35,10 @@ class PredictionRecord(TypedDict):
     predicted_class: str | None
     success: bool
     error: str | None
-    features: list[float] | None
+    features: Sequence[float] | None
     record_id: str | None
     prediction_id: NotRequired[str | None]  # with probabilities: kept as an outcome for labels
-    probabilities: NotRequired[list[float] | None]
+    probabilities: NotRequired[Sequence[float] | None]
 
 
 @dataclass(frozen=True, slots=True)
