@@ -601,24 +601,43 @@ def test_a_requests_rows_are_one_journal_line_and_replay_as_rows_with_their_ids(
     assert sorted(kept) == sorted(f"r1:{i}" for i in range(32))  # the rows' ids, for labels; no failure
 
 
-def test_a_buffered_backlog_leaves_the_garbage_collectors_view(monitor: ModelMonitor) -> None:
-    """A saturated worker buffers tens of thousands of rows between flushes; each full
+def test_a_buffered_backlog_leaves_the_garbage_collectors_view(monitor: ModelMonitor,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A saturated worker buffered tens of thousands of rows between flushes; each full
     collection walked every one of them (100-250 ms stalls of the worker's loop). Buffered
     requests cost the collector one object each, whatever their row count, and keep their
     values exactly."""
     import gc
 
+    import utils.record_buffer
+
+    monkeypatch.setattr(utils.record_buffer, "FLUSH_AHEAD", 10_000)
+
     rows = [list(row) for row in IRIS[:32]]
-    gc.collect()
-    tracked_before = len(gc.get_objects())
     for i in range(200):
         monitor.record_batch(rows, [served_row(f"r{i}:{j}", "ab"[j % 2], 0.75) for j in range(32)], 0.001, "1.0.0")
     gc.collect()
     assert monitor.pending == 6400
-    assert len(gc.get_objects()) - tracked_before < 2 * 200  # a list per row (12,800) before
+    assert tracked_by_buffered_records() < 2 * 200  # about one object a request; a list per row and more (7,600) before
     assert monitor.flush() == 6400
     stored = monitor.store.predictions.recent(32)
     assert [r.features for r in stored] == IRIS[:32] and stored[0].confidence == 0.75
+
+
+def tracked_by_buffered_records() -> int:
+    """How many objects the garbage collector walks for the buffered requests' records."""
+    import gc
+
+    from utils.journal import RecordBatch
+
+    seen: set[int] = set()
+    stack = [item for item in gc.get_objects() if type(item) is RecordBatch]
+    while stack:
+        item = stack.pop()
+        if id(item) not in seen and gc.is_tracked(item) and not isinstance(item, type):  # not the class's world
+            seen.add(id(item))
+            stack.extend(gc.get_referents(item))
+    return len(seen)
 
 
 def test_a_baseline_ignores_records_without_a_confidence(monitor: ModelMonitor) -> None:
@@ -646,6 +665,36 @@ def test_a_full_buffer_drops_the_oldest_requests_and_says_so(monitor: ModelMonit
     assert monitor.pending == 8 and monitor.dropped == 4
     assert monitor.flush() == 8 and monitor.get_statistics()["dropped_records"] == 4
     assert [r.features for r in monitor.store.predictions.recent(10)] == IRIS[4:12]
+
+
+def test_requests_that_outrun_the_store_wait_for_it_instead_of_dropping(monitor: ModelMonitor,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import utils.record_buffer
+
+    monkeypatch.setattr(utils.record_buffer, "FLUSH_AHEAD", 10)  # no background flush: the requests outrun it
+    for i in range(5):
+        monitor.record_batch(IRIS[4 * i:4 * i + 4], [served_row(f"r{i}:{j}", "a", 0.9) for j in range(4)], 0.001, "1.0.0")
+    assert monitor.dropped == 0 and monitor.pending == 8  # the third request wrote all 12
+    assert monitor.flush() == 8 and [r.features for r in monitor.store.predictions.recent(20)] == IRIS[:20]
+
+
+def test_while_the_store_is_unreachable_requests_do_not_wait_for_it(monitor: ModelMonitor,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import utils.record_buffer
+
+    monkeypatch.setattr(utils.record_buffer, "FLUSH_AHEAD", 10)
+    writes = []
+
+    def unreachable(records):
+        writes.append(len(records))
+        raise RuntimeError("database down")
+
+    monkeypatch.setattr(monitor.store.predictions, "insert", unreachable)
+    for i in range(6):
+        monitor.record_batch(IRIS[4 * i:4 * i + 4], [served_row(f"r{i}:{j}", "a", 0.9) for j in range(4)], 0.001, "1.0.0")
+    assert writes == [12] and monitor.pending == 24  # one try, then the requests go on; the records stay buffered
+    monkeypatch.undo()
+    assert monitor.flush() == 24 and monitor.dropped == 0
 
 
 def test_journal_keeps_records_through_a_failed_flush(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

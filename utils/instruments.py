@@ -1,8 +1,9 @@
 """Prometheus instruments updated outside the HTTP layer (prometheus_client's module-level
-pattern): the registry's save and load times, dynamic batching's batch sizes and waits, token
-expirations and this worker's memory and start time. Under gunicorn they live in its multiprocess files like the request metrics, so a
-scrape of any worker sums (or, for the per-worker gauges, lists) every live worker's values.
-`utils.metrics` serves them with the rest."""
+pattern): the registry's save and load times, dynamic batching's batch sizes and waits,
+monitoring records dropped, token expirations and this worker's memory and start time. Under
+gunicorn they live in its multiprocess files like the request metrics, so a scrape of any
+worker sums (or, for the per-worker gauges, lists) every live worker's values. `utils.metrics`
+serves them with the rest."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ BATCH_REQUESTS = Histogram("quadra_batch_requests", "Requests per grouped forwar
                            buckets=BATCH_SIZE_BUCKETS)
 BATCH_WAIT_SECONDS = Histogram("quadra_batch_wait_seconds", "How long a batch gathered requests before its forward "
                                "pass (dynamic batching)", buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
+DROPPED_RECORDS = Counter("quadra_monitoring_dropped_records_total", "Monitoring records dropped: the store stayed "
+                          "unreachable while a worker's buffer was full")
 TOKEN_EXPIRATIONS = Counter("quadra_token_expirations_total", "Bearer tokens refused because they had expired")
 WORKER_START_TIME = Gauge("quadra_worker_start_time_seconds", "When the oldest live worker started (epoch seconds)",
                           multiprocess_mode="livemin")

@@ -1,6 +1,7 @@
 """A process's buffer of monitoring records: appended on the request path (journalled first
 when a journal is configured), written to the store in batches by `flush`, bounded so that a
-long store outage drops the oldest requests (and counts them) instead of exhausting memory."""
+long store outage drops the oldest requests (and counts them) instead of exhausting memory,
+and a store that writes slower than requests come makes the requests wait (FLUSH_AHEAD)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+from utils.instruments import DROPPED_RECORDS
 from utils.journal import RecordBatch, RecordJournal
 from utils.store import Store
 
@@ -21,6 +23,11 @@ from utils.store import Store
 # in small ones and lets the requests run between them.
 MAX_FLUSH_BATCH = 500
 MAX_BUFFERED = 200_000
+# Past this many buffered records a request waits for a flush before it is answered: a worker
+# whose requests outrun the store (sustained saturation at batch 32 on SQLite) slows to the rate
+# the store writes instead of filling the buffer and dropping records. Records are dropped
+# only while the store is unreachable.
+FLUSH_AHEAD = 2_000
 log = logging.getLogger("quadra.monitoring")
 
 
@@ -34,9 +41,11 @@ class RecordBuffer:
         self._journal_files: list[Path] = []
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
+        self._store_writes = True  # the last flush reached the store
 
     def append(self, batch: RecordBatch) -> None:
-        """Buffer a request's records (journalled first, when a journal is configured)."""
+        """Buffer a request's records (journalled first, when a journal is configured); past
+        FLUSH_AHEAD records, write them before returning while the store takes writes."""
         with self._lock:
             if self.journal is not None:
                 batch = replace(batch, first_id=self.journal.reserve_ids(len(batch)))
@@ -45,8 +54,10 @@ class RecordBuffer:
                 dropped = self._buffer.popleft()
                 self._pending -= len(dropped)
                 self.dropped += len(dropped)
+                DROPPED_RECORDS.inc(len(dropped))
             self._buffer.append(batch)
             self._pending += len(batch)
+        self._wait_for_the_store()
 
     @property
     def pending(self) -> int:
@@ -60,27 +71,47 @@ class RecordBuffer:
     def flush(self) -> int:
         """Write everything buffered; on a store error the records stay buffered (and
         journalled) for the next try. Returns how many new records reached the store."""
-        written = 0
         with self._flush_lock:
-            with self._lock:
-                batches = list(self._buffer)
-                self._buffer.clear()
-                self._pending = 0
-                if self.journal is not None and batches:
-                    self._journal_files.append(self.journal.rotate())
-            for start, group in _groups(batches):
-                time.sleep(0)  # an async worker's requests run here (monkey-patched sleep); a thread yields the GIL
+            return self._write_buffered()
+
+    def _wait_for_the_store(self) -> None:
+        """Backpressure: while more than FLUSH_AHEAD records wait and the store takes writes,
+        one request writes them and the others wait for that flush to end (one flush takes
+        every waiter's records: no waiter writes after another)."""
+        while self._pending > FLUSH_AHEAD and self._store_writes:
+            if self._flush_lock.acquire(blocking=False):
                 try:
-                    written += self.store.predictions.insert([r for batch in group for r in batch.records()])
-                except Exception:
-                    unwritten = batches[start:]
-                    with self._lock:
-                        self._buffer.extendleft(reversed(unwritten))
-                        self._pending += sum(len(batch) for batch in unwritten)
-                    log.exception("could not write %d prediction records; will retry", sum(map(len, unwritten)))
-                    return written
-            RecordJournal.release(self._journal_files)
-            self._journal_files.clear()
+                    self._write_buffered()
+                finally:
+                    self._flush_lock.release()
+            else:
+                with self._flush_lock:  # the running flush ends; it may have left the mark passed again
+                    pass
+
+    def _write_buffered(self) -> int:
+        """`flush` with its lock held."""
+        written = 0
+        with self._lock:
+            batches = list(self._buffer)
+            self._buffer.clear()
+            self._pending = 0
+            if self.journal is not None and batches:
+                self._journal_files.append(self.journal.rotate())
+        for start, group in _groups(batches):
+            time.sleep(0)  # an async worker's requests run here (monkey-patched sleep); a thread yields the GIL
+            try:
+                written += self.store.predictions.insert([r for batch in group for r in batch.records()])
+            except Exception:
+                unwritten = batches[start:]
+                with self._lock:
+                    self._buffer.extendleft(reversed(unwritten))
+                    self._pending += sum(len(batch) for batch in unwritten)
+                self._store_writes = False
+                log.exception("could not write %d prediction records; will retry", sum(map(len, unwritten)))
+                return written
+        self._store_writes = True
+        RecordJournal.release(self._journal_files)
+        self._journal_files.clear()
         return written
 
     def recover_journals(self) -> int:
