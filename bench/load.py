@@ -29,6 +29,7 @@ class LoadResult:
     p99_ms: float
     failed: int
     total: int
+    failures: str = ""  # what wrk counted as failed, by kind ("3 read", "2 non-2xx")
 
 
 def free_port() -> int:
@@ -59,7 +60,16 @@ def wrk(url: str, body: dict, headers: dict[str, str], duration: int = DURATION_
         failed=sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", output))
         + sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", output)),
         total=int(re.search(r"(\d+) requests in", output).group(1)),
+        failures=_failures(output),
     )
+
+
+def _failures(output: str) -> str:
+    """wrk's failures by kind: socket errors (connect, read, write, timeout) and answers that
+    were not 2xx or 3xx."""
+    kinds = [f"{n} {kind}" for kind, n in re.findall(r"(connect|read|write|timeout) (\d+)", output) if int(n)]
+    kinds += [f"{n} non-2xx" for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", output)]
+    return ", ".join(kinds)
 
 
 def wrk_after_warm_up(url: str, body: dict, headers: dict[str, str], connections: int = CONNECTIONS) -> LoadResult:

@@ -191,12 +191,16 @@ def _table(measured: dict, floors: dict, steady: LoadResult, swapping: LoadResul
         "**Hot swap under load** (production flipped between two versions 10 times during a 12 s run):\n",
         "| run | requests | failed | req/s | p50 | p99 |",
         "|---|---|---|---|---|---|",
-        f"| steady | {steady.total:,} | {steady.failed} | {steady.requests_per_second:,.0f} | {steady.p50_ms:.2f} ms "
+        f"| steady | {steady.total:,} | {_failed(steady)} | {steady.requests_per_second:,.0f} | {steady.p50_ms:.2f} ms "
         f"| {steady.p99_ms:.2f} ms |",
-        f"| 10 promotes | {swapping.total:,} | {swapping.failed} | {swapping.requests_per_second:,.0f} | {swapping.p50_ms:.2f} ms "
+        f"| 10 promotes | {swapping.total:,} | {_failed(swapping)} | {swapping.requests_per_second:,.0f} | {swapping.p50_ms:.2f} ms "
         f"| {swapping.p99_ms:.2f} ms ({swapping.p99_ms / steady.p99_ms:.2f}× steady) |",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _failed(result: LoadResult) -> str:
+    return f"{result.failed} ({result.failures})" if result.failed else "0"
 
 
 def _peer_table(measured: dict, peers: dict[str, tuple[Peer, dict[int, LoadResult]]]) -> str:
