@@ -53,23 +53,23 @@ def wrk(url: str, body: dict, headers: dict[str, str], duration: int = DURATION_
         ).stdout
     finally:
         os.unlink(script.name)
+    failures = _failures(output)
     return LoadResult(
         requests_per_second=float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),
         p50_ms=_latency(output, "50%"),
         p99_ms=_latency(output, "99%"),
-        failed=sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", output))
-        + sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", output)),
+        failed=sum(failures.values()),
         total=int(re.search(r"(\d+) requests in", output).group(1)),
-        failures=_failures(output),
+        failures=", ".join(f"{n} {kind}" for kind, n in failures.items() if n),
     )
 
 
-def _failures(output: str) -> str:
+def _failures(output: str) -> dict[str, int]:
     """wrk's failures by kind: socket errors (connect, read, write, timeout) and answers that
     were not 2xx or 3xx."""
-    kinds = [f"{n} {kind}" for kind, n in re.findall(r"(connect|read|write|timeout) (\d+)", output) if int(n)]
-    kinds += [f"{n} non-2xx" for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", output)]
-    return ", ".join(kinds)
+    kinds = {kind: int(n) for kind, n in re.findall(r"(connect|read|write|timeout) (\d+)", output)}
+    kinds["non-2xx"] = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", output))
+    return kinds
 
 
 def wrk_after_warm_up(url: str, body: dict, headers: dict[str, str], connections: int = CONNECTIONS) -> LoadResult:

@@ -656,13 +656,17 @@ def test_a_baseline_needs_some_confidence(monitor: ModelMonitor) -> None:
 
 
 def test_a_full_buffer_drops_the_oldest_requests_and_says_so(monitor: ModelMonitor, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prometheus_client import REGISTRY
+
     import utils.record_buffer
 
     monkeypatch.setattr(utils.record_buffer, "MAX_BUFFERED", 10)  # the store unreachable for a long time
+    counted_before = REGISTRY.get_sample_value("quadra_monitoring_dropped_records_total")
     for i in range(3):
         monitor.record_batch(IRIS[4 * i:4 * i + 4], [served_row(f"r{i}:{j}", "a", 0.9) for j in range(4)], 0.001,
                              "1.0.0")
     assert monitor.pending == 8 and monitor.dropped == 4
+    assert REGISTRY.get_sample_value("quadra_monitoring_dropped_records_total") == counted_before + 4
     assert monitor.flush() == 8 and monitor.get_statistics()["dropped_records"] == 4
     assert [r.features for r in monitor.store.predictions.recent(10)] == IRIS[4:12]
 
@@ -683,18 +687,23 @@ def test_while_the_store_is_unreachable_requests_do_not_wait_for_it(monitor: Mod
     import utils.record_buffer
 
     monkeypatch.setattr(utils.record_buffer, "FLUSH_AHEAD", 10)
-    writes = []
+    writes, store_down, insert = [], [True], monitor.store.predictions.insert
 
     def unreachable(records):
         writes.append(len(records))
-        raise RuntimeError("database down")
+        if store_down[0]:
+            raise RuntimeError("database down")
+        return insert(records)
 
     monkeypatch.setattr(monitor.store.predictions, "insert", unreachable)
     for i in range(6):
         monitor.record_batch(IRIS[4 * i:4 * i + 4], [served_row(f"r{i}:{j}", "a", 0.9) for j in range(4)], 0.001, "1.0.0")
     assert writes == [12] and monitor.pending == 24  # one try, then the requests go on; the records stay buffered
-    monkeypatch.undo()
+    store_down[0] = False
     assert monitor.flush() == 24 and monitor.dropped == 0
+    for i in range(3):  # the store is back: requests that outrun it wait for it again
+        monitor.record_batch(IRIS[4 * i:4 * i + 4], [served_row(f"s{i}:{j}", "a", 0.9) for j in range(4)], 0.001, "1.0.0")
+    assert monitor.pending == 0 and writes[-1] == 12 and monitor.store.predictions.totals().count == 36
 
 
 def test_journal_keeps_records_through_a_failed_flush(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

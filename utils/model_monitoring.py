@@ -137,7 +137,8 @@ class ModelMonitor:
         predicted_class: str | None = None,
         model_version: str | None = None,
     ) -> None:
-        """Record one prediction; `prediction_time` is in seconds. Returns at once.
+        """Record one prediction; `prediction_time` is in seconds. Returns at once, unless more
+        than FLUSH_AHEAD records (2,000) wait for the store: then it writes them first.
 
         `input_data` may be anything JSON-able: a flat row of numbers (a list, tuple or 1-D
         array) becomes the features drift compares; anything else is recorded without them."""
