@@ -161,6 +161,22 @@ def test_statistics_and_drift_over_a_window_larger_than_a_read_block(store: Stor
     assert drift["detectors"]["input"] and not drift["detectors"]["prediction"]
 
 
+
+def test_a_large_window_lets_the_workers_other_requests_run_while_it_is_read(store: Store, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under an async worker a drift check over 100k records held the worker's other requests
+    for its whole length: the window is read, and its features parsed, 500 at a time with a
+    yield (`time.sleep(0)`, the hub's switch) after each block."""
+    monitor = ModelMonitor(tmp_path, window_size=1500, store=store, baseline_min_samples=50)
+    record_mixed(monitor, 1800, unscored=False)
+    monitor.set_baseline()
+    monitor.reset_counters()
+    record_mixed(monitor, 1700, shift=0.5)
+    monitor.flush()
+    yields: list[float] = []
+    monkeypatch.setattr(time, "sleep", yields.append)
+    assert monitor.drift_report().evaluated
+    assert len(yields) >= 1500 // 500 + 1 and set(yields) == {0}
 def test_baseline_needs_enough_data(monitor: ModelMonitor) -> None:
     record_rows(monitor, IRIS[:10])
     with pytest.raises(InsufficientData, match="at least 50"):

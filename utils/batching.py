@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from utils.cooperation import let_other_requests_run
 from utils.instruments import BATCH_REQUESTS, BATCH_ROWS, BATCH_WAIT_SECONDS
 from utils.serving import ServedModel
 
@@ -114,7 +115,7 @@ class Batcher:
     def _lead(self, window: _Window, batch: _Batch) -> None:
         """Gather the batch, then start its pass: no request joins it from here on."""
         if not window.ended:
-            time.sleep(0)  # the requests this worker has already read join first (an async worker switches here)
+            let_other_requests_run()  # the requests this worker has already read join first
         with self._changed:
             self._gather(window, id(batch.served))
             self._start_pass(window, batch)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from pydantic_core import from_json
 
+from utils.cooperation import let_other_requests_run
 from utils.store import Store
 
 FEATURE_BLOCK = 500
@@ -52,9 +53,13 @@ def feature_rows(texts: Iterable[str | None]) -> list[list[float]]:
 def feature_matrix(texts: list[str]) -> np.ndarray:
     """Feature rows (JSON texts) as one float matrix, parsed FEATURE_BLOCK rows at a time: a
     Python list per row of a 100k window, all alive at once, costs more in garbage collection
-    than in parsing (a block stays under the collector's first threshold, 700)."""
-    return np.concatenate([np.array(feature_rows(texts[start:start + FEATURE_BLOCK]), dtype=float)
-                           for start in range(0, len(texts), FEATURE_BLOCK)])
+    than in parsing (a block stays under the collector's first threshold, 700). The worker's
+    other requests run between two blocks."""
+    blocks = []
+    for start in range(0, len(texts), FEATURE_BLOCK):
+        blocks.append(np.array(feature_rows(texts[start:start + FEATURE_BLOCK]), dtype=float))
+        let_other_requests_run()
+    return np.concatenate(blocks)
 
 
 def counts(values: Iterable[Any]) -> dict[str, int]:

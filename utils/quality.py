@@ -12,6 +12,7 @@ expected calibration error over 10 equal-width confidence bins binned as `calibr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -52,8 +53,7 @@ class Labelled:
 
 def _indices(names: list[str], index: dict[str, int]) -> np.ndarray:
     """Each name's class index, -1 for a name that is not a class."""
-    lookup = index.get
-    return np.fromiter((lookup(name, -1) for name in names), dtype=np.int64, count=len(names))
+    return np.fromiter(map(index.get, names, repeat(-1)), dtype=np.int64, count=len(names))
 
 
 def confusion(truth: np.ndarray, predicted: np.ndarray, width: int) -> np.ndarray:

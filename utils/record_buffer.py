@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+from utils.cooperation import let_other_requests_run
 from utils.instruments import DROPPED_RECORDS
 from utils.journal import RecordBatch, RecordJournal
 from utils.store import Store
@@ -98,7 +98,7 @@ class RecordBuffer:
             if self.journal is not None and batches:
                 self._journal_files.append(self.journal.rotate())
         for start, group in _groups(batches):
-            time.sleep(0)  # an async worker's requests run here (monkey-patched sleep); a thread yields the GIL
+            let_other_requests_run()
             try:
                 written += self.store.predictions.insert([r for batch in group for r in batch.records()])
             except Exception:
