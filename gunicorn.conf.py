@@ -13,6 +13,7 @@ import time
 from gunicorn.workers.base_async import AsyncWorker
 
 from utils.config import ConfigError, Settings
+from utils.cooperation import let_other_requests_run
 
 # No control socket (gunicorn >= 25.1 starts one by default; nothing here uses `gunicornc`).
 # Its server is a thread of the master, and with `--worker-class eventlet` that thread is
@@ -55,10 +56,10 @@ def post_request(worker, req, environ, resp):
     (eventlet, gevent) switches green threads only where one would block; a keep-alive client
     whose next request is already in the socket buffer never blocks, so its green thread served
     request after request while the worker's other connections waited: p50 1-2 ms, p99 in the
-    hundreds under load. `time.sleep(0)` is the hub's yield under both (their monkey-patching
-    replaces it); a threaded worker has no such queue and skips it."""
+    hundreds under load (utils/cooperation.py has the yield). A threaded worker has no such
+    queue and skips it."""
     if isinstance(worker, AsyncWorker):
-        time.sleep(0)
+        let_other_requests_run()
 
 
 class _KnownListener:

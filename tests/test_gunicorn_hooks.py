@@ -1,5 +1,6 @@
-"""gunicorn.conf.py's connection spreading on stand-in workers: the hook touches only a worker's
-listening sockets and its connection handler, so those are all a stand-in needs."""
+"""gunicorn.conf.py's connection spreading and fair yield on stand-in workers: the hooks touch
+only a worker's class, listening sockets and connection handler, so those are all a stand-in
+needs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from gunicorn.workers.base_async import AsyncWorker
+
+from utils.cooperation import YIELD_SECONDS
 
 HOOKS = runpy.run_path(str(Path(__file__).resolve().parent.parent / "gunicorn.conf.py"))
 PER_CONNECTION = HOOKS["ACCEPT_DELAY_PER_OPEN_CONNECTION"]
@@ -71,4 +75,19 @@ def test_other_worker_classes_keep_their_sockets_and_handler(waits: list[float])
         assert worker.sockets == sockets and worker.handle is _handle
         worker.sockets[0].accept()
         worker.sockets[0].accept()
+    assert waits == []
+
+
+@pytest.mark.parametrize("module", ["gunicorn.workers.geventlet", "gunicorn.workers.ggevent"],
+                         ids=["eventlet", "gevent"])
+def test_an_async_worker_yields_to_its_other_connections_after_each_response(waits: list[float], module: str) -> None:
+    """A positive wait: gevent's sleep(0) would resume the same connection before the loop
+    reads the others' requests."""
+    worker_class = type("Worker", (AsyncWorker,), {"__module__": module})
+    HOOKS["post_request"](worker_class.__new__(worker_class), None, {}, None)
+    assert waits == [YIELD_SECONDS] and YIELD_SECONDS > 0
+
+
+def test_a_threaded_worker_does_not_yield_after_a_response(waits: list[float]) -> None:
+    HOOKS["post_request"](_worker("gunicorn.workers.gthread"), None, {}, None)
     assert waits == []

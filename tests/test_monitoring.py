@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import make_settings, promtool_findings
 from utils.alerts import AlertManager, WebhookRefused, check_webhook_target
+from utils.cooperation import YIELD_SECONDS
 from utils.model_monitoring import HealthChecker, InsufficientData, ModelMonitor
 from utils.store import Store
 from utils.timestamps import iso_utc
@@ -166,7 +167,7 @@ def test_a_large_window_lets_the_workers_other_requests_run_while_it_is_read(sto
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Under an async worker a drift check over 100k records held the worker's other requests
     for its whole length: the window is read, and its features parsed, 500 at a time with a
-    yield (`time.sleep(0)`, the hub's switch) after each block."""
+    yield (utils.cooperation) after each block."""
     monitor = ModelMonitor(tmp_path, window_size=1500, store=store, baseline_min_samples=50)
     record_mixed(monitor, 1800, unscored=False)
     monitor.set_baseline()
@@ -176,7 +177,7 @@ def test_a_large_window_lets_the_workers_other_requests_run_while_it_is_read(sto
     yields: list[float] = []
     monkeypatch.setattr(time, "sleep", yields.append)
     assert monitor.drift_report().evaluated
-    assert len(yields) >= 1500 // 500 + 1 and set(yields) == {0}
+    assert len(yields) >= 1500 // 500 + 1 and set(yields) == {YIELD_SECONDS}
 def test_baseline_needs_enough_data(monitor: ModelMonitor) -> None:
     record_rows(monitor, IRIS[:10])
     with pytest.raises(InsufficientData, match="at least 50"):
