@@ -5,6 +5,7 @@ RESULTS.md (each marked with when it ran alone), leaving the others from the las
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import sys
 import threading
@@ -103,7 +104,7 @@ def main(names: list[str]) -> int:
 def _full_results(sections: list[str]) -> str:
     header = (
         f"# Benchmark results\n\n{datetime.now(UTC):%Y-%m-%d %H:%M} UTC · Python {platform.python_version()} · "
-        f"torch {torch.__version__} · {platform.machine()} · {_cpu()} · `make bench`\n\n"
+        f"torch {torch.__version__} · {platform.machine()} · {_cpu()} · {_host_speed()} · `make bench`\n\n"
         "Every number comes with a baseline measured in the same run; compare the ratios, not the absolute times "
         "(these machines are noisy).\n"
     )
@@ -126,7 +127,8 @@ def _with_sections(results: str, sections: list[str]) -> str:
     text = results.rstrip("\n") + "\n"
     for section in sections:
         heading, _, body = section.partition("\n")
-        replacement = f"{heading}\n\n_Run alone: `python -m bench` with this phase, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC._\n{body}"
+        replacement = (f"{heading}\n\n_Run alone: `python -m bench` with this phase, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
+                       f"{_host_speed()}._\n{body}")
         start = text.find(f"\n{heading}\n")
         if start < 0:
             text += "\n" + replacement
@@ -152,6 +154,15 @@ def _cpu() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def _host_speed() -> str:
+    """How fast this host's core was during the run, as one number that sections run at
+    different times can be compared by: the same cloud machine type has measured twice as
+    fast on one day as on another, which moves every absolute time of the run."""
+    block = bytes(64 * 2**20)
+    seconds = monitoring.best_of(5, lambda: hashlib.sha256(block).digest())
+    return f"SHA-256 at {len(block) / seconds / 1e9:.2f} GB/s on one core"
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def _table(measured: dict[tuple[str, str, int], LoadResult]) -> str:
     for name in WORKER_CLASSES:
         for batch in BATCHES:
             full, bare = measured[(name, "full", batch)], measured[(name, "bare", batch)]
-            failed = f" ({full.failed} failed)" if full.failed else ""
+            failed = f" ({full.failed} failed: {full.failures})" if full.failed else ""
             lines.append(
                 f"| {name} | {batch} | {full.requests_per_second:,.0f} req/s{failed} | {bare.requests_per_second:,.0f} req/s "
                 f"| {full.requests_per_second / bare.requests_per_second:.2f}× | {full.p50_ms:.2f} / {bare.p50_ms:.2f} ms "

@@ -359,3 +359,29 @@ def test_monitoring_rows_written_through_the_driver_read_back_as_written(store: 
                                               ("w__3", [5.1, 3.5, 1e-7, 0.2], True)]
     assert [tuple(row) for row in kept] == [("\u00e9t\u00e9", [0.75, 0.25])]
     assert sql_nulls == []  # a row without features holds JSON null, as SQLAlchemy's JSON type wrote it
+
+
+def test_flushes_of_any_size_look_up_their_record_ids_with_a_few_statements(store: Store) -> None:
+    """Every length of an IN list is a statement the driver keeps prepared (about 20 KB each in
+    SQLite): flushes of 1 to 130 records, and retries of some of them, use one lookup per power of
+    two, and every record is stored once."""
+    from sqlalchemy import event
+
+    lookups: set[str] = set()
+
+    def seen(conn, cursor, statement: str, *args: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "record_id" in statement:
+            lookups.add(statement)
+
+    event.listen(store.database.engine, "before_cursor_execute", seen)
+    written = 0
+    for size in range(1, 131):
+        records: list[PredictionRecord] = [
+            {"at": time.time(), "model_version": "1.0.0", "latency_ms": 1.0, "confidence": 0.9, "predicted_class": "a",
+             "success": True, "error": None, "features": None, "record_id": f"w__{size}_{i}"} for i in range(size)]
+        written += store.predictions.insert(records)
+        assert store.predictions.insert(records[: size // 2 + 1]) == 0
+    event.remove(store.database.engine, "before_cursor_execute", seen)
+    assert written == 130 * 131 // 2 == store.predictions.totals().count
+    assert len(lookups) == 9  # 1, 2, 4, ..., 256
+    assert database.in_list(["a", "b", "c"]) == ["a", "b", "c", "c"] and database.in_list([]) == []

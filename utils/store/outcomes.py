@@ -11,7 +11,7 @@ from typing import Any, TypedDict
 from sqlalchemy import Connection, bindparam, case, delete, func, select, text, update
 
 from utils.cooperation import let_other_requests_run
-from utils.store.database import Database, insert_many
+from utils.store.database import Database, in_list, insert_many
 from utils.store.service_state import read_states, write_state
 from utils.store.tables import outcomes
 
@@ -80,7 +80,7 @@ class OutcomeStore:
         columns = (outcomes.c.prediction_id, outcomes.c.at, outcomes.c.model_version, outcomes.c.label)
         with self.database.read() as conn:
             for start in range(0, len(wanted), LOOKUP_CHUNK):
-                chunk = wanted[start:start + LOOKUP_CHUNK]
+                chunk = in_list(wanted[start:start + LOOKUP_CHUNK])
                 for key, at, version, label in conn.execute(select(*columns).where(outcomes.c.prediction_id.in_(chunk))):
                     found[key] = StoredOutcome(key, at, version, label)
         return found
