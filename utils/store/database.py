@@ -157,9 +157,9 @@ def in_list(values: Sequence[Value]) -> list[Value]:
     """`values` for an `IN (...)` lookup, padded with their last one to the next power of two.
     Each length of an IN list is a statement of its own that the drivers keep prepared
     (sqlite3 up to 128 per connection, each about 20 KB at a few hundred values), and the
-    monitoring flush looks up a different number of record ids each time: a worker's SQLite
-    memory grew by 6.5 MiB over 150,000 requests (bench/NOTES.md). Padded, there are about ten
-    lengths; a repeated value changes no IN's answer."""
+    monitoring flush looks up a different number of record ids each time: SQLite's memory in
+    one process grew from 1.3 to 13.2 MiB over 300,000 requests (bench/NOTES.md). Padded, there
+    are about ten lengths; a repeated value changes no IN's answer."""
     if not values:
         return []
     size = 1 << (len(values) - 1).bit_length()
