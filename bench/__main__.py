@@ -124,11 +124,11 @@ def _results_before_notes() -> str:
 def _with_sections(results: str, sections: list[str]) -> str:
     """`results` (the tables) with each section, a phase run alone, in place of the one with
     its heading, or last when it has none yet, marked with when it ran; then the notes."""
-    text = results.rstrip("\n") + "\n"
+    text, speed = results.rstrip("\n") + "\n", _host_speed()
     for section in sections:
         heading, _, body = section.partition("\n")
         replacement = (f"{heading}\n\n_Run alone: `python -m bench` with this phase, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
-                       f"{_host_speed()}._\n{body}")
+                       f"{speed}._\n{body}")
         start = text.find(f"\n{heading}\n")
         if start < 0:
             text += "\n" + replacement
@@ -157,7 +157,7 @@ def _cpu() -> str:
 
 
 def _host_speed() -> str:
-    """How fast this host's core was during the run, as one number that sections run at
+    """How fast this host's core was at the end of the run, as one number that sections run at
     different times can be compared by: the same cloud machine type has measured twice as
     fast on one day as on another, which moves every absolute time of the run."""
     block = bytes(64 * 2**20)

@@ -291,7 +291,6 @@ def test_quality_equals_scikit_learns_metrics(store: Store, registry: ModelVersi
     assert sum(point["labelled"] for point in quality["timeline"]) == 1500
 
 
-
 def test_a_quality_check_lets_the_workers_other_requests_run_while_it_reads(
         store: Store, registry: ModelVersionManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The scheduler's quality check over 100,000 labelled predictions held one async worker's
@@ -302,6 +301,8 @@ def test_a_quality_check_lets_the_workers_other_requests_run_while_it_reads(
     monkeypatch.setattr(time, "sleep", yields.append)
     assert monitor.quality(window="hour")["versions"][0]["labelled"] == 3000
     assert len(yields) >= 3000 // 1000 + 3000 // 500 and set(yields) == {YIELD_SECONDS}
+
+
 def test_a_labelled_prediction_of_another_window_is_not_counted(store: Store, registry: ModelVersionManager,
                                                                 tmp_path: Path) -> None:
     monitor, _, _ = labelled_monitor(store, registry, tmp_path, CLASSES, 30)

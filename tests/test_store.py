@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Column, Integer, Table, inspect, select
+from sqlalchemy import Column, Integer, Table, event, inspect, select
 from sqlalchemy.exc import OperationalError
 
 from utils.store import (
@@ -363,10 +363,8 @@ def test_monitoring_rows_written_through_the_driver_read_back_as_written(store: 
 
 def test_flushes_of_any_size_look_up_their_record_ids_with_a_few_statements(store: Store) -> None:
     """Every length of an IN list is a statement the driver keeps prepared (about 20 KB each in
-    SQLite): flushes of 1 to 130 records, and retries of some of them, use one lookup per power of
-    two, and every record is stored once."""
-    from sqlalchemy import event
-
+    SQLite): flushes of 1 to 130 records and one of 1,200, and retries of some of them, use one
+    lookup per power of two up to 512, and every record is stored once."""
     lookups: set[str] = set()
 
     def seen(conn, cursor, statement: str, *args: object) -> None:
@@ -375,13 +373,15 @@ def test_flushes_of_any_size_look_up_their_record_ids_with_a_few_statements(stor
 
     event.listen(store.database.engine, "before_cursor_execute", seen)
     written = 0
-    for size in range(1, 131):
-        records: list[PredictionRecord] = [
-            {"at": time.time(), "model_version": "1.0.0", "latency_ms": 1.0, "confidence": 0.9, "predicted_class": "a",
-             "success": True, "error": None, "features": None, "record_id": f"w__{size}_{i}"} for i in range(size)]
-        written += store.predictions.insert(records)
-        assert store.predictions.insert(records[: size // 2 + 1]) == 0
-    event.remove(store.database.engine, "before_cursor_execute", seen)
-    assert written == 130 * 131 // 2 == store.predictions.totals().count
-    assert len(lookups) == 9  # 1, 2, 4, ..., 256
-    assert database.in_list(["a", "b", "c"]) == ["a", "b", "c", "c"] and database.in_list([]) == []
+    try:
+        for size in (*range(1, 131), 1200):
+            records: list[PredictionRecord] = [
+                {"at": time.time(), "model_version": "1.0.0", "latency_ms": 1.0, "confidence": 0.9, "predicted_class": "a",
+                 "success": True, "error": None, "features": None, "record_id": f"w__{size}_{i}"} for i in range(size)]
+            written += store.predictions.insert(records)
+            assert store.predictions.insert(records[: size // 2 + 1]) == 0
+    finally:
+        event.remove(store.database.engine, "before_cursor_execute", seen)
+    assert written == 130 * 131 // 2 + 1200 == store.predictions.totals().count
+    assert len(lookups) == 10  # 1, 2, 4, ..., 512: 1,200 ids are looked up as 512, 512 and 176 padded to 256
+    assert list(database.in_lists(["a", "b", "c"])) == [["a", "b", "c", "c"]] and list(database.in_lists([])) == []

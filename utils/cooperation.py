@@ -11,9 +11,8 @@ The yield is the monkey-patched `time.sleep` with a positive time: gevent's slee
 its caller before the loop polls for I/O again, so only requests that were already runnable
 went first (gevent.sleep's documentation; batch-1 p99 108-355 ms against 47-82 ms with a
 positive time, six interleaved runs each), while a positive time waits for the loop's next
-turn, after the poll. eventlet's hub
-polls before it runs a due timer either way. In an OS thread it gives up the GIL for about
-60 µs (the kernel's timer slack).
+turn, after the poll. eventlet's hub polls before it runs a due timer either way. In an OS
+thread it gives up the GIL for about 60 µs (the kernel's timer slack).
 """
 
 from __future__ import annotations

@@ -129,6 +129,7 @@ class _Dataclass(Protocol):
 
 RowType = TypeVar("RowType", bound=_Dataclass)
 Value = TypeVar("Value")
+IN_LIST_SIZE = 512
 
 
 def as_row(row_type: type[RowType], row: Row[Any] | None) -> RowType | None:
@@ -153,17 +154,18 @@ def inserted_id(result: CursorResult[Any]) -> int:
     return int(key[0])
 
 
-def in_list(values: Sequence[Value]) -> list[Value]:
-    """`values` for an `IN (...)` lookup, padded with their last one to the next power of two.
+def in_lists(values: Sequence[Value]) -> Iterator[list[Value]]:
+    """`values` as the lists of `IN (...)` lookups: IN_LIST_SIZE at most (far below SQLite's and
+    PostgreSQL's parameter limits), each padded with its last value to the next power of two.
     Each length of an IN list is a statement of its own that the drivers keep prepared
     (sqlite3 up to 128 per connection, each about 20 KB at a few hundred values), and the
     monitoring flush looks up a different number of record ids each time: SQLite's memory in
-    one process grew from 1.3 to 13.2 MiB over 300,000 requests (bench/NOTES.md). Padded, there
-    are about ten lengths; a repeated value changes no IN's answer."""
-    if not values:
-        return []
-    size = 1 << (len(values) - 1).bit_length()
-    return [*values, *[values[-1]] * (size - len(values))]
+    one process grew from 1.3 to 13.2 MiB over 300,000 requests (bench/NOTES.md). This way there
+    are ten lengths; a repeated value changes no IN's answer."""
+    for start in range(0, len(values), IN_LIST_SIZE):
+        chunk = list(values[start:start + IN_LIST_SIZE])
+        size = 1 << (len(chunk) - 1).bit_length()
+        yield chunk + [chunk[-1]] * (size - len(chunk))
 
 
 def insert_many(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], skip_conflicts_on: str | None = None) -> None:

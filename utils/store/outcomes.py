@@ -11,12 +11,11 @@ from typing import Any, TypedDict
 from sqlalchemy import Connection, bindparam, case, delete, func, select, text, update
 
 from utils.cooperation import let_other_requests_run
-from utils.store.database import Database, in_list, insert_many
+from utils.store.database import Database, in_lists, insert_many
 from utils.store.service_state import read_states, write_state
 from utils.store.tables import outcomes
 
 QUALITY_REPORT = "quality_report"
-LOOKUP_CHUNK = 500  # ids per IN (...) lookup: below SQLite's and PostgreSQL's parameter limits
 _LABELLED = text(
     "SELECT at, predicted_class, label, CAST(probabilities AS TEXT) FROM outcomes "
     "WHERE model_version = :version AND at >= :since AND at <= :until AND label IS NOT NULL ORDER BY at"
@@ -79,8 +78,7 @@ class OutcomeStore:
         found: dict[str, StoredOutcome] = {}
         columns = (outcomes.c.prediction_id, outcomes.c.at, outcomes.c.model_version, outcomes.c.label)
         with self.database.read() as conn:
-            for start in range(0, len(wanted), LOOKUP_CHUNK):
-                chunk = in_list(wanted[start:start + LOOKUP_CHUNK])
+            for chunk in in_lists(wanted):
                 for key, at, version, label in conn.execute(select(*columns).where(outcomes.c.prediction_id.in_(chunk))):
                     found[key] = StoredOutcome(key, at, version, label)
         return found
