@@ -24,6 +24,7 @@ from sqlalchemy import JSON, Connection, Dialect, Engine, Row, Table, create_eng
 from sqlalchemy.engine import CursorResult, make_url
 from sqlalchemy.exc import OperationalError
 
+from utils.cooperation import let_other_requests_run
 from utils.store.tables import MIGRATIONS, SCHEMA_VERSION, metadata, schema_info
 
 _PG_UPGRADE_LOCK = 0x51_75_61_64  # arbitrary advisory-lock id for schema upgrades
@@ -166,6 +167,20 @@ def in_lists(values: Sequence[Value]) -> Iterator[list[Value]]:
         chunk = list(values[start:start + IN_LIST_SIZE])
         size = 1 << (len(chunk) - 1).bit_length()
         yield chunk + [chunk[-1]] * (size - len(chunk))
+
+
+def read_columns(result: CursorResult[Any], width: int, block: int) -> list[list[Any]]:
+    """A large result's rows as `width` columns, read `block` rows at a time with the worker's
+    other requests running between two blocks (a 100k-row read held an async worker for
+    hundreds of milliseconds). Each block is transposed as it arrives and dropped, so no object
+    per row outlives its block: with 100k young objects alive the garbage collector's full
+    passes cost more than the read itself."""
+    columns: list[list[Any]] = [[] for _ in range(width)]
+    for rows in result.partitions(block):
+        for column, values in zip(columns, zip(*rows, strict=True), strict=True):
+            column.extend(values)
+        let_other_requests_run()
+    return columns
 
 
 def insert_many(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], skip_conflicts_on: str | None = None) -> None:

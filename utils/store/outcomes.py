@@ -10,8 +10,7 @@ from typing import Any, TypedDict
 
 from sqlalchemy import Connection, bindparam, case, delete, func, select, text, update
 
-from utils.cooperation import let_other_requests_run
-from utils.store.database import Database, in_lists, insert_many
+from utils.store.database import Database, in_lists, insert_many, read_columns
 from utils.store.service_state import read_states, write_state
 from utils.store.tables import outcomes
 
@@ -95,14 +94,9 @@ class OutcomeStore:
     def labelled(self, version: str, since: float, until: float) -> LabelledColumns:
         """A version's labelled predictions made in [since, until], read 1,000 at a time with the
         worker's other requests running in between."""
-        columns: list[list[Any]] = [[], [], [], []]
         with self.database.read() as conn:
             result = conn.execute(_LABELLED, {"version": version, "since": since, "until": until})
-            for rows in result.partitions(1000):
-                for column, block in zip(columns, zip(*rows, strict=True), strict=True):
-                    column.extend(block)
-                let_other_requests_run()
-        return LabelledColumns(*columns)
+            return LabelledColumns(*read_columns(result, 4, 1000))
 
     def coverage(self, since: float, until: float, versions: tuple[str, ...] | None = None) -> dict[str, Coverage]:
         """Per version (of `versions`, or every one): predictions made in [since, until], how

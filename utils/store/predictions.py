@@ -11,8 +11,7 @@ from typing import Any, NotRequired, TypedDict
 
 from sqlalchemy import Connection, TextClause, func, or_, select, text
 
-from utils.cooperation import let_other_requests_run
-from utils.store.database import Database, as_rows, in_lists, insert_many
+from utils.store.database import Database, as_rows, in_lists, insert_many, read_columns
 from utils.store.outcomes import OutcomeRecord, insert_outcomes
 from utils.store.service_state import lock_states, read_states, write_state
 from utils.store.tables import predictions
@@ -157,15 +156,11 @@ class PredictionStore:
         A window can hold 100k records, so this skips what costs per record there: SQLAlchemy's
         result processing, an object per record, and keeping an object per record alive until
         the end (a block of rows is transposed as it arrives, then dropped): with that many
-        young objects the garbage collector's full passes cost more than the read itself. The
-        worker's other requests run between two blocks."""
-        values: list[list[Any]] = [[] for _ in columns]
+        young objects the garbage collector's full passes cost more than the read itself
+        (`read_columns`)."""
         with self.database.read() as conn:
             result = conn.execute(_window_statement(columns), {"after_id": after_id, "limit": limit})
-            for rows in result.partitions(_WINDOW_BLOCK):
-                for column, block in zip(values, zip(*rows, strict=True), strict=True):
-                    column.extend(block)
-                let_other_requests_run()
+            values = read_columns(result, len(columns), _WINDOW_BLOCK)
         for column in values:
             column.reverse()
         window = dict(zip(columns, values, strict=True))
