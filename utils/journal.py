@@ -55,21 +55,22 @@ class RecordBatch:
 
     def records(self) -> list[PredictionRecord]:
         """One store row per record."""
-        rows = zip(self.confidences, self.classes, self.features, strict=False)  # a replayed line may be short
+        rows = zip(self.confidences, self.classes, self.features, self._record_ids(), strict=False)  # a replayed line may be short
         ids, probabilities = self.prediction_ids or [], self.probabilities or []
         return [
             {"at": self.at, "model_version": self.model_version, "latency_ms": self.latency_ms, "confidence": confidence,
              "predicted_class": predicted_class, "success": self.success, "error": self.error, "features": features,
-             "record_id": self._record_id(index), "prediction_id": ids[index] if index < len(ids) else None,
+             "record_id": record_id, "prediction_id": ids[index] if index < len(ids) else None,
              "probabilities": probabilities[index] if index < len(probabilities) else None}
-            for index, (confidence, predicted_class, features) in enumerate(rows)
+            for index, (confidence, predicted_class, features, record_id) in enumerate(rows)
         ]
 
-    def _record_id(self, index: int) -> str | None:
+    def _record_ids(self) -> list[str | None]:
+        """The rows' ids, counting on from `first_id` (None each without it)."""
         if self.first_id is None:
-            return None
+            return [None] * len(self)
         owner, _, first = self.first_id.rpartition(SEPARATOR)
-        return f"{owner}{SEPARATOR}{int(first) + index}"
+        return [f"{owner}{SEPARATOR}{number}" for number in range(int(first), int(first) + len(self))]
 
 
 def process_alive(pid: int) -> bool:

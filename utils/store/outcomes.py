@@ -10,7 +10,7 @@ from typing import Any, TypedDict
 
 from sqlalchemy import Connection, bindparam, case, delete, func, select, text, update
 
-from utils.store.database import Database, in_lists, insert_many, read_columns
+from utils.store.database import Database, insert_many, read_columns, select_in
 from utils.store.service_state import read_states, write_state
 from utils.store.tables import outcomes
 
@@ -75,11 +75,10 @@ class OutcomeStore:
         """The stored outcomes among `ids`, by id (indexed lookups, in chunks)."""
         wanted = list(dict.fromkeys(ids))
         found: dict[str, StoredOutcome] = {}
-        columns = (outcomes.c.prediction_id, outcomes.c.at, outcomes.c.model_version, outcomes.c.label)
+        columns = ("prediction_id", "at", "model_version", "label")
         with self.database.read() as conn:
-            for chunk in in_lists(wanted):
-                for key, at, version, label in conn.execute(select(*columns).where(outcomes.c.prediction_id.in_(chunk))):
-                    found[key] = StoredOutcome(key, at, version, label)
+            for key, at, version, label in select_in(conn, outcomes, columns, "prediction_id", wanted):
+                found[key] = StoredOutcome(key, at, version, label)
         return found
 
     def set_labels(self, labels: dict[str, str], at: float) -> None:

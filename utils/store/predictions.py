@@ -11,7 +11,7 @@ from typing import Any, NotRequired, TypedDict
 
 from sqlalchemy import Connection, TextClause, func, or_, select, text
 
-from utils.store.database import Database, as_rows, in_lists, insert_many, read_columns
+from utils.store.database import Database, as_rows, insert_many, read_columns, select_in
 from utils.store.outcomes import OutcomeRecord, insert_outcomes
 from utils.store.service_state import lock_states, read_states, write_state
 from utils.store.tables import predictions
@@ -116,8 +116,7 @@ class PredictionStore:
             totals = _totals(lock_states(conn, (TOTALS,)))
             ids = [r["record_id"] for r in records if r.get("record_id")]
             if ids:
-                known = {key for chunk in in_lists(ids) for key in conn.execute(
-                    select(predictions.c.record_id).where(predictions.c.record_id.in_(chunk))).scalars()}
+                known = {key for key, in select_in(conn, predictions, ("record_id",), "record_id", ids)}
                 records = [r for r in records if r.get("record_id") not in known]
             if not records:
                 return 0
