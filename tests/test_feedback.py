@@ -23,6 +23,7 @@ from sklearn.metrics import (
 
 from tests.conftest import make_settings, promtool_findings
 from tests.test_monitoring import series_value
+from utils import audit
 from utils.cooperation import YIELD_SECONDS
 from utils.feedback import FeedbackPolicy, LabelFeedback
 from utils.maintenance import observe_quality
@@ -31,7 +32,9 @@ from utils.model_versioning import ModelVersionManager
 from utils.quality_report import QualityFloor
 from utils.request_ids import made_at, new_request_id
 from utils.serving import build_model
-from utils.store import Store
+from utils.store import Coverage, PredictionRecord, Store
+from utils.store.database import insert_many
+from utils.store.tables import outcomes
 
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
 CLASSES = ["setosa", "versicolor", "virginica"]
@@ -315,6 +318,54 @@ def test_a_labelled_prediction_of_another_window_is_not_counted(store: Store, re
     assert monitor.quality(window="horizon", version="1.0.0")["versions"][0]["labelled"] == 31
 
 
+def outcome_record(key: str, at: float, version: str, predicted: str) -> PredictionRecord:
+    return {"at": at, "model_version": version, "latency_ms": 1.0, "confidence": 0.9, "predicted_class": predicted,
+            "success": True, "error": None, "features": None, "record_id": None, "prediction_id": key,
+            "probabilities": [0.5, 0.25, 0.25]}
+
+
+def test_coverage_counts_exactly_what_a_row_by_row_count_finds(store: Store) -> None:
+    """Coverage comes from per-minute counts and the outcomes of the partial minutes at both
+    ends: through inserts (on minute boundaries too), repeated ids, labels, relabels and a prune
+    in the middle of a minute, every window counts what counting the kept outcomes one by one
+    finds."""
+    rng = np.random.default_rng(7)
+    start = (time.time() // 60 - 30) * 60
+    kept: dict[str, list[Any]] = {}  # id -> [at, version, predicted class, label]
+    for flush in range(12):
+        records = []
+        for i in range(150):
+            at = start + float(rng.choice([rng.uniform(0, 1200), 60.0 * rng.integers(0, 20)]))
+            key = f"f{flush}:{i}"
+            records.append(outcome_record(key, at, str(rng.choice(["1.0.0", "2.0.0"])), str(rng.choice(CLASSES))))
+            kept.setdefault(key, [at, records[-1]["model_version"], records[-1]["predicted_class"], None])
+        records += records[:5]  # a retried request's ids, in the same flush and in the next one's
+        store.predictions.insert(records)
+    store.predictions.insert([outcome_record("f0:0", start + 5.0, "2.0.0", "setosa")])
+    for _ in range(2):  # labels, then relabels of some of them
+        keys = rng.choice(sorted(kept), 400, replace=False)
+        labels = {str(key): str(rng.choice(CLASSES)) for key in keys}
+        store.outcomes.set_labels({**labels, "missing:0": "setosa"}, time.time())
+        for key, label in labels.items():
+            kept[key][3] = label
+    prune_at = start + 330.5
+    assert store.outcomes.prune(prune_at) == sum(1 for at, *_ in kept.values() if at < prune_at)
+    kept = {key: row for key, row in kept.items() if row[0] >= prune_at}
+
+    windows = [(start, start + 1200), (start + 59.999, start + 60), (start + 330.5, start + 600),
+               (start + 61.25, start + 1079.75), (start - 600, start + 3600)]
+    windows += [tuple(sorted(rng.uniform(0, 1300, 2) + start)) for _ in range(25)]
+    for since, until in windows:
+        expected: dict[str, Coverage] = {}
+        for at, version, predicted, label in kept.values():
+            if since <= at <= until:
+                was = expected.get(version, Coverage(0, 0, 0))
+                expected[version] = Coverage(was.predictions + 1, was.labelled + (label is not None),
+                                             was.correct + (label == predicted))
+        assert store.outcomes.coverage(since, until) == expected, (since - start, until - start)
+        assert store.outcomes.coverage(since, until, ("2.0.0",)) == {k: v for k, v in expected.items() if k == "2.0.0"}
+
+
 def test_quality_without_labels_is_empty_not_an_error(client) -> None:
     predict(client)
     report = client.get("/api/monitoring/quality").get_json()
@@ -405,6 +456,24 @@ def test_the_cli_backfills_labels_from_csv_and_reports_rejects(app, client, tmp_
     bad.write_text("prediction,truth\nx,y\n")
     refused = app.test_cli_runner().invoke(args=["monitoring", "feedback", str(bad)])
     assert refused.exit_code == 1 and "columns id and label" in refused.output
+
+
+def test_the_cli_recounts_what_processes_of_the_previous_schema_wrote(app, client) -> None:
+    """During a rolling upgrade from schema 7, the old processes write outcomes and labels
+    without counting them per minute; `flask monitoring recount` counts everything again."""
+    store = app.extensions["quadra"].store
+    predict(client)
+    flushed(client)
+    now = time.time()
+    old_writes = [{"prediction_id": f"old-process:{i}", "at": now - 5, "model_version": "1.0.0",
+                   "predicted_class": "setosa", "probabilities": [0.8, 0.1, 0.1], "label": "setosa"} for i in range(4)]
+    with store.database.write() as conn:
+        insert_many(conn, outcomes, old_writes)
+    assert store.outcomes.coverage(now - 3600, now + 60)["1.0.0"] == Coverage(3, 0, 0)
+    result = app.test_cli_runner().invoke(args=["monitoring", "recount"])
+    minutes = audit.recent(store, action="monitoring.recount")[0]["details"]["minutes"]
+    assert result.exit_code == 0 and result.stdout.strip() == f"counted {minutes} minute(s)" and minutes in (1, 2)
+    assert store.outcomes.coverage(now - 3600, now + 60)["1.0.0"] == Coverage(7, 4, 4)
 
 
 def test_a_model_trained_elsewhere_records_its_own_predictions_for_labels(store: Store, registry: ModelVersionManager,

@@ -17,6 +17,7 @@ from utils.store import (
     SCHEMA_VERSION,
     AlertEpisode,
     ApiKeyRow,
+    Coverage,
     Deployment,
     DriftCheck,
     ModeRecord,
@@ -73,6 +74,27 @@ def test_upgrade_path_applies_new_migrations_once(store_url: str, monkeypatch: p
         upgraded.database.dispose()
     finally:
         tables.metadata.remove(extra)
+
+
+def test_the_upgrade_counts_the_outcomes_stored_before_it(store_url: str) -> None:
+    """A store of schema 7 kept outcomes without per-minute counts: the upgrade counts them."""
+    store = Store(store_url)
+    at = time.time() - 600
+    store.predictions.insert([
+        {"at": at + i, "model_version": "1.0.0", "latency_ms": 1.0, "confidence": 0.9, "predicted_class": "a",
+         "success": True, "error": None, "features": None, "record_id": None, "prediction_id": f"r:{i}",
+         "probabilities": [0.9, 0.1]} for i in range(300)])
+    store.outcomes.set_labels({f"r:{i}": "a" if i % 3 else "b" for i in range(0, 300, 2)}, time.time())
+    counted = store.outcomes.coverage(at - 60, at + 400)
+    with store.database.write() as conn:
+        tables.outcome_minutes.drop(conn)
+        conn.execute(tables.schema_info.update().values(version=7))
+    store.database.dispose()
+
+    upgraded = Store(store_url)
+    assert upgraded.database.schema_version() == SCHEMA_VERSION
+    assert upgraded.outcomes.coverage(at - 60, at + 400) == counted == {"1.0.0": Coverage(300, 150, 100)}
+    upgraded.database.dispose()
 
 
 def test_the_mode_round_trips_and_is_overwritten(store: Store) -> None:

@@ -292,6 +292,16 @@ def quality_command(version: str | None, window: str) -> None:
         raise SystemExit(1)
 
 
+@monitoring_cli.command("recount")
+def recount_command() -> None:
+    """Count the per-minute label coverage again from the stored predictions, after an upgrade
+    from schema 7 by rolling restart (the old processes did not count what they wrote)."""
+    store = current_app.extensions["quadra"].store
+    minutes = store.outcomes.recount()
+    audit.record(store, "cli", "monitoring.recount", "success", details={"minutes": minutes})
+    click.echo(f"counted {minutes} minute(s)")
+
+
 @baseline_cli.command("set")
 def baseline_set_command() -> None:
     """Make the current monitoring window the drift reference."""

@@ -12,7 +12,7 @@ from typing import Any, NotRequired, TypedDict
 from sqlalchemy import Connection, TextClause, func, or_, select, text
 
 from utils.store.database import Database, as_rows, insert_many, read_columns, select_in
-from utils.store.outcomes import OutcomeRecord, insert_outcomes
+from utils.store.outcomes import OUTCOME_COUNTS, OutcomeRecord, insert_outcomes
 from utils.store.service_state import lock_states, read_states, write_state
 from utils.store.tables import predictions
 
@@ -113,7 +113,7 @@ class PredictionStore:
         if not records:
             return 0
         with self.database.write() as conn:
-            totals = _totals(lock_states(conn, (TOTALS,)))
+            totals = _totals(lock_states(conn, (TOTALS, OUTCOME_COUNTS)))
             ids = [r["record_id"] for r in records if r.get("record_id")]
             if ids:
                 known = {key for key, in select_in(conn, predictions, ("record_id",), "record_id", ids)}

@@ -20,7 +20,9 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    insert,
     inspect,
+    select,
     text,
 )
 
@@ -252,6 +254,16 @@ outcomes = Table(
 )
 Index("ix_outcomes_version_at", outcomes.c.model_version, outcomes.c.at)
 
+outcome_minutes = Table(
+    "outcome_minutes",
+    metadata,
+    Column("minute", Integer, primary_key=True),  # floor(at / 60) of the outcomes it counts
+    Column("model_version", String(128), primary_key=True),
+    Column("predictions", Integer, nullable=False),
+    Column("labelled", Integer, nullable=False),
+    Column("correct", Integer, nullable=False),
+)
+
 
 def _migration_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[model_versions, service_state, promotions, leases])
@@ -288,7 +300,30 @@ def _migration_7(conn: Connection) -> None:
     metadata.create_all(conn, tables=[outcomes])
 
 
+def _migration_8(conn: Connection) -> None:
+    """Outcomes counted per minute and version, from the outcomes already stored."""
+    metadata.create_all(conn, tables=[outcome_minutes])
+    count_outcome_minutes(conn)
+
+
+def count_outcome_minutes(conn: Connection) -> int:
+    """Fill an empty `outcome_minutes` from the stored outcomes (the minute of `at` is
+    floor(at / 60), as the writers count it); returns how many minute rows it wrote."""
+    counts: dict[tuple[int, str], list[int]] = {}
+    for at, version, predicted, label in conn.execute(select(outcomes.c.at, outcomes.c.model_version,
+                                                             outcomes.c.predicted_class, outcomes.c.label)):
+        count = counts.setdefault((int(at // 60), version), [0, 0, 0])
+        count[0] += 1
+        count[1] += label is not None
+        count[2] += label == predicted
+    if counts:
+        conn.execute(insert(outcome_minutes), [
+            {"minute": minute, "model_version": version, "predictions": total, "labelled": labelled, "correct": correct}
+            for (minute, version), (total, labelled, correct) in counts.items()])
+    return len(counts)
+
+
 # The schema's upgrade path: append a function per change; never edit a released one.
 MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4, _migration_5,
-                                                 _migration_6, _migration_7]
+                                                 _migration_6, _migration_7, _migration_8]
 SCHEMA_VERSION = len(MIGRATIONS)
