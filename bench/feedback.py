@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import requests
+from sqlalchemy import text
 
 from bench.load import LoadResult, Server, wrk
 from bench.monitoring import best_of
@@ -49,9 +50,8 @@ def run() -> str:
             first, relabel = feedback_calls(api, ids)
             served = best_of(REPEATS, lambda: served_quality(api))
             alone, streaming, streamed = streaming_runs(api, ids)
-        quality, reference, reference_name = quality_costs(Path(folder) / "quality")
-    return _table(Timings(predict, first, relabel, served, quality, reference), reference_name,
-                  alone, streaming, streamed)
+        costs = quality_costs(Path(folder) / "quality")
+    return _table(Timings(predict, first, relabel, served), costs, alone, streaming, streamed)
 
 
 def timed_post(api: Api, path: str, body: dict) -> tuple[float, dict]:
@@ -157,9 +157,26 @@ def streaming_runs(api: Api, ids: list[str]) -> tuple[LoadResult, LoadResult, fl
     return best(alone), best(streaming), min(rates)
 
 
-def quality_costs(folder: Path) -> tuple[float, float, str]:
-    """Seconds of `quality(window="hour")` over QUALITY_WINDOW labelled predictions, of the
-    reference computing the same numbers on in-memory arrays, and the reference's name."""
+# What coverage cost before schema 8: every prediction of the window counted, one SQL statement.
+ROW_BY_ROW_COVERAGE = text(
+    "SELECT model_version, count(*), count(label), sum(CASE WHEN label = predicted_class THEN 1 ELSE 0 END) "
+    "FROM outcomes WHERE at >= :since AND at <= :until GROUP BY model_version")
+
+
+@dataclass(frozen=True)
+class QualityCosts:
+    """Seconds, in-process over QUALITY_WINDOW labelled predictions: `quality(window="hour")`,
+    the reference computing the same numbers on in-memory arrays (and its name), the hour's
+    coverage as the service counts it and as ROW_BY_ROW_COVERAGE counts it."""
+
+    quality: float
+    reference: float
+    reference_name: str
+    coverage: float
+    row_by_row: float
+
+
+def quality_costs(folder: Path) -> QualityCosts:
     folder.mkdir()
     store = Store(f"sqlite:///{folder / 'quality.db'}")
     config = {"architecture": "mlp", "input_dim": 4, "num_classes": len(CLASSES), "hidden_dims": [32, 16],
@@ -170,8 +187,15 @@ def quality_costs(folder: Path) -> tuple[float, float, str]:
     truth, probabilities = labelled(monitor, np.random.default_rng(0))
     quality = best_of(REPEATS, lambda: monitor.quality(window="hour"))
     reference, name = reference_metrics(truth, probabilities)
+    since, until = time.time() - 3600, time.time()
+    coverage = best_of(REPEATS, lambda: store.outcomes.coverage(since, until))
+    with store.database.read() as conn:
+        counted = {version: tuple(counts) for version, *counts in conn.execute(ROW_BY_ROW_COVERAGE, {"since": since, "until": until})}
+        row_by_row = best_of(REPEATS, lambda: conn.execute(ROW_BY_ROW_COVERAGE, {"since": since, "until": until}).all())
+    if counted != {version: (c.predictions, c.labelled, c.correct) for version, c in store.outcomes.coverage(since, until).items()}:
+        raise RuntimeError(f"coverage differs from the row-by-row count: {counted}")
     store.database.dispose()
-    return quality, best_of(REPEATS, reference), name
+    return QualityCosts(quality, best_of(REPEATS, reference), name, coverage, row_by_row)
 
 
 def labelled(monitor: ModelMonitor, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -227,17 +251,15 @@ def reference_metrics(truth: np.ndarray, probabilities: np.ndarray) -> tuple[Cal
 class Timings:
     """Seconds: the fastest POST /api/predict of LABELS_PER_CALL rows, POST /api/feedback of as
     many first labels and relabels, GET /api/monitoring/quality over QUALITY_WINDOW labelled
-    predictions, the same in-process, and the in-memory reference."""
+    predictions."""
 
     predict: float
     first: float
     relabel: float
     served_quality: float
-    quality: float
-    reference: float
 
 
-def _table(t: Timings, reference_name: str, alone: LoadResult, streaming: LoadResult, streamed: float) -> str:
+def _table(t: Timings, c: QualityCosts, alone: LoadResult, streaming: LoadResult, streamed: float) -> str:
     n = LABELS_PER_CALL
     return "\n".join([
         "## Labels and quality\n",
@@ -252,9 +274,12 @@ def _table(t: Timings, reference_name: str, alone: LoadResult, streaming: LoadRe
         f"| POST /api/feedback, {n:,} relabels | {t.relabel * 1000:.0f} ms ({n / t.relabel:,.0f} labels/s) "
         f"| the same | {t.relabel / t.predict:.2f}× | ≤ 1 s |",
         f"| GET /api/monitoring/quality?window=hour, {QUALITY_WINDOW:,} labelled | {t.served_quality * 1000:.0f} ms "
-        f"| {reference_name}: {t.reference * 1000:.1f} ms | {t.served_quality / t.reference:.1f}× | ≤ 0.5 s |",
-        f"| `ModelMonitor.quality(window=\"hour\")` in-process, {QUALITY_WINDOW:,} labelled | {t.quality * 1000:.0f} ms "
-        f"| the same | {t.quality / t.reference:.1f}× | ≤ 0.5 s |",
+        f"| {c.reference_name}: {c.reference * 1000:.1f} ms | {t.served_quality / c.reference:.1f}× | ≤ 0.5 s |",
+        f"| `ModelMonitor.quality(window=\"hour\")` in-process, {QUALITY_WINDOW:,} labelled | {c.quality * 1000:.0f} ms "
+        f"| the same | {c.quality / c.reference:.1f}× | ≤ 0.5 s |",
+        f"| coverage of the hour (the quality check's count at every drift check and scrape), {QUALITY_WINDOW:,} "
+        f"predictions, in-process | {c.coverage * 1000:.1f} ms | counting them row by row (before schema 8): "
+        f"{c.row_by_row * 1000:.1f} ms | {c.coverage / c.row_by_row:.2f}× | — |",
         "",
         f"**Predict with labels streaming** (batch 1, wrk 2 threads / 16 connections, 10 s runs, best of {ROUNDS} "
         f"alternating runs on the same server; labels posted every {LABEL_INTERVAL} s at {LABEL_SHARE:.0%} of the "
