@@ -310,8 +310,8 @@ def count_outcome_minutes(conn: Connection) -> int:
     """Fill an empty `outcome_minutes` from the stored outcomes (the minute of `at` is
     floor(at / 60), as the writers count it); returns how many minute rows it wrote."""
     counts: dict[tuple[int, str], list[int]] = {}
-    for at, version, predicted, label in conn.execute(select(outcomes.c.at, outcomes.c.model_version,
-                                                             outcomes.c.predicted_class, outcomes.c.label)):
+    stored = select(outcomes.c.at, outcomes.c.model_version, outcomes.c.predicted_class, outcomes.c.label)
+    for at, version, predicted, label in conn.execute(stored.execution_options(yield_per=10_000)):  # not all at once
         count = counts.setdefault((int(at // 60), version), [0, 0, 0])
         count[0] += 1
         count[1] += label is not None
