@@ -348,10 +348,21 @@ def test_coverage_counts_exactly_what_a_row_by_row_count_finds(store: Store) -> 
         store.outcomes.set_labels({**labels, "missing:0": "setosa"}, time.time())
         for key, label in labels.items():
             kept[key][3] = label
-    prune_at = start + 330.5
-    assert store.outcomes.prune(prune_at) == sum(1 for at, *_ in kept.values() if at < prune_at)
-    kept = {key: row for key, row in kept.items() if row[0] >= prune_at}
+    for prune_at in (start + 330.5, start + 330.5, start + 335.0):  # twice at the same time, then later
+        assert store.outcomes.prune(prune_at) == sum(1 for at, *_ in kept.values() if at < prune_at)
+        kept = {key: row for key, row in kept.items() if row[0] >= prune_at}
+        late = outcome_record(f"late:{prune_at}", prune_at + 1, "1.0.0", "setosa")  # into the pruned minute
+        store.predictions.insert([late])
+        store.outcomes.set_labels({late["prediction_id"]: "setosa"}, time.time())
+        kept[late["prediction_id"]] = [late["at"], "1.0.0", "setosa", "setosa"]
+    assert_coverage_counts(store, kept, start, rng)
+    store.outcomes.recount()
+    assert_coverage_counts(store, kept, start, rng)
 
+
+def assert_coverage_counts(store: Store, kept: dict[str, list[Any]], start: float, rng: np.random.Generator) -> None:
+    """Every window's coverage is what counting `kept` (id -> [at, version, predicted class,
+    label]) one by one finds."""
     windows = [(start, start + 1200), (start + 59.999, start + 60), (start + 330.5, start + 600),
                (start + 61.25, start + 1079.75), (start - 600, start + 3600)]
     windows += [tuple(sorted(rng.uniform(0, 1300, 2) + start)) for _ in range(25)]
@@ -360,10 +371,39 @@ def test_coverage_counts_exactly_what_a_row_by_row_count_finds(store: Store) -> 
         for at, version, predicted, label in kept.values():
             if since <= at <= until:
                 was = expected.get(version, Coverage(0, 0, 0))
-                expected[version] = Coverage(was.predictions + 1, was.labelled + (label is not None),
-                                             was.correct + (label == predicted))
+                expected[version] = was.plus(Coverage(1, label is not None, label == predicted))
         assert store.outcomes.coverage(since, until) == expected, (since - start, until - start)
         assert store.outcomes.coverage(since, until, ("2.0.0",)) == {k: v for k, v in expected.items() if k == "2.0.0"}
+
+
+def test_coverage_stays_exact_with_writers_in_several_threads(store: Store) -> None:
+    """Flushes of overlapping prediction ids (a retried request's) and labels at once, on
+    several connections: every id is counted once, every label once."""
+    start = time.time() - 120
+    keys = [f"c:{i}" for i in range(400)]
+
+    def flush(offset: int) -> None:
+        for first in range(0, 400, 40):
+            store.predictions.insert([outcome_record(key, start + (hash(key) % 100), "1.0.0", "setosa")
+                                      for key in keys[(first + offset) % 400:][:40]])
+
+    def label() -> None:
+        for _ in range(20):
+            store.outcomes.set_labels({key: "setosa" if i % 2 else "virginica" for i, key in enumerate(keys)}, time.time())
+
+    threads = [threading.Thread(target=flush, args=(offset,)) for offset in (0, 20, 0)] + [threading.Thread(target=label)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    store.outcomes.set_labels({key: "setosa" if i % 2 else "virginica" for i, key in enumerate(keys)}, time.time())
+    assert store.outcomes.coverage(start - 60, start + 200) == {"1.0.0": Coverage(400, 400, 200)}
+
+
+def test_a_prediction_needs_a_finite_time() -> None:
+    for at in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="at must be finite epoch seconds"):
+            PredictionMetrics(at=at, latency_ms=1.0, success=True)
 
 
 def test_quality_without_labels_is_empty_not_an_error(client) -> None:

@@ -55,6 +55,11 @@ class PredictionMetrics:
     prediction_id: str | None = None  # with probabilities (in class order): labels can be recorded for it
     probabilities: list[float] | None = None
 
+    def __post_init__(self) -> None:
+        """A record the store cannot place in time would fail its whole flush, again at every retry."""
+        if not (isinstance(self.at, numbers.Real) and math.isfinite(self.at) and self.at >= 0):
+            raise ValueError(f"at must be finite epoch seconds, not {self.at!r}")
+
 
 def _summary(values: np.ndarray) -> dict[str, float | None]:
     """mean, std, p50, p95, p99 and max of `values` (None for each when there are none)."""

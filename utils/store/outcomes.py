@@ -14,11 +14,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from sqlalchemy import Connection, bindparam, case, delete, func, select, text, update
+from sqlalchemy import Connection, Select, bindparam, case, delete, func, select, text, update
 
 from utils.store.database import Database, insert_many, read_columns, select_in
 from utils.store.service_state import lock_states, read_states, write_state
-from utils.store.tables import count_outcome_minutes, outcome_minutes, outcomes
+from utils.store.tables import count_outcome_minutes, minute_of, outcome_minutes, outcomes
 
 QUALITY_REPORT = "quality_report"
 OUTCOME_COUNTS = "outcome_counts"  # the lock (`lock_states`) of every write to outcome_minutes
@@ -44,26 +44,27 @@ class OutcomeRecord(TypedDict):
     probabilities: Sequence[float]
 
 
-def _counted(conn: Connection, *where: Any, versions: tuple[str, ...] | None = None) -> list[tuple[str, tuple[int, int, int]]]:
-    """(version, (predictions, labelled, right)) of the outcomes matching `where`, row by row."""
-    correct = func.sum(case((outcomes.c.label == outcomes.c.predicted_class, 1), else_=0))
-    query = (select(outcomes.c.model_version, func.count(), func.count(outcomes.c.label), correct)
-             .where(*where).group_by(outcomes.c.model_version))
-    if versions is not None:
-        query = query.where(outcomes.c.model_version.in_(versions))
-    return [(version, (total, labelled, right)) for version, total, labelled, right in conn.execute(query)]
+def _counted(conn: Connection, *where: Any, versions: tuple[str, ...] | None = None) -> dict[str, Coverage]:
+    """Coverage by version of the outcomes matching `where`, counted row by row."""
+    right = func.sum(case((outcomes.c.label == outcomes.c.predicted_class, 1), else_=0))
+    query = select(outcomes.c.model_version, func.count(), func.count(outcomes.c.label), right).where(*where)
+    return _coverages(conn, query, outcomes.c.model_version, versions)
 
 
-def _from_minutes(conn: Connection, first: int, last: int,
-                  versions: tuple[str, ...] | None) -> list[tuple[str, tuple[int, int, int]]]:
-    """The same counts, for the minutes [first, last), from `outcome_minutes`."""
-    query = (select(outcome_minutes.c.model_version, func.sum(outcome_minutes.c.predictions),
-                    func.sum(outcome_minutes.c.labelled), func.sum(outcome_minutes.c.correct))
-             .where(outcome_minutes.c.minute >= first, outcome_minutes.c.minute < last)
-             .group_by(outcome_minutes.c.model_version))
+def _from_minutes(conn: Connection, first: int, last: int, versions: tuple[str, ...] | None) -> dict[str, Coverage]:
+    """Coverage by version of the minutes [first, last), from `outcome_minutes`."""
+    minutes = outcome_minutes.c
+    query = (select(minutes.model_version, func.sum(minutes.predictions), func.sum(minutes.labelled),
+                    func.sum(minutes.correct)).where(minutes.minute >= first, minutes.minute < last))
+    return _coverages(conn, query, minutes.model_version, versions)
+
+
+def _coverages(conn: Connection, query: Select[Any], version: Any, versions: tuple[str, ...] | None) -> dict[str, Coverage]:
+    """`query`'s (version, predictions, labelled, right) rows grouped by `version`, of `versions` only when given."""
     if versions is not None:
-        query = query.where(outcome_minutes.c.model_version.in_(versions))
-    return [(version, (total, labelled, right)) for version, total, labelled, right in conn.execute(query)]
+        query = query.where(version.in_(versions))
+    return {name: Coverage(int(total), int(labelled), int(right or 0))
+            for name, total, labelled, right in conn.execute(query.group_by(version))}
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +96,9 @@ class Coverage:
     labelled: int
     correct: int
 
+    def plus(self, other: Coverage) -> Coverage:
+        return Coverage(self.predictions + other.predictions, self.labelled + other.labelled, self.correct + other.correct)
+
 
 def insert_outcomes(conn: Connection, rows: list[OutcomeRecord]) -> None:
     """Insert inside the caller's transaction, which holds OUTCOME_COUNTS (`lock_states`); an id
@@ -111,7 +115,7 @@ def insert_outcomes(conn: Connection, rows: list[OutcomeRecord]) -> None:
     insert_many(conn, outcomes, list(new.values()), skip_conflicts_on="prediction_id")
     counts = _MinuteCounts()
     for row in new.values():
-        counts.add(row["at"], row["model_version"], predictions=1)
+        counts.add(minute_of(row["at"]), row["model_version"], predictions=1)
     counts.write(conn)
 
 
@@ -121,8 +125,8 @@ class _MinuteCounts:
     def __init__(self) -> None:
         self.changes: dict[tuple[int, str], list[int]] = {}
 
-    def add(self, at: float, version: str, predictions: int = 0, labelled: int = 0, correct: int = 0) -> None:
-        change = self.changes.setdefault((minute_of(at), version), [0, 0, 0])
+    def add(self, minute: int, version: str, predictions: int = 0, labelled: int = 0, correct: int = 0) -> None:
+        change = self.changes.setdefault((minute, version), [0, 0, 0])
         change[0] += predictions
         change[1] += labelled
         change[2] += correct
@@ -133,12 +137,6 @@ class _MinuteCounts:
                 if predictions or labelled or correct]
         if rows:
             conn.execute(_ADD_COUNTS, rows)
-
-
-def minute_of(at: float) -> int:
-    """The minute an outcome made at `at` is counted in: floor(at / 60), exactly (float floor
-    division), so that minute m holds exactly the outcomes with 60·m <= at < 60·(m + 1)."""
-    return int(at // 60)
 
 
 class OutcomeStore:
@@ -168,7 +166,7 @@ class OutcomeStore:
             updates = []
             for key, made_at, version, predicted, earlier in select_in(conn, outcomes, columns, "prediction_id", list(labels)):
                 label = labels[key]
-                counts.add(made_at, version, labelled=earlier is None,
+                counts.add(minute_of(made_at), version, labelled=earlier is None,
                            correct=(label == predicted) - (earlier == predicted))
                 updates.append({"id": key, "label": label})
             if updates:
@@ -196,10 +194,8 @@ class OutcomeStore:
                          _from_minutes(conn, first, last, versions),
                          _counted(conn, outcomes.c.at >= last * 60, outcomes.c.at <= until, versions=versions)]
         for part in parts:
-            for version, (total, labelled, right) in part:
-                before = found.get(version, Coverage(0, 0, 0))
-                found[version] = Coverage(before.predictions + int(total), before.labelled + int(labelled),
-                                          before.correct + int(right or 0))
+            for version, counts in part.items():
+                found[version] = found.get(version, Coverage(0, 0, 0)).plus(counts)
         return {version: counts for version, counts in found.items() if counts.predictions}
 
     def prune(self, before: float) -> int:
@@ -208,8 +204,8 @@ class OutcomeStore:
         with self.database.write() as conn:
             lock_states(conn, (OUTCOME_COUNTS,))
             counts = _MinuteCounts()
-            for version, (total, labelled, right) in _counted(conn, outcomes.c.at >= edge * 60, outcomes.c.at < before):
-                counts.add(edge * 60, version, predictions=-int(total), labelled=-int(labelled), correct=-int(right or 0))
+            for version, gone in _counted(conn, outcomes.c.at >= edge * 60, outcomes.c.at < before).items():
+                counts.add(edge, version, predictions=-gone.predictions, labelled=-gone.labelled, correct=-gone.correct)
             counts.write(conn)
             conn.execute(delete(outcome_minutes).where(outcome_minutes.c.minute < edge))
             return int(conn.execute(delete(outcomes).where(outcomes.c.at < before)).rowcount or 0)
