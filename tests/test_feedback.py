@@ -20,6 +20,7 @@ from sklearn.metrics import (
     log_loss,
     precision_recall_fscore_support,
 )
+from sqlalchemy import select
 
 from tests.conftest import make_settings, promtool_findings
 from tests.test_monitoring import series_value
@@ -34,7 +35,7 @@ from utils.request_ids import made_at, new_request_id
 from utils.serving import build_model
 from utils.store import Coverage, PredictionRecord, Store
 from utils.store.database import insert_many
-from utils.store.tables import outcomes
+from utils.store.tables import minute_of, outcomes
 
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
 CLASSES = ["setosa", "versicolor", "virginica"]
@@ -401,7 +402,7 @@ def test_coverage_stays_exact_with_writers_in_several_threads(store: Store) -> N
 
 
 def test_a_prediction_needs_a_finite_time() -> None:
-    for at in (float("inf"), float("nan"), -1.0):
+    for at in (float("inf"), float("nan"), -1.0, True, "1733100000", None):
         with pytest.raises(ValueError, match="at must be finite epoch seconds"):
             PredictionMetrics(at=at, latency_ms=1.0, success=True)
 
@@ -512,7 +513,11 @@ def test_the_cli_recounts_what_processes_of_the_previous_schema_wrote(app, clien
     assert store.outcomes.coverage(now - 3600, now + 60)["1.0.0"] == Coverage(3, 0, 0)
     result = app.test_cli_runner().invoke(args=["monitoring", "recount"])
     minutes = audit.recent(store, action="monitoring.recount")[0]["details"]["minutes"]
-    assert result.exit_code == 0 and result.stdout.strip() == f"counted {minutes} minute(s)" and minutes in (1, 2)
+    with store.database.read() as conn:
+        stored = conn.execute(select(outcomes.c.at, outcomes.c.model_version)).all()
+    stored_minutes = {(minute_of(at), version) for at, version in stored}
+    assert result.exit_code == 0 and result.stdout.strip() == f"counted {minutes} minute(s)"
+    assert minutes == len(stored_minutes)
     assert store.outcomes.coverage(now - 3600, now + 60)["1.0.0"] == Coverage(7, 4, 4)
 
 

@@ -294,8 +294,11 @@ def quality_command(version: str | None, window: str) -> None:
 
 @monitoring_cli.command("recount")
 def recount_command() -> None:
-    """Count the per-minute label coverage again from the stored predictions, after an upgrade
-    from schema 7 by rolling restart (the old processes did not count what they wrote)."""
+    """Count the per-minute label coverage again from the stored predictions.
+
+    Run it once every process runs this release, whenever a process of a release before
+    schema 8 wrote to the store after its upgrade (a rolling restart, a rollback, a host not
+    yet upgraded): such a process stores predictions and labels without counting them."""
     store = current_app.extensions["quadra"].store
     minutes = store.outcomes.recount()
     audit.record(store, "cli", "monitoring.recount", "success", details={"minutes": minutes})

@@ -57,7 +57,7 @@ class PredictionMetrics:
 
     def __post_init__(self) -> None:
         """A record the store cannot place in time would fail its whole flush, again at every retry."""
-        if not (isinstance(self.at, numbers.Real) and math.isfinite(self.at) and self.at >= 0):
+        if isinstance(self.at, bool) or not (isinstance(self.at, numbers.Real) and math.isfinite(self.at) and self.at >= 0):
             raise ValueError(f"at must be finite epoch seconds, not {self.at!r}")
 
 

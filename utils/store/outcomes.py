@@ -14,11 +14,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from sqlalchemy import Connection, Select, bindparam, case, delete, func, select, text, update
+from sqlalchemy import Connection, Select, bindparam, delete, func, select, text, update
 
 from utils.store.database import Database, insert_many, read_columns, select_in
 from utils.store.service_state import lock_states, read_states, write_state
-from utils.store.tables import count_outcome_minutes, minute_of, outcome_minutes, outcomes
+from utils.store.tables import count_outcome_minutes, minute_of, outcome_minutes, outcome_tallies, outcomes
 
 QUALITY_REPORT = "quality_report"
 OUTCOME_COUNTS = "outcome_counts"  # the lock (`lock_states`) of every write to outcome_minutes
@@ -46,8 +46,7 @@ class OutcomeRecord(TypedDict):
 
 def _counted(conn: Connection, *where: Any, versions: tuple[str, ...] | None = None) -> dict[str, Coverage]:
     """Coverage by version of the outcomes matching `where`, counted row by row."""
-    right = func.sum(case((outcomes.c.label == outcomes.c.predicted_class, 1), else_=0))
-    query = select(outcomes.c.model_version, func.count(), func.count(outcomes.c.label), right).where(*where)
+    query = select(outcomes.c.model_version, *outcome_tallies()).where(*where)
     return _coverages(conn, query, outcomes.c.model_version, versions)
 
 
@@ -212,8 +211,9 @@ class OutcomeStore:
 
     def recount(self) -> int:
         """Count `outcome_minutes` again from the stored outcomes; returns how many minute rows.
-        For an upgrade from schema 7 by rolling restart: the old processes that wrote
-        outcomes or labels after the new ones upgraded the schema did not count them."""
+        For whenever a process of a release before schema 8 wrote to this store after it was
+        upgraded (a rolling restart, a rollback, a host not yet upgraded): such a process
+        stores outcomes and labels without counting them."""
         with self.database.write() as conn:
             lock_states(conn, (OUTCOME_COUNTS,))
             conn.execute(delete(outcome_minutes))
