@@ -63,7 +63,7 @@ PHASES = (
     Phase("labels and quality", "10,000-label calls, quality over 100,000 labels, predict while labels stream", 2,
           feedback.run),
     Phase("worker memory", "worker RSS of the service, the bare app and every peer after warm-up, 10k and 100k "
-          "requests", 9, memory.run),
+          "requests (the service and the bare app on to 300k)", 11, memory.run),
 )
 
 
