@@ -41,8 +41,9 @@ def run() -> str:
                     shadow = api.canary()["shadow"]
                     api.post("/api/model/canary/abort", {})
                     time.sleep(2)
-            lifecycle, decision = start_promote_abort(api, server.url, headers)
-    return _table({name: best(runs) for name, runs in measured.items()}, shadow, lifecycle, decision)
+            best_of = {name: best(runs) for name, runs in measured.items()}
+            lifecycle, decision = start_promote_abort(api, server.url, headers, best_of["none"].requests_per_second)
+    return _table(best_of, shadow, lifecycle, decision)
 
 
 class Api:
@@ -58,20 +59,23 @@ class Api:
         return requests.get(f"{self.url}/api/model/canary", headers=self.headers, timeout=60).json()["rollout"]
 
 
-def start_promote_abort(api: Api, url: str, headers: dict[str, str]) -> tuple[LoadResult, str]:
+def start_promote_abort(api: Api, url: str, headers: dict[str, str], requests_per_second: float) -> tuple[LoadResult, str]:
     """One wrk run while a canary starts and is promoted by the service, then another starts
-    and is aborted by hand."""
+    and is aborted by hand. The service may decide once the canary has served its minimum
+    of predictions: the run allows twice the time that takes at `requests_per_second`."""
+    to_decide = 2 * DECIDING["min_predictions"] / (requests_per_second * DECIDING["percent"] / 100)
     outcome: dict[str, LoadResult] = {}
     loader = threading.Thread(target=lambda: outcome.update(run=wrk(f"{url}/api/predict", {"inputs": IRIS[:1]},
-                                                                    headers, duration=25)))
+                                                                    headers, duration=round(2 + to_decide + 5))))
     loader.start()
     time.sleep(2)
     rollout = api.post("/api/model/canary/1.1.0", DECIDING)
-    deadline = time.monotonic() + 18
+    deadline = time.monotonic() + to_decide
     while api.canary()["status"] == "running" and time.monotonic() < deadline:
         time.sleep(0.5)
     decided = api.canary()
-    decision = f"{decided['status']} by {decided['decided_by']}: {decided['reason']}"
+    decision = (f"{decided['status']} by {decided['decided_by']}: {decided['reason']}" if decided["status"] != "running"
+                else f"not decided within {to_decide:.0f} s")
     if decided["id"] == rollout["id"] and decided["status"] == "promoted":
         api.post("/api/model/canary/1.0.0", HOLD)
         time.sleep(1)
@@ -98,8 +102,9 @@ def _table(best_of: dict[str, LoadResult], shadow: dict, lifecycle: LoadResult, 
         f"The last shadow run ran {shadow['requests']:,} copies ({shadow['dropped']:,} dropped for a full queue), "
         f"agreement {shadow['agreement_rate']:.3f}.",
         "",
-        "**Start, automatic promote, abort under load** (one 25 s wrk run: a 10% canary started, "
-        "promoted by the service after 2,000 predictions on it, then another started and aborted by hand):\n",
+        f"**Start, automatic promote, abort under load** (one wrk run of "
+        f"{lifecycle.total / lifecycle.requests_per_second:.0f} s: a 10% canary started, promoted by the service after "
+        f"{DECIDING['min_predictions']:,} predictions on it, then another started and aborted by hand):\n",
         "| requests | failed | req/s | p99 | decision |",
         "|---|---|---|---|---|",
         f"| {lifecycle.total:,} | {lifecycle.failed} | {lifecycle.requests_per_second:,.0f} | {lifecycle.p99_ms:.2f} ms "
