@@ -50,7 +50,7 @@ PHASES = (
           "TorchServe, MLflow and KServe (installed under bench/.work on the first run: 10 more minutes)", 8,
           predict_load.run),
     Phase("latency at equal offered load", "open loop at 25%, 50% and 75% of the bare app's capacity, and at each "
-          "server's own 50%: the service, the bare app and every peer", 5, latency.run),
+          "server's own 50% (the service at each peer's too): the service, the bare app and every peer", 6, latency.run),
     Phase("dynamic batching", "a model whose forward pass dominates: the service and TorchServe, each without and "
           "with its own batching", 4, batching.run),
     Phase("worker classes", "the full service and the bare app under eventlet, gevent and gthread", 4,
