@@ -2,7 +2,7 @@
 command, same model) and of every peer after warm-up, after 10,000 and after 100,000 requests of
 batch 1 under wrk, to show what the governance costs in memory and that nothing grows with
 the number of requests served. The full service and the bare app go on to 300,000 requests,
-to show whether what grew levels off (the slowest peer would take a quarter of an hour)."""
+to show whether what grew goes on growing (the slowest peer would take a quarter of an hour)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from bench.peers import PEERS
 from bench.predict_load import IRIS, bare_app, full_service, prepare
 
 CHECKPOINTS = (10_000, 100_000)
-LEVELS_OFF_AT = 300_000
+LONG_RUN = 300_000
+LONG_CHECKPOINTS = (*CHECKPOINTS, LONG_RUN)
 SLICE_SECONDS = 5
 
 
@@ -87,9 +88,9 @@ def run() -> str:
         key, model_dir = prepare(work / "state")
         measured: dict[str, MemoryRun] = {}
         with full_service(work / "state", key) as endpoint:
-            measured[endpoint.name] = measure(endpoint, (*CHECKPOINTS, LEVELS_OFF_AT))
+            measured[endpoint.name] = measure(endpoint, LONG_CHECKPOINTS)
         with bare_app(work, model_dir) as endpoint:
-            measured[endpoint.name] = measure(endpoint, (*CHECKPOINTS, LEVELS_OFF_AT))
+            measured[endpoint.name] = measure(endpoint, LONG_CHECKPOINTS)
         for peer in PEERS:
             with peer.serve(model_dir, IRIS[0]) as endpoint:
                 measured[endpoint.name] = measure(endpoint)
@@ -104,7 +105,7 @@ def _table(measured: dict[str, MemoryRun]) -> str:
         "children), batch-1 predictions under wrk (2 threads, 16 connections); the count is of all workers' requests. "
         "The whole tree adds the master, a CLI parent or TorchServe's Java frontend.\n",
         f"| server | after warm-up | after {first:,} | after {last:,} | growth {first:,} → {last:,} "
-        f"| after {LEVELS_OFF_AT:,} (growth from {last:,}) | whole tree at the end | workers ÷ bare app's after {last:,} | target |",
+        f"| after {LONG_RUN:,} (growth from {last:,}) | whole tree at the end | workers ÷ bare app's after {last:,} | target |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     bare = measured["bare Flask app"].at_checkpoint_mb[last]
@@ -112,13 +113,14 @@ def _table(measured: dict[str, MemoryRun]) -> str:
         growth = run_.at_checkpoint_mb[last] - run_.at_checkpoint_mb[first]
         target = "≤ 1.2×, no growth beyond noise" if name == "full service" else ""
         lines.append(f"| {name} ({run_.served:,} requests) | {run_.warm_mb:.0f} MiB | {run_.at_checkpoint_mb[first]:.0f} MiB "
-                     f"| {run_.at_checkpoint_mb[last]:.0f} MiB | {growth:+.1f} MiB | {_levelled(run_, last)} | {run_.tree_mb:.0f} MiB "
+                     f"| {run_.at_checkpoint_mb[last]:.0f} MiB | {growth:+.1f} MiB | {_after_long_run(run_, last)} "
+                     f"| {run_.tree_mb:.0f} MiB "
                      f"| {run_.at_checkpoint_mb[last] / bare:.2f}× | {target} |")
     return "\n".join(lines) + "\n"
 
 
-def _levelled(run_: MemoryRun, last: int) -> str:
-    if LEVELS_OFF_AT not in run_.at_checkpoint_mb:
+def _after_long_run(run_: MemoryRun, last: int) -> str:
+    if LONG_RUN not in run_.at_checkpoint_mb:
         return "not run"
-    at = run_.at_checkpoint_mb[LEVELS_OFF_AT]
+    at = run_.at_checkpoint_mb[LONG_RUN]
     return f"{at:.0f} MiB ({at - run_.at_checkpoint_mb[last]:+.1f} MiB)"

@@ -62,8 +62,10 @@ class Api:
 def start_promote_abort(api: Api, url: str, headers: dict[str, str], requests_per_second: float) -> tuple[LoadResult, str]:
     """One wrk run while a canary starts and is promoted by the service, then another starts
     and is aborted by hand. The service may decide once the canary has served its minimum
-    of predictions: the run allows twice the time that takes at `requests_per_second`."""
-    to_decide = 2 * DECIDING["min_predictions"] / (requests_per_second * DECIDING["percent"] / 100)
+    of predictions: the run allows twice the time that takes at `requests_per_second` (10 s
+    at least, for the service's check every second and the workers' polls). A canary still
+    undecided then is aborted, and the table says so."""
+    to_decide = max(10.0, 2 * DECIDING["min_predictions"] / (requests_per_second * DECIDING["percent"] / 100))
     outcome: dict[str, LoadResult] = {}
     loader = threading.Thread(target=lambda: outcome.update(run=wrk(f"{url}/api/predict", {"inputs": IRIS[:1]},
                                                                     headers, duration=round(2 + to_decide + 5))))
@@ -75,8 +77,10 @@ def start_promote_abort(api: Api, url: str, headers: dict[str, str], requests_pe
         time.sleep(0.5)
     decided = api.canary()
     decision = (f"{decided['status']} by {decided['decided_by']}: {decided['reason']}" if decided["status"] != "running"
-                else f"not decided within {to_decide:.0f} s")
-    if decided["id"] == rollout["id"] and decided["status"] == "promoted":
+                else f"not decided within {to_decide:.0f} s: aborted")
+    if decided["status"] == "running":
+        api.post("/api/model/canary/abort", {})
+    elif decided["id"] == rollout["id"] and decided["status"] == "promoted":
         api.post("/api/model/canary/1.0.0", HOLD)
         time.sleep(1)
         api.post("/api/model/canary/abort", {})
@@ -103,8 +107,8 @@ def _table(best_of: dict[str, LoadResult], shadow: dict, lifecycle: LoadResult, 
         f"agreement {shadow['agreement_rate']:.3f}.",
         "",
         f"**Start, automatic promote, abort under load** (one wrk run of "
-        f"{lifecycle.total / lifecycle.requests_per_second:.0f} s: a 10% canary started, promoted by the service after "
-        f"{DECIDING['min_predictions']:,} predictions on it, then another started and aborted by hand):\n",
+        f"{lifecycle.total / lifecycle.requests_per_second:.0f} s: a 10% canary started for the service to "
+        f"promote after {DECIDING['min_predictions']:,} predictions on it, then another started and aborted by hand):\n",
         "| requests | failed | req/s | p99 | decision |",
         "|---|---|---|---|---|",
         f"| {lifecycle.total:,} | {lifecycle.failed} | {lifecycle.requests_per_second:,.0f} | {lifecycle.p99_ms:.2f} ms "

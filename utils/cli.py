@@ -297,8 +297,9 @@ def recount_command() -> None:
     """Count the per-minute label coverage again from the stored predictions.
 
     Run it once every process runs this release, whenever a process of a release before
-    schema 8 wrote to the store after its upgrade (a rolling restart, a rollback, a host not
-    yet upgraded): such a process stores predictions and labels without counting them."""
+    schema 8 wrote to the store after its upgrade (the old workers of a reload until their
+    last flush, the old master of a rolling restart, a host not yet upgraded, a rollback):
+    such a process stores predictions and labels without counting them."""
     store = current_app.extensions["quadra"].store
     minutes = store.outcomes.recount()
     audit.record(store, "cli", "monitoring.recount", "success", details={"minutes": minutes})

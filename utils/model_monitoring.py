@@ -56,7 +56,8 @@ class PredictionMetrics:
     probabilities: list[float] | None = None
 
     def __post_init__(self) -> None:
-        """A record the store cannot place in time would fail its whole flush, again at every retry."""
+        """A record the store cannot place in time would fail its whole flush, again at every retry.
+        A bool is refused too: Python counts it as a number, and `True` would be 1970."""
         if isinstance(self.at, bool) or not (isinstance(self.at, numbers.Real) and math.isfinite(self.at) and self.at >= 0):
             raise ValueError(f"at must be finite epoch seconds, not {self.at!r}")
 

@@ -212,8 +212,8 @@ class OutcomeStore:
     def recount(self) -> int:
         """Count `outcome_minutes` again from the stored outcomes; returns how many minute rows.
         For whenever a process of a release before schema 8 wrote to this store after it was
-        upgraded (a rolling restart, a rollback, a host not yet upgraded): such a process
-        stores outcomes and labels without counting them."""
+        upgraded (the old workers of a reload, a rolling restart, a host not yet upgraded, a
+        rollback): such a process stores outcomes and labels without counting them."""
         with self.database.write() as conn:
             lock_states(conn, (OUTCOME_COUNTS,))
             conn.execute(delete(outcome_minutes))
