@@ -76,9 +76,9 @@ def start_promote_abort(api: Api, url: str, headers: dict[str, str], requests_pe
     while api.canary()["status"] == "running" and time.monotonic() < deadline:
         time.sleep(0.5)
     decided = api.canary()
-    decision = (f"{decided['status']} by {decided['decided_by']}: {decided['reason']}" if decided["status"] != "running"
-                else f"not decided within {to_decide:.0f} s: aborted")
+    decision = f"{decided['status']} by {decided['decided_by']}: {decided['reason']}"
     if decided["status"] == "running":
+        decision = f"not decided within {to_decide:.0f} s: aborted"
         api.post("/api/model/canary/abort", {})
     elif decided["id"] == rollout["id"] and decided["status"] == "promoted":
         api.post("/api/model/canary/1.0.0", HOLD)
