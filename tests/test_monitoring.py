@@ -289,8 +289,14 @@ def test_roll_up_keeps_totals_and_bounds_raw_records(monitor: ModelMonitor) -> N
 # -- alerts -----------------------------------------------------------------------------
 
 
-def test_alert_once_per_episode_with_hysteresis_and_cooldown(store: Store) -> None:
-    alerts = AlertManager(store, cooldown_seconds=0.3, clear_after=2)
+def test_alert_once_per_episode_with_hysteresis_and_cooldown(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    import utils.alerts
+
+    now = [1_800_000_000.0]  # the alerts' clock, moved by the test: a slow host does not end the cooldown early
+    monkeypatch.setattr(utils.alerts, "time", types.SimpleNamespace(time=lambda: now[0]))
+    alerts = AlertManager(store, cooldown_seconds=60, clear_after=2)
     ids = [alerts.observe("drift", True, "drift", {}) for _ in range(5)]
     assert ids[0] is not None and ids[1:] == [None] * 4
     assert alerts.observe("drift", False, "ok", {}) is None and alerts.recent()[0]["resolved_at"] is None  # still active
@@ -301,7 +307,7 @@ def test_alert_once_per_episode_with_hysteresis_and_cooldown(store: Store) -> No
     assert alerts.observe("drift", True, "again", {}) is None  # inside the cooldown: episode, no new record
     for _ in range(2):
         alerts.observe("drift", False, "ok", {})
-    time.sleep(0.35)
+    now[0] += 60
     assert alerts.observe("drift", True, "later", {}) is not None
     assert [a["message"] for a in alerts.recent()] == ["later", "drift"]
 
@@ -699,6 +705,60 @@ def test_requests_that_outrun_the_store_wait_for_it_instead_of_dropping(monitor:
         monitor.record_batch(IRIS[4 * i:4 * i + 4], [served_row(f"r{i}:{j}", "a", 0.9) for j in range(4)], 0.001, "1.0.0")
     assert monitor.dropped == 0 and monitor.pending == 8  # the third request wrote all 12
     assert monitor.flush() == 8 and [r.features for r in monitor.store.predictions.recent(20)] == IRIS[:20]
+
+
+def test_a_request_over_the_mark_writes_the_oldest_group_not_the_whole_backlog(monitor: ModelMonitor,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waiting for a whole backlog (several transactions, each queued behind the other workers'
+    on SQLite's writer lock) made the requests that crossed the mark the tail of a saturated
+    worker; each now writes about one transaction's worth."""
+    import utils.record_buffer
+
+    monkeypatch.setattr(utils.record_buffer, "FLUSH_AHEAD", 10)
+    monkeypatch.setattr(utils.record_buffer, "MAX_FLUSH_BATCH", 8)
+    for i in range(3):
+        monitor.record_batch(IRIS[4 * i:4 * i + 4], [served_row(f"r{i}:{j}", "a", 0.9) for j in range(4)], 0.001, "1.0.0")
+    assert monitor.pending == 4 and monitor.dropped == 0  # the third request wrote the two oldest requests' 8
+    assert [r.features for r in monitor.store.predictions.recent(20)] == IRIS[:8]
+    assert monitor.flush() == 4 and [r.features for r in monitor.store.predictions.recent(20)] == IRIS[:12]
+
+
+def test_a_request_waiting_for_another_write_goes_on_once_that_write_ends(monitor: ModelMonitor,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import utils.record_buffer
+
+    monkeypatch.setattr(utils.record_buffer, "FLUSH_AHEAD", 4)
+    monkeypatch.setattr(utils.record_buffer, "MAX_FLUSH_BATCH", 4)
+    insert, first_write_may_end, writing = monitor.store.predictions.insert, threading.Event(), threading.Event()
+
+    def slow_first_write(records):
+        if not writing.is_set():
+            writing.set()
+            first_write_may_end.wait(10)
+        return insert(records)
+
+    monkeypatch.setattr(monitor.store.predictions, "insert", slow_first_write)
+
+    def request(i: int) -> None:
+        monitor.record_batch(IRIS[4 * i:4 * i + 4], [served_row(f"r{i}:{j}", "a", 0.9) for j in range(4)], 0.001, "1.0.0")
+
+    request(0)
+    writer = threading.Thread(target=request, args=(1,))
+    writer.start()
+    assert writing.wait(10)  # the second request writes the oldest 4, slowly
+    waiter = threading.Thread(target=request, args=(2,))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and monitor.pending == 12  # over the mark while the write runs: it waits
+    first_write_may_end.set()
+    writer.join(10)
+    waiter.join(10)
+    assert not writer.is_alive() and not waiter.is_alive()
+    assert monitor.pending <= 4 and monitor.dropped == 0
+    monitor.flush()
+    assert sorted(r.features for r in monitor.store.predictions.recent(20)) == sorted(IRIS[:12])
 
 
 def test_while_the_store_is_unreachable_requests_do_not_wait_for_it(monitor: ModelMonitor,

@@ -23,10 +23,10 @@ from utils.store import Store
 # in small ones and lets the requests run between them.
 MAX_FLUSH_BATCH = 500
 MAX_BUFFERED = 200_000
-# Past this many buffered records a request waits for a flush before it is answered: a worker
-# whose requests outrun the store (sustained saturation at batch 32 on SQLite) slows to the rate
-# the store writes instead of filling the buffer and dropping records. Records are dropped
-# only while the store is unreachable.
+# Past this many unwritten records (buffered, or taken by a flush and not yet written) a request
+# waits for the store before it is answered: a worker whose requests outrun the store (sustained
+# saturation at batch 32 on SQLite) slows to the rate the store writes instead of filling the
+# buffer and dropping records. Records are dropped only while the store is unreachable.
 FLUSH_AHEAD = 2_000
 log = logging.getLogger("quadra.monitoring")
 
@@ -38,8 +38,11 @@ class RecordBuffer:
         self.dropped = 0
         self._buffer: deque[RecordBatch] = deque()
         self._pending = 0  # records in the buffer
+        self._in_flight = 0  # records a write has taken from the buffer and not yet written
+        self._writing = False  # a write is running (under `_lock`, as the two counts)
         self._journal_files: list[Path] = []
         self._lock = threading.Lock()
+        self._group_written = threading.Condition(self._lock)  # after each group of a write, and at its end
         self._flush_lock = threading.Lock()
         self._store_writes = True  # the last flush reached the store
 
@@ -61,7 +64,8 @@ class RecordBuffer:
 
     @property
     def pending(self) -> int:
-        return self._pending
+        """Records not yet in the store."""
+        return self._pending + self._in_flight
 
     @property
     def pending_errors(self) -> int:
@@ -75,44 +79,86 @@ class RecordBuffer:
             return self._write_buffered()
 
     def _wait_for_the_store(self) -> None:
-        """Backpressure: while more than FLUSH_AHEAD records wait and the store takes writes,
-        one request writes them and the others wait for that flush to end (one flush takes
-        every waiter's records: no waiter writes after another)."""
-        while self._pending > FLUSH_AHEAD and self._store_writes:
+        """Backpressure: while more than FLUSH_AHEAD records are unwritten and the store takes
+        writes, the request writes the oldest group of them itself or, while another write
+        runs, waits for that write's next group. A request waits for about one transaction:
+        waiting for a whole backlog (2,000 records, several transactions, each queued behind
+        the other workers' on SQLite's one writer) made the few requests that crossed the
+        mark the tail of a saturated worker (batch-32 p99 of 400-800 ms, bench/NOTES.md)."""
+        while self.pending > FLUSH_AHEAD and self._store_writes:
             if self._flush_lock.acquire(blocking=False):
                 try:
-                    self._write_buffered()
+                    self._write_oldest_group()
                 finally:
                     self._flush_lock.release()
             else:
-                with self._flush_lock:  # the running flush ends; it may have left the mark passed again
-                    pass
+                with self._group_written:
+                    if self._writing and self.pending > FLUSH_AHEAD:
+                        self._group_written.wait()
+
+    def _write_oldest_group(self) -> None:
+        """Take about MAX_FLUSH_BATCH of the oldest records and write them (the journal is not
+        rotated: the next flush does, and a replay skips the records already stored)."""
+        with self._lock:
+            group, size = [], 0
+            while self._buffer and size < MAX_FLUSH_BATCH:
+                group.append(self._buffer.popleft())
+                size += len(group[-1])
+            self._take(group)
+        self._write(group)
 
     def _write_buffered(self) -> int:
         """`flush` with its lock held."""
-        written = 0
         with self._lock:
             batches = list(self._buffer)
             self._buffer.clear()
-            self._pending = 0
+            self._take(batches)
             if self.journal is not None and batches:
                 self._journal_files.append(self.journal.rotate())
-        for start, group in _groups(batches):
-            let_other_requests_run()
-            try:
-                written += self.store.predictions.insert([r for batch in group for r in batch.records()])
-            except Exception:
-                unwritten = batches[start:]
-                with self._lock:
-                    self._buffer.extendleft(reversed(unwritten))
-                    self._pending += sum(len(batch) for batch in unwritten)
-                self._store_writes = False
-                log.exception("could not write %d prediction records; will retry", sum(map(len, unwritten)))
-                return written
-        self._store_writes = True
-        RecordJournal.release(self._journal_files)
-        self._journal_files.clear()
+        written = self._write(batches)
+        if self._store_writes:
+            RecordJournal.release(self._journal_files)
+            self._journal_files.clear()
         return written
+
+    def _take(self, batches: list[RecordBatch]) -> None:
+        """Move records from the buffer to a write; the caller holds `_lock`."""
+        taken = sum(map(len, batches))
+        self._pending -= taken
+        self._in_flight += taken
+        self._writing = True
+
+    def _write(self, batches: list[RecordBatch]) -> int:
+        """Write taken batches in groups of about MAX_FLUSH_BATCH records, in order, letting the
+        requests run between them; on a store error the unwritten ones go back to the front of
+        the buffer. Returns how many new records reached the store."""
+        written = 0
+        try:
+            for start, group in _groups(batches):
+                let_other_requests_run()
+                try:
+                    written += self.store.predictions.insert([r for batch in group for r in batch.records()])
+                except Exception:
+                    self._give_back(batches[start:])
+                    log.exception("could not write %d prediction records; will retry", sum(map(len, batches[start:])))
+                    return written
+                with self._group_written:
+                    self._in_flight -= sum(map(len, group))
+                    self._store_writes = True
+                    self._group_written.notify_all()
+        finally:
+            with self._group_written:
+                self._writing = False
+                self._group_written.notify_all()
+        return written
+
+    def _give_back(self, unwritten: list[RecordBatch]) -> None:
+        with self._group_written:
+            size = sum(map(len, unwritten))
+            self._buffer.extendleft(reversed(unwritten))
+            self._in_flight -= size
+            self._pending += size
+            self._store_writes = False
 
     def recover_journals(self) -> int:
         """Replay the journals of processes on this host that died before flushing."""

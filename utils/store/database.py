@@ -30,8 +30,13 @@ from utils.store.tables import MIGRATIONS, SCHEMA_VERSION, metadata, schema_info
 _PG_UPGRADE_LOCK = 0x51_75_61_64  # arbitrary advisory-lock id for schema upgrades
 BUSY_TIMEOUT_MS = 30_000
 WRITE_LOCK_WAIT_SECONDS = BUSY_TIMEOUT_MS / 1000
-WRITE_LOCK_FIRST_DELAY = 0.0005
-WRITE_LOCK_MAX_DELAY = 0.01
+# Between two tries for SQLite's write lock: every 0.5 ms for the first second, then every 10 ms.
+# The store is the bottleneck of a worker saturated at batch 32, and its lock passes from one
+# worker to the next once per transaction: a waiter that slept longer left the lock idle after
+# each commit (with a backoff to 10 ms: 20-30% fewer requests, p99 2-3× higher, bench/NOTES.md).
+WRITE_LOCK_POLL_SECONDS = 0.0005
+WRITE_LOCK_SLOW_POLL_AFTER = 1.0
+WRITE_LOCK_SLOW_POLL_SECONDS = 0.01
 
 
 class StoreConflict(Exception):
@@ -205,18 +210,29 @@ def read_columns(result: CursorResult[Any], width: int, block: int) -> list[list
     return columns
 
 
-def insert_many(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], skip_conflicts_on: str | None = None) -> None:
-    """INSERT many rows of `table` in the caller's transaction through the driver's own
-    executemany, each row's JSON columns encoded as the engine encodes them (Python None as
-    JSON `null`, as SQLAlchemy's JSON type stores it). The same INSERT through SQLAlchemy's
-    executemany cost more in per-row parameter processing than SQLite's own work: at 32 rows per
-    request, the monitoring flush's share of a worker's CPU (bench/NOTES.md, issue 18). Keys
-    that are not columns are ignored; with `skip_conflicts_on`, a row whose key is stored is
-    skipped (ON CONFLICT DO NOTHING, SQLite and PostgreSQL alike)."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class EncodedRows:
+    """Rows of `table` as the driver's INSERT parameters: the per-row work of an INSERT, done
+    before the transaction that writes them. A write transaction holds SQLite's one writer lock,
+    which the workers of a service saturated at batch 32 queue for: whatever it holds the lock
+    for bounds the rate of the whole service (bench/NOTES.md, issue 18)."""
+
+    table: Table
+    columns: tuple[str, ...]
+    values: list[tuple[Any, ...]]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def encode_rows(table: Table, rows: Sequence[Mapping[str, Any]]) -> EncodedRows:
+    """`rows` as INSERT parameters of `table`, each JSON column encoded as the engine encodes
+    it (Python None as JSON `null`, as SQLAlchemy's JSON type stores it). Keys that are not
+    columns are ignored."""
     if not rows:
-        return
+        return EncodedRows(table, (), [])
     columns = tuple(column.name for column in table.columns if column.name in rows[0])
-    sql, json_positions = _insert_plan(conn.dialect, table, columns, skip_conflicts_on)
+    json_positions = _json_positions(table, columns)
     pick = itemgetter(*columns)
     values = []
     for row in rows:
@@ -224,19 +240,37 @@ def insert_many(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
         for i in json_positions:
             value[i] = _json_text(value[i])
         values.append(tuple(value))
-    conn.exec_driver_sql(sql, values)
+    return EncodedRows(table, columns, values)
+
+
+def insert_encoded(conn: Connection, rows: EncodedRows, skip_conflicts_on: str | None = None) -> None:
+    """INSERT encoded rows in the caller's transaction through the driver's own executemany
+    (the same INSERT through SQLAlchemy's executemany cost more in per-row parameter processing
+    than SQLite's own work); with `skip_conflicts_on`, a row whose key is stored is skipped (ON
+    CONFLICT DO NOTHING, SQLite and PostgreSQL alike)."""
+    if rows.values:
+        conn.exec_driver_sql(_insert_sql(conn.dialect, rows.table, rows.columns, skip_conflicts_on), rows.values)
+
+
+def insert_many(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], skip_conflicts_on: str | None = None) -> None:
+    """`encode_rows` and `insert_encoded` in the caller's transaction."""
+    insert_encoded(conn, encode_rows(table, rows), skip_conflicts_on)
 
 
 @cache
-def _insert_plan(dialect: Dialect, table: Table, columns: tuple[str, ...],
-                 skip_conflicts_on: str | None) -> tuple[str, tuple[int, ...]]:
-    """The INSERT in the driver's parameter style, and which of its values are JSON columns."""
+def _insert_sql(dialect: Dialect, table: Table, columns: tuple[str, ...], skip_conflicts_on: str | None) -> str:
+    """The INSERT in the driver's parameter style."""
     quote = dialect.identifier_preparer.quote
     sql = (f"INSERT INTO {quote(table.name)} ({', '.join(quote(name) for name in columns)}) "
            f"VALUES ({', '.join(_parameter_marker(dialect) for _ in columns)})")
     if skip_conflicts_on:
         sql += f" ON CONFLICT ({quote(skip_conflicts_on)}) DO NOTHING"
-    return sql, tuple(i for i, name in enumerate(columns) if isinstance(table.c[name].type, JSON))
+    return sql
+
+
+@cache
+def _json_positions(table: Table, columns: tuple[str, ...]) -> tuple[int, ...]:
+    return tuple(i for i, name in enumerate(columns) if isinstance(table.c[name].type, JSON))
 
 
 def _json_text(value: Any) -> str:
@@ -299,8 +333,7 @@ def _take_write_lock(dbapi_connection: Any) -> None:
 
 
 def _retry_begin_immediate(dbapi_connection: sqlite3.Connection) -> None:
-    deadline = time.monotonic() + WRITE_LOCK_WAIT_SECONDS
-    delay = WRITE_LOCK_FIRST_DELAY
+    started = time.monotonic()
     dbapi_connection.execute("PRAGMA busy_timeout=0")
     try:
         while True:
@@ -308,9 +341,9 @@ def _retry_begin_immediate(dbapi_connection: sqlite3.Connection) -> None:
                 dbapi_connection.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:  # SQLITE_BUSY and its extended codes (e.g. WAL recovery)
-                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                waited = time.monotonic() - started
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or waited >= WRITE_LOCK_WAIT_SECONDS:
                     raise
-            time.sleep(delay)
-            delay = min(delay * 2, WRITE_LOCK_MAX_DELAY)
+            time.sleep(WRITE_LOCK_POLL_SECONDS if waited < WRITE_LOCK_SLOW_POLL_AFTER else WRITE_LOCK_SLOW_POLL_SECONDS)
     finally:
         dbapi_connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")

@@ -16,7 +16,7 @@ from typing import Any, TypedDict
 
 from sqlalchemy import Connection, Select, bindparam, delete, func, select, text, update
 
-from utils.store.database import Database, insert_many, read_columns, select_in
+from utils.store.database import Database, EncodedRows, encode_rows, insert_encoded, read_columns, select_in
 from utils.store.service_state import lock_states, read_states, write_state
 from utils.store.tables import count_outcome_minutes, minute_of, outcome_minutes, outcome_tallies, outcomes
 
@@ -99,23 +99,38 @@ class Coverage:
         return Coverage(self.predictions + other.predictions, self.labelled + other.labelled, self.correct + other.correct)
 
 
-def insert_outcomes(conn: Connection, rows: list[OutcomeRecord]) -> None:
+@dataclass(frozen=True, slots=True)
+class EncodedOutcomes:
+    """Outcomes ready to insert (`EncodedRows`) with the minutes they add to `outcome_minutes`,
+    prepared before the transaction that writes them; the first of a repeated id is kept."""
+
+    records: list[OutcomeRecord]
+    rows: EncodedRows
+    counts: _MinuteCounts
+
+    @classmethod
+    def of(cls, records: Iterable[OutcomeRecord]) -> EncodedOutcomes:
+        first: dict[str, OutcomeRecord] = {}
+        for record in records:
+            first.setdefault(record["prediction_id"], record)
+        counts = _MinuteCounts()
+        for record in first.values():
+            counts.add(minute_of(record["at"]), record["model_version"], predictions=1)
+        return cls(list(first.values()), encode_rows(outcomes, list(first.values())), counts)
+
+
+def insert_outcomes(conn: Connection, encoded: EncodedOutcomes) -> None:
     """Insert inside the caller's transaction, which holds OUTCOME_COUNTS (`lock_states`); an id
-    already stored or repeated (a retried request that sent the same X-Request-ID) keeps its
-    first prediction, and only the new ones are counted."""
-    if not rows:
+    already stored (a retried request that sent the same X-Request-ID) keeps its first
+    prediction, and only the new ones are counted."""
+    if not encoded.records:
         return
     stored = {key for key, in select_in(conn, outcomes, ("prediction_id",), "prediction_id",
-                                        [row["prediction_id"] for row in rows])}
-    new: dict[str, OutcomeRecord] = {}
-    for row in rows:
-        if row["prediction_id"] not in stored:
-            new.setdefault(row["prediction_id"], row)
-    insert_many(conn, outcomes, list(new.values()), skip_conflicts_on="prediction_id")
-    counts = _MinuteCounts()
-    for row in new.values():
-        counts.add(minute_of(row["at"]), row["model_version"], predictions=1)
-    counts.write(conn)
+                                        [record["prediction_id"] for record in encoded.records])}
+    if stored:
+        encoded = EncodedOutcomes.of(record for record in encoded.records if record["prediction_id"] not in stored)
+    insert_encoded(conn, encoded.rows, skip_conflicts_on="prediction_id")
+    encoded.counts.write(conn)
 
 
 class _MinuteCounts:

@@ -11,8 +11,8 @@ from typing import Any, NotRequired, TypedDict
 
 from sqlalchemy import Connection, TextClause, func, or_, select, text
 
-from utils.store.database import Database, as_rows, insert_many, read_columns, select_in
-from utils.store.outcomes import OUTCOME_COUNTS, OutcomeRecord, insert_outcomes
+from utils.store.database import Database, EncodedRows, as_rows, encode_rows, insert_encoded, read_columns, select_in
+from utils.store.outcomes import OUTCOME_COUNTS, EncodedOutcomes, OutcomeRecord, insert_outcomes
 from utils.store.service_state import lock_states, read_states, write_state
 from utils.store.tables import predictions
 
@@ -77,6 +77,11 @@ class PredictionTotals:
         return PredictionTotals(self.count + len(records), self.errors + sum(1 for r in records if not r["success"]),
                                 tuple(counts), self.confidence_sum + sum(confidences))
 
+    def merged(self, other: PredictionTotals) -> PredictionTotals:
+        return PredictionTotals(self.count + other.count, self.errors + other.errors,
+                                tuple(a + b for a, b in zip(self.confidence_counts, other.confidence_counts, strict=True)),
+                                self.confidence_sum + other.confidence_sum)
+
     def as_state(self) -> dict[str, Any]:
         return {"count": self.count, "errors": self.errors, "confidence_counts": list(self.confidence_counts),
                 "confidence_sum": self.confidence_sum}
@@ -109,20 +114,23 @@ class PredictionStore:
     def insert(self, records: list[PredictionRecord]) -> int:
         """Insert a batch of records and add them to the totals, atomically, with the outcomes
         of those that carry a prediction id. Records whose `record_id` is already stored are
-        skipped; returns how many were new."""
+        skipped; returns how many were new. The rows are encoded before the transaction
+        (`EncodedRows`): it holds the store's writer lock only for the SQL."""
         if not records:
             return 0
+        encoded = _EncodedPredictions.of(records)
         with self.database.write() as conn:
             totals = _totals(lock_states(conn, (TOTALS, OUTCOME_COUNTS)))
             ids = [r["record_id"] for r in records if r.get("record_id")]
-            if ids:
-                known = {key for key, in select_in(conn, predictions, ("record_id",), "record_id", ids)}
+            known = {key for key, in select_in(conn, predictions, ("record_id",), "record_id", ids)} if ids else set()
+            if known:  # a journal replayed after a flush had written part of it
                 records = [r for r in records if r.get("record_id") not in known]
-            if not records:
-                return 0
-            insert_many(conn, predictions, records)
-            insert_outcomes(conn, _outcomes(records))
-            write_state(conn, TOTALS, totals.plus(records).as_state(), "monitor")
+                if not records:
+                    return 0
+                encoded = _EncodedPredictions.of(records)
+            insert_encoded(conn, encoded.rows)
+            insert_outcomes(conn, encoded.outcomes)
+            write_state(conn, TOTALS, totals.merged(encoded.totals).as_state(), "monitor")
         return len(records)
 
     def totals(self) -> PredictionTotals:
@@ -217,6 +225,19 @@ class PredictionStore:
 def _range(after_id: int, up_to_id: int, versions: tuple[str, ...], failures: tuple[str, ...]) -> tuple[Any, ...]:
     return (predictions.c.id > after_id, predictions.c.id <= up_to_id, predictions.c.model_version.in_(versions),
             or_(predictions.c.success, predictions.c.error.in_(failures)))
+
+
+@dataclass(frozen=True, slots=True)
+class _EncodedPredictions:
+    """A batch of records as `insert` writes them: its rows, outcomes and totals."""
+
+    rows: EncodedRows
+    outcomes: EncodedOutcomes
+    totals: PredictionTotals
+
+    @classmethod
+    def of(cls, records: list[PredictionRecord]) -> _EncodedPredictions:
+        return cls(encode_rows(predictions, records), EncodedOutcomes.of(_outcomes(records)), PredictionTotals().plus(records))
 
 
 def _outcomes(records: list[PredictionRecord]) -> list[OutcomeRecord]:
