@@ -108,7 +108,8 @@ def _table(best_of: dict[str, LoadResult], shadow: dict, lifecycle: LoadResult, 
         "",
         f"**Start, automatic promote, abort under load** (one wrk run of "
         f"{lifecycle.total / lifecycle.requests_per_second:.0f} s: a 10% canary started for the service to "
-        f"promote after {DECIDING['min_predictions']:,} predictions on it, then another started and aborted by hand):\n",
+        f"promote after {DECIDING['min_predictions']:,} predictions on it; once promoted, another started and aborted "
+        "by hand; one still undecided when the run's time to decide ends, aborted):\n",
         "| requests | failed | req/s | p99 | decision |",
         "|---|---|---|---|---|",
         f"| {lifecycle.total:,} | {lifecycle.failed} | {lifecycle.requests_per_second:,.0f} | {lifecycle.p99_ms:.2f} ms "
