@@ -91,10 +91,12 @@ class RecordBuffer:
                     self._write_oldest_group()
                 finally:
                     self._flush_lock.release()
-            else:
-                with self._group_written:
-                    if self._writing and self.pending > FLUSH_AHEAD:
-                        self._group_written.wait()
+                continue
+            with self._group_written:
+                if self._writing and self.pending > FLUSH_AHEAD:
+                    self._group_written.wait()
+                    continue
+            let_other_requests_run()  # the other writer is between taking its lock and its records, or past them
 
     def _write_oldest_group(self) -> None:
         """Take about MAX_FLUSH_BATCH of the oldest records and write them (the journal is not
