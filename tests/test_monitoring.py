@@ -723,6 +723,36 @@ def test_a_request_over_the_mark_writes_the_oldest_group_not_the_whole_backlog(m
     assert monitor.flush() == 4 and [r.features for r in monitor.store.predictions.recent(20)] == IRIS[:12]
 
 
+def gated_inserts(monitor: ModelMonitor, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+    """Make the store's inserts wait, one group each, for `gate.release()`; `entered` is set
+    when the first one starts."""
+    import threading
+
+    insert, gate, entered = monitor.store.predictions.insert, threading.Semaphore(0), threading.Event()
+
+    def gated(records):
+        entered.set()
+        assert gate.acquire(timeout=10)
+        return insert(records)
+
+    monkeypatch.setattr(monitor.store.predictions, "insert", gated)
+    return gate, entered
+
+
+def parked_on_the_next_group(monitor: ModelMonitor) -> bool:
+    """A request is waiting on the buffer's condition (not spinning, not on a lock)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if monitor.buffer._group_written._waiters:  # type: ignore[attr-defined]  # threading.Condition's own list
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def request_rows(monitor: ModelMonitor, i: int) -> None:
+    monitor.record_batch(IRIS[4 * i:4 * i + 4], [served_row(f"r{i}:{j}", "a", 0.9) for j in range(4)], 0.001, "1.0.0")
+
+
 def test_a_request_waiting_for_another_write_goes_on_once_that_write_ends(monitor: ModelMonitor,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
@@ -731,32 +761,19 @@ def test_a_request_waiting_for_another_write_goes_on_once_that_write_ends(monito
 
     monkeypatch.setattr(utils.record_buffer, "FLUSH_AHEAD", 4)
     monkeypatch.setattr(utils.record_buffer, "MAX_FLUSH_BATCH", 4)
-    insert, first_write_may_end, writing = monitor.store.predictions.insert, threading.Event(), threading.Event()
-
-    def slow_first_write(records):
-        if not writing.is_set():
-            writing.set()
-            first_write_may_end.wait(10)
-        return insert(records)
-
-    monkeypatch.setattr(monitor.store.predictions, "insert", slow_first_write)
-
-    def request(i: int) -> None:
-        monitor.record_batch(IRIS[4 * i:4 * i + 4], [served_row(f"r{i}:{j}", "a", 0.9) for j in range(4)], 0.001, "1.0.0")
-
-    request(0)
-    writer = threading.Thread(target=request, args=(1,))
+    gate, entered = gated_inserts(monitor, monkeypatch)
+    request_rows(monitor, 0)
+    writer = threading.Thread(target=request_rows, args=(monitor, 1), daemon=True)
     writer.start()
-    assert writing.wait(10)  # the second request writes the oldest 4, slowly
-    waiter = threading.Thread(target=request, args=(2,))
+    assert entered.wait(10)  # the second request writes the oldest 4, and its insert waits
+    waiter = threading.Thread(target=request_rows, args=(monitor, 2), daemon=True)
     waiter.start()
-    waiter.join(0.3)
-    assert waiter.is_alive() and monitor.pending == 12  # over the mark while the write runs: it waits
-    first_write_may_end.set()
+    assert parked_on_the_next_group(monitor) and monitor.pending == 12
+    gate.release(10)
     writer.join(10)
     waiter.join(10)
     assert not writer.is_alive() and not waiter.is_alive()
-    assert monitor.pending <= 4 and monitor.dropped == 0
+    assert monitor.pending <= 4 and monitor.dropped == 0  # one group a time, until the mark is not passed
     monitor.flush()
     assert sorted(r.features for r in monitor.store.predictions.recent(20)) == sorted(IRIS[:12])
 

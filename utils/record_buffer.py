@@ -39,7 +39,8 @@ class RecordBuffer:
         self._buffer: deque[RecordBatch] = deque()
         self._pending = 0  # records in the buffer
         self._in_flight = 0  # records a write has taken from the buffer and not yet written
-        self._writing = False  # a write is running (under `_lock`, as the two counts)
+        self._in_flight_errors = 0  # of which records of failed predictions
+        self._writing = False  # a write is running (under `_lock`, as the counts)
         self._journal_files: list[Path] = []
         self._lock = threading.Lock()
         self._group_written = threading.Condition(self._lock)  # after each group of a write, and at its end
@@ -65,12 +66,18 @@ class RecordBuffer:
     @property
     def pending(self) -> int:
         """Records not yet in the store."""
-        return self._pending + self._in_flight
+        with self._lock:
+            return self._unwritten()
 
     @property
     def pending_errors(self) -> int:
-        """Buffered records of failed predictions."""
-        return sum(len(batch) for batch in list(self._buffer) if not batch.success)
+        """Records of failed predictions not yet in the store."""
+        with self._lock:
+            return sum(len(batch) for batch in self._buffer if not batch.success) + self._in_flight_errors
+
+    def _unwritten(self) -> int:
+        """`pending`, for a caller that holds `_lock`."""
+        return self._pending + self._in_flight
 
     def flush(self) -> int:
         """Write everything buffered; on a store error the records stay buffered (and
@@ -80,27 +87,31 @@ class RecordBuffer:
 
     def _wait_for_the_store(self) -> None:
         """Backpressure: while more than FLUSH_AHEAD records are unwritten and the store takes
-        writes, the request writes the oldest group of them itself or, while another write
-        runs, waits for that write's next group. A request waits for about one transaction:
-        waiting for a whole backlog (2,000 records, several transactions, each queued behind
-        the other workers' on SQLite's one writer) made the few requests that crossed the
-        mark the tail of a saturated worker (batch-32 p99 of 400-800 ms, bench/NOTES.md)."""
+        writes, the request writes the oldest group of them (one transaction) or, while another
+        write runs, waits for that write's next group, and looks again. Waiting for a whole
+        backlog at once (2,000 records, several transactions, each queued behind the other
+        workers' on SQLite's one writer) made the requests that crossed the mark the tail of a
+        saturated worker (batch-32 p99 of 400-800 ms, bench/NOTES.md). A request that waits
+        for one group only and goes on left the worker fewer requests a second (three
+        alternating pairs, eighth part)."""
         while self.pending > FLUSH_AHEAD and self._store_writes:
             if self._flush_lock.acquire(blocking=False):
                 try:
-                    self._write_oldest_group()
+                    if not self._write_oldest_group():
+                        return
                 finally:
                     self._flush_lock.release()
                 continue
             with self._group_written:
-                if self._writing and self.pending > FLUSH_AHEAD:
+                if self._writing and self._unwritten() > FLUSH_AHEAD:
                     self._group_written.wait()
                     continue
             let_other_requests_run()  # the other writer is between taking its lock and its records, or past them
 
-    def _write_oldest_group(self) -> None:
+    def _write_oldest_group(self) -> int:
         """Take about MAX_FLUSH_BATCH of the oldest records and write them (the journal is not
-        rotated: the next flush does, and a replay skips the records already stored)."""
+        rotated: the next flush does, and a replay skips the records already stored). Returns
+        how many it took."""
         with self._lock:
             group, size = [], 0
             while self._buffer and size < MAX_FLUSH_BATCH:
@@ -108,15 +119,16 @@ class RecordBuffer:
                 size += len(group[-1])
             self._take(group)
         self._write(group)
+        return size
 
     def _write_buffered(self) -> int:
         """`flush` with its lock held."""
         with self._lock:
             batches = list(self._buffer)
-            self._buffer.clear()
-            self._take(batches)
             if self.journal is not None and batches:
                 self._journal_files.append(self.journal.rotate())
+            self._buffer.clear()
+            self._take(batches)
         written = self._write(batches)
         if self._store_writes:
             RecordJournal.release(self._journal_files)
@@ -128,39 +140,42 @@ class RecordBuffer:
         taken = sum(map(len, batches))
         self._pending -= taken
         self._in_flight += taken
+        self._in_flight_errors += _errors(batches)
         self._writing = True
 
     def _write(self, batches: list[RecordBatch]) -> int:
         """Write taken batches in groups of about MAX_FLUSH_BATCH records, in order, letting the
-        requests run between them; on a store error the unwritten ones go back to the front of
-        the buffer. Returns how many new records reached the store."""
-        written = 0
+        requests run between them; on a store error (or an exit of the thread) the unwritten
+        ones go back to the front of the buffer. Returns how many new records reached the store."""
+        written, done = 0, 0  # records new to the store, batches written
         try:
-            for start, group in _groups(batches):
+            for group in _groups(batches):
                 let_other_requests_run()
-                try:
-                    written += self.store.predictions.insert([r for batch in group for r in batch.records()])
-                except Exception:
-                    self._give_back(batches[start:])
-                    log.exception("could not write %d prediction records; will retry", sum(map(len, batches[start:])))
-                    return written
+                written += self.store.predictions.insert([r for batch in group for r in batch.records()])
+                done += len(group)
                 with self._group_written:
                     self._in_flight -= sum(map(len, group))
+                    self._in_flight_errors -= _errors(group)
                     self._store_writes = True
                     self._group_written.notify_all()
+        except Exception:
+            log.exception("could not write %d prediction records; will retry", sum(map(len, batches[done:])))
         finally:
             with self._group_written:
+                if done < len(batches):
+                    self._give_back(batches[done:])
                 self._writing = False
                 self._group_written.notify_all()
         return written
 
     def _give_back(self, unwritten: list[RecordBatch]) -> None:
-        with self._group_written:
-            size = sum(map(len, unwritten))
-            self._buffer.extendleft(reversed(unwritten))
-            self._in_flight -= size
-            self._pending += size
-            self._store_writes = False
+        """Return unwritten batches to the front of the buffer; the caller holds `_lock`."""
+        size = sum(map(len, unwritten))
+        self._buffer.extendleft(reversed(unwritten))
+        self._in_flight -= size
+        self._in_flight_errors -= _errors(unwritten)
+        self._pending += size
+        self._store_writes = False
 
     def recover_journals(self) -> int:
         """Replay the journals of processes on this host that died before flushing."""
@@ -177,13 +192,17 @@ class RecordBuffer:
         return recovered
 
 
-def _groups(batches: list[RecordBatch]) -> Iterator[tuple[int, list[RecordBatch]]]:
-    """(index of the first, the batches) in groups of about MAX_FLUSH_BATCH records."""
+def _errors(batches: list[RecordBatch]) -> int:
+    return sum(len(batch) for batch in batches if not batch.success)
+
+
+def _groups(batches: list[RecordBatch]) -> Iterator[list[RecordBatch]]:
+    """The batches in groups of about MAX_FLUSH_BATCH records, in order."""
     start, size = 0, 0
     for index, batch in enumerate(batches):
         size += len(batch)
         if size >= MAX_FLUSH_BATCH:
-            yield start, batches[start:index + 1]
+            yield batches[start:index + 1]
             start, size = index + 1, 0
     if start < len(batches):
-        yield start, batches[start:]
+        yield batches[start:]
