@@ -65,8 +65,8 @@ def predict(body: PredictRequest) -> PredictResponse:
     """`{"inputs": [[...], ...]}` -> id, class, probabilities and confidence per row; every row
     (or the failed request) is recorded for monitoring and written to the store in the
     background (while its worker has more than 2,000 records waiting, a request first writes
-    about 500 of them or waits for a write in progress), and each row's id takes its true
-    class later (POST /api/feedback)."""
+    them about 500 at a time, or waits for the groups of a write in progress), and each row's
+    id takes its true class later (POST /api/feedback)."""
     svc = services()
     served = g.served or svc.model_server.require_current()
     inputs = rows_to_tensor(body.inputs, served.input_dim, svc.settings.max_batch_size)  # values checked by the schema

@@ -34,7 +34,7 @@ from utils.quality_report import QualityFloor
 from utils.request_ids import made_at, new_request_id
 from utils.serving import build_model
 from utils.store import Coverage, PredictionRecord, Store
-from utils.store.database import insert_many
+from utils.store.database import encode_rows, insert_encoded
 from utils.store.tables import minute_of, outcomes
 
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
@@ -509,7 +509,7 @@ def test_the_cli_recounts_what_processes_of_the_previous_schema_wrote(app, clien
     old_writes = [{"prediction_id": f"old-process:{i}", "at": now - 5, "model_version": "1.0.0",
                    "predicted_class": "setosa", "probabilities": [0.8, 0.1, 0.1], "label": "setosa"} for i in range(4)]
     with store.database.write() as conn:
-        insert_many(conn, outcomes, old_writes)
+        insert_encoded(conn, encode_rows(outcomes, old_writes))
     assert store.outcomes.coverage(now - 3600, now + 60)["1.0.0"] == Coverage(3, 0, 0)
     result = app.test_cli_runner().invoke(args=["monitoring", "recount"])
     minutes = audit.recent(store, action="monitoring.recount")[0]["details"]["minutes"]

@@ -778,6 +778,47 @@ def test_a_request_waiting_for_another_write_goes_on_once_that_write_ends(monito
     assert sorted(r.features for r in monitor.store.predictions.recent(20)) == sorted(IRIS[:12])
 
 
+def test_a_write_interrupted_by_its_thread_ending_gives_its_records_back(monitor: ModelMonitor,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only a store error: a green thread killed mid-write (GreenletExit is a BaseException)
+    must not take its records with it, nor leave them counted as in flight."""
+
+    class ThreadEnded(BaseException):
+        pass
+
+    insert = monitor.store.predictions.insert
+
+    def ended(records):
+        raise ThreadEnded
+
+    for i in range(3):
+        request_rows(monitor, i)
+    monkeypatch.setattr(monitor.store.predictions, "insert", ended)
+    with pytest.raises(ThreadEnded):
+        monitor.flush()
+    assert monitor.pending == 12 and monitor.buffer.pending_errors == 0
+    monkeypatch.setattr(monitor.store.predictions, "insert", insert)
+    assert monitor.flush() == 12 and monitor.pending == 0
+    assert [r.features for r in monitor.store.predictions.recent(20)] == IRIS[:12]
+
+
+def test_failed_predictions_being_written_still_count_as_errors(monitor: ModelMonitor,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    for _ in range(3):
+        monitor.record_failure("invalid_input", 0.001, "1.0.0")
+    request_rows(monitor, 0)
+    gate, entered = gated_inserts(monitor, monkeypatch)
+    flusher = threading.Thread(target=monitor.flush, daemon=True)
+    flusher.start()
+    assert entered.wait(10)  # every record taken by the write, none stored yet
+    assert monitor.pending == 7 and monitor.error_count == 3
+    gate.release()
+    flusher.join(10)
+    assert not flusher.is_alive() and monitor.pending == 0 and monitor.error_count == 3
+
+
 def test_while_the_store_is_unreachable_requests_do_not_wait_for_it(monitor: ModelMonitor,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import utils.record_buffer

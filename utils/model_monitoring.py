@@ -144,8 +144,8 @@ class ModelMonitor:
         model_version: str | None = None,
     ) -> None:
         """Record one prediction; `prediction_time` is in seconds. Returns at once, unless more
-        than FLUSH_AHEAD records (2,000) wait for the store: then it first writes the oldest
-        500 or so, or waits for a write in progress to finish its next group.
+        than FLUSH_AHEAD records (2,000) wait for the store: then it first writes them about
+        500 at a time, or waits for the groups of a write in progress, until no more wait.
 
         `input_data` may be anything JSON-able: a flat row of numbers (a list, tuple or 1-D
         array) becomes the features drift compares; anything else is recorded without them."""

@@ -49,7 +49,7 @@ class RecordBuffer:
 
     def append(self, batch: RecordBatch) -> None:
         """Buffer a request's records (journalled first, when a journal is configured); past
-        FLUSH_AHEAD records, write them before returning while the store takes writes."""
+        FLUSH_AHEAD unwritten records, wait for the store (`_wait_for_the_store`) first."""
         with self._lock:
             if self.journal is not None:
                 batch = replace(batch, first_id=self.journal.reserve_ids(len(batch)))
@@ -61,7 +61,9 @@ class RecordBuffer:
                 DROPPED_RECORDS.inc(len(dropped))
             self._buffer.append(batch)
             self._pending += len(batch)
-        self._wait_for_the_store()
+            past_the_mark = self._unwritten() > FLUSH_AHEAD
+        if past_the_mark:
+            self._wait_for_the_store()
 
     @property
     def pending(self) -> int:

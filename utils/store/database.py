@@ -221,9 +221,6 @@ class EncodedRows:
     columns: tuple[str, ...]
     values: list[tuple[Any, ...]]
 
-    def __len__(self) -> int:
-        return len(self.values)
-
 
 def encode_rows(table: Table, rows: Sequence[Mapping[str, Any]]) -> EncodedRows:
     """`rows` as INSERT parameters of `table`, each JSON column encoded as the engine encodes
@@ -250,11 +247,6 @@ def insert_encoded(conn: Connection, rows: EncodedRows, skip_conflicts_on: str |
     CONFLICT DO NOTHING, SQLite and PostgreSQL alike)."""
     if rows.values:
         conn.exec_driver_sql(_insert_sql(conn.dialect, rows.table, rows.columns, skip_conflicts_on), rows.values)
-
-
-def insert_many(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], skip_conflicts_on: str | None = None) -> None:
-    """`encode_rows` and `insert_encoded` in the caller's transaction."""
-    insert_encoded(conn, encode_rows(table, rows), skip_conflicts_on)
 
 
 @cache
